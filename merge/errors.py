@@ -1,0 +1,58 @@
+"""One exception hierarchy for the whole system.
+
+Every message names the file, the tensor and what was expected, so that the CLI can print it
+as one line (exit code 2) and the service can map it to a gRPC status code.
+"""
+
+from __future__ import annotations
+
+
+class WeightsmithError(Exception):
+    """Base class of every error weightsmith raises on purpose."""
+
+    #: gRPC status code name the service maps this error to.
+    grpc_code: str = "INVALID_ARGUMENT"
+
+
+class CheckpointError(WeightsmithError):
+    """A checkpoint file or folder is malformed, unsafe or unreadable."""
+
+
+class ModelNotFoundError(CheckpointError):
+    """A model reference points at nothing (no such path, no such Hub repo or revision)."""
+
+    grpc_code = "NOT_FOUND"
+
+
+class MissingTensorError(CheckpointError):
+    """A tensor the merge needs is absent from one of the inputs."""
+
+
+class PickleRefusedError(CheckpointError):
+    """A pickle checkpoint (.bin/.pt/.ckpt) was given without an explicit opt-in."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class RecipeError(WeightsmithError):
+    """The merge recipe is invalid (unknown method, bad parameter, bad model list...)."""
+
+
+class ShapeMismatchError(WeightsmithError):
+    """Input tensors that must be merged together have different shapes."""
+
+
+class NonFiniteError(WeightsmithError):
+    """An input tensor holds NaN or Inf values."""
+
+
+class OutputExistsError(WeightsmithError):
+    """The output path exists and overwriting was not asked for."""
+
+    grpc_code = "ALREADY_EXISTS"
+
+
+class MergeCancelled(WeightsmithError):
+    """A running merge was cancelled; nothing was written."""
+
+    grpc_code = "CANCELLED"

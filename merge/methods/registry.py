@@ -1,0 +1,311 @@
+"""The method registry: one decorated function per merge method, its signature is its schema.
+
+A method is registered with :func:`merge_method`. Its keyword-only parameters are the method's
+parameters: those annotated ``PerModel[T]`` take one value per input model (the recipe may give a
+scalar, which applies to every model), the others are global. A trailing underscore is dropped
+from the public name (``lambda_`` is ``lambda`` in a recipe). Three names are injected by the
+engine and are not parameters:
+
+``stats``
+    the result of the method's ``stats`` function (per-tensor statistics such as top-k
+    thresholds or dot products), computed by streaming over chunks of the whole tensor before the
+    chunks are merged. ``None`` when the function is called on whole tensors directly, in which
+    case it computes its statistics itself.
+``generator``
+    a ``torch.Generator`` seeded from the recipe seed, the tensor name and the chunk index, for
+    randomised methods (DARE).
+``name``
+    the output tensor name.
+``chunk``
+    the index of the current row chunk (0 for a whole tensor). Chunks split dim 0 on a grid that
+    depends only on the tensor's shape, so a ``stats`` function may return per-chunk data (for
+    example how many tied elements earlier chunks keep) and the function picks its entry.
+
+Two kinds of method (DESIGN.md, "Method contract"):
+
+* ``per_tensor``: ``fn(tensors, base, **params) -> Tensor``; ``tensors`` are the non-base inputs in
+  recipe order (float32 by default), ``base`` the base model's tensor or ``None``.
+* ``whole_model``: ``fn(models, base, **params) -> ModelPlan``; ``models``/``base`` are lazy
+  ``Mapping[str, Tensor]`` views (read only what you need), and the returned plan's
+  ``apply(name, tensors, base)`` is then streamed tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Protocol
+
+import pydantic
+import torch
+
+from merge.errors import RecipeError
+
+INJECTED = frozenset({"stats", "generator", "name", "chunk"})
+
+
+class _PerModelMarker:
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        return "PER_MODEL"
+
+
+PER_MODEL = _PerModelMarker()
+
+
+class PerModel:
+    """``PerModel[float]``: a parameter with one value per input model."""
+
+    def __class_getitem__(cls, item: Any) -> Any:
+        return Annotated[item, PER_MODEL]
+
+
+#: An iterator factory over chunks ``(tensors, base)`` of the current output tensor; calling it
+#: again starts a new pass. A whole tensor is one chunk.
+ChunkSource = Callable[[], Iterator[tuple[list[torch.Tensor], torch.Tensor | None]]]
+
+
+class ModelPlan(Protocol):
+    """What a whole-model method's first pass returns."""
+
+    def apply(self, name: str, tensors: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+        ...
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str  # public name (recipe key)
+    arg: str  # python argument name
+    type: Any  # the value type (inner type for PerModel)
+    default: Any  # inspect.Parameter.empty when required
+    per_model: bool
+
+    @property
+    def required(self) -> bool:
+        return self.default is inspect.Parameter.empty
+
+    def type_name(self) -> str:
+        t = self.type
+        return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    fn: Callable[..., Any]
+    paper: str
+    url: str
+    kind: Literal["per_tensor", "whole_model"]
+    base: Literal["required", "optional", "ignored"]
+    min_models: int
+    max_models: int | None
+    elementwise: bool
+    stats: Callable[..., Any] | None
+    randomized: bool
+    params: dict[str, ParamInfo] = field(default_factory=dict)
+    summary: str = ""
+
+    # -- schema -----------------------------------------------------------------------------
+    @property
+    def per_model_params(self) -> dict[str, ParamInfo]:
+        return {k: p for k, p in self.params.items() if p.per_model}
+
+    @property
+    def global_params(self) -> dict[str, ParamInfo]:
+        return {k: p for k, p in self.params.items() if not p.per_model}
+
+    def pydantic_model(self, per_model: bool) -> type[pydantic.BaseModel]:
+        """A pydantic model validating one model's parameters (or the global ones)."""
+        fields: dict[str, Any] = {}
+        for p in self.params.values():
+            if p.per_model != per_model:
+                continue
+            default = None if p.required else p.default
+            fields[p.arg] = (p.type | None, pydantic.Field(default=default, alias=p.name))
+        return pydantic.create_model(
+            f"{self.name}_{'model' if per_model else 'global'}_params",
+            __config__=pydantic.ConfigDict(extra="forbid", populate_by_name=True, strict=False),
+            **fields,
+        )
+
+    def json_schema(self) -> dict[str, Any]:
+        return {
+            "global": self.pydantic_model(False).model_json_schema(by_alias=True),
+            "per_model": self.pydantic_model(True).model_json_schema(by_alias=True),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """A plain description (CLI ``weightsmith methods``, gRPC ``ListMethods``, docs)."""
+        return {
+            "name": self.name,
+            "summary": self.summary,
+            "paper": self.paper,
+            "url": self.url,
+            "kind": self.kind,
+            "base": self.base,
+            "min_models": self.min_models,
+            "max_models": self.max_models,
+            "randomized": self.randomized,
+            "params": [
+                {
+                    "name": p.name,
+                    "type": p.type_name(),
+                    "per_model": p.per_model,
+                    "required": p.required,
+                    "default": None if p.required else p.default,
+                }
+                for p in self.params.values()
+            ],
+        }
+
+    # -- validation -------------------------------------------------------------------------
+    def validate_value(self, param: str, value: Any, where: str = "") -> Any:
+        """Validate and coerce one scalar parameter value; raise RecipeError naming it."""
+        info = self.params.get(param)
+        if info is None:
+            known = ", ".join(sorted(self.params)) or "none"
+            raise RecipeError(f"{where}method '{self.name}' has no parameter '{param}' (known: {known})")
+        try:
+            return pydantic.TypeAdapter(info.type).validate_python(value)
+        except pydantic.ValidationError as e:
+            msg = e.errors()[0]["msg"]
+            raise RecipeError(
+                f"{where}parameter '{param}' of method '{self.name}' must be {info.type_name()}: "
+                f"got {value!r} ({msg})"
+            ) from None
+
+    def check_inputs(self, n_models: int, has_base: bool) -> None:
+        """The input contract, checked before any tensor is read."""
+        if self.base == "required" and not has_base:
+            raise RecipeError(f"method '{self.name}' requires a base_model")
+        if n_models < self.min_models:
+            raise RecipeError(
+                f"method '{self.name}' needs at least {self.min_models} model(s) besides the base, "
+                f"got {n_models}"
+            )
+        if self.max_models is not None and n_models > self.max_models:
+            raise RecipeError(
+                f"method '{self.name}' takes at most {self.max_models} model(s) besides the base, "
+                f"got {n_models}"
+            )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def _param_infos(fn: Callable[..., Any]) -> dict[str, ParamInfo]:
+    sig = inspect.signature(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)
+    out: dict[str, ParamInfo] = {}
+    for arg, p in sig.parameters.items():
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY or arg in INJECTED:
+            continue
+        hint = hints.get(arg, Any)
+        per_model = False
+        if typing.get_origin(hint) is Annotated:
+            base_t, *meta = typing.get_args(hint)
+            if any(m is PER_MODEL for m in meta):
+                per_model = True
+                hint = base_t
+        public = arg[:-1] if arg.endswith("_") else arg
+        out[public] = ParamInfo(public, arg, hint, p.default, per_model)
+    return out
+
+
+def merge_method(
+    name: str,
+    *,
+    paper: str,
+    url: str,
+    kind: Literal["per_tensor", "whole_model"] = "per_tensor",
+    base: Literal["required", "optional", "ignored"] = "required",
+    min_models: int = 1,
+    max_models: int | None = None,
+    elementwise: bool = False,
+    stats: Callable[..., Any] | None = None,
+) -> Callable[[Callable[..., Any]], MethodSpec]:
+    """Register a merge method.
+
+    ``elementwise=True`` declares that the function applied to row chunks equals the row chunks
+    of the function applied to whole tensors (the engine may then stream it in chunks with no
+    statistics pass). A method whose result depends on whole-tensor statistics (top-k
+    thresholds, norms) supplies ``stats`` instead; its function takes ``stats=`` and is then also
+    applied chunk by chunk.
+    """
+
+    def deco(fn: Callable[..., Any]) -> MethodSpec:
+        if name in _REGISTRY:
+            raise ValueError(f"merge method {name!r} registered twice")
+        params = _param_infos(fn)
+        sig = inspect.signature(fn)
+        doc = inspect.getdoc(fn) or ""
+        spec = MethodSpec(
+            name=name,
+            fn=fn,
+            paper=paper,
+            url=url,
+            kind=kind,
+            base=base,
+            min_models=min_models,
+            max_models=max_models,
+            elementwise=elementwise,
+            stats=stats,
+            randomized="generator" in sig.parameters,
+            params=params,
+            summary=doc.split("\n\n", 1)[0].replace("\n", " "),
+        )
+        _REGISTRY[name] = spec
+        return spec
+
+    return deco
+
+
+def _load_builtin() -> None:
+    # Importing the package registers every built-in method.
+    import merge.methods  # noqa: F401
+
+
+def get_method(name: str) -> MethodSpec:
+    _load_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise RecipeError(f"unknown merge method '{name}' (known: {known})") from None
+
+
+def all_methods() -> list[MethodSpec]:
+    _load_builtin()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def broadcast_per_model(value: Any, n: int) -> list[Any]:
+    """A per-model parameter given once applies to every model."""
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        if len(value) != n:
+            raise RecipeError(f"expected {n} per-model values, got {len(value)}")
+        return list(value)
+    return [value] * n
+
+
+def whole(tensors: list[torch.Tensor], base: torch.Tensor | None) -> ChunkSource:
+    """A ChunkSource over whole tensors (one chunk), for calling a method outside the engine."""
+    return lambda: iter([(tensors, base)])
+
+
+__all__ = [
+    "ChunkSource",
+    "Mapping",
+    "MethodSpec",
+    "ModelPlan",
+    "PerModel",
+    "all_methods",
+    "broadcast_per_model",
+    "get_method",
+    "merge_method",
+    "whole",
+]
