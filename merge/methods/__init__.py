@@ -1,6 +1,12 @@
-"""Merge methods: one module per algorithm family; importing this package registers them all."""
+"""Merge methods: one module per algorithm family; importing this package registers them all.
 
-from merge.methods import linear  # noqa: F401
+Every module in this package that is not private (no leading underscore) and is not the registry
+or runner is imported here, so adding a method is adding one file.
+"""
+
+import importlib
+import pkgutil
+
 from merge.methods.registry import (
     MethodSpec,
     PerModel,
@@ -9,5 +15,9 @@ from merge.methods.registry import (
     merge_method,
     whole,
 )
+
+for _m in pkgutil.iter_modules(__path__):
+    if not _m.name.startswith("_") and _m.name not in {"registry", "runner"}:
+        importlib.import_module(f"{__name__}.{_m.name}")
 
 __all__ = ["MethodSpec", "PerModel", "all_methods", "get_method", "merge_method", "whole"]
