@@ -1,0 +1,741 @@
+"""Run a recipe: plan one entry per output tensor, then stream it to disk with bounded memory.
+
+The plan comes from tensor names and shapes alone, with no architecture table: the *layer stack*
+is the most common ``<prefix>.<index>.`` pattern in the reference model's tensor names
+(``model.layers.N.``, ``encoder.layer.N.``, ``blocks.N.``...), which gives layer indices for
+gradients (``t = layer / (num_layers - 1)`` as in mergekit) and for ``slices``. Everything is
+checked before a byte of tensor data is read: method contract, parameters, presence and shapes
+of every input tensor.
+
+Execution streams each output tensor in row chunks (``merge.methods.runner``) on a small
+thread pool (torch ops release the GIL, so reading, compute and ``pwrite`` overlap), writing
+each chunk straight into its place in the output shard (``CheckpointWriter``). Peak memory is a
+few chunks per worker, independent of model size. Compute is float32 by default (exact results
+where mergekit computes in bf16 when a recipe says ``dtype: bfloat16``); the output is stored in
+``out_dtype``, else ``dtype``, else each tensor's input dtype.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merge.checkpoint import Checkpoint, CheckpointWriter, OutputTensor, ResolvedModel, open_checkpoint
+from merge.errors import (
+    MergeCancelled,
+    MissingTensorError,
+    ModelNotFoundError,
+    NonFiniteError,
+    RecipeError,
+    ShapeMismatchError,
+    WeightsmithError,
+)
+from merge.methods.registry import MethodSpec, broadcast_per_model, get_method
+from merge.methods.runner import CHUNK_ELEMS, merge_chunks
+from merge.recipe import Recipe, evaluate_setting, load_recipe
+
+_LAYER_RE = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+
+
+@dataclass
+class MergeOptions:
+    device: str = "cpu"
+    compute_dtype: str | None = None  # default float32 (float64 inputs stay float64)
+    shard_size: int = 5 * 10**9
+    allow_pickle: bool = False
+    workers: int = 2
+    overwrite: bool = False
+    chunk_elems: int = CHUNK_ELEMS
+    check_finite: bool = True
+
+
+@dataclass
+class Progress:
+    phase: str
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int
+    bytes_total: int
+    current: str = ""
+
+
+@dataclass
+class MergeResult:
+    out_dir: str
+    method: str
+    n_tensors: int
+    bytes_written: int
+    shards: list[str]
+    seconds: float
+    models: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Source:
+    model: int  # index into MergePlan.models
+    name: str  # tensor name in that model
+
+
+@dataclass
+class TensorTask:
+    """One output tensor: where its inputs come from and how they are combined."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    sources: list[Source]  # non-base inputs, recipe order
+    base: Source | None
+    params: dict[str, Any]  # python argument name -> value (per-model ones as lists)
+    copy: bool = False  # non-float tensor, or a single-source passthrough: copy sources[0]
+
+    @property
+    def nbytes(self) -> int:
+        return OutputTensor(self.name, self.shape, self.out_dtype).nbytes
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: MethodSpec
+    models: list[ResolvedModel]
+    checkpoints: list[Checkpoint]
+    tasks: list[TensorTask]
+    aux_from: int | None  # model whose config/tokenizer files are copied
+    compute_dtype: torch.dtype
+    num_layers_out: int | None
+    options: MergeOptions
+    whole_model_plan: Any = None
+
+    @property
+    def n_tensors(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(t.nbytes for t in self.tasks)
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(c.total_bytes for c in self.checkpoints)
+
+    @property
+    def peak_bytes_estimate(self) -> int:
+        """A rough upper bound of the merge's working memory (not counting the interpreter)."""
+        n_in = max((len(t.sources) + (t.base is not None) for t in self.tasks), default=1)
+        elem = torch.empty((), dtype=self.compute_dtype).element_size()
+        if self.method.kind == "whole_model":
+            biggest = max((t.nbytes for t in self.tasks), default=0) * 4
+            return biggest * (n_in + 3) + self.bytes_in // max(1, len(self.checkpoints))
+        per_chunk = min(self.options.chunk_elems, max((_numel(t.shape) for t in self.tasks), default=1)) * elem
+        return self.options.workers * per_chunk * (2 * n_in + 4)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.method.name,
+            "models": [m.ref for m in self.models],
+            "n_tensors": self.n_tensors,
+            "n_merged": sum(not t.copy for t in self.tasks),
+            "n_copied": sum(t.copy for t in self.tasks),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "peak_bytes_estimate": self.peak_bytes_estimate,
+        }
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving references
+# ---------------------------------------------------------------------------------------------
+
+
+def default_resolver(ref: str) -> ResolvedModel:
+    """A local path wins; otherwise a Hub reference (``org/name[@rev]``, ``hf://...``)."""
+    p = Path(ref).expanduser()
+    if p.exists():
+        return ResolvedModel(ref=ref, path=p)
+    try:
+        from merge import hub
+    except ImportError:  # pragma: no cover - hub support is part of the package
+        hub = None  # type: ignore[assignment]
+    if hub is not None and hub.parse_hub_ref(ref) is not None:
+        return hub.HubResolver()(ref)
+    raise ModelNotFoundError(f"model '{ref}': no such local path, and not a Hub reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------------------------
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def layer_stack(names: list[str]) -> tuple[str | None, int]:
+    """The dominant ``<prefix>.<N>.`` pattern and its layer count (None, 0 if there is none)."""
+    counts: Counter[str] = Counter()
+    maxidx: dict[str, int] = {}
+    for n in names:
+        m = _LAYER_RE.match(n)
+        if m:
+            counts[m.group(1)] += 1
+            maxidx[m.group(1)] = max(maxidx.get(m.group(1), -1), int(m.group(2)))
+    if not counts:
+        return None, 0
+    prefix = counts.most_common(1)[0][0]
+    return prefix, maxidx[prefix] + 1
+
+
+def _split_layer(name: str, prefix: str | None) -> tuple[int, str] | None:
+    if prefix is None:
+        return None
+    m = _LAYER_RE.match(name)
+    if m and m.group(1) == prefix:
+        return int(m.group(2)), m.group(3)
+    return None
+
+
+_PRE_RE = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type|patch_embed|cls_token|pos_embed")
+
+
+class _Planner:
+    def __init__(self, recipe: Recipe, options: MergeOptions, resolver: Callable[[str], ResolvedModel]):
+        self.recipe = recipe
+        self.options = options
+        self.method = get_method(recipe.merge_method)
+        self.refs: list[str] = []
+        self.models: list[ResolvedModel] = []
+        self.ckpts: list[Checkpoint] = []
+        self.resolver = resolver
+        self.out_dtype = DTYPES[recipe.out_dtype or recipe.dtype] if (recipe.out_dtype or recipe.dtype) else None
+        if options.compute_dtype:
+            self.compute_dtype = DTYPES[options.compute_dtype]
+        else:
+            self.compute_dtype = torch.float32
+
+    def model(self, ref: str) -> int:
+        if ref in self.refs:
+            return self.refs.index(ref)
+        resolved = self.resolver(ref)
+        ckpt = open_checkpoint(resolved.path, allow_pickle=self.options.allow_pickle)
+        self.refs.append(ref)
+        self.models.append(resolved)
+        self.ckpts.append(ckpt)
+        return len(self.refs) - 1
+
+    # parameters ---------------------------------------------------------------------------------
+    def _param(self, pname: str, tensor: str, t: float, layers: list[dict[str, Any] | None]) -> Any:
+        for scope in layers:
+            if scope and pname in scope:
+                v = evaluate_setting(scope[pname], tensor, t)
+                if v is not None:
+                    return v
+        return None
+
+    def _check_param_keys(self, params: dict[str, Any] | None, where: str, per_model: bool) -> None:
+        for k in params or {}:
+            if k not in self.method.params:
+                known = ", ".join(sorted(self.method.params)) or "none"
+                raise RecipeError(f"{where}: method '{self.method.name}' has no parameter '{k}' (known: {known})")
+            if per_model and not self.method.params[k].per_model:
+                raise RecipeError(
+                    f"{where}: '{k}' is a global parameter of method '{self.method.name}'; "
+                    "set it under the top-level 'parameters'"
+                )
+
+    def resolve_params(self, tensor: str, t: float, model_scopes: list[dict[str, Any] | None],
+                       slice_scope: dict[str, Any] | None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        glob = self.recipe.parameters
+        where = f"tensor '{tensor}'"
+        for p in self.method.params.values():
+            if p.per_model:
+                vals = []
+                for ms in model_scopes:
+                    v = self._param(p.name, tensor, t, [ms, slice_scope, glob])
+                    if v is None:
+                        if p.required:
+                            raise RecipeError(f"{where}: method '{self.method.name}' needs parameter "
+                                              f"'{p.name}' for every model")
+                        v = p.default
+                    vals.append(self.method.validate_value(p.name, v, f"{where}: "))
+                out[p.arg] = vals
+            else:
+                v = self._param(p.name, tensor, t, [slice_scope, glob])
+                if v is None and p.name == "seed":
+                    v = self.recipe.seed
+                if v is None:
+                    if p.required:
+                        raise RecipeError(f"method '{self.method.name}' needs parameter '{p.name}'")
+                    v = p.default
+                out[p.arg] = self.method.validate_value(p.name, v, f"{where}: ")
+        return out
+
+    # plan ---------------------------------------------------------------------------------------
+    def plan(self) -> MergePlan:
+        r = self.recipe
+        self._check_param_keys(r.parameters, "parameters", per_model=False)
+        base_idx = self.model(r.base_model) if r.base_model else None
+        if r.models is not None:
+            tasks, layers_out = self._plan_models(base_idx)
+        else:
+            tasks, layers_out = self._plan_slices(base_idx)
+        aux = self._aux_source(base_idx, tasks)
+        plan = MergePlan(r, self.method, self.models, self.ckpts, tasks, aux, self.compute_dtype,
+                         layers_out, self.options)
+        return plan
+
+    def _aux_source(self, base_idx: int | None, tasks: list[TensorTask]) -> int | None:
+        src = self.recipe.tokenizer_from
+        if src and src != "base":
+            return self.model(src)
+        if base_idx is not None:
+            return base_idx
+        return tasks[0].sources[0].model if tasks and tasks[0].sources else None
+
+    def _inputs(self, base_idx: int | None, model_idxs: list[int]) -> tuple[list[int], int | None]:
+        """Split inputs into (non-base models, base) following the method's base policy."""
+        if self.method.base == "ignored":
+            idxs = list(model_idxs)
+            if base_idx is not None and base_idx not in idxs:
+                idxs.append(base_idx)
+            return idxs, None
+        others = [i for i in model_idxs if i != base_idx]
+        return others, base_idx
+
+    def _check_tensor(self, tensor: str, srcs: list[Source]) -> tuple[tuple[int, ...], torch.dtype]:
+        first = srcs[0]
+        c0 = self.ckpts[first.model]
+        if first.name not in c0:
+            raise MissingTensorError(f"{c0.path}: tensor '{first.name}' is missing (needed for output '{tensor}')")
+        shape, dtype = c0.shape(first.name), c0.dtype(first.name)
+        for s in srcs[1:]:
+            c = self.ckpts[s.model]
+            if s.name not in c:
+                raise MissingTensorError(
+                    f"{c.path}: tensor '{s.name}' is missing (present in {c0.path}, needed for output '{tensor}')"
+                )
+            if c.shape(s.name) != shape:
+                raise ShapeMismatchError(
+                    f"tensor '{s.name}': {c.path} has shape {list(c.shape(s.name))}, "
+                    f"expected {list(shape)} as in {c0.path}"
+                )
+        return shape, dtype
+
+    def _task(self, out_name: str, sources: list[Source], base: Source | None, t: float,
+              model_scopes: list[dict[str, Any] | None], slice_scope: dict[str, Any] | None) -> TensorTask:
+        all_srcs = ([base] if base else []) + sources
+        shape, dtype = self._check_tensor(out_name, all_srcs)
+        floating = dtype.is_floating_point
+        out_dtype = (self.out_dtype or dtype) if floating else dtype
+        if not floating:
+            # integer buffers (position ids, num_batches_tracked...) are copied from the base / first model
+            return TensorTask(out_name, shape, out_dtype, [all_srcs[0]], None, {}, copy=True)
+        if self.method.kind == "whole_model":
+            params: dict[str, Any] = {}
+        else:
+            params = self.resolve_params(out_name, t, model_scopes, slice_scope)
+        return TensorTask(out_name, shape, out_dtype, sources, base, params)
+
+    def _plan_models(self, base_idx: int | None) -> tuple[list[TensorTask], int | None]:
+        r = self.recipe
+        assert r.models is not None
+        model_idxs = [self.model(m.model) for m in r.models]
+        scopes_by_model = {}
+        for m, i in zip(r.models, model_idxs, strict=True):
+            self._check_param_keys(m.parameters, f"models[{m.model}].parameters", per_model=True)
+            scopes_by_model[i] = m.parameters
+        inputs, base = self._inputs(base_idx, model_idxs)
+        self.method.check_inputs(len(inputs), base is not None)
+        ref = base if base is not None else inputs[0]
+        names = sorted(self.ckpts[ref].keys(), key=_natural_key)
+        prefix, n_layers = layer_stack(names)
+        tasks = []
+        for name in names:
+            split = _split_layer(name, prefix)
+            t = (split[0] / (n_layers - 1) if n_layers > 1 else 1.0) if split else 0.0
+            tasks.append(self._task(
+                name, [Source(i, name) for i in inputs], Source(base, name) if base is not None else None,
+                t, [scopes_by_model.get(i) for i in inputs], None,
+            ))
+        self._check_no_extra(names, inputs + ([base] if base is not None else []))
+        return tasks, None
+
+    def _check_no_extra(self, names: list[str], idxs: list[int]) -> None:
+        known = set(names)
+        for i in idxs:
+            extra = [n for n in self.ckpts[i].keys() if n not in known]
+            if extra:
+                raise MissingTensorError(
+                    f"{self.ckpts[i].path}: tensor '{sorted(extra)[0]}' is not in the reference model "
+                    f"{self.ckpts[idxs[0]].path if idxs else ''} ({len(extra)} such tensors); the models do not "
+                    "share an architecture"
+                )
+
+    def _plan_slices(self, base_idx: int | None) -> tuple[list[TensorTask], int]:
+        r = self.recipe
+        assert r.slices is not None
+        # resolve every source first (errors before planning)
+        for s in r.slices:
+            self._check_param_keys(s.parameters, "slices[].parameters", per_model=False)
+            for src in s.sources:
+                self.model(src.model)
+                self._check_param_keys(src.parameters, f"slices[].sources[{src.model}].parameters", per_model=True)
+        first_model = self.model(r.slices[0].sources[0].model)
+        ref_names = sorted(self.ckpts[first_model].keys(), key=_natural_key)
+        prefix, _ = layer_stack(ref_names)
+        if prefix is None:
+            raise RecipeError(
+                f"{self.ckpts[first_model].path}: 'slices' need a layer stack, but no tensor name has a "
+                "'<prefix>.<index>.' layer pattern"
+            )
+        per_layer: dict[int, dict[int, list[str]]] = {}  # model -> layer -> suffixes
+
+        def layers_of(mi: int) -> dict[int, list[str]]:
+            if mi not in per_layer:
+                d: dict[int, list[str]] = {}
+                for n in sorted(self.ckpts[mi].keys(), key=_natural_key):
+                    sp = _split_layer(n, prefix)
+                    if sp:
+                        d.setdefault(sp[0], []).append(sp[1])
+                per_layer[mi] = d
+            return per_layer[mi]
+
+        tasks: list[TensorTask] = []
+        out_layer = 0
+
+        def slice_inputs(s: Any) -> tuple[list[int], int | None, dict[int, Any]]:
+            sb = self.model(s.base_model) if s.base_model else base_idx
+            idxs = [self.model(src.model) for src in s.sources]
+            inputs, base = self._inputs(sb, idxs)
+            self.method.check_inputs(len(inputs), base is not None)
+            return inputs, base, {self.model(src.model): src for src in s.sources}
+
+        non_layer = [n for n in ref_names if _split_layer(n, prefix) is None]
+        pre = [n for n in non_layer if _PRE_RE.search(n)]
+        post = [n for n in non_layer if not _PRE_RE.search(n)]
+
+        def non_layer_tasks(names: list[str], s: Any) -> None:
+            inputs, base, srcmap = slice_inputs(s)
+            for n in names:
+                tasks.append(self._task(
+                    n, [Source(i, n) for i in inputs], Source(base, n) if base is not None else None, 0.0,
+                    [srcmap[i].parameters if i in srcmap else None for i in inputs], s.parameters,
+                ))
+
+        non_layer_tasks(pre, r.slices[0])
+        for s in r.slices:
+            inputs, base, srcmap = slice_inputs(s)
+            length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
+            for off in range(length):
+                t = off / (length - 1) if length > 1 else 1.0
+                ref_src = s.sources[0]
+                ref_mi = self.model(ref_src.model)
+                suffixes = layers_of(ref_mi).get(ref_src.layer_range[0] + off)
+                if suffixes is None:
+                    raise RecipeError(
+                        f"{self.ckpts[ref_mi].path}: layer {ref_src.layer_range[0] + off} requested by "
+                        f"layer_range {list(ref_src.layer_range)} does not exist "
+                        f"(the model has {len(layers_of(ref_mi))} layers)"
+                    )
+
+                def in_name(mi: int, suffix: str, _off: int = off, _map: dict[int, Any] = srcmap,
+                            _default: tuple[int, int] = ref_src.layer_range) -> str:
+                    rng = _map[mi].layer_range if mi in _map else _default
+                    return f"{prefix}.{rng[0] + _off}.{suffix}"
+
+                for suffix in suffixes:
+                    out_name = f"{prefix}.{out_layer}.{suffix}"
+                    tasks.append(self._task(
+                        out_name, [Source(i, in_name(i, suffix)) for i in inputs],
+                        Source(base, in_name(base, suffix)) if base is not None else None, t,
+                        [srcmap[i].parameters if i in srcmap else None for i in inputs], s.parameters,
+                    ))
+                out_layer += 1
+        non_layer_tasks(post, r.slices[-1])
+        return tasks, out_layer
+
+
+def plan_merge(recipe: Recipe | str | Path | dict[str, Any], options: MergeOptions | None = None, *,
+               resolver: Callable[[str], ResolvedModel] | None = None) -> MergePlan:
+    """Validate a recipe and build its plan, reading headers only (no tensor data)."""
+    r = load_recipe(recipe)
+    options = options or MergeOptions()
+    return _Planner(r, options, resolver or default_resolver).plan()
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution
+# ---------------------------------------------------------------------------------------------
+
+
+class _LazyModel:
+    """Read-only Mapping view handed to whole-model methods."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self._c = ckpt
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._c[name]
+
+    def __iter__(self) -> Any:
+        return iter(self._c)
+
+    def __len__(self) -> int:
+        return len(self._c)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._c
+
+    def keys(self) -> Any:
+        return self._c.keys()
+
+
+def _config_update(text: str, plan: MergePlan) -> str:
+    import json
+
+    try:
+        cfg = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(cfg, dict):
+        return text
+    if plan.num_layers_out is not None:
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if key in cfg:
+                cfg[key] = plan.num_layers_out
+    out_dtype = plan.recipe.out_dtype or plan.recipe.dtype
+    if out_dtype:
+        for key in ("torch_dtype", "dtype"):
+            if key in cfg:
+                cfg[key] = out_dtype
+    return json.dumps(cfg, indent=2) + "\n"
+
+
+def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
+              options: MergeOptions | None = None, *,
+              progress: Callable[[Progress], None] | None = None,
+              cancel: threading.Event | None = None,
+              resolver: Callable[[str], ResolvedModel] | None = None,
+              plan: MergePlan | None = None) -> MergeResult:
+    """Plan and run a merge, writing a complete checkpoint folder at ``out_dir`` (or nothing)."""
+    t0 = time.perf_counter()
+    options = options or MergeOptions()
+    plan = plan or plan_merge(recipe, options, resolver=resolver)
+    device = torch.device(options.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("--device cuda was asked for, but no CUDA device is available")
+    total_bytes = plan.bytes_out
+    state = {"tensors": 0, "bytes": 0}
+    lock = threading.Lock()
+
+    bar = _progress_bar(total_bytes, plan.n_tensors) if progress is None else None
+    sink = progress or (bar.update_to if bar is not None else None)
+
+    def report(phase: str, current: str = "") -> None:
+        if sink is not None:
+            sink(Progress(phase, state["tensors"], plan.n_tensors, state["bytes"], total_bytes, current))
+
+    def check_cancel() -> None:
+        if cancel is not None and cancel.is_set():
+            raise MergeCancelled("merge cancelled; nothing was written")
+
+    whole_plan = None
+    if plan.method.kind == "whole_model":
+        report("planning", plan.method.name)
+        inputs = sorted({s.model for t in plan.tasks for s in t.sources}) if plan.tasks else []
+        base_i = next((t.base.model for t in plan.tasks if t.base is not None), None)
+        params = _whole_model_params(plan)
+        whole_plan = plan.method.fn([_LazyModel(plan.checkpoints[i]) for i in inputs],
+                                    _LazyModel(plan.checkpoints[base_i]) if base_i is not None else None,
+                                    **params)
+
+    outputs = [OutputTensor(t.name, t.shape, t.out_dtype) for t in plan.tasks]
+    meta = {"weightsmith_method": plan.method.name}
+    writer = CheckpointWriter(out_dir, outputs, shard_size=options.shard_size, overwrite=options.overwrite,
+                              metadata=meta)
+
+    def reader(task: TensorTask, src: Source) -> Callable[[int, int], torch.Tensor]:
+        ckpt = plan.checkpoints[src.model]
+
+        def read(r0: int, r1: int) -> torch.Tensor:
+            check_cancel()
+            x = ckpt.rows(src.name, r0, r1)
+            if options.check_finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise NonFiniteError(f"{ckpt.path}: tensor '{src.name}' contains NaN or Inf values")
+            return x
+
+        return read
+
+    def do_task(task: TensorTask) -> None:
+        check_cancel()
+
+        def emit(r0: int, r1: int, out: torch.Tensor) -> None:
+            writer.write_rows(task.name, r0, r1, out.to(task.out_dtype))
+            with lock:
+                state["bytes"] += out.numel() * torch.empty((), dtype=task.out_dtype).element_size()
+
+        if task.copy:
+            src = task.sources[0]
+            read = reader(task, src)
+            if task.shape and task.shape[0] > 0:
+                from merge.methods.runner import chunk_grid
+
+                for r0, r1 in chunk_grid(task.shape, options.chunk_elems):
+                    emit(r0, r1, read(r0, r1))
+            else:
+                emit(0, 0, read(0, 0))
+        elif whole_plan is not None:
+            tensors = [reader(task, s)(0, task.shape[0] if task.shape else 0).to(plan.compute_dtype)
+                       for s in task.sources]
+            base = (reader(task, task.base)(0, task.shape[0] if task.shape else 0).to(plan.compute_dtype)
+                    if task.base else None)
+            emit(0, task.shape[0] if task.shape else 0, whole_plan.apply(task.name, tensors, base))
+        else:
+            merge_chunks(
+                plan.method, task.params, name=task.name, shape=task.shape,
+                readers=[reader(task, s) for s in task.sources],
+                base_reader=reader(task, task.base) if task.base else None,
+                emit=emit, seed=plan.recipe.seed, chunk_elems=options.chunk_elems, device=device,
+                compute_dtype=plan.compute_dtype,
+            )
+        with lock:
+            state["tensors"] += 1
+        report("merging", task.name)
+
+    try:
+        with writer:
+            report("merging")
+            _run_tasks(plan.tasks, do_task, max(1, options.workers), check_cancel)
+            check_cancel()
+            _write_aux(plan, writer)
+            report("finalizing")
+    finally:
+        if bar is not None:
+            bar.close()
+    result = MergeResult(
+        out_dir=str(out_dir), method=plan.method.name, n_tensors=plan.n_tensors, bytes_written=total_bytes,
+        shards=writer.shard_names, seconds=round(time.perf_counter() - t0, 3),
+        models=[{"ref": m.ref, "path": str(m.path), "repo_id": m.repo_id, "revision": m.revision,
+                 "commit": m.commit} for m in plan.models],
+    )
+    if progress:
+        progress(Progress("done", plan.n_tensors, plan.n_tensors, total_bytes, total_bytes))
+    return result
+
+
+def _whole_model_params(plan: MergePlan) -> dict[str, Any]:
+    planner_params: dict[str, Any] = {}
+    glob = plan.recipe.parameters or {}
+    for p in plan.method.params.values():
+        v = evaluate_setting(glob.get(p.name), "", 0.0)
+        if v is None and p.name == "seed":
+            v = plan.recipe.seed
+        if v is None:
+            if p.required:
+                raise RecipeError(f"method '{plan.method.name}' needs parameter '{p.name}'")
+            v = p.default
+        else:
+            v = plan.method.validate_value(p.name, v)
+        planner_params[p.arg] = v if not p.per_model else broadcast_per_model(v, 1)
+    return planner_params
+
+
+def _run_tasks(tasks: list[TensorTask], fn: Callable[[TensorTask], None], workers: int,
+               check_cancel: Callable[[], None]) -> None:
+    """Run tasks on a thread pool with at most ``workers`` in flight (bounded memory)."""
+    if workers == 1:
+        for t in tasks:
+            fn(t)
+        return
+    # Big tensors first would help balance, but plan order keeps writes mostly sequential on disk.
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") as pool:
+        pending: set[Future[None]] = set()
+        it = iter(tasks)
+        try:
+            for t in it:
+                pending.add(pool.submit(fn, t))
+                if len(pending) >= workers:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        f.result()
+            for f in pending:
+                f.result()
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+
+
+def _write_aux(plan: MergePlan, writer: CheckpointWriter) -> None:
+    if plan.aux_from is not None:
+        for f in plan.checkpoints[plan.aux_from].aux_files():
+            if f.name == "config.json":
+                writer.add_text("config.json", _config_update(f.read_text(), plan))
+            else:
+                writer.add_file(f)
+    writer.add_text("weightsmith_recipe.yml", plan.recipe.to_yaml())
+    from merge.card import render_model_card
+
+    base = None
+    if plan.recipe.base_model:
+        base = plan.models[[m.ref for m in plan.models].index(plan.recipe.base_model)]
+    others = [m for m in plan.models if base is None or m.ref != base.ref]
+    writer.add_text("README.md", render_model_card(plan.recipe.to_yaml(), plan.method, others, base))
+
+
+class _Bar:
+    def __init__(self, total_bytes: int, n: int) -> None:
+        from tqdm import tqdm
+
+        self.t = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="merge",
+                      file=sys.stderr, dynamic_ncols=True)
+        self.n = n
+
+    def update_to(self, p: Progress) -> None:
+        self.t.set_postfix_str(f"{p.tensors_done}/{self.n} tensors", refresh=False)
+        self.t.update(p.bytes_done - self.t.n)
+
+    def close(self) -> None:
+        self.t.close()
+
+
+def _progress_bar(total_bytes: int, n: int) -> _Bar | None:
+    if not sys.stderr.isatty():
+        return None
+    return _Bar(total_bytes, n)
+
+
+__all__ = [
+    "MergeOptions",
+    "MergePlan",
+    "MergeResult",
+    "Progress",
+    "WeightsmithError",
+    "default_resolver",
+    "layer_stack",
+    "plan_merge",
+    "run_merge",
+]
