@@ -1,0 +1,202 @@
+"""The ``weightsmith`` command line.
+
+Errors that weightsmith raises on purpose (bad recipe, shape mismatch, missing tensor, malformed
+file, missing model, NaN/Inf...) print one line ``error: ...`` on stderr and exit with code 2;
+no partial output is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from merge.errors import WeightsmithError
+
+
+def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except WeightsmithError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; no output was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    from merge.checkpoint import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def hub_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options that control how Hub references are resolved."""
+    for opt in reversed([
+        click.option("--token", envvar="HF_TOKEN", default=None, help="Hub token (default: $HF_TOKEN)."),
+        click.option("--endpoint", default=None, help="Hub endpoint URL (default: huggingface.co or $HF_ENDPOINT)."),
+        click.option("--offline", is_flag=True, envvar="HF_HUB_OFFLINE", help="Use only the local Hub cache."),
+        click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Hub cache folder."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _resolver(token: str | None, endpoint: str | None, offline: bool, cache_dir: str | None,
+              revision: str | None = None) -> Any:
+    if not any((token, endpoint, offline, cache_dir, revision)):
+        from merge.engine import default_resolver
+
+        return default_resolver  # local paths need no Hub client; Hub ids get a default one
+    from merge import hub
+
+    return hub.HubResolver(token=token, endpoint=endpoint, offline=offline, cache_dir=cache_dir,
+                           revision=revision, progress=sys.stderr.isatty())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="weightsmith")
+def main() -> None:
+    """weightsmith: merge, align and inspect neural-network checkpoints."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--device", default="cpu", show_default=True, help="Compute device (cpu, cuda, cuda:1...).")
+@click.option("--shard-size", default="5GB", show_default=True, callback=_size, help="Max bytes per output shard.")
+@click.option("--compute-dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16"]), default=None,
+              help="Dtype to compute in (default float32).")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64), help="Merge threads.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin/.pt pickle inputs (loaded with weights_only=True).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically).")
+@click.option("--dry-run", is_flag=True, help="Validate and plan only; read no tensor data, write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@click.option("--push-to-hub", "push_repo", default=None, metavar="ORG/NAME", help="Upload the result to the Hub.")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create a private repo.")
+@hub_options
+@_fail_cleanly
+def merge(recipe: str, out_dir: str, device: str, shard_size: int, compute_dtype: str | None, workers: int,
+          allow_pickle: bool, overwrite: bool, dry_run: bool, as_json: bool, push_repo: str | None, private: bool,
+          token: str | None, endpoint: str | None, offline: bool, cache_dir: str | None) -> None:
+    """Merge the models of RECIPE (YAML, mergekit's format) into OUT."""
+    from merge.engine import MergeOptions, plan_merge, run_merge
+
+    options = MergeOptions(device=device, compute_dtype=compute_dtype, shard_size=shard_size,
+                           allow_pickle=allow_pickle, workers=workers, overwrite=overwrite)
+    resolver = _resolver(token, endpoint, offline, cache_dir)
+    if Path(out_dir).exists() and not overwrite:
+        from merge.errors import OutputExistsError
+
+        raise OutputExistsError(f"{out_dir}: output already exists (pass --overwrite to replace it)")
+    plan = plan_merge(Path(recipe), options, resolver=resolver)
+    if dry_run:
+        summary = plan.summary()
+        if as_json:
+            click.echo(json.dumps({"dry_run": True, **summary}, indent=2))
+        else:
+            click.echo(f"plan: {summary['method']} of {len(summary['models'])} model(s): "
+                       f"{summary['n_merged']} tensors merged, {summary['n_copied']} copied, "
+                       f"{_human(summary['bytes_out'])} out; nothing written (dry run)")
+        return
+    result = run_merge(plan.recipe, out_dir, options, plan=plan)
+    out = result.to_json()
+    if push_repo:
+        from merge import hub
+
+        out["pushed"] = hub.push_to_hub(Path(out_dir), push_repo, private=private, token=token, endpoint=endpoint)
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        click.echo(f"merged {result.n_tensors} tensors ({_human(result.bytes_written)}) with {result.method} "
+                   f"into {out_dir} in {result.seconds:.1f} s"
+                   + (f"; pushed to {push_repo}" if push_repo else ""))
+
+
+@main.command()
+@click.argument("path")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hub reference.")
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin/.pt pickle checkpoints.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@hub_options
+@_fail_cleanly
+def inspect(path: str, revision: str | None, allow_pickle: bool, as_json: bool, token: str | None,
+            endpoint: str | None, offline: bool, cache_dir: str | None) -> None:
+    """List the tensors of a checkpoint (file, folder or Hub reference): dtypes, shapes, sizes, totals."""
+    from merge.checkpoint import open_checkpoint
+
+    resolved = _resolver(token, endpoint, offline, cache_dir, revision)(path)
+    ckpt = open_checkpoint(resolved.path, allow_pickle=allow_pickle)
+    from merge.engine import _natural_key
+
+    names = sorted(ckpt.keys(), key=_natural_key)
+    rows = [{"name": n, "dtype": str(ckpt.dtype(n)).removeprefix("torch."), "shape": list(ckpt.shape(n)),
+             "bytes": ckpt.nbytes(n)} for n in names]
+    by_dtype: Counter[str] = Counter()
+    params = 0
+    for r in rows:
+        numel = 1
+        for s in r["shape"]:
+            numel *= s
+        params += numel
+        by_dtype[r["dtype"]] += r["bytes"]
+    totals = {"tensors": len(rows), "parameters": params, "bytes": sum(r["bytes"] for r in rows),
+              "bytes_by_dtype": dict(by_dtype), "files": [str(f) for f in ckpt.files]}
+    if resolved.commit:
+        totals["commit"] = resolved.commit
+    if as_json:
+        click.echo(json.dumps({"path": str(resolved.path), "tensors": rows, "totals": totals}, indent=2))
+        return
+    width = max((len(r["name"]) for r in rows), default=4)
+    click.echo(f"{'tensor':<{width}}  {'dtype':<9} {'shape':<20} {'size':>10}")
+    for r in rows:
+        click.echo(f"{r['name']:<{width}}  {r['dtype']:<9} {str(r['shape']):<20} {_human(r['bytes']):>10}")
+    click.echo(f"\n{totals['tensors']} tensors, {params:,} parameters, {_human(totals['bytes'])} "
+               f"({', '.join(f'{k}: {_human(v)}' for k, v in by_dtype.items())}) in {len(ckpt.files)} file(s)")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with parameter schemas).")
+def methods(as_json: bool) -> None:
+    """List the merge methods, their parameters and papers."""
+    from merge.methods import all_methods
+
+    specs = all_methods()
+    if as_json:
+        click.echo(json.dumps([{**s.describe(), "schema": s.json_schema()} for s in specs], indent=2))
+        return
+    for s in specs:
+        base = {"required": "base required", "optional": "base optional", "ignored": "no base"}[s.base]
+        click.echo(f"{s.name}  ({s.kind.replace('_', '-')}, {base})")
+        click.echo(f"    {s.summary}")
+        click.echo(f"    paper: {s.paper}  {s.url}")
+        for p in s.params.values():
+            default = "required" if p.required else f"default {p.default!r}"
+            scope = "per model" if p.per_model else "global"
+            click.echo(f"    - {p.name}: {p.type_name()}, {scope}, {default}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
