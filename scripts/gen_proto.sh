@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Regenerate the Python gRPC stubs of proto/weightsmith/v1/*.proto into service/_proto/.
+#
+#   scripts/gen_proto.sh            # regenerate in place (commit the result)
+#   scripts/gen_proto.sh OUT_DIR    # write to OUT_DIR instead (the drift test diffs it)
+#
+# Works offline: grpcio-tools bundles protoc and the well-known types. protoc derives imports
+# from the .proto paths ("from weightsmith.v1 import job_pb2"); they are rewritten so that the
+# stubs import as the package service._proto.weightsmith.v1, while the descriptor file names stay
+# "weightsmith/v1/*.proto" (what reflection clients and buf expect).
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+OUT="${1:-$ROOT/service/_proto}"
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
+fi
+mkdir -p "$OUT"
+rm -rf "$OUT/weightsmith"
+cd "$ROOT/proto"
+"$PY" -m grpc_tools.protoc -I. \
+  --python_out="$OUT" --pyi_out="$OUT" --grpc_python_out="$OUT" \
+  weightsmith/v1/job.proto weightsmith/v1/merge_service.proto weightsmith/v1/checkpoint_service.proto
+# absolute imports -> package imports
+find "$OUT/weightsmith" -name '*.py' -o -name '*.pyi' | sort | while read -r f; do
+  sed -i -E 's/^from weightsmith\.v1 import /from service._proto.weightsmith.v1 import /' "$f"
+done
+printf '"""Generated gRPC stubs (scripts/gen_proto.sh); do not edit."""\n' > "$OUT/__init__.py"
+: > "$OUT/weightsmith/__init__.py"
+: > "$OUT/weightsmith/v1/__init__.py"
