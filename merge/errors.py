@@ -56,3 +56,15 @@ class MergeCancelled(WeightsmithError):
     """A running merge was cancelled; nothing was written."""
 
     grpc_code = "CANCELLED"
+
+
+class HubAccessError(ModelNotFoundError):
+    """A Hub repo exists but the token does not grant access (gated, private, invalid or read-only token)."""
+
+    grpc_code = "PERMISSION_DENIED"
+
+
+class HubUnavailableError(ModelNotFoundError):
+    """The Hub cannot be reached (or offline mode is on) and the model is not in the local cache."""
+
+    grpc_code = "UNAVAILABLE"
