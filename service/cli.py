@@ -8,6 +8,7 @@ no partial output is left behind.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -89,7 +90,8 @@ def main() -> None:
 @click.option("--shard-size", default="5GB", show_default=True, callback=_size, help="Max bytes per output shard.")
 @click.option("--compute-dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16"]), default=None,
               help="Dtype to compute in (default float32).")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64), help="Merge threads.")
+@click.option("--workers", default=min(8, os.cpu_count() or 1), show_default="CPU count, at most 8",
+              type=click.IntRange(1, 64), help="Merge threads (one torch thread each).")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin/.pt pickle inputs (loaded with weights_only=True).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically).")
 @click.option("--dry-run", is_flag=True, help="Validate and plan only; read no tensor data, write nothing.")
@@ -102,8 +104,9 @@ def merge(recipe: str, out_dir: str, device: str, shard_size: int, compute_dtype
           allow_pickle: bool, overwrite: bool, dry_run: bool, as_json: bool, push_repo: str | None, private: bool,
           token: str | None, endpoint: str | None, offline: bool, cache_dir: str | None) -> None:
     """Merge the models of RECIPE (YAML, mergekit's format) into OUT."""
-    from merge.engine import MergeOptions, plan_merge, run_merge
+    from merge.engine import MergeOptions, plan_merge, run_merge, tune_allocator
 
+    tune_allocator()
     options = MergeOptions(device=device, compute_dtype=compute_dtype, shard_size=shard_size,
                            allow_pickle=allow_pickle, workers=workers, overwrite=overwrite)
     resolver = _resolver(token, endpoint, offline, cache_dir)

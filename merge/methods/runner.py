@@ -19,8 +19,9 @@ import torch
 
 from merge.methods.registry import MethodSpec
 
-#: Default chunk size in elements (16 MiB of float32).
-CHUNK_ELEMS = 1 << 22
+#: Default chunk size in elements (4 MiB of float32). Measured on a 2-core EPYC: at 4M elements every
+#: fresh float32 buffer page-faults (bf16->f32 of a chunk: 11 ms vs 4 x 0.14 ms at 1M elements).
+CHUNK_ELEMS = 1 << 20
 
 Reader = Callable[[int, int], torch.Tensor]  # rows [r0, r1) of one input tensor
 
