@@ -101,9 +101,9 @@ def render_model_card(recipe_yaml: str, method: Any, models: list[ResolvedModel]
         title = "Merged model"
 
     lines = ["---", _front_matter(method, inputs), "---", "", f"# {title}", ""]
-    n = sum(role == "merged" for role, _ in inputs)
-    onto = f" onto the base model `{_label(base)}`" if base is not None else ""
-    lines += [f"This model is a merge of {n} model{'s' if n != 1 else ''}{onto}, made with "
+    n = len(inputs)
+    with_base = f" (base model: `{_label(base)}`)" if base is not None else ""
+    lines += [f"This model is a merge of {n} model{'s' if n != 1 else ''}{with_base}, made with "
               f"weightsmith using the **{name}** method.", ""]
 
     lines += ["## Method", "", f"**{name}**" + (f": {summary}" if summary else ""), ""]
