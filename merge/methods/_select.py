@@ -1,0 +1,296 @@
+"""Exact top-k selection by magnitude over a stream of chunks, in bounded memory (radix select).
+
+TIES and Model Breadcrumbs keep the ``k`` entries of a task vector with the largest magnitude
+(Yadav et al., NeurIPS 2023, §3 "Trim"; Davari & Belilovsky, arXiv:2312.06795, §3). mergekit
+finds them with a full ``argsort`` of the flattened tensor, which is both the hot path of a TIES
+merge and impossible when the tensor is streamed in row chunks. Here the k-th largest value is
+found exactly by a radix selection on the float32 bit patterns: for non-negative float32 values
+(including ``+0``, subnormals and ``inf``), the order of the values is the order of their bit
+patterns read as int32. So
+
+1. pass 1 histograms the high 16 bits (sign, exponent, 7 mantissa bits) of every value with
+   ``torch.bincount`` and finds the bin holding the k-th largest value;
+2. pass 2 histograms the low 16 bits of the values inside that bin, which pins down the exact
+   bit pattern of the k-th largest value (the *threshold*).
+
+The selected set is ``{v > threshold}`` plus, when several entries equal the threshold, the first
+ones in flat-index order (chunk 0 first, then row-major inside a chunk) until exactly ``k`` are
+kept. Pass 2 records, per chunk, the sparse histogram of the in-bin low bits, so the number of
+tied entries each chunk keeps is known without a third pass. When the whole tensor is a single
+chunk, pass 1 keeps it and pass 2 does not read it again.
+
+Memory: two histograms (32768 and 65536 int64) per stream and selected bin, plus per chunk the
+non-empty entries of the in-bin low histogram (at most 65536 per chunk, usually a few thousand):
+never more than a small fraction of one chunk per chunk, never the tensor.
+
+Optionally the exact sums of the selected values are returned (for mergekit's L1 ``rescale``):
+every value in a high bin ``h`` is ``base(h) + lo * ulp(h)``, so the bin's sum is
+``count * base(h) + (Σ lo) * ulp(h)`` where ``Σ lo`` is an integer that float64 holds exactly.
+The per-bin sums are identical however the tensor is chunked, so the totals are too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+#: Per chunk: one non-negative float32 tensor per stream (e.g. ``|τ_t|`` for each model t).
+ValueSource = Callable[[], Iterator[list[torch.Tensor]]]
+
+_HI_BINS = 1 << 15  # high 16 bits of a non-negative float32: the sign bit is 0
+_LO_BINS = 1 << 16
+
+
+def _bits(values: torch.Tensor) -> torch.Tensor:
+    """The int32 bit patterns of a float32 tensor, flattened (a view when contiguous)."""
+    if values.dtype != torch.float32:
+        raise TypeError(f"top-k selection works on float32 magnitudes, got {values.dtype}")
+    return values.contiguous().view(torch.int32).reshape(-1)
+
+
+def _as_float(bits: int) -> float:
+    """The float32 whose bit pattern is ``bits``, as a Python float."""
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32).item())
+
+
+def _bin_base_ulp() -> tuple[torch.Tensor, torch.Tensor]:
+    """Per high bin h: the value of bit pattern ``h << 16`` and the spacing of its low-bit steps."""
+    h = torch.arange(_HI_BINS, dtype=torch.int32) << 16
+    base = h.view(torch.float32).double()
+    ulp = (h | 1).view(torch.float32).double() - base
+    return base, ulp
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The ``k`` largest entries of one stream; ties at the threshold kept in flat-index order.
+
+    ``threshold`` is the int32 bit pattern of the k-th largest value, ``n_greater`` how many
+    entries are strictly larger. ``quotas[i]`` is how many entries equal to the threshold chunk
+    ``i`` keeps, ``eq_counts[i]`` how many it has; both are ``None`` when every tied entry is kept.
+    ``kept_sum`` is the sum of the kept values (only when sums were asked for).
+    """
+
+    k: int
+    numel: int
+    threshold: int
+    n_greater: int
+    quotas: tuple[int, ...] | None
+    eq_counts: tuple[int, ...] | None
+    kept_sum: float | None
+
+    @property
+    def threshold_value(self) -> float:
+        """The k-th largest value itself (``nan`` when ``k`` is 0)."""
+        return _as_float(self.threshold) if self.k > 0 else float("nan")
+
+    def mask(self, values: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        """Boolean mask (shape of ``values``) of the selected entries of chunk ``chunk``.
+
+        ``values`` must be the same float32 magnitudes the selection saw for that chunk.
+        """
+        if self.k <= 0:
+            return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+        if self.k >= self.numel:
+            return torch.ones(values.shape, dtype=torch.bool, device=values.device)
+        bits = _bits(values)
+        if self.quotas is None:
+            return (bits >= self.threshold).reshape(values.shape)
+        assert self.eq_counts is not None
+        keep = bits > self.threshold
+        q = self.quotas[chunk]
+        if q > 0:
+            eq = bits == self.threshold
+            if q >= self.eq_counts[chunk]:
+                keep |= eq
+            else:
+                cut = _position_of(eq, q) + 1
+                keep[:cut] |= eq[:cut]
+        return keep.reshape(values.shape)
+
+
+_BLOCK = 1 << 16
+
+
+def _position_of(flags: torch.Tensor, q: int) -> int:
+    """Flat index of the q-th (1-based) True entry of a 1-D bool tensor holding at least q."""
+    n = flags.numel()
+    nb = n // _BLOCK
+    start = 0
+    if nb > 1:
+        # locate the block first, so the exact search touches one block only
+        counts = flags[: nb * _BLOCK].view(nb, _BLOCK).sum(1).cumsum(0)
+        j = int(torch.searchsorted(counts, q).item())
+        if j < nb:
+            start = j * _BLOCK
+            q -= int(counts[j - 1].item()) if j > 0 else 0
+            flags = flags[start : start + _BLOCK]
+        else:
+            start = nb * _BLOCK
+            q -= int(counts[-1].item())
+            flags = flags[start:]
+    return start + int(torch.nonzero(flags)[q - 1].item())
+
+
+@dataclass(frozen=True)
+class StreamSelection:
+    """Result of :func:`select_top` for one stream: its size, total sum and one TopK per k."""
+
+    numel: int
+    total_sum: float | None
+    topk: tuple[TopK, ...]
+
+
+def _suffix_counts(hist: torch.Tensor) -> torch.Tensor:
+    """``c[b] = Σ_{j >= b} hist[j]``."""
+    return hist.flip(0).cumsum(0).flip(0)
+
+
+def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest entry (1 <= k <= hist.sum()) and how many lie above it."""
+    c = _suffix_counts(hist)
+    b = int((c >= k).sum().item()) - 1
+    above = int(c[b + 1].item()) if b + 1 < hist.numel() else 0
+    return b, above
+
+
+def select_top(
+    source: ValueSource,
+    ks: Sequence[Sequence[int]] | Callable[[int], Sequence[Sequence[int]]],
+    *,
+    sums: bool = False,
+) -> list[StreamSelection]:
+    """Exact top-k of several streams of non-negative float32 values, streamed over chunks.
+
+    ``source()`` yields, per chunk, one tensor per stream (the same number of streams and the
+    same chunk sizes across streams and passes). ``ks[s]`` lists the k values wanted for stream
+    ``s``; it may be a function of the number of elements per stream, called after the first pass.
+    ``sums=True`` also computes each stream's total and each selection's kept sum (float64,
+    independent of the chunking). Reads the source once (single chunk) or twice.
+    """
+    hist_hi: list[torch.Tensor] = []
+    lo_sum_hi: list[torch.Tensor] = []
+    numel: list[int] = []
+    n_chunks = 0
+    cached: list[torch.Tensor] | None = None
+    for values in source():
+        if n_chunks == 0:
+            dev = values[0].device if values else torch.device("cpu")
+            hist_hi = [torch.zeros(_HI_BINS, dtype=torch.int64, device=dev) for _ in values]
+            lo_sum_hi = [torch.zeros(_HI_BINS, dtype=torch.float64, device=dev) for _ in values] if sums else []
+            numel = [0] * len(values)
+            cached = values
+        else:
+            cached = None
+        n_chunks += 1
+        for s, v in enumerate(values):
+            bits = _bits(v)
+            numel[s] += bits.numel()
+            if bits.numel() == 0:
+                continue
+            hi = bits >> 16
+            hist_hi[s] += torch.bincount(hi, minlength=_HI_BINS)
+            if sums:
+                lo_sum_hi[s] += torch.bincount(hi, weights=(bits & 0xFFFF).double(), minlength=_HI_BINS)
+    if n_chunks == 0:
+        return []
+    hist_hi = [h.cpu() for h in hist_hi]
+    lo_sum_hi = [h.cpu() for h in lo_sum_hi]
+    wanted = ks(numel[0]) if callable(ks) else ks
+    if len(wanted) != len(numel):
+        raise ValueError(f"select_top: {len(numel)} streams but k values for {len(wanted)}")
+
+    # bins to resolve in pass 2: stream -> {bin: (above, [k...])}
+    targets: list[dict[int, int]] = [{} for _ in numel]
+    for s, kk in enumerate(wanted):
+        for k in kk:
+            if 0 < k < numel[s]:
+                b, above = _locate(hist_hi[s], k)
+                targets[s][b] = above
+
+    hist_lo: list[dict[int, torch.Tensor]] = [
+        {b: torch.zeros(_LO_BINS, dtype=torch.int64, device=dev) for b in t} for t in targets
+    ]
+    # per stream, bin: per chunk (nonzero low values, their counts)
+    per_chunk: list[dict[int, list[tuple[torch.Tensor, torch.Tensor]]]] = [{b: [] for b in t} for t in targets]
+    if any(targets):
+        passes: Iterator[list[torch.Tensor]] = iter([cached]) if cached is not None else source()
+        for values in passes:
+            for s, v in enumerate(values):
+                if not targets[s]:
+                    continue
+                bits = _bits(v)
+                for b in targets[s]:
+                    d = bits - (b << 16)
+                    lo = d[(d >= 0) & (d < _LO_BINS)]
+                    h = torch.bincount(lo, minlength=_LO_BINS)
+                    hist_lo[s][b] += h
+                    if n_chunks > 1:
+                        nz = torch.nonzero(h).squeeze(1)
+                        per_chunk[s][b].append((nz, h[nz]))
+    cached = None
+    hist_lo = [{b: h.cpu() for b, h in d.items()} for d in hist_lo]
+
+    base_v = ulp_v = None
+    if sums:
+        base_v, ulp_v = _bin_base_ulp()
+    out: list[StreamSelection] = []
+    for s, kk in enumerate(wanted):
+        n = numel[s]
+        bin_sums = None
+        total = None
+        if sums:
+            assert base_v is not None and ulp_v is not None
+            cnt = hist_hi[s]
+            bin_sums = torch.where(cnt > 0, cnt.double() * base_v + lo_sum_hi[s] * ulp_v, 0.0)
+            total = float(bin_sums.sum().item())
+        sels = []
+        for k in kk:
+            k = int(k)
+            if k <= 0 or k >= n:
+                kept = (0.0 if k <= 0 else total) if sums else None
+                sels.append(TopK(max(0, min(k, n)), n, 0, min(max(k, 0), n), None, None, kept))
+                continue
+            b, above = _locate(hist_hi[s], k)
+            h_lo = hist_lo[s][b]
+            low, above_lo = _locate(h_lo, k - above)
+            n_greater = above + above_lo
+            threshold = (b << 16) | low
+            tie_need = k - n_greater
+            eq_total = int(h_lo[low].item())
+            quotas = eq_counts = None
+            if tie_need < eq_total:
+                if n_chunks == 1:
+                    eq_list = [eq_total]
+                else:
+                    eq_list = []
+                    for nz, cnt in per_chunk[s][b]:
+                        eq_list.append(int(cnt[nz == low].sum().item()))
+                q_list = []
+                left = tie_need
+                for e in eq_list:
+                    q = min(left, e)
+                    q_list.append(q)
+                    left -= q
+                quotas, eq_counts = tuple(q_list), tuple(eq_list)
+            kept = None
+            if sums:
+                assert bin_sums is not None and base_v is not None and ulp_v is not None
+                lows = torch.arange(_LO_BINS, dtype=torch.float64)
+                vals = base_v[b] + lows * ulp_v[b]
+                above_in_bin = (h_lo[low + 1 :].double() * vals[low + 1 :]).sum()
+                kept = float((bin_sums[b + 1 :].sum() + above_in_bin + tie_need * vals[low]).item())
+            sels.append(TopK(k, n, threshold, n_greater, quotas, eq_counts, kept))
+        out.append(StreamSelection(n, total, tuple(sels)))
+    return out
+
+
+def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k largest entries of one in-memory non-negative float32 tensor (ties by index)."""
+    sel = select_top(lambda: iter([[values]]), [[k]])[0].topk[0]
+    return sel.mask(values, 0)
+
+
+__all__ = ["StreamSelection", "TopK", "ValueSource", "select_top", "topk_mask"]
