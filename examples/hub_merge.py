@@ -46,14 +46,19 @@ TOKEN = "hf_write_alice"  # the server's write token for user "alice"
 
 def tiny_llama(seed: int, hidden: int = 64, layers: int = 4, vocab: int = 256) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    sd = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g) * 0.02,
-          "model.norm.weight": torch.ones(hidden), "lm_head.weight": torch.randn(vocab, hidden, generator=g) * 0.02}
+    sd = {
+        "model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g) * 0.02,
+        "model.norm.weight": torch.ones(hidden),
+        "lm_head.weight": torch.randn(vocab, hidden, generator=g) * 0.02,
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        sd |= {p + "self_attn.q_proj.weight": torch.randn(hidden, hidden, generator=g) * 0.02,
-               p + "mlp.up_proj.weight": torch.randn(4 * hidden, hidden, generator=g) * 0.02,
-               p + "mlp.down_proj.weight": torch.randn(hidden, 4 * hidden, generator=g) * 0.02,
-               p + "input_layernorm.weight": torch.ones(hidden)}
+        sd |= {
+            p + "self_attn.q_proj.weight": torch.randn(hidden, hidden, generator=g) * 0.02,
+            p + "mlp.up_proj.weight": torch.randn(4 * hidden, hidden, generator=g) * 0.02,
+            p + "mlp.down_proj.weight": torch.randn(hidden, 4 * hidden, generator=g) * 0.02,
+            p + "input_layernorm.weight": torch.ones(hidden),
+        }
     return sd
 
 
@@ -67,12 +72,17 @@ def publish(hub: HubServer, repo_id: str, sd: dict[str, torch.Tensor], work: Pat
     pickle_copy = folder.parent / f"{folder.name}.bin"
     folder.parent.mkdir(parents=True, exist_ok=True)
     torch.save(sd, pickle_copy)
-    return hub.publish_model(repo_id, sd, folder, extra={
-        "tokenizer.json": json.dumps({"version": "1.0", "model": {"type": "BPE"}}),
-        "generation_config.json": json.dumps({"max_new_tokens": 64}),
-        "pytorch_model.bin": pickle_copy.read_bytes(),
-        "README.md": f"# {repo_id}\n",
-    })
+    return hub.publish_model(
+        repo_id,
+        sd,
+        folder,
+        extra={
+            "tokenizer.json": json.dumps({"version": "1.0", "model": {"type": "BPE"}}),
+            "generation_config.json": json.dumps({"max_new_tokens": 64}),
+            "pytorch_model.bin": pickle_copy.read_bytes(),
+            "README.md": f"# {repo_id}\n",
+        },
+    )
 
 
 def run(*args: str) -> None:
@@ -109,18 +119,29 @@ def main() -> None:
         print(f"Hub server at {hub.url}: demo/math@{math_sha[:8]}, demo/code@v1.0={code_sha[:8]}\n")
 
         recipe = work / "recipe.yml"
-        recipe.write_text(yaml.safe_dump({
-            "merge_method": "linear", "name": "math-code-soup", "dtype": "float32",
-            "models": [{"model": "demo/math", "parameters": {"weight": 0.5}},
-                       {"model": "hf://demo/code@v1.0", "parameters": {"weight": 0.5}}],
-        }, sort_keys=False))
+        recipe.write_text(
+            yaml.safe_dump(
+                {
+                    "merge_method": "linear",
+                    "name": "math-code-soup",
+                    "dtype": "float32",
+                    "models": [
+                        {"model": "demo/math", "parameters": {"weight": 0.5}},
+                        {"model": "hf://demo/code@v1.0", "parameters": {"weight": 0.5}},
+                    ],
+                },
+                sort_keys=False,
+            )
+        )
 
         def step(label: str, out: Path, *extra: str, recipe_path: Path = recipe) -> None:
             hub.clear_log()
             run("merge", str(recipe_path), "-o", str(out), *hub_opts, *extra)
             files = hub.downloaded_files()
-            served = sum(len(hub.files(p.split("/resolve/")[0].strip("/"))[f])
-                         for p, f in zip(hub.downloads(), files, strict=True))
+            served = sum(
+                len(hub.files(p.split("/resolve/")[0].strip("/"))[f])
+                for p, f in zip(hub.downloads(), files, strict=True)
+            )
             rows.append((label, len(hub.requests), len(files), served, shards_digest(out)))
             print()
 
@@ -132,7 +153,9 @@ def main() -> None:
         step("2 same merge, warm cache", work / "merged-again")
         # 3. the branch moves; the pinned recipe from the card still reproduces the first merge
         publish(hub, "demo/math", finetune(base, 3), work)
-        pinned_text = re.search(r"## Reproduce.*?```yaml\n(.*?)```", card.text, re.S).group(1)  # type: ignore[union-attr]
+        found = re.search(r"## Reproduce.*?```yaml\n(.*?)```", card.text, re.S)
+        assert found is not None, "the model card has no pinned recipe"
+        pinned_text = found.group(1)
         pinned = work / "pinned.yml"
         pinned.write_text(pinned_text)
         print("pinned recipe (from the model card):\n" + pinned_text)
@@ -142,12 +165,25 @@ def main() -> None:
         step("4 pinned recipe, --offline", work / "offline", "--offline", recipe_path=pinned)
         # 5. push
         hub.clear_log()
-        run("merge", str(pinned), "-o", str(work / "to-push"), *hub_opts, "--push-to-hub", "alice/math-code-soup",
-            "--token", TOKEN, "--json")
+        run(
+            "merge",
+            str(pinned),
+            "-o",
+            str(work / "to-push"),
+            *hub_opts,
+            "--push-to-hub",
+            "alice/math-code-soup",
+            "--token",
+            TOKEN,
+            "--json",
+        )
         pushed = hub.repos["alice/math-code-soup"]
         back = ModelCard(hub.files("alice/math-code-soup")["README.md"].decode())
-        print(f"\npushed: {len(hub.files('alice/math-code-soup')) - 1} files, commit {pushed.branches['main'][:8]}; "
-              f"card base_model read back from the Hub: {back.data.base_model}\n")
+        print(
+            f"\npushed: {len(hub.files('alice/math-code-soup')) - 1} files, "
+            f"commit {pushed.branches['main'][:8]}; "
+            f"card base_model read back from the Hub: {back.data.base_model}\n"
+        )
         # 6. an error
         bad = work / "bad.yml"
         bad.write_text(recipe.read_text().replace("demo/math", "demo/math@no-such-branch"))
@@ -161,9 +197,14 @@ def main() -> None:
     print(f"\nall repo files of demo/math + demo/code: {repo_bytes:,} bytes")
     print(f"{'step':<42} {'requests':>8} {'files':>6} {'bytes downloaded':>17}  shards sha256  same as 1?")
     for label, nreq, nfiles, nbytes, digest in rows:
-        print(f"{label:<42} {nreq:>8} {nfiles:>6} {nbytes:>17,}  {digest}  {'yes' if digest == first else 'no'}")
+        print(
+            f"{label:<42} {nreq:>8} {nfiles:>6} {nbytes:>17,}  {digest}  {'yes' if digest == first else 'no'}"
+        )
     assert rows[1][2] == 0 and rows[2][4] == first and rows[3][4] != first and rows[4][1] == 0
-    print(f"\noutputs in {work}")
+    if args.keep:
+        print(f"\noutputs in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

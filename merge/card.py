@@ -75,15 +75,26 @@ def _front_matter(method: Any, inputs: list[tuple[str, ResolvedModel]]) -> str:
     front["weightsmith"] = {
         "method": getattr(method, "name", str(method)),
         "models": [
-            {k: v for k, v in (("role", role), ("ref", m.ref), ("repo_id", m.repo_id), ("revision", m.revision),
-                               ("commit", m.commit)) if v is not None}
+            {
+                k: v
+                for k, v in (
+                    ("role", role),
+                    ("ref", m.ref),
+                    ("repo_id", m.repo_id),
+                    ("revision", m.revision),
+                    ("commit", m.commit),
+                )
+                if v is not None
+            }
             for role, m in inputs
         ],
     }
     return yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip()
 
 
-def render_model_card(recipe_yaml: str, method: Any, models: list[ResolvedModel], base: ResolvedModel | None) -> str:
+def render_model_card(
+    recipe_yaml: str, method: Any, models: list[ResolvedModel], base: ResolvedModel | None
+) -> str:
     """Render README.md for a merge of ``models`` onto ``base`` with ``method`` (a MethodSpec).
 
     ``recipe_yaml`` is the recipe as the engine normalised it (``Recipe.to_yaml()``).
@@ -103,8 +114,11 @@ def render_model_card(recipe_yaml: str, method: Any, models: list[ResolvedModel]
     lines = ["---", _front_matter(method, inputs), "---", "", f"# {title}", ""]
     n = len(inputs)
     with_base = f" (base model: `{_label(base)}`)" if base is not None else ""
-    lines += [f"This model is a merge of {n} model{'s' if n != 1 else ''}{with_base}, made with "
-              f"weightsmith using the **{name}** method.", ""]
+    lines += [
+        f"This model is a merge of {n} model{'s' if n != 1 else ''}{with_base}, made with "
+        f"weightsmith using the **{name}** method.",
+        "",
+    ]
 
     lines += ["## Method", "", f"**{name}**" + (f": {summary}" if summary else ""), ""]
     if paper or url:
@@ -112,9 +126,12 @@ def render_model_card(recipe_yaml: str, method: Any, models: list[ResolvedModel]
 
     lines += ["## Models", "", "| role | model | revision | commit |", "|---|---|---|---|"]
     for role, m in inputs:
-        model = f"[{m.repo_id}](https://huggingface.co/{m.repo_id})" if m.repo_id else f"`{_md(m.ref)}` (local)"
-        lines.append(f"| {role} | {model} | {_md(m.revision or '-')} | "
-                     f"{f'`{m.commit}`' if m.commit else '-'} |")
+        model = (
+            f"[{m.repo_id}](https://huggingface.co/{m.repo_id})" if m.repo_id else f"`{_md(m.ref)}` (local)"
+        )
+        lines.append(
+            f"| {role} | {model} | {_md(m.revision or '-')} | {f'`{m.commit}`' if m.commit else '-'} |"
+        )
     lines.append("")
 
     lines += ["## Recipe", "", "```yaml", recipe_yaml.strip(), "```", ""]
@@ -123,14 +140,24 @@ def render_model_card(recipe_yaml: str, method: Any, models: list[ResolvedModel]
     local = [m.ref for _, m in inputs if not m.repo_id]
     lines += ["## Reproduce", ""]
     if pinned is not None and _pins([m for _, m in inputs]):
-        lines += ["The same recipe with every Hub model pinned to the commit that was merged; "
-                  "`weightsmith merge pinned.yml -o OUT` rebuilds byte-identical weights:", "",
-                  "```yaml", pinned.strip(), "```", ""]
+        lines += [
+            "The same recipe with every Hub model pinned to the commit that was merged; "
+            "`weightsmith merge pinned.yml -o OUT` rebuilds byte-identical weights:",
+            "",
+            "```yaml",
+            pinned.strip(),
+            "```",
+            "",
+        ]
     else:
         lines += ["`weightsmith merge recipe.yml -o OUT` with the recipe above.", ""]
     if local:
-        lines += ["Local inputs (not on the Hub, so not pinned here): "
-                  + ", ".join(f"`{_md(r)}`" for r in local) + ".", ""]
+        lines += [
+            "Local inputs (not on the Hub, so not pinned here): "
+            + ", ".join(f"`{_md(r)}`" for r in local)
+            + ".",
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -45,7 +45,7 @@ from merge.errors import (
 FIRST_FILES = (INDEX_NAME, "config.json")
 _AUX_RE = re.compile("|".join(f"(?:{p})" for p in AUX_FILE_PATTERNS))
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
-# Hub repo names: letters, digits, '-', '_', '.'; no leading/trailing '-'/'.', no '--' or '..', at most 96 chars.
+# Hub repo names: letters, digits, '-', '_', '.'; no leading/trailing '-'/'.', no '--'/'..'; <= 96 chars.
 _NAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
 _NOT_A_REPO_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json", ".yaml", ".yml", ".gguf")
 _TRUE = {"1", "true", "yes", "on"}
@@ -69,7 +69,7 @@ def parse_hub_ref(ref: str) -> tuple[str, str | None] | None:
     text = ref.strip()
     explicit = text.startswith("hf://")
     if explicit:
-        text = text[len("hf://"):]
+        text = text[len("hf://") :]
     elif text.startswith(("/", "./", "../", "~", ".\\")) or "\\" in text or re.match(r"[A-Za-z]:", text):
         return None
     repo_id, at, revision = text.partition("@")
@@ -106,8 +106,16 @@ class HubResolver:
     ``resolved`` lists every model this resolver returned, in order.
     """
 
-    def __init__(self, *, token: str | None = None, endpoint: str | None = None, offline: bool = False,
-                 cache_dir: str | Path | None = None, revision: str | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        token: str | None = None,
+        endpoint: str | None = None,
+        offline: bool = False,
+        cache_dir: str | Path | None = None,
+        revision: str | None = None,
+        progress: bool = True,
+    ) -> None:
         self.token = token
         self.endpoint = endpoint.rstrip("/") if endpoint else None
         self.offline = bool(offline) or _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")
@@ -156,8 +164,14 @@ class HubResolver:
         if not self.progress:
             kwargs["tqdm_class"] = _silent_tqdm()
         folder = snapshot_download(
-            repo_id, revision=revision, allow_patterns=patterns, cache_dir=self.cache_dir, token=self.token,
-            endpoint=self.endpoint, local_files_only=self.offline, **kwargs,
+            repo_id,
+            revision=revision,
+            allow_patterns=patterns,
+            cache_dir=self.cache_dir,
+            token=self.token,
+            endpoint=self.endpoint,
+            local_files_only=self.offline,
+            **kwargs,
         )
         return Path(folder)
 
@@ -174,8 +188,11 @@ class HubResolver:
             from huggingface_hub.hf_api import RepoFile
 
             api = HfApi(endpoint=self.endpoint, token=self.token)
-            return {f.path for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
-                    if isinstance(f, RepoFile)}
+            return {
+                f.path
+                for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
+                if isinstance(f, RepoFile)
+            }
         return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
 
     def _select(self, where: str, files: set[str], folder: Path) -> list[str]:
@@ -194,15 +211,21 @@ class HubResolver:
                 if p.is_absolute() or ".." in p.parts or not str(shard).endswith(".safetensors"):
                     raise CheckpointError(f"{where}: {INDEX_NAME} names an unsafe shard path {shard!r}")
                 if str(shard) not in files:
-                    raise CheckpointError(f"{where}: {INDEX_NAME} names shard {shard}, which the repo does not hold")
+                    raise CheckpointError(
+                        f"{where}: {INDEX_NAME} names shard {shard}, which the repo does not hold"
+                    )
             return sorted(set(shards) | set(aux) | {INDEX_NAME})
         weights = sorted(f for f in top if f.endswith(".safetensors"))
         if "model.safetensors" in weights:
             weights = ["model.safetensors"]
         if not weights:
             pickles = sorted(f for f in top if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
-            hint = (f"; it has pickle weights ({', '.join(pickles[:3])}), which are never downloaded: "
-                    "convert them to safetensors" if pickles else "")
+            hint = (
+                f"; it has pickle weights ({', '.join(pickles[:3])}), which are never downloaded: "
+                "convert them to safetensors"
+                if pickles
+                else ""
+            )
             raise ModelNotFoundError(f"{where}: no .safetensors weights in the repo{hint}")
         return sorted(set(weights) | set(aux))
 
@@ -211,7 +234,9 @@ class HubResolver:
         try:
             folder = self._download(repo_id, revision, list(FIRST_FILES))
             commit = folder.name
-            if not _COMMIT_RE.fullmatch(commit):  # pragma: no cover - the client always returns snapshots/<sha>
+            if not _COMMIT_RE.fullmatch(
+                commit
+            ):  # pragma: no cover - the client always returns snapshots/<sha>
                 raise CheckpointError(f"{where}: unexpected snapshot folder {folder}")
             files = self._listing(repo_id, commit, folder)
             needed = self._select(where, files, folder)
@@ -226,20 +251,25 @@ class HubResolver:
         from huggingface_hub import errors as hf
 
         where = f"Hub model '{repo_id}' (revision '{revision}')"
-        local_hint = f"; '{ref}' is not a local path either" if "/" in ref and not ref.startswith("hf://") else ""
+        local_hint = (
+            f"; '{ref}' is not a local path either" if "/" in ref and not ref.startswith("hf://") else ""
+        )
         incomplete = getattr(hf, "IncompleteSnapshotError", ())
         if isinstance(e, hf.GatedRepoError):
             return HubAccessError(
                 f"{where} is gated: accept its terms on the Hub and pass a token (--token or HF_TOKEN) of an "
-                f"account that was granted access ({'the given token was refused' if self.token else 'no token given'})"
+                "account that was granted access "
+                f"({'the token was refused' if self._has_token else 'no token given'})"
             )
         if isinstance(e, hf.RepositoryNotFoundError):
             return ModelNotFoundError(
                 f"{where}: no such repo at {self._endpoint_name}, or it is private and "
-                f"{'the token has no access' if self.token else 'no token was given'}{local_hint}"
+                f"{'the token has no access' if self._has_token else 'no token was given'}{local_hint}"
             )
         if isinstance(e, hf.RevisionNotFoundError):
-            return ModelNotFoundError(f"{where}: the repo has no revision '{revision}' (branch, tag or commit)")
+            return ModelNotFoundError(
+                f"{where}: the repo has no revision '{revision}' (branch, tag or commit)"
+            )
         if isinstance(e, hf.RemoteEntryNotFoundError):
             return ModelNotFoundError(f"{where}: a file is missing on the Hub: {_first_line(e)}")
         if incomplete and isinstance(e, incomplete):
@@ -253,24 +283,40 @@ class HubResolver:
                     f"{where} is not in the local Hub cache ({self._cache_name}) and offline mode is on"
                     " (--offline / HF_HUB_OFFLINE=1); run once online first"
                 )
+            cause = f" ({_first_line(e.__cause__)})" if e.__cause__ is not None else ""
             return HubUnavailableError(
-                f"{where}: cannot reach the Hub at {self._endpoint_name} and the model is not in the local cache "
-                f"({self._cache_name})"
+                f"{where}: cannot get it from the Hub at {self._endpoint_name}{cause} and it is not in the "
+                f"local cache ({self._cache_name})"
             )
         if isinstance(e, hf.OfflineModeIsEnabled):
             return HubUnavailableError(f"{where} is not in the local Hub cache and offline mode is on")
         if isinstance(e, hf.HfHubHTTPError):
             status = e.response.status_code if getattr(e, "response", None) is not None else None
             if status in (401, 403):
-                return HubAccessError(f"{where}: access denied by {self._endpoint_name} (HTTP {status}: "
-                                      f"{_first_line(e)})")
-            return HubUnavailableError(f"{where}: the Hub at {self._endpoint_name} answered HTTP {status}: "
-                                       f"{_first_line(e)}")
+                return HubAccessError(
+                    f"{where}: access denied by {self._endpoint_name} (HTTP {status}: {_first_line(e)})"
+                )
+            return HubUnavailableError(
+                f"{where}: the Hub at {self._endpoint_name} answered HTTP {status}: {_first_line(e)}"
+            )
         if _is_network_error(e):
-            return HubUnavailableError(f"{where}: cannot reach the Hub at {self._endpoint_name}: {_first_line(e)}")
+            return HubUnavailableError(
+                f"{where}: cannot reach the Hub at {self._endpoint_name}: {_first_line(e)}"
+            )
         if isinstance(e, ValueError):
             return ModelNotFoundError(f"{where}: {_first_line(e)}")
         return e
+
+    @property
+    def _has_token(self) -> bool:
+        if self.token:
+            return True
+        try:
+            from huggingface_hub import get_token
+
+            return bool(get_token())
+        except Exception:  # noqa: BLE001 - no token store
+            return False
 
     @property
     def _cache_name(self) -> str:
@@ -303,8 +349,15 @@ def _silent_tqdm() -> type:
     return Silent
 
 
-def push_to_hub(folder: Path, repo_id: str, *, private: bool = False, token: str | None = None,
-                endpoint: str | None = None, commit_message: str | None = None) -> str:
+def push_to_hub(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+    commit_message: str | None = None,
+) -> str:
     """Upload a merged model folder: ``create_repo(exist_ok=True)`` then ``upload_folder``.
 
     Returns the commit URL. ``private`` applies when the repo is created (an existing repo keeps
@@ -325,7 +378,9 @@ def push_to_hub(folder: Path, repo_id: str, *, private: bool = False, token: str
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         info = api.upload_folder(
-            repo_id=repo_id, folder_path=folder, repo_type="model",
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
             commit_message=commit_message or f"Upload merged model ({folder.name}) with weightsmith",
         )
     except hf.HfHubHTTPError as e:
@@ -335,7 +390,9 @@ def push_to_hub(folder: Path, repo_id: str, *, private: bool = False, token: str
                 f"{where}: refused by {api.endpoint} (HTTP {status}): "
                 f"{'the token cannot write there' if token else 'no token given (--token or HF_TOKEN)'}"
             ) from None
-        raise HubUnavailableError(f"{where}: {api.endpoint} answered HTTP {status}: {_first_line(e)}") from None
+        raise HubUnavailableError(
+            f"{where}: {api.endpoint} answered HTTP {status}: {_first_line(e)}"
+        ) from None
     except Exception as e:  # noqa: BLE001
         if _is_network_error(e):
             raise HubUnavailableError(f"{where}: cannot reach {api.endpoint}: {_first_line(e)}") from None

@@ -45,7 +45,9 @@ import yaml
 #: Files stored as LFS objects (what ``.gitattributes`` does on the real Hub for weights).
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx")
 
-GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+GITATTRIBUTES = (
+    b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+)
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -107,11 +109,17 @@ class HubServer:
     """
 
     def __init__(self, tokens: dict[str, tuple[str, bool]] | None = None) -> None:
-        self.tokens = tokens if tokens is not None else {
-            "hf_write_alice": ("alice", True), "hf_read_bob": ("bob", False),
-        }
+        self.tokens = (
+            tokens
+            if tokens is not None
+            else {
+                "hf_write_alice": ("alice", True),
+                "hf_read_bob": ("bob", False),
+            }
+        )
         self.repos: dict[str, Repo] = {}
         self.requests: list[Request] = []
+        self.faults: list[list[Any]] = []  # [path substring, status, times left]
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -132,8 +140,9 @@ class HubServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="hub-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="hub-server", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -150,8 +159,15 @@ class HubServer:
         self.stop()
 
     # -- repository content -----------------------------------------------------------------------
-    def create_repo(self, repo_id: str, *, private: bool = False, gated: bool = False,
-                    owner: str | None = None, granted: set[str] | None = None) -> Repo:
+    def create_repo(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        gated: bool = False,
+        owner: str | None = None,
+        granted: set[str] | None = None,
+    ) -> Repo:
         """A repo with an initial commit holding ``.gitattributes`` (as the Hub creates them)."""
         with self._lock:
             if repo_id in self.repos:
@@ -161,8 +177,15 @@ class HubServer:
         self.commit(repo_id, {".gitattributes": GITATTRIBUTES}, message="initial commit")
         return repo
 
-    def commit(self, repo_id: str, files: dict[str, bytes | str | Path], *, branch: str = "main",
-               message: str = "update", delete: tuple[str, ...] = ()) -> str:
+    def commit(
+        self,
+        repo_id: str,
+        files: dict[str, bytes | str | Path],
+        *,
+        branch: str = "main",
+        message: str = "update",
+        delete: tuple[str, ...] = (),
+    ) -> str:
         """Add/replace ``files`` (and delete paths) on ``branch``; returns the new commit sha."""
         with self._lock:
             repo = self.repos[repo_id]
@@ -175,7 +198,9 @@ class HubServer:
                     content = content.encode()
                 tree[path] = content
             for path in delete:
-                tree = {p: d for p, d in tree.items() if p != path and not p.startswith(path.rstrip("/") + "/")}
+                tree = {
+                    p: d for p, d in tree.items() if p != path and not p.startswith(path.rstrip("/") + "/")
+                }
             h = hashlib.sha1(f"{repo_id}\n{parent}\n{message}\n".encode())
             for path in sorted(tree):
                 h.update(f"{path}\0{etag_of(path, tree[path])}\n".encode())
@@ -186,13 +211,25 @@ class HubServer:
 
     def upload_folder(self, repo_id: str, folder: Path, **kw: Any) -> str:
         """Commit every file below ``folder`` (test set-up helper, not the client's upload path)."""
-        files = {str(p.relative_to(folder)).replace("\\", "/"): p.read_bytes()
-                 for p in sorted(folder.rglob("*")) if p.is_file()}
+        files = {
+            str(p.relative_to(folder)).replace("\\", "/"): p.read_bytes()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file()
+        }
         return self.commit(repo_id, files, **kw)
 
-    def publish_model(self, repo_id: str, state_dict: dict[str, Any], folder: Path, *, shards: int = 1,
-                      extra: dict[str, bytes | str] | None = None, branch: str = "main",
-                      message: str = "upload model", **repo_kw: Any) -> str:
+    def publish_model(
+        self,
+        repo_id: str,
+        state_dict: dict[str, Any],
+        folder: Path,
+        *,
+        shards: int = 1,
+        extra: dict[str, bytes | str] | None = None,
+        branch: str = "main",
+        message: str = "upload model",
+        **repo_kw: Any,
+    ) -> str:
         """Write ``state_dict`` as a checkpoint folder (``tests.conftest.write_checkpoint``), add
         ``extra`` files, and commit it all to ``repo_id`` (creating the repo). Returns the commit sha."""
         from tests.conftest import write_checkpoint
@@ -214,6 +251,19 @@ class HubServer:
         commit = self.repos[repo_id].resolve(rev)
         assert commit is not None
         return dict(commit.files)
+
+    def fail(self, path_contains: str, status: int = 500, times: int = 1) -> None:
+        """Answer the next ``times`` requests whose path contains ``path_contains`` with ``status``."""
+        with self._lock:
+            self.faults.append([path_contains, status, times])
+
+    def fault_for(self, path: str) -> int | None:
+        with self._lock:
+            for f in self.faults:
+                if f[0] in path and f[2] > 0:
+                    f[2] -= 1
+                    return int(f[1])
+        return None
 
     # -- request log ------------------------------------------------------------------------------
     def log(self, req: Request) -> None:
@@ -248,9 +298,12 @@ class HubServer:
         if repo.private and (user is None or user[0] != repo.owner):
             raise HubError(401 if user is None else 404, "RepoNotFound", f"Repository {repo_id} not found")
         if repo.gated and files and (user is None or user[0] not in repo.granted):
-            raise HubError(401 if user is None else 403, "GatedRepo",
-                           f"Access to model {repo_id} is restricted. You must have access to it and be "
-                           "authenticated to access it.")
+            raise HubError(
+                401 if user is None else 403,
+                "GatedRepo",
+                f"Access to model {repo_id} is restricted. You must have access to it and be "
+                "authenticated to access it.",
+            )
         return repo
 
     def commit_for(self, repo: Repo, rev: str) -> Commit:
@@ -271,8 +324,10 @@ class HubServer:
 def _tree_entry(path: str, data: bytes) -> dict[str, Any]:
     entry: dict[str, Any] = {"type": "file", "path": path, "size": len(data), "oid": git_blob_sha1(data)}
     if is_lfs(path):
-        pointer = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{etag_of(path, data)}\n"
-                   f"size {len(data)}\n").encode()
+        pointer = (
+            f"version https://git-lfs.github.com/spec/v1\noid sha256:{etag_of(path, data)}\n"
+            f"size {len(data)}\n"
+        ).encode()
         entry["oid"] = git_blob_sha1(pointer)
         entry["size"] = len(data)
         entry["lfs"] = {"oid": etag_of(path, data), "size": len(data), "pointerSize": len(pointer)}
@@ -286,14 +341,15 @@ def _listing(files: dict[str, bytes], prefix: str, recursive: bool) -> list[dict
     for path in sorted(files):
         if prefix and not path.startswith(prefix + "/"):
             continue
-        rel = path[len(prefix) + 1:] if prefix else path
+        rel = path[len(prefix) + 1 :] if prefix else path
         parts = rel.split("/")
         for i in range(1, len(parts)):
             d = "/".join(([prefix] if prefix else []) + parts[:i])
             if d not in dirs and (recursive or i == 1):
                 dirs.add(d)
-                out.append({"type": "directory", "path": d, "oid": hashlib.sha1(d.encode()).hexdigest(),
-                            "size": 0})
+                out.append(
+                    {"type": "directory", "path": d, "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0}
+                )
         if recursive or len(parts) == 1:
             out.append(_tree_entry(path, files[path]))
     return out
@@ -309,7 +365,7 @@ class _Handler(BaseHTTPRequestHandler):
     # -- plumbing ---------------------------------------------------------------------------------
     def _token(self) -> str | None:
         auth = self.headers.get("Authorization", "")
-        return auth[len("Bearer "):].strip() or None if auth.startswith("Bearer ") else None
+        return auth[len("Bearer ") :].strip() or None if auth.startswith("Bearer ") else None
 
     def _body(self) -> bytes:
         n = int(self.headers.get("Content-Length") or 0)
@@ -320,8 +376,13 @@ class _Handler(BaseHTTPRequestHandler):
             data = gzip.decompress(data)
         return data
 
-    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-              content_type: str = "application/json") -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         for k, v in (headers or {}).items():
@@ -345,9 +406,15 @@ class _Handler(BaseHTTPRequestHandler):
         raw_parts = split.path.split("/")[1:]
         parts = [unquote(p) for p in raw_parts]
         token = self._token()
-        self.hub.log(Request(self.command, unquote(split.path), parse_qs(split.query), token,
-                             self.headers.get("Range")))
+        self.hub.log(
+            Request(
+                self.command, unquote(split.path), parse_qs(split.query), token, self.headers.get("Range")
+            )
+        )
         try:
+            status = self.hub.fault_for(unquote(split.path))
+            if status is not None:
+                raise HubError(status, None, f"injected fault (HTTP {status})")
             handler = self._dispatch(parts)
             if handler is None:
                 raise HubError(404, None, f"no route for {self.command} {split.path}")
@@ -383,13 +450,23 @@ class _Handler(BaseHTTPRequestHandler):
         repo_id = f"{parts[2]}/{parts[3]}"
         repo = self.hub.repo_for_read(repo_id, token, files=False)
         commit = self.hub.commit_for(repo, parts[5] if len(parts) == 6 else "main")
-        self._json({
-            "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24], "id": repo_id, "modelId": repo_id,
-            "sha": commit.sha, "private": repo.private, "gated": "manual" if repo.gated else False,
-            "disabled": False, "downloads": 0, "likes": 0, "tags": [],
-            "lastModified": "2024-01-01T00:00:00.000Z", "createdAt": "2024-01-01T00:00:00.000Z",
-            "siblings": [{"rfilename": p} for p in sorted(commit.files)],
-        })
+        self._json(
+            {
+                "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
+                "id": repo_id,
+                "modelId": repo_id,
+                "sha": commit.sha,
+                "private": repo.private,
+                "gated": "manual" if repo.gated else False,
+                "disabled": False,
+                "downloads": 0,
+                "likes": 0,
+                "tags": [],
+                "lastModified": "2024-01-01T00:00:00.000Z",
+                "createdAt": "2024-01-01T00:00:00.000Z",
+                "siblings": [{"rfilename": p} for p in sorted(commit.files)],
+            }
+        )
 
     def _tree(self, parts: list[str], q: dict[str, list[str]], token: str | None) -> None:
         repo = self.hub.repo_for_read(f"{parts[2]}/{parts[3]}", token, files=False)
@@ -425,11 +502,11 @@ class _Handler(BaseHTTPRequestHandler):
         status = 200
         rng = self.headers.get("Range")
         if self.command == "GET" and rng and rng.startswith("bytes="):
-            start_s, _, end_s = rng[len("bytes="):].partition("-")
+            start_s, _, end_s = rng[len("bytes=") :].partition("-")
             start = int(start_s or 0)
             end = int(end_s) if end_s else len(data) - 1
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-            data = data[start:end + 1]
+            data = data[start : end + 1]
             status = 206
         self._send(status, data, headers, content_type="application/octet-stream")
 
@@ -442,7 +519,9 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("type") not in (None, "model"):
             raise HubError(400, None, "only model repos are supported by this server")
         if repo_id in self.hub.repos:
-            self._json({"error": "You already created this model repo", "url": f"{self.hub.url}/{repo_id}"}, 409)
+            self._json(
+                {"error": "You already created this model repo", "url": f"{self.hub.url}/{repo_id}"}, 409
+            )
             return
         private = body.get("visibility") == "private" or bool(body.get("private"))
         self.hub.create_repo(repo_id, private=private, owner=user)
@@ -469,8 +548,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _preupload(self, parts: list[str], q: dict[str, list[str]], token: str | None) -> None:
         self._writable_repo(parts, token)
         body = json.loads(self._body() or b"{}")
-        self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                              for f in body.get("files", [])], "commitOid": None})
+        self._json(
+            {
+                "files": [
+                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                    for f in body.get("files", [])
+                ],
+                "commitOid": None,
+            }
+        )
 
     def _commit(self, parts: list[str], q: dict[str, list[str]], token: str | None) -> None:
         repo = self._writable_repo(parts, token)
@@ -490,10 +576,17 @@ class _Handler(BaseHTTPRequestHandler):
             elif key in ("deletedFile", "deletedFolder"):
                 deleted.append(value["path"])
             else:
-                raise HubError(400, None, f"unsupported commit operation {key!r} (this server takes regular files)")
+                raise HubError(
+                    400, None, f"unsupported commit operation {key!r} (this server takes regular files)"
+                )
         sha = self.hub.commit(repo.repo_id, added, branch=branch, message=summary, delete=tuple(deleted))
-        self._json({"commitUrl": f"{self.hub.url}/{repo.repo_id}/commit/{sha}", "commitOid": sha,
-                    "pullRequestUrl": None})
+        self._json(
+            {
+                "commitUrl": f"{self.hub.url}/{repo.repo_id}/commit/{sha}",
+                "commitOid": sha,
+                "pullRequestUrl": None,
+            }
+        )
 
 
 # -- pytest fixtures --------------------------------------------------------------------------------
@@ -515,4 +608,3 @@ def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "hf-cache"
     cache.mkdir()
     return cache
-

@@ -46,7 +46,13 @@ EXTRA = {  # what a typical Hub model repo holds besides the weights
     "onnx/model.onnx": b"onnx bytes",
     "onnx/config.json": "{}",
 }
-NEEDED = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"}
+NEEDED = {
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+}
 
 
 def resolver(server: HubServer, cache: Path, **kw) -> HubResolver:
@@ -61,30 +67,33 @@ def tensors_equal(path: Path, sd: dict[str, torch.Tensor]) -> bool:
 # -- parsing ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ref, expected", [
-    ("org/name", ("org/name", None)),
-    ("org/name@main", ("org/name", "main")),
-    ("org/name@v1.0", ("org/name", "v1.0")),
-    ("org/name@refs/pr/3", ("org/name", "refs/pr/3")),
-    ("hf://org/name@" + "a" * 40, ("org/name", "a" * 40)),
-    ("hf://org/name", ("org/name", None)),
-    ("hf://gpt2", ("gpt2", None)),
-    ("Org-1/Name_2.5", ("Org-1/Name_2.5", None)),
-    ("/abs/path", None),
-    ("./org/name", None),
-    ("../org/name", None),
-    ("~/models/x", None),
-    ("gpt2", None),  # a bare word is a relative path unless written hf://gpt2
-    ("a/b/c", None),
-    ("org/model.safetensors", None),
-    ("org/recipe.yaml", None),
-    ("org/na me", None),
-    ("org/-name", None),
-    ("org/na--me", None),
-    ("org/name@", None),
-    ("C:\\models\\x", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "ref, expected",
+    [
+        ("org/name", ("org/name", None)),
+        ("org/name@main", ("org/name", "main")),
+        ("org/name@v1.0", ("org/name", "v1.0")),
+        ("org/name@refs/pr/3", ("org/name", "refs/pr/3")),
+        ("hf://org/name@" + "a" * 40, ("org/name", "a" * 40)),
+        ("hf://org/name", ("org/name", None)),
+        ("hf://gpt2", ("gpt2", None)),
+        ("Org-1/Name_2.5", ("Org-1/Name_2.5", None)),
+        ("/abs/path", None),
+        ("./org/name", None),
+        ("../org/name", None),
+        ("~/models/x", None),
+        ("gpt2", None),  # a bare word is a relative path unless written hf://gpt2
+        ("a/b/c", None),
+        ("org/model.safetensors", None),
+        ("org/recipe.yaml", None),
+        ("org/na me", None),
+        ("org/-name", None),
+        ("org/na--me", None),
+        ("org/name@", None),
+        ("C:\\models\\x", None),
+        ("", None),
+    ],
+)
 def test_parse_hub_ref(ref: str, expected: tuple[str, str | None] | None) -> None:
     assert parse_hub_ref(ref) == expected
 
@@ -92,8 +101,9 @@ def test_parse_hub_ref(ref: str, expected: tuple[str, str | None] | None) -> Non
 # -- downloading ------------------------------------------------------------------------------------
 
 
-def test_branch_download_fetches_only_what_a_merge_needs(hub_server: HubServer, hf_cache: Path,
-                                                        tmp_path: Path) -> None:
+def test_branch_download_fetches_only_what_a_merge_needs(
+    hub_server: HubServer, hf_cache: Path, tmp_path: Path
+) -> None:
     sd = llama_like(1)
     sha = hub_server.publish_model("org/a", sd, tmp_path / "src", extra=EXTRA)
     model = resolver(hub_server, hf_cache)("org/a")
@@ -106,15 +116,22 @@ def test_branch_download_fetches_only_what_a_merge_needs(hub_server: HubServer, 
     assert (model.path / "tokenizer.json").read_text() == EXTRA["tokenizer.json"]
 
 
-def test_sharded_repo_fetches_the_index_and_its_shards_only(hub_server: HubServer, hf_cache: Path,
-                                                           tmp_path: Path) -> None:
+def test_sharded_repo_fetches_the_index_and_its_shards_only(
+    hub_server: HubServer, hf_cache: Path, tmp_path: Path
+) -> None:
     sd = llama_like(2)
-    hub_server.publish_model("org/sharded", sd, tmp_path / "src", shards=3,
-                  extra={"consolidated.safetensors": b"a duplicate of the shards, never needed"})
+    hub_server.publish_model(
+        "org/sharded",
+        sd,
+        tmp_path / "src",
+        shards=3,
+        extra={"consolidated.safetensors": b"a duplicate of the shards, never needed"},
+    )
     model = resolver(hub_server, hf_cache)("org/sharded")
     got = set(hub_server.downloaded_files())
     assert got == {"model.safetensors.index.json", "config.json"} | {
-        f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)}
+        f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)
+    }
     index = json.loads((model.path / "model.safetensors.index.json").read_text())
     loaded = {}
     for shard in sorted(set(index["weight_map"].values())):
@@ -122,18 +139,23 @@ def test_sharded_repo_fetches_the_index_and_its_shards_only(hub_server: HubServe
     assert set(loaded) == set(sd) and all(torch.equal(loaded[k], v) for k, v in sd.items())
 
 
-@pytest.mark.xfail(strict=True, raises=CheckpointError,
-                   reason="merge/checkpoint.py _confined() resolves the HF cache's shard symlinks "
-                          "(snapshots/<sha>/x -> ../../blobs/<etag>) and rejects them as escaping the folder")
-def test_open_checkpoint_reads_a_sharded_hub_snapshot(hub_server: HubServer, hf_cache: Path,
-                                                      tmp_path: Path) -> None:
+@pytest.mark.xfail(
+    strict=True,
+    raises=CheckpointError,
+    reason="merge/checkpoint.py _confined() resolves the HF cache's shard symlinks "
+    "(snapshots/<sha>/x -> ../../blobs/<etag>) and rejects them as escaping the folder",
+)
+def test_open_checkpoint_reads_a_sharded_hub_snapshot(
+    hub_server: HubServer, hf_cache: Path, tmp_path: Path
+) -> None:
     sd = llama_like(2)
     hub_server.publish_model("org/sharded", sd, tmp_path / "src", shards=2)
     assert tensors_equal(resolver(hub_server, hf_cache)("org/sharded").path, sd)
 
 
-def test_commit_tag_and_branch_pin_different_contents(hub_server: HubServer, hf_cache: Path,
-                                                      tmp_path: Path) -> None:
+def test_commit_tag_and_branch_pin_different_contents(
+    hub_server: HubServer, hf_cache: Path, tmp_path: Path
+) -> None:
     v1, v2 = llama_like(1), llama_like(2)
     sha1 = hub_server.publish_model("org/a", v1, tmp_path / "v1")
     hub_server.tag("org/a", "v1.0", sha1)
@@ -172,8 +194,9 @@ def test_second_run_reuses_the_cache(hub_server: HubServer, hf_cache: Path, tmp_
     assert hub_server.requests == []  # pinned commit + warm cache: no request at all
 
 
-def test_offline_mode_uses_the_cache_only(hub_server: HubServer, hf_cache: Path, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_mode_uses_the_cache_only(
+    hub_server: HubServer, hf_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sd = llama_like(3)
     sha = hub_server.publish_model("org/a", sd, tmp_path / "a")
     hub_server.publish_model("org/never-downloaded", llama_like(4), tmp_path / "b")
@@ -194,8 +217,9 @@ def test_offline_mode_uses_the_cache_only(hub_server: HubServer, hf_cache: Path,
     assert tensors_equal(online.path, sd)
 
 
-def test_local_path_wins_over_a_hub_id_of_the_same_spelling(hub_server: HubServer, hf_cache: Path,
-                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_path_wins_over_a_hub_id_of_the_same_spelling(
+    hub_server: HubServer, hf_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hub_server.publish_model("org/a", llama_like(1), tmp_path / "remote")
     local_sd = llama_like(9)
     work = tmp_path / "work"
@@ -220,8 +244,9 @@ def _error(r: HubResolver, ref: str, exc: type[Exception]) -> str:
     return msg
 
 
-def test_errors_are_one_line_and_name_repo_and_revision(hub_server: HubServer, hf_cache: Path,
-                                                       tmp_path: Path) -> None:
+def test_errors_are_one_line_and_name_repo_and_revision(
+    hub_server: HubServer, hf_cache: Path, tmp_path: Path
+) -> None:
     hub_server.publish_model("org/a", llama_like(1), tmp_path / "a")
     hub_server.publish_model("org/gated", llama_like(2), tmp_path / "g", gated=True, granted={"alice"})
     hub_server.publish_model("alice/private", llama_like(3), tmp_path / "p", private=True, owner="alice")
@@ -240,7 +265,7 @@ def test_errors_are_one_line_and_name_repo_and_revision(hub_server: HubServer, h
     msg = _error(anon, "org/gated", HubAccessError)
     assert "'org/gated' (revision 'main') is gated" in msg and "no token given" in msg
     bob = resolver(hub_server, hf_cache, token="hf_read_bob")
-    assert "the given token was refused" in _error(bob, "org/gated@main", HubAccessError)
+    assert "the token was refused" in _error(bob, "org/gated@main", HubAccessError)
     assert resolver(hub_server, hf_cache, token="hf_write_alice")("org/gated").repo_id == "org/gated"
 
     assert not isinstance(_error(anon, "alice/private", ModelNotFoundError), HubAccessError)
@@ -258,7 +283,8 @@ def test_errors_are_one_line_and_name_repo_and_revision(hub_server: HubServer, h
     assert "not a Hub reference" in _error(anon, "./no/such/dir", ModelNotFoundError)
     # nothing of the failed ones reached the snapshot folders
     assert not (hf_cache / "models--org--broken" / "snapshots").exists() or not any(
-        (hf_cache / "models--org--broken" / "snapshots").rglob("*.safetensors"))
+        (hf_cache / "models--org--broken" / "snapshots").rglob("*.safetensors")
+    )
 
 
 def test_unreachable_hub_without_cache(hub_server: HubServer, hf_cache: Path) -> None:
@@ -267,6 +293,19 @@ def test_unreachable_hub_without_cache(hub_server: HubServer, hf_cache: Path) ->
     r = HubResolver(endpoint=url, cache_dir=hf_cache, progress=False)
     msg = _error(r, "org/a@main", HubUnavailableError)
     assert "'org/a' (revision 'main')" in msg and url in msg
+
+
+def test_server_error_then_a_retry_completes(hub_server: HubServer, hf_cache: Path, tmp_path: Path) -> None:
+    sd = llama_like(1)
+    sha = hub_server.publish_model("org/a", sd, tmp_path / "a")
+    # (501: the client retries 5xx answers it deems transient, with a back-off of about 23 s)
+    hub_server.fail("/resolve/", status=501, times=100)  # every file request fails
+    msg = _error(resolver(hub_server, hf_cache), "org/a", HubUnavailableError)
+    assert "'org/a' (revision 'main')" in msg and "501" in msg
+    hub_server.faults.clear()
+    hub_server.clear_log()
+    m = resolver(hub_server, hf_cache)("org/a")
+    assert m.commit == sha and tensors_equal(m.path, sd)
 
 
 # -- push -------------------------------------------------------------------------------------------
@@ -295,10 +334,13 @@ def test_push_checks_the_token(hub_server: HubServer, tmp_path: Path, hf_cache: 
     assert url == f"{hub_server.url}/alice/merged/commit/{repo.branches['main']}"
     assert repo.private
     assert {q.token for q in hub_server.requests} == {"hf_write_alice"}
-    assert ("POST", "/api/models/alice/merged/commit/main") in [(q.method, q.path) for q in hub_server.requests]
+    assert ("POST", "/api/models/alice/merged/commit/main") in [
+        (q.method, q.path) for q in hub_server.requests
+    ]
     files = hub_server.files("alice/merged")
     assert {k: v for k, v in files.items() if k != ".gitattributes"} == {
-        p.name: p.read_bytes() for p in out.iterdir()}
+        p.name: p.read_bytes() for p in out.iterdir()
+    }
     # pushing again to the existing repo adds a commit
     (out / "config.json").write_text('{"v": 2}')
     push_to_hub(out, "alice/merged", token="hf_write_alice", endpoint=hub_server.url)
@@ -313,9 +355,17 @@ def test_model_card_front_matter_parses_with_huggingface_hub(tmp_path: Path) -> 
     base = ResolvedModel("org/base@main", tmp_path, "org/base", "main", "1" * 40)
     a = ResolvedModel("hf://org/a@v2", tmp_path, "org/a", "v2", "2" * 40)
     local = ResolvedModel("./models/local", tmp_path / "local")
-    recipe = load_recipe({"merge_method": "linear", "base_model": "org/base@main", "name": "soup-7b",
-                          "models": [{"model": "hf://org/a@v2", "parameters": {"weight": 0.3}},
-                                     {"model": "./models/local", "parameters": {"weight": 0.7}}]})
+    recipe = load_recipe(
+        {
+            "merge_method": "linear",
+            "base_model": "org/base@main",
+            "name": "soup-7b",
+            "models": [
+                {"model": "hf://org/a@v2", "parameters": {"weight": 0.3}},
+                {"model": "./models/local", "parameters": {"weight": 0.7}},
+            ],
+        }
+    )
     method = get_method("linear")
     text = render_model_card(recipe.to_yaml(), method, [a, local], base)
     (tmp_path / "README.md").write_text(text)
@@ -328,7 +378,10 @@ def test_model_card_front_matter_parses_with_huggingface_hub(tmp_path: Path) -> 
     assert data["base_model_relation"] == "merge"
     assert data["weightsmith"]["method"] == "linear"
     assert [(m["role"], m["ref"], m.get("commit")) for m in data["weightsmith"]["models"]] == [
-        ("base", "org/base@main", "1" * 40), ("merged", "hf://org/a@v2", "2" * 40), ("merged", "./models/local", None)]
+        ("base", "org/base@main", "1" * 40),
+        ("merged", "hf://org/a@v2", "2" * 40),
+        ("merged", "./models/local", None),
+    ]
     assert card.text.lstrip().startswith("# soup-7b")
     assert method.url in card.text and method.paper in card.text
     assert "1" * 40 in card.text and "2" * 40 in card.text
