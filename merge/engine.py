@@ -347,12 +347,15 @@ class _Planner:
     def _task(self, out_name: str, sources: list[Source], base: Source | None, t: float,
               model_scopes: list[dict[str, Any] | None], slice_scope: dict[str, Any] | None) -> TensorTask:
         all_srcs = ([base] if base else []) + sources
+        have = [s for s in all_srcs if s.name in self.ckpts[s.model]]
+        if have and not self.ckpts[have[0].model].dtype(have[0].name).is_floating_point:
+            # Integer buffers (position ids, num_batches_tracked...) are not merged: copied from the base
+            # or first model that has them (newer transformers drop some that older checkpoints saved).
+            c = self.ckpts[have[0].model]
+            return TensorTask(out_name, c.shape(have[0].name), c.dtype(have[0].name), [have[0]], None, {},
+                              copy=True)
         shape, dtype = self._check_tensor(out_name, all_srcs)
-        floating = dtype.is_floating_point
-        out_dtype = (self.out_dtype or dtype) if floating else dtype
-        if not floating:
-            # integer buffers (position ids, num_batches_tracked...) are copied from the base / first model
-            return TensorTask(out_name, shape, out_dtype, [all_srcs[0]], None, {}, copy=True)
+        out_dtype = self.out_dtype or dtype
         if self.method.kind == "whole_model":
             params: dict[str, Any] = {}
         else:
@@ -370,7 +373,11 @@ class _Planner:
         inputs, base = self._inputs(base_idx, model_idxs)
         self.method.check_inputs(len(inputs), base is not None)
         ref = base if base is not None else inputs[0]
-        names = sorted(self.ckpts[ref].keys(), key=_natural_key)
+        names = list(self.ckpts[ref].keys())
+        for i in inputs:  # integer buffers only some inputs have are kept too
+            c = self.ckpts[i]
+            names += [n for n in c.keys() if n not in self.ckpts[ref] and not c.dtype(n).is_floating_point]
+        names = sorted(dict.fromkeys(names), key=_natural_key)
         prefix, n_layers = layer_stack(names)
         tasks = []
         for name in names:
@@ -386,7 +393,8 @@ class _Planner:
     def _check_no_extra(self, names: list[str], idxs: list[int]) -> None:
         known = set(names)
         for i in idxs:
-            extra = [n for n in self.ckpts[i].keys() if n not in known]
+            c = self.ckpts[i]
+            extra = [n for n in c.keys() if n not in known and c.dtype(n).is_floating_point]
             if extra:
                 raise MissingTensorError(
                     f"{self.ckpts[i].path}: tensor '{sorted(extra)[0]}' is not in the reference model "
