@@ -217,6 +217,21 @@ def test_offline_mode_uses_the_cache_only(
     assert tensors_equal(online.path, sd)
 
 
+def test_download_progress_goes_to_stderr_unless_silenced(
+    hub_server: HubServer, hf_cache: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    hub_server.publish_model("org/a", llama_like(1), tmp_path / "a")
+    HubResolver(endpoint=hub_server.url, cache_dir=hf_cache / "quiet", progress=False)("org/a")
+    assert capfd.readouterr().err == ""
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    if are_progress_bars_disabled():
+        pytest.skip("HF_HUB_DISABLE_PROGRESS_BARS is set in this environment")
+    HubResolver(endpoint=hub_server.url, cache_dir=hf_cache / "loud", progress=True)("org/a")
+    err = capfd.readouterr().err
+    assert "Fetching 2 files" in err and "100%" in err  # config.json + model.safetensors
+
+
 def test_local_path_wins_over_a_hub_id_of_the_same_spelling(
     hub_server: HubServer, hf_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
