@@ -120,3 +120,12 @@ def test_console_script_runs_as_a_process(make_models, tmp_path: Path) -> None:
     p = subprocess.run([*cmd, "merge", str(tmp_path / "nope.yaml"), "-o", str(tmp_path / "o2")],
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 2 and p.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: recipe file not found"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(make_models, tmp_path: Path) -> None:
+    paths = make_models(2)
+    recipe = write_recipe(tmp_path, {"merge_method": "linear", "models": [{"model": str(p)} for p in paths]})
+    r = CliRunner().invoke(main, ["merge", str(recipe), "-o", str(tmp_path / "out"), "--device", "cuda"])
+    assert r.exit_code == 2 and "no CUDA device is available" in r.stderr
+    assert not (tmp_path / "out").exists()
