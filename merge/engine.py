@@ -573,8 +573,9 @@ def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
     whole_plan = None
     if plan.method.kind == "whole_model":
         report("planning", plan.method.name)
-        inputs = sorted({s.model for t in plan.tasks for s in t.sources}) if plan.tasks else []
-        base_i = next((t.base.model for t in plan.tasks if t.base is not None), None)
+        merged = next((t for t in plan.tasks if not t.copy), None)
+        inputs = [s.model for s in merged.sources] if merged else []  # recipe order
+        base_i = merged.base.model if merged and merged.base else None
         params = _whole_model_params(plan)
         whole_plan = plan.method.fn([_LazyModel(plan.checkpoints[i]) for i in inputs],
                                     _LazyModel(plan.checkpoints[base_i]) if base_i is not None else None,
