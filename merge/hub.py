@@ -27,8 +27,11 @@ bad-token -> :class:`~merge.errors.HubAccessError`, offline or unreachable and n
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -163,16 +166,17 @@ class HubResolver:
         kwargs: dict[str, Any] = {}
         if not self.progress:
             kwargs["tqdm_class"] = _silent_tqdm()
-        folder = snapshot_download(
-            repo_id,
-            revision=revision,
-            allow_patterns=patterns,
-            cache_dir=self.cache_dir,
-            token=self.token,
-            endpoint=self.endpoint,
-            local_files_only=self.offline,
-            **kwargs,
-        )
+        with _quiet_no_match():  # step 1 may match nothing (a repo with neither index nor config)
+            folder = snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=patterns,
+                cache_dir=self.cache_dir,
+                token=self.token,
+                endpoint=self.endpoint,
+                local_files_only=self.offline,
+                **kwargs,
+            )
         return Path(folder)
 
     def _listing(self, repo_id: str, commit: str, folder: Path) -> set[str]:
@@ -336,6 +340,23 @@ def _is_network_error(e: BaseException) -> bool:
     except ImportError:  # pragma: no cover - older clients use requests
         pass
     return isinstance(e, ConnectionError | TimeoutError)
+
+
+class _NoMatchFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No files matched")
+
+
+@contextmanager
+def _quiet_no_match() -> Iterator[None]:
+    """Drop the client's "No files matched allow_patterns" warning (expected in step 1)."""
+    log = logging.getLogger("huggingface_hub._snapshot_download")
+    flt = _NoMatchFilter()
+    log.addFilter(flt)
+    try:
+        yield
+    finally:
+        log.removeFilter(flt)
 
 
 def _silent_tqdm() -> type:

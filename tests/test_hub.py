@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from merge.card import pin_recipe, render_model_card
 from merge.checkpoint import ResolvedModel, open_checkpoint
@@ -230,6 +230,20 @@ def test_download_progress_goes_to_stderr_unless_silenced(
     HubResolver(endpoint=hub_server.url, cache_dir=hf_cache / "loud", progress=True)("org/a")
     err = capfd.readouterr().err
     assert "Fetching 2 files" in err and "100%" in err  # config.json + model.safetensors
+
+
+def test_weights_only_repo_online_then_offline(
+    hub_server: HubServer, hf_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sd = {"w": torch.arange(6.0).reshape(2, 3)}
+    save_file(sd, tmp_path / "w.safetensors")
+    hub_server.create_repo("org/bare")
+    sha = hub_server.commit("org/bare", {"model.safetensors": tmp_path / "w.safetensors"})
+    online = resolver(hub_server, hf_cache)("org/bare")
+    offline = resolver(hub_server, hf_cache, offline=True)("org/bare")
+    assert online == offline and online.commit == sha and tensors_equal(online.path, sd)
+    # step 1 matching nothing (no index, no config) is expected: no client warning about it
+    assert not [r for r in caplog.records if "No files matched" in r.getMessage()]
 
 
 def test_local_path_wins_over_a_hub_id_of_the_same_spelling(
