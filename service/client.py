@@ -1,0 +1,316 @@
+"""A small synchronous Python client for the weightsmith gRPC service.
+
+    from service.client import Client
+    with Client("127.0.0.1:50051", token="...") as c:
+        job = c.create_merge_job(open("recipe.yaml").read(), output_path="merged/m1")
+        for event in c.watch(job.name):           # reconnects and resumes by sequence number
+            print(event.job.progress.tensors_done, "/", event.job.progress.tensors_total)
+        print(c.get_job(job.name).result.output_path)
+
+Every unary call has a deadline (``timeout``, default 30 s). Failures raise :class:`RemoteError`
+carrying the status code name, the server's message and, for INVALID_ARGUMENT, the field it
+named (from the ``google.rpc.BadRequest`` detail).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from service._proto.weightsmith.v1 import checkpoint_service_pb2 as cpb
+from service._proto.weightsmith.v1 import checkpoint_service_pb2_grpc as cpb_grpc
+from service._proto.weightsmith.v1 import job_pb2
+from service._proto.weightsmith.v1 import merge_service_pb2 as mpb
+from service._proto.weightsmith.v1 import merge_service_pb2_grpc as mpb_grpc
+from service.auth import channel_credentials
+
+CHUNK = 1 << 20
+TERMINAL_STATES = frozenset({job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED})
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def state_name(state: int) -> str:
+    return job_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
+
+
+class RemoteError(Exception):
+    """An RPC failed: ``code`` (e.g. "NOT_FOUND"), ``message``, ``field`` (INVALID_ARGUMENT only)."""
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.field = field
+
+    @classmethod
+    def from_rpc(cls, e: grpc.RpcError) -> RemoteError:
+        code = e.code().name if hasattr(e, "code") and e.code() is not None else "UNKNOWN"
+        message = e.details() if hasattr(e, "details") else str(e)
+        field = None
+        try:
+            from google.rpc import error_details_pb2
+            from grpc_status import rpc_status
+
+            status = rpc_status.from_call(e)  # type: ignore[arg-type]
+            if status is not None:
+                for d in status.details:
+                    if d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                        br = error_details_pb2.BadRequest()
+                        d.Unpack(br)
+                        if br.field_violations:
+                            field = br.field_violations[0].field
+        except Exception:  # noqa: BLE001 - details are optional
+            pass
+        return cls(code, message or "", field)
+
+
+def _job_name(name: str) -> str:
+    return name if name.startswith("jobs/") else f"jobs/{name}"
+
+
+class Client:
+    """Talks to one server. ``target`` is ``host:port``."""
+
+    def __init__(self, target: str, *, token: str | None = None, tls: bool = False,
+                 tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                 tls_key: str | Path | None = None, timeout: float = 30.0,
+                 server_name_override: str | None = None) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 8 << 20)]
+        if server_name_override:
+            options.append(("grpc.ssl_target_name_override", server_name_override))
+        if tls or tls_ca or tls_cert:
+            self.channel = grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert, tls_key), options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self.merge = mpb_grpc.MergeServiceStub(self.channel)
+        self.checkpoints = cpb_grpc.CheckpointServiceStub(self.channel)
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return method(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise RemoteError.from_rpc(e) from None
+
+    # -- health -------------------------------------------------------------------------------------
+    def health(self, service: str = "") -> str:
+        """"SERVING", "NOT_SERVING"... for ``service`` ("" = the whole server)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        resp = self._call(stub.Check, health_pb2.HealthCheckRequest(service=service), timeout=10)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.health() == "SERVING":
+                    return
+            except RemoteError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server {self.target} not ready after {timeout} s")
+            time.sleep(0.1)
+
+    # -- merge jobs ---------------------------------------------------------------------------------
+    def create_merge_job(self, recipe: str | dict[str, Any], *, output_path: str = "", overwrite: bool = False,
+                         request_id: str | None = None, compute_dtype: str = "", shard_size: int = 0,
+                         workers: int = 0, validate_only: bool = False) -> mpb.CreateMergeJobResponse:
+        """Queue a merge (``recipe``: YAML text or a dict). Returns the response (``.job``, ``.plan``)."""
+        req = mpb.CreateMergeJobRequest(
+            request_id=request_id if request_id is not None else uuid.uuid4().hex, output_path=output_path,
+            overwrite=overwrite, validate_only=validate_only,
+            options=mpb.MergeJobOptions(compute_dtype=compute_dtype, shard_size=shard_size, workers=workers),
+        )
+        if isinstance(recipe, dict):
+            req.recipe_struct.update(recipe)
+        else:
+            req.recipe_yaml = recipe
+        # Safe to retry: the request id makes creation idempotent.
+        for attempt in range(3):
+            try:
+                return self.merge.CreateMergeJob(req, timeout=self.timeout, metadata=self.metadata)
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE or attempt == 2 or not req.request_id:
+                    raise RemoteError.from_rpc(e) from None
+                time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def get_job(self, name: str) -> mpb.MergeJob:
+        return self._call(self.merge.GetMergeJob, mpb.GetMergeJobRequest(name=_job_name(name))).job
+
+    def cancel_job(self, name: str) -> mpb.MergeJob:
+        return self._call(self.merge.CancelMergeJob, mpb.CancelMergeJobRequest(name=_job_name(name))).job
+
+    def retry_job(self, name: str) -> mpb.MergeJob:
+        return self._call(self.merge.RetryMergeJob, mpb.RetryMergeJobRequest(name=_job_name(name))).job
+
+    def list_jobs(self, states: list[str] | None = None, page_size: int = 50, page_token: str = ""
+                  ) -> tuple[list[mpb.MergeJob], str]:
+        st = [job_pb2.JobState.Value(f"JOB_STATE_{s.upper()}") for s in states or []]
+        resp = self._call(self.merge.ListMergeJobs,
+                          mpb.ListMergeJobsRequest(page_size=page_size, page_token=page_token, states=st))
+        return list(resp.jobs), resp.next_page_token
+
+    def iter_jobs(self, states: list[str] | None = None, page_size: int = 100) -> Iterator[mpb.MergeJob]:
+        token = ""
+        while True:
+            jobs, token = self.list_jobs(states, page_size, token)
+            yield from jobs
+            if not token:
+                return
+
+    def watch(self, name: str, from_sequence: int = 0, *, reconnect: bool = True,
+              max_reconnect_s: float = 60.0, timeout: float | None = None) -> Iterator[mpb.WatchMergeJobResponse]:
+        """Events of a job until it ends; on a dropped stream, reconnects after the last sequence.
+
+        ``timeout`` bounds the whole watch (TimeoutError); ``max_reconnect_s`` how long the server
+        may stay unreachable before the error is raised.
+        """
+        seq = from_sequence
+        deadline = None if timeout is None else time.monotonic() + timeout
+        down_since: float | None = None
+        while True:
+            remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
+            try:
+                stream = self.merge.WatchMergeJob(mpb.WatchMergeJobRequest(name=_job_name(name), from_sequence=seq),
+                                                  metadata=self.metadata, timeout=remaining)
+                for ev in stream:
+                    down_since = None
+                    seq = ev.sequence
+                    yield ev
+                return
+            except grpc.RpcError as e:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"watching {name}: no end within {timeout} s") from None
+                if not reconnect or e.code() not in RETRYABLE:
+                    raise RemoteError.from_rpc(e) from None
+                now = time.monotonic()
+                down_since = down_since or now
+                if now - down_since > max_reconnect_s:
+                    raise RemoteError.from_rpc(e) from None
+                time.sleep(0.2)
+
+    def wait(self, name: str, timeout: float | None = None) -> mpb.MergeJob:
+        """Block until the job ends (SUCCEEDED/FAILED/CANCELLED) or is INTERRUPTED; return it."""
+        for ev in self.watch(name, timeout=timeout):
+            if ev.job.state == job_pb2.JOB_STATE_INTERRUPTED:
+                break
+        return self.get_job(name)
+
+    def list_methods(self) -> list[mpb.MethodInfo]:
+        return list(self._call(self.merge.ListMethods, mpb.ListMethodsRequest()).methods)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def inspect(self, ref: str) -> dict[str, Any]:
+        """All tensors of a checkpoint (pages joined), as a dict."""
+        token = ""
+        tensors: list[dict[str, Any]] = []
+        while True:
+            resp = self._call(self.checkpoints.InspectCheckpoint,
+                              cpb.InspectCheckpointRequest(ref=ref, page_token=token))
+            tensors += [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in resp.tensors]
+            token = resp.next_page_token
+            if not token:
+                break
+        return {"ref": resp.ref, "tensors": tensors, "tensors_total": resp.tensors_total,
+                "parameters_total": resp.parameters_total, "bytes_total": resp.bytes_total, "files": list(resp.files)}
+
+    def upload(self, path: str | Path, timeout: float = 600.0) -> str:
+        """Upload a small checkpoint (a .safetensors file or a folder); returns its ``upload://`` ref."""
+        from merge.checkpoint import AUX_FILE_PATTERNS, INDEX_NAME
+
+        p = Path(path)
+        if p.is_file():
+            files = [p]
+        else:
+            import re
+
+            aux = re.compile("|".join(f"(?:{a})" for a in AUX_FILE_PATTERNS))
+            files = sorted(f for f in p.iterdir() if f.is_file() and (
+                f.suffix == ".safetensors" or f.name == INDEX_NAME or aux.fullmatch(f.name)))
+        if not files:
+            raise RemoteError("INVALID_ARGUMENT", f"{p}: nothing to upload (no .safetensors file)")
+
+        def requests() -> Iterator[cpb.UploadCheckpointRequest]:
+            for f in files:
+                h = hashlib.sha256()
+                with open(f, "rb") as fh:
+                    while block := fh.read(CHUNK):
+                        h.update(block)
+                yield cpb.UploadCheckpointRequest(file=cpb.FileHeader(name=f.name, size=f.stat().st_size,
+                                                                      sha256=h.hexdigest()))
+                with open(f, "rb") as fh:
+                    while block := fh.read(CHUNK):
+                        yield cpb.UploadCheckpointRequest(chunk=block)
+
+        return self._call(self.checkpoints.UploadCheckpoint, requests(), timeout=timeout).ref
+
+    def download(self, ref: str, dest: str | Path, timeout: float = 600.0) -> list[Path]:
+        """Download a checkpoint into folder ``dest`` (created; files are checked against sha256)."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
+        fh = None
+        cur: cpb.FileHeader | None = None
+        h = hashlib.sha256()
+        got = 0
+
+        def finish() -> None:
+            if cur is None:
+                return
+            assert fh is not None
+            fh.close()
+            if got != cur.size or h.hexdigest() != cur.sha256:
+                raise RemoteError("DATA_LOSS", f"{cur.name}: received {got} bytes / sha256 {h.hexdigest()}, "
+                                               f"expected {cur.size} / {cur.sha256}")
+            os.replace(dest / f".{cur.name}.part", dest / cur.name)
+            written.append(dest / cur.name)
+
+        try:
+            for msg in self.checkpoints.DownloadCheckpoint(cpb.DownloadCheckpointRequest(ref=ref), timeout=timeout,
+                                                           metadata=self.metadata):
+                if msg.WhichOneof("payload") == "file":
+                    finish()
+                    cur = msg.file
+                    if "/" in cur.name or cur.name in ("", ".", "..") or "\\" in cur.name:
+                        raise RemoteError("DATA_LOSS", f"server sent a bad file name {cur.name!r}")
+                    fh = open(dest / f".{cur.name}.part", "wb")  # noqa: SIM115
+                    h = hashlib.sha256()
+                    got = 0
+                else:
+                    if fh is None:
+                        raise RemoteError("DATA_LOSS", "server sent data before a file header")
+                    fh.write(msg.chunk)
+                    h.update(msg.chunk)
+                    got += len(msg.chunk)
+            finish()
+        except grpc.RpcError as e:
+            raise RemoteError.from_rpc(e) from None
+        finally:
+            if fh is not None and not fh.closed:
+                fh.close()
+            for part in dest.glob(".*.part"):
+                part.unlink(missing_ok=True)
+        return written
