@@ -194,11 +194,21 @@ def read_safetensors_header(path: Path, *, max_header_bytes: int = MAX_HEADER_BY
 
 
 def _confined(folder: Path, rel: str, where: str) -> Path:
+    """``folder / rel``, refusing paths that leave the folder (lexically or through a symlink).
+
+    The one symlink target allowed outside the folder is the Hugging Face cache layout, where
+    ``snapshots/<commit>/<file>`` links to ``../../blobs/<etag>`` of the same repo.
+    """
     p = Path(rel)
     if p.is_absolute() or ".." in p.parts:
         raise CheckpointError(f"{where}: shard path {rel!r} escapes the checkpoint folder")
-    full = (folder / p).resolve()
-    if not full.is_relative_to(folder.resolve()):
+    full = folder / p
+    target = full.resolve()
+    root = folder.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    if not any(target.is_relative_to(a) for a in allowed):
         raise CheckpointError(f"{where}: shard path {rel!r} escapes the checkpoint folder")
     return full
 

@@ -139,12 +139,6 @@ def test_sharded_repo_fetches_the_index_and_its_shards_only(
     assert set(loaded) == set(sd) and all(torch.equal(loaded[k], v) for k, v in sd.items())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=CheckpointError,
-    reason="merge/checkpoint.py _confined() resolves the HF cache's shard symlinks "
-    "(snapshots/<sha>/x -> ../../blobs/<etag>) and rejects them as escaping the folder",
-)
 def test_open_checkpoint_reads_a_sharded_hub_snapshot(
     hub_server: HubServer, hf_cache: Path, tmp_path: Path
 ) -> None:
