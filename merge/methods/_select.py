@@ -39,6 +39,8 @@ import torch
 #: Per chunk: one non-negative float32 tensor per stream (e.g. ``|τ_t|`` for each model t).
 ValueSource = Callable[[], Iterator[list[torch.Tensor]]]
 
+#: Work on at most this many elements at a time (fresh multi-MB temporaries page-fault).
+_BLOCK_ELEMS = 1 << 20
 _HI_BINS = 1 << 15  # high 16 bits of a non-negative float32: the sign bit is 0
 _LO_BINS = 1 << 16
 
@@ -156,6 +158,66 @@ def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return b, above
 
 
+class _Histogram:
+    """Counts (and optionally sums of the low 16 bits) per high-16-bit bin, over many chunks.
+
+    Small chunks are buffered and counted together, so the per-chunk cost does not include a
+    32768-bin histogram each time.
+    """
+
+    _FLUSH = _BLOCK_ELEMS
+
+    def __init__(self, bins: int, sums: bool) -> None:
+        self.bins = bins
+        self.sums = sums
+        self.pending: list[torch.Tensor] = []
+        self.n_pending = 0
+        self._counts: torch.Tensor | None = None
+        self._lo_sums: torch.Tensor | None = None
+
+    def add(self, bits: torch.Tensor) -> None:
+        for block in bits.split(self._FLUSH):  # big tensors in blocks: small temporaries
+            self.pending.append(block)
+            self.n_pending += block.numel()
+            if self.n_pending >= self._FLUSH:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        bits = self.pending[0] if len(self.pending) == 1 else torch.cat(self.pending)
+        self.pending, self.n_pending = [], 0
+        hi = bits >> 16
+        c = torch.bincount(hi, minlength=self.bins).cpu()
+        self._counts = c if self._counts is None else self._counts + c
+        if self.sums:
+            w = torch.bincount(hi, weights=(bits & 0xFFFF).double(), minlength=self.bins).cpu()
+            self._lo_sums = w if self._lo_sums is None else self._lo_sums + w
+
+    def counts(self) -> torch.Tensor:
+        self._flush()
+        return self._counts if self._counts is not None else torch.zeros(self.bins, dtype=torch.int64)
+
+    def lo_sums(self) -> torch.Tensor:
+        self._flush()
+        return self._lo_sums if self._lo_sums is not None else torch.zeros(self.bins, dtype=torch.float64)
+
+
+def _sparse_low_histogram(bits: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct low 16 bits, counts) of the entries of ``bits`` whose high 16 bits are ``b`` (CPU)."""
+    los = [(blk & 0xFFFF)[(blk >> 16) == b] for blk in bits.split(_BLOCK_ELEMS)]
+    m = sum(lo.numel() for lo in los)
+    if m > _LO_BINS // 8:
+        h = torch.zeros(_LO_BINS, dtype=torch.int64, device=bits.device)
+        for lo in los:
+            h += torch.bincount(lo, minlength=_LO_BINS)
+        vals = torch.nonzero(h).squeeze(1)
+        return vals.cpu(), h[vals].cpu()
+    lo = los[0] if len(los) == 1 else torch.cat(los)
+    vals, cnt = torch.unique(lo.to(torch.int64), return_counts=True)
+    return vals.cpu(), cnt.cpu()
+
+
 def select_top(
     source: ValueSource,
     ks: Sequence[Sequence[int]] | Callable[[int], Sequence[Sequence[int]]],
@@ -170,16 +232,13 @@ def select_top(
     ``sums=True`` also computes each stream's total and each selection's kept sum (float64,
     independent of the chunking). Reads the source once (single chunk) or twice.
     """
-    hist_hi: list[torch.Tensor] = []
-    lo_sum_hi: list[torch.Tensor] = []
+    hist_hi: list[_Histogram] = []
     numel: list[int] = []
     n_chunks = 0
     cached: list[torch.Tensor] | None = None
     for values in source():
         if n_chunks == 0:
-            dev = values[0].device if values else torch.device("cpu")
-            hist_hi = [torch.zeros(_HI_BINS, dtype=torch.int64, device=dev) for _ in values]
-            lo_sum_hi = [torch.zeros(_HI_BINS, dtype=torch.float64, device=dev) for _ in values] if sums else []
+            hist_hi = [_Histogram(_HI_BINS, sums) for _ in values]
             numel = [0] * len(values)
             cached = values
         else:
@@ -188,32 +247,24 @@ def select_top(
         for s, v in enumerate(values):
             bits = _bits(v)
             numel[s] += bits.numel()
-            if bits.numel() == 0:
-                continue
-            hi = bits >> 16
-            hist_hi[s] += torch.bincount(hi, minlength=_HI_BINS)
-            if sums:
-                lo_sum_hi[s] += torch.bincount(hi, weights=(bits & 0xFFFF).double(), minlength=_HI_BINS)
+            hist_hi[s].add(bits)
     if n_chunks == 0:
         return []
-    hist_hi = [h.cpu() for h in hist_hi]
-    lo_sum_hi = [h.cpu() for h in lo_sum_hi]
+    counts_hi = [h.counts() for h in hist_hi]
+    lo_sum_hi = [h.lo_sums() for h in hist_hi] if sums else []
+    del hist_hi
     wanted = ks(numel[0]) if callable(ks) else ks
     if len(wanted) != len(numel):
         raise ValueError(f"select_top: {len(numel)} streams but k values for {len(wanted)}")
 
-    # bins to resolve in pass 2: stream -> {bin: (above, [k...])}
-    targets: list[dict[int, int]] = [{} for _ in numel]
+    # high bins to resolve in pass 2, per stream
+    targets: list[set[int]] = [set() for _ in numel]
     for s, kk in enumerate(wanted):
         for k in kk:
             if 0 < k < numel[s]:
-                b, above = _locate(hist_hi[s], k)
-                targets[s][b] = above
+                targets[s].add(_locate(counts_hi[s], k)[0])
 
-    hist_lo: list[dict[int, torch.Tensor]] = [
-        {b: torch.zeros(_LO_BINS, dtype=torch.int64, device=dev) for b in t} for t in targets
-    ]
-    # per stream, bin: per chunk (nonzero low values, their counts)
+    # per stream and bin, per chunk: the sparse histogram (low values, counts) of the in-bin entries
     per_chunk: list[dict[int, list[tuple[torch.Tensor, torch.Tensor]]]] = [{b: [] for b in t} for t in targets]
     if any(targets):
         passes: Iterator[list[torch.Tensor]] = iter([cached]) if cached is not None else source()
@@ -223,15 +274,16 @@ def select_top(
                     continue
                 bits = _bits(v)
                 for b in targets[s]:
-                    d = bits - (b << 16)
-                    lo = d[(d >= 0) & (d < _LO_BINS)]
-                    h = torch.bincount(lo, minlength=_LO_BINS)
-                    hist_lo[s][b] += h
-                    if n_chunks > 1:
-                        nz = torch.nonzero(h).squeeze(1)
-                        per_chunk[s][b].append((nz, h[nz]))
+                    per_chunk[s][b].append(_sparse_low_histogram(bits, b))
     cached = None
-    hist_lo = [{b: h.cpu() for b, h in d.items()} for d in hist_lo]
+    hist_lo: list[dict[int, torch.Tensor]] = []
+    for d in per_chunk:
+        hist_lo.append({})
+        for b, parts in d.items():
+            h = torch.zeros(_LO_BINS, dtype=torch.int64)
+            for vals, cnt in parts:
+                h.index_add_(0, vals, cnt)
+            hist_lo[-1][b] = h
 
     base_v = ulp_v = None
     if sums:
@@ -243,7 +295,7 @@ def select_top(
         total = None
         if sums:
             assert base_v is not None and ulp_v is not None
-            cnt = hist_hi[s]
+            cnt = counts_hi[s]
             bin_sums = torch.where(cnt > 0, cnt.double() * base_v + lo_sum_hi[s] * ulp_v, 0.0)
             total = float(bin_sums.sum().item())
         sels = []
@@ -253,7 +305,7 @@ def select_top(
                 kept = (0.0 if k <= 0 else total) if sums else None
                 sels.append(TopK(max(0, min(k, n)), n, 0, min(max(k, 0), n), None, None, kept))
                 continue
-            b, above = _locate(hist_hi[s], k)
+            b, above = _locate(counts_hi[s], k)
             h_lo = hist_lo[s][b]
             low, above_lo = _locate(h_lo, k - above)
             n_greater = above + above_lo
@@ -262,12 +314,7 @@ def select_top(
             eq_total = int(h_lo[low].item())
             quotas = eq_counts = None
             if tie_need < eq_total:
-                if n_chunks == 1:
-                    eq_list = [eq_total]
-                else:
-                    eq_list = []
-                    for nz, cnt in per_chunk[s][b]:
-                        eq_list.append(int(cnt[nz == low].sum().item()))
+                eq_list = [int(cnt[vals == low].sum().item()) for vals, cnt in per_chunk[s][b]]
                 q_list = []
                 left = tie_need
                 for e in eq_list:
