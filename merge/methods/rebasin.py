@@ -1,0 +1,912 @@
+"""Git Re-Basin: align two models modulo permutation symmetries, then merge them.
+
+Ainsworth, Hayase & Srinivasa, "Git Re-Basin: Merging Models modulo Permutation Symmetries",
+ICLR 2023 (arXiv:2209.04836). Given models A and B and a :class:`~merge.symmetry.PermutationSpec`,
+find permutations π of B's hidden units so that π(B) computes the same function as B but lies in
+A's basin, then interpolate ``(1-λ)·θ_A + λ·π(θ_B)``.
+
+- :func:`weight_matching` (paper §3.2, Algorithm 1, "PermutationCoordinateDescent"): maximise
+  ``Σ_k <θ_A[k], π(θ_B)[k]>_F`` (Eq. 3, equivalently minimise ``‖θ_A − π(θ_B)‖²``) by coordinate
+  descent over permutation groups; each step is one linear assignment problem (LAP) solved with
+  ``scipy.optimize.linear_sum_assignment``.
+- :func:`activation_matching` (§3.1, Eq. 1): one LAP per group on the cross-moment
+  ``E[z_A z_Bᵀ]`` of the activations the group acts on, streamed over a data loader.
+- :func:`ste_matching` (§3.3, the straight-through estimator): learn θ̃ so that
+  ``L(½(θ_A + proj(θ̃)))`` is low, where ``proj(θ̃)`` = π*(θ_B) and π* matches θ_B to θ̃.
+- :func:`loss_barrier` (the paper's definition, from its plots): ``max_λ L((1-λ)θ_A + λθ_B) −
+  ½(L(θ_A) + L(θ_B))`` on a 25-point λ grid; :func:`reset_bn` (recompute BatchNorm statistics of
+  an interpolated model) and :func:`repair` (Jordan et al., "REPAIR: REnormalizing Permuted
+  Activations for Interpolation Repair", ICLR 2023, §4) for what interpolation breaks.
+- The recipe method ``git_rebasin`` and the library call :func:`rebasin`.
+
+Permutations follow the gather convention of :mod:`merge.symmetry`: ``π(B)`` has unit ``π[i]`` of
+B at position ``i``; if ``B = π_0(A)`` then weight matching returns ``argsort(π_0)``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from merge.errors import NonFiniteError, RecipeError, ShapeMismatchError
+from merge.methods.registry import merge_method
+from merge.symmetry import (
+    FxTrace,
+    PermId,
+    Perms,
+    PermutationSpec,
+    apply_permutation,
+    build_spec,
+    heads_to_flat,
+    permute_tensor,
+    trace_spec,
+)
+
+__all__ = [
+    "Alignment",
+    "BarrierResult",
+    "MatchResult",
+    "activation_matching",
+    "git_rebasin",
+    "interpolate",
+    "loss_barrier",
+    "matching_objective",
+    "rebasin",
+    "repair",
+    "reset_bn",
+    "ste_matching",
+    "weight_matching",
+]
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class MatchResult:
+    """Permutations found by a matching method, with the objective they reach.
+
+    ``objective`` is ``Σ_k <θ_A[k], π(θ_B)[k]>`` for weight matching and STE, and the summed
+    activation cross-moment ``Σ_p tr(Π_p C_p)`` for activation matching. ``restarts`` holds the
+    objective each restart reached (the best one is returned); ``solves``/``skipped`` count LAP
+    steps done and steps skipped because no neighbouring permutation had changed.
+    """
+
+    perms: Perms
+    objective: float
+    iterations: int = 0
+    method: str = "weight"
+    seconds: float = 0.0
+    restarts: list[float] = field(default_factory=list)
+    solves: int = 0
+    skipped: int = 0
+    history: list[float] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# LAP solving, shared by all matchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _lap(cost: torch.Tensor) -> torch.Tensor:
+    """Column assignment maximising ``Σ_i cost[i, col[i]]`` (rows come back in order)."""
+    c = cost.detach().to("cpu", torch.float64).numpy()
+    if not np.isfinite(c).all():
+        raise NonFiniteError("git_rebasin: a cost matrix holds NaN or Inf (non-finite weights or activations)")
+    rows, cols = linear_sum_assignment(c, maximize=True)
+    out = np.empty(c.shape[0], dtype=np.int64)
+    out[rows] = cols
+    return torch.from_numpy(out)
+
+
+def _score(cost: torch.Tensor, perm: torch.Tensor) -> float:
+    return float(cost.double().gather(1, perm.to(cost.device).view(-1, 1)).sum())
+
+
+def _solve_unit(spec: PermutationSpec, unit: tuple[PermId, ...], costs: Mapping[PermId, torch.Tensor],
+                current: Mapping[PermId, torch.Tensor]) -> tuple[dict[PermId, torch.Tensor], float, float]:
+    """Best permutations of one unit for fixed cost matrices: ``(new perms, old score, new score)``.
+
+    A single permutation is one LAP. A head group (block-structured permutations sharing the head
+    permutation σ, :class:`~merge.symmetry.HeadStructure`) is solved exactly in two levels: for
+    every pair (head a of A, head b of B) the best within-head assignment (a LAP of size
+    ``head_dim``, or the identity when ``within`` is false) scores the pair, then one LAP over the
+    ``n_heads × n_heads`` summed scores picks σ.
+    """
+    old = sum(_score(costs[p], current[p]) for p in unit)
+    if len(unit) == 1 and unit[0] not in spec.heads:
+        p = unit[0]
+        col = _lap(costs[p])
+        return {p: col}, old, _score(costs[p], col)
+    n_heads = spec.heads[unit[0]].n_heads
+    total = torch.zeros(n_heads, n_heads, dtype=torch.float64)
+    taus: dict[PermId, list[list[torch.Tensor]]] = {}
+    for p in unit:
+        hs = spec.heads[p]
+        d = hs.head_dim
+        c = costs[p].detach().to("cpu", torch.float64).view(n_heads, d, n_heads, d)
+        if not hs.within:
+            total += c.diagonal(dim1=1, dim2=3).sum(-1)
+            taus[p] = [[torch.arange(d)] * n_heads for _ in range(n_heads)]
+            continue
+        rows: list[list[torch.Tensor]] = []
+        for a in range(n_heads):
+            row = []
+            for b in range(n_heads):
+                blk = c[a, :, b, :]
+                tau = _lap(blk)
+                total[a, b] += float(blk.gather(1, tau.view(-1, 1)).sum())
+                row.append(tau)
+            rows.append(row)
+        taus[p] = rows
+    sigma = _lap(total)
+    new_perms = {
+        p: heads_to_flat(sigma, [taus[p][h][int(sigma[h])] for h in range(n_heads)], spec.heads[p].head_dim)
+        for p in unit
+    }
+    return new_perms, old, float(total.gather(1, sigma.view(-1, 1)).sum())
+
+
+def _improved(old: float, new: float, tol: float) -> bool:
+    """Relative progress test: ``new > old + tol·max(1, |old|)`` (robust to float32 round-off and ties)."""
+    return new > old + tol * max(1.0, abs(old))
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight matching
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_view(spec: PermutationSpec, name: str, t: torch.Tensor, where: str) -> torch.Tensor:
+    if tuple(t.shape) != spec.shapes[name]:
+        raise ShapeMismatchError(
+            f"{where}: tensor '{name}' has shape {list(t.shape)}, the permutation spec expects "
+            f"{list(spec.shapes[name])}"
+        )
+    return t.reshape(spec.view_shape(name))
+
+
+class _CostBuilder:
+    """Cost matrices ``C_p = Σ_(k,ax) A_k^(ax) · π_{-p}(B_k)^(ax)ᵀ`` with caching.
+
+    Terms whose tensor carries no other permutation never change and are summed once per group;
+    the other terms are cached with the versions of the permutations they depend on while the
+    cache budget lasts, so a term is recomputed only after one of those permutations changed.
+    """
+
+    def __init__(self, spec: PermutationSpec, a: StateDict, b: StateDict, *, device: torch.device,
+                 dtype: torch.dtype, cache_bytes: int) -> None:
+        self.spec = spec
+        self.a: dict[str, torch.Tensor] = {}
+        self.b: dict[str, torch.Tensor] = {}
+        for k in spec.permuted_tensors():
+            if k not in a or k not in b:
+                from merge.errors import MissingTensorError
+
+                raise MissingTensorError(f"git_rebasin: tensor '{k}' of the permutation spec is missing from "
+                                         f"{'model A' if k not in a else 'model B'}")
+            self.a[k] = _as_view(spec, k, a[k], "model A").to(device=device, dtype=dtype)
+            self.b[k] = _as_view(spec, k, b[k], "model B").to(device=device, dtype=dtype)
+        self.static: dict[PermId, torch.Tensor] = {}
+        self.terms: dict[PermId, list[tuple[str, int, list[tuple[int, PermId]]]]] = {}
+        self.cache: dict[tuple[str, int], tuple[tuple[int, ...], torch.Tensor]] = {}
+        self.cache_left = cache_bytes
+        self.a_mats: dict[tuple[str, int], torch.Tensor] = {}
+        for p, axes in spec.perm_to_axes.items():
+            n = spec.sizes[p]
+            static = torch.zeros(n, n, device=device, dtype=dtype)
+            dyn = []
+            for k, ax in axes:
+                others = [(j, q) for j, q in enumerate(spec.axes_to_perm[k]) if q is not None and j != ax]
+                a_mat = self.a[k].movedim(ax, 0).reshape(n, -1)
+                if others:
+                    self.a_mats[(k, ax)] = a_mat
+                    dyn.append((k, ax, others))
+                else:
+                    static += a_mat @ self.b[k].movedim(ax, 0).reshape(n, -1).T
+            self.static[p] = static
+            self.terms[p] = dyn
+
+    def cost(self, p: PermId, perms: Mapping[PermId, torch.Tensor], versions: Mapping[PermId, int]) -> torch.Tensor:
+        c = self.static[p].clone()
+        n = self.spec.sizes[p]
+        for k, ax, others in self.terms[p]:
+            key = (k, ax)
+            ver = tuple(versions[q] for _, q in others)
+            hit = self.cache.get(key)
+            if hit is not None and hit[0] == ver:
+                c += hit[1]
+                continue
+            bk = self.b[k]
+            for j, q in others:
+                bk = bk.index_select(j, perms[q].to(bk.device))
+            term = self.a_mats[key] @ bk.movedim(ax, 0).reshape(n, -1).T
+            c += term
+            size = term.numel() * term.element_size()
+            if hit is not None:
+                self.cache[key] = (ver, term)
+            elif size <= self.cache_left:
+                self.cache_left -= size
+                self.cache[key] = (ver, term)
+        return c
+
+
+def matching_objective(spec: PermutationSpec, a: StateDict, b: StateDict,
+                       perms: Mapping[PermId, torch.Tensor]) -> float:
+    """Git Re-Basin's weight-matching objective ``Σ_k <θ_A[k], π(θ_B)[k]>_F`` over the permuted tensors (Eq. 3)."""
+    total = 0.0
+    for k in spec.permuted_tensors():
+        pb = permute_tensor(spec, k, b[k], perms)
+        total += float((a[k].double() * pb.double()).sum())
+    return total
+
+
+def weight_matching(
+    spec: PermutationSpec,
+    a: StateDict,
+    b: StateDict,
+    *,
+    max_iter: int = 100,
+    seed: int = 0,
+    n_restarts: int = 1,
+    tol: float = 1e-9,
+    init_perms: Mapping[PermId, torch.Tensor] | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    cache_bytes: int = 1 << 30,
+    skip_unchanged: bool = True,
+) -> MatchResult:
+    """Permutation coordinate descent (Git Re-Basin, Algorithm 1): align ``b`` to ``a``.
+
+    Maximises ``Σ_k <θ_A[k], π(θ_B)[k]>`` (Eq. 3). Each step fixes all permutations but one
+    *unit* (a permutation, or a head group solved jointly), builds its cost matrix by matmuls,
+    ``C_p = Σ_{(k,ax)∋p} A_k^(ax) π_{-p}(B_k)^(ax)ᵀ`` (tensor ``k`` with axis ``ax`` moved first and
+    flattened, every other permuted axis of ``B_k`` gathered by its current permutation), and solves
+    one LAP. Details:
+
+    - a unit is only updated if its score rises by more than ``tol·max(1, |old|)`` (relative
+      tolerance: float32 round-off and ties cause no spurious progress), so the objective never
+      falls and the loop terminates; it stops after a sweep with no progress, or ``max_iter``;
+    - units are visited in a fresh random order each sweep, seeded by ``(seed, restart)``;
+    - a unit whose neighbouring permutations did not change since it was last solved has the
+      same cost matrix and would give the same answer, so it is skipped (exact; the final
+      confirmation sweep is nearly free);
+    - ``n_restarts`` runs with different sweep orders and the best objective is kept;
+    - ``init_perms`` warm-starts the first restart (used by STE).
+
+    ``dtype`` is the matmul precision (the LAP runs in float64 either way). Returns a
+    :class:`MatchResult` whose ``perms`` map B onto A: ``apply_permutation(spec, b, perms)``.
+    """
+    t0 = time.perf_counter()
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    builder = _CostBuilder(spec, a, b, device=dev, dtype=dtype, cache_bytes=cache_bytes)
+    units = spec.units()
+    neighbours = {u: sorted({q for p in u for q in spec.neighbours(p)} - set(u)) for u in units}
+    best: MatchResult | None = None
+    restarts: list[float] = []
+    solves = skipped = 0
+    iterations = 0
+    for r in range(max(1, n_restarts)):
+        rng = np.random.default_rng([seed, r])
+        perms = {p: torch.as_tensor(v).long().clone() for p, v in (init_perms or {}).items()} if (
+            r == 0 and init_perms is not None) else spec.identity()
+        for p, n in spec.sizes.items():
+            perms.setdefault(p, torch.arange(n))
+        versions = dict.fromkeys(spec.sizes, 0)
+        builder.cache.clear()
+        builder.cache_left = cache_bytes
+        seen: dict[tuple[PermId, ...], tuple[int, ...]] = {}
+        it = 0
+        while it < max_iter:
+            it += 1
+            progress = False
+            for ui in rng.permutation(len(units)):
+                u = units[ui]
+                ver = tuple(versions[q] for q in neighbours[u])
+                if skip_unchanged and seen.get(u) == ver:
+                    skipped += 1
+                    continue
+                seen[u] = ver
+                costs = {p: builder.cost(p, perms, versions) for p in u}
+                new, old_s, new_s = _solve_unit(spec, u, costs, perms)
+                solves += 1
+                if _improved(old_s, new_s, tol):
+                    progress = True
+                    for p, v in new.items():
+                        perms[p] = v
+                        versions[p] += 1
+            if not progress:
+                break
+        obj = matching_objective(spec, a, b, perms)
+        restarts.append(obj)
+        iterations += it
+        if best is None or obj > best.objective:
+            best = MatchResult(perms, obj, it, "weight")
+    assert best is not None
+    best.restarts = restarts
+    best.solves, best.skipped = solves, skipped
+    best.iterations = iterations
+    best.seconds = time.perf_counter() - t0
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation matching
+# ---------------------------------------------------------------------------------------------
+
+
+def _batch_input(batch: Any) -> tuple[Any, ...]:
+    if isinstance(batch, list | tuple):
+        return (batch[0],)
+    return (batch,)
+
+
+def _get_path(value: Any, path: tuple[int, ...]) -> Any:
+    for i in path:
+        value = value[i]
+    return value
+
+
+class _Capture(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, wanted: set[str]) -> None:
+        super().__init__(gm)
+        self.wanted = wanted
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        v = super().run_node(n)
+        if n.name in self.wanted:
+            self.values[n.name] = v
+        return v
+
+
+def _map_spec(spec: PermutationSpec, traced: PermutationSpec) -> dict[PermId, PermId]:
+    """Map the ids of ``spec`` onto the traced spec's ids by the (tensor, axis) pairs they act on."""
+    index = {frozenset(v): p for p, v in traced.perm_to_axes.items()}
+    out = {}
+    for p, v in spec.perm_to_axes.items():
+        q = index.get(frozenset(v))
+        if q is None or spec.sizes[p] != traced.sizes[q]:
+            raise RecipeError(
+                f"activation matching: permutation '{p}' of the given spec has no counterpart in the traced "
+                "spec (activation sites come from torch.fx tracing); pass spec=None to use the traced spec"
+            )
+        out[p] = q
+    return out
+
+
+def activation_matching(
+    model_a: torch.nn.Module,
+    model_b: torch.nn.Module,
+    data: Iterable[Any],
+    *,
+    spec: PermutationSpec | None = None,
+    trace: FxTrace | None = None,
+    max_batches: int | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> MatchResult:
+    """Activation matching (Git Re-Basin §3.1, Eq. 1): one LAP per group on activation cross-moments.
+
+    Both models run (eval mode) on the batches of ``data`` (a tensor, or a tuple whose first
+    element is the input); for every permutation ``p``, every traced activation it acts on (its
+    *sites*, found by ``torch.fx`` tracing of ``model_a``; a residual stream has many) contributes
+    ``Z_A Z_Bᵀ`` with ``Z`` the activation with the permuted axis first and everything else
+    flattened, summed over the data (the cross-moment ``E[z_A z_Bᵀ]`` of the reference code, not
+    the correlation). Then ``π_p = argmax_Π <Π, C_p>`` is one LAP per group (head groups in two
+    levels), independent across groups. ``spec`` (optional) must act on the same (tensor, axis)
+    pairs as the traced spec; the permutations are returned under its ids.
+    """
+    t0 = time.perf_counter()
+    it = iter(data)
+    first = next(it, None)
+    if first is None:
+        raise RecipeError("activation matching needs at least one batch of data")
+    if trace is None:
+        trace = trace_spec(model_a, _batch_input(first))
+    traced = trace.spec
+    mapping = _map_spec(spec, traced) if spec is not None else {p: p for p in traced.perms}
+    from merge.symmetry import _LeafTracer
+
+    gm_a = trace.graph_module
+    gm_b = torch.fx.GraphModule(model_b, _LeafTracer().trace(model_b))
+    wanted = {node for sites in trace.sites.values() for node, _, _ in sites}
+    moments = {q: torch.zeros(traced.sizes[q], traced.sizes[q], dtype=dtype) for q in traced.perms}
+    modes = (model_a.training, model_b.training)
+    model_a.eval()
+    model_b.eval()
+    n_batches = 0
+    try:
+        with torch.no_grad():
+            batch = first
+            while batch is not None:
+                x = _batch_input(batch)
+                ca, cb = _Capture(gm_a, wanted), _Capture(gm_b, wanted)
+                ca.run(*x)
+                cb.run(*x)
+                for q, sites in trace.sites.items():
+                    n = traced.sizes[q]
+                    for node, path, axis in sites:
+                        za = _get_path(ca.values[node], path).movedim(axis, 0).reshape(n, -1).to(dtype)
+                        zb = _get_path(cb.values[node], path).movedim(axis, 0).reshape(n, -1).to(dtype)
+                        moments[q] += za @ zb.T
+                n_batches += 1
+                if max_batches is not None and n_batches >= max_batches:
+                    break
+                batch = next(it, None)
+    finally:
+        model_a.train(modes[0])
+        model_b.train(modes[1])
+    missing = [q for q in traced.perms if q not in trace.sites]
+    if missing:
+        raise RecipeError(f"activation matching: no traced activation for permutation(s) {', '.join(missing)}")
+    perms: Perms = {}
+    total = 0.0
+    solves = 0
+    ident = traced.identity()
+    for u in traced.units():
+        new, _, score = _solve_unit(traced, u, {q: moments[q] for q in u}, ident)
+        perms.update(new)
+        total += score
+        solves += 1
+    result = {p: perms[q] for p, q in mapping.items()}
+    return MatchResult(result, total, 1, "activation", time.perf_counter() - t0, [total], solves, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Straight-through estimator
+# ---------------------------------------------------------------------------------------------
+
+
+def ste_matching(
+    model: torch.nn.Module,
+    spec: PermutationSpec,
+    a: StateDict,
+    b: StateDict,
+    data: Iterable[Any],
+    *,
+    epochs: int = 1,
+    lr: float = 1e-2,
+    momentum: float = 0.9,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    match_iters: int = 100,
+    seed: int = 0,
+) -> MatchResult:
+    """Straight-through estimator matching (Git Re-Basin §3.3).
+
+    Free parameters θ̃ start at θ_A. For every batch ``(x, y)`` of ``data``: π* = weight matching of
+    θ_B onto θ̃ (warm-started from the previous π*), the forward pass uses
+    ``½(θ_A + π*(θ_B))`` with the straight-through trick (value π*(θ_B), gradient to θ̃), and SGD
+    (momentum 0.9, lr 1e-2 as in the reference MNIST config) updates θ̃. The π* with the lowest
+    minibatch loss is returned. ``model`` supplies the architecture (``torch.func.functional_call``);
+    about the cost of training plus one weight matching per step.
+    """
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    params = {k for k, _ in model.named_parameters()}
+    a_t = {k: v.detach().float() for k, v in a.items()}
+    b_t = {k: v.detach().float() for k, v in b.items()}
+    free = {k: a_t[k].clone().requires_grad_(True) for k in a_t if k in params}
+    opt = torch.optim.SGD(list(free.values()), lr=lr, momentum=momentum)
+    perms = weight_matching(spec, a_t, b_t, seed=seed).perms
+    best_perms, best_loss, steps = dict(perms), math.inf, 0
+    was_training = model.training
+    model.train()
+    try:
+        for _ in range(epochs):
+            for batch in data:
+                x, y = batch[0], batch[1]
+                target = {k: v.detach() for k, v in free.items()}
+                for k in a_t:
+                    target.setdefault(k, a_t[k])
+                perms = weight_matching(spec, target, b_t, init_perms=perms, max_iter=match_iters, seed=seed).perms
+                pb = apply_permutation(spec, b_t, perms)
+                merged = {}
+                for k in a_t:
+                    if k in free:
+                        proj = pb[k] + (free[k] - free[k].detach())
+                        merged[k] = 0.5 * (a_t[k] + proj)
+                    elif a_t[k].is_floating_point():
+                        merged[k] = 0.5 * (a_t[k] + pb[k])
+                    else:
+                        merged[k] = a_t[k]
+                loss = loss_fn(torch.func.functional_call(model, merged, (x,)), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                steps += 1
+                if float(loss) < best_loss:
+                    best_loss, best_perms = float(loss), dict(perms)
+    finally:
+        model.train(was_training)
+    obj = matching_objective(spec, a_t, b_t, best_perms)
+    return MatchResult(best_perms, obj, steps, "ste", time.perf_counter() - t0, [obj], steps, 0, [best_loss])
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpolation, BatchNorm reset, REPAIR, loss barrier
+# ---------------------------------------------------------------------------------------------
+
+
+def interpolate(a: StateDict, b: StateDict, lam: float) -> dict[str, torch.Tensor]:
+    """``(1-λ)·θ_A + λ·θ_B`` for floating tensors; integer buffers (``num_batches_tracked``) come from A."""
+    out = {}
+    for k, va in a.items():
+        vb = b[k]
+        if va.is_floating_point():
+            out[k] = va.float() * (1.0 - lam) + vb.float() * lam
+        else:
+            out[k] = va.clone()
+    return out
+
+
+def reset_bn(module: torch.nn.Module, data: Iterable[Any], *, max_batches: int | None = None) -> torch.nn.Module:
+    """Recompute every BatchNorm's running statistics on ``data`` ("reset BN", Git Re-Basin's ImageNet
+    script; Jordan et al. 2023 §3): interpolation leaves statistics that no longer match the merged
+    weights. Uses a cumulative average (momentum None) over the batches; returns ``module``."""
+    bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return module
+    saved = [(m.momentum, m.training) for m in bns]
+    was_training = module.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    module.train()
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(data):
+                if max_batches is not None and i >= max_batches:
+                    break
+                module(*_batch_input(batch))
+    finally:
+        module.train(was_training)
+        for m, (mom, _tr) in zip(bns, saved, strict=True):
+            m.momentum = mom
+    return module
+
+
+def _channel_stats(module: torch.nn.Module, targets: list[torch.nn.Module], data: Iterable[Any],
+                   max_batches: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    sums: dict[int, list[Any]] = {i: [0.0, 0.0, 0] for i in range(len(targets))}
+
+    def hook(i: int) -> Callable[..., None]:
+        def fn(_m: Any, _inp: Any, out: torch.Tensor) -> None:
+            ch = 1 if out.dim() > 2 or isinstance(_m, torch.nn.modules.batchnorm._BatchNorm) else out.dim() - 1
+            z = out.detach().double().movedim(ch, 0).reshape(out.shape[ch], -1)
+            s = sums[i]
+            s[0] = s[0] + z.sum(1)
+            s[1] = s[1] + (z * z).sum(1)
+            s[2] += z.shape[1]
+
+        return fn
+
+    handles = [t.register_forward_hook(hook(i)) for i, t in enumerate(targets)]
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            for j, batch in enumerate(data):
+                if max_batches is not None and j >= max_batches:
+                    break
+                module(*_batch_input(batch))
+    finally:
+        module.train(was)
+        for h in handles:
+            h.remove()
+    out = []
+    for i in range(len(targets)):
+        s, ss, n = sums[i]
+        mean = s / max(1, n)
+        var = (ss / max(1, n) - mean * mean).clamp_min(0.0)
+        out.append((mean, var.sqrt()))
+    return out
+
+
+def _repair_targets(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    mods = list(module.named_modules())
+    bns = [(n, m) for n, m in mods if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if bns:
+        return bns
+    layers = [(n, m) for n, m in mods if isinstance(m, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d |
+                                                     torch.nn.Conv3d)]
+    return layers[:-1]
+
+
+def repair(merged: torch.nn.Module, model_a: torch.nn.Module, model_b: torch.nn.Module, data: Iterable[Any],
+           lam: float = 0.5, *, max_batches: int | None = None, eps: float = 1e-5) -> torch.nn.Module:
+    """REPAIR (Jordan et al., ICLR 2023, §4): undo the variance collapse of interpolated networks.
+
+    For each repaired layer (every BatchNorm if the model has any, else every Linear/Conv but the
+    last, in module order) the per-channel mean μ and std σ of its output are measured on
+    ``data`` for A, for the *aligned* B and, layer by layer, for the merged model; the merged
+    layer is then rescaled in place so its channels have the interpolated statistics
+    ``μ_t = (1-λ)μ_A + λμ_B``, ``σ_t = (1-λ)σ_A + λσ_B`` (the affine correction is folded into the
+    layer's weight and bias). ``model_b`` must already be permuted onto A.
+    """
+    targets = _repair_targets(merged)
+    names = [n for n, _ in targets]
+    mods_a = dict(model_a.named_modules())
+    mods_b = dict(model_b.named_modules())
+    data = list(data) if not isinstance(data, list) else data
+    stats_a = _channel_stats(model_a, [mods_a[n] for n in names], data, max_batches)
+    stats_b = _channel_stats(model_b, [mods_b[n] for n in names], data, max_batches)
+    for i, (_name, m) in enumerate(targets):
+        (mu_m, sd_m), = _channel_stats(merged, [m], data, max_batches)
+        mu_t = (1 - lam) * stats_a[i][0] + lam * stats_b[i][0]
+        sd_t = (1 - lam) * stats_a[i][1] + lam * stats_b[i][1]
+        scale = (sd_t / (sd_m + eps)).float()
+        shift = (mu_t - mu_m * scale.double()).float()
+        with torch.no_grad():
+            w = m.weight
+            w.mul_(scale.view(-1, *([1] * (w.dim() - 1))))
+            if m.bias is None:
+                m.bias = torch.nn.Parameter(torch.zeros_like(scale))
+            m.bias.mul_(scale).add_(shift)
+    return merged
+
+
+@dataclass
+class BarrierResult:
+    """Loss (and accuracy) along ``(1-λ)θ_A + λθ_B``, with Git Re-Basin's barrier.
+
+    ``barrier = max_λ L(λ) − ½(L(0) + L(1))``; ``acc_barrier = ½(acc(0) + acc(1)) − min_λ acc(λ)``.
+    """
+
+    lambdas: list[float]
+    losses: list[float]
+    accuracies: list[float] | None
+    barrier: float
+    acc_barrier: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lambdas": self.lambdas, "losses": self.losses, "accuracies": self.accuracies,
+                "barrier": self.barrier, "acc_barrier": self.acc_barrier}
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def evaluate(module: torch.nn.Module, data: Iterable[Any],
+             loss_fn: LossFn = F.cross_entropy) -> tuple[float, float | None]:
+    """Mean loss over ``data`` (batches ``(x, y)``) and, for integer labels, accuracy."""
+    total, n, correct, classify = 0.0, 0, 0, True
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            for x, y in data:
+                out = module(x)
+                total += float(loss_fn(out, y)) * len(y)
+                n += len(y)
+                if y.dtype in (torch.int64, torch.int32) and out.dim() == 2:
+                    correct += int((out.argmax(1) == y).sum())
+                else:
+                    classify = False
+    finally:
+        module.train(was)
+    return total / max(1, n), (correct / max(1, n) if classify else None)
+
+
+def loss_barrier(
+    model_fn: Callable[[StateDict], torch.nn.Module],
+    a: StateDict,
+    b: StateDict,
+    data: Iterable[Any],
+    steps: int = 25,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    reset_bn_data: Iterable[Any] | None = None,
+) -> BarrierResult:
+    """The loss barrier of Git Re-Basin: ``max_λ L((1-λ)θ_A + λθ_B) − ½(L(θ_A) + L(θ_B))``.
+
+    ``λ`` runs over ``steps`` evenly spaced points of [0, 1] (25 in the reference plots);
+    ``model_fn`` builds a module from a state dict; ``data`` is a list of ``(x, y)`` batches. With
+    ``reset_bn_data`` every interpolated model's BatchNorm statistics are recomputed first.
+    """
+    data = list(data)
+    lambdas = [i / (steps - 1) for i in range(steps)] if steps > 1 else [0.0]
+    losses, accs = [], []
+    for lam in lambdas:
+        m = model_fn(interpolate(a, b, lam))
+        if reset_bn_data is not None:
+            reset_bn(m, reset_bn_data)
+        loss, acc = evaluate(m, data, loss_fn)
+        losses.append(loss)
+        accs.append(acc)
+    barrier = max(losses) - 0.5 * (losses[0] + losses[-1])
+    if all(x is not None for x in accs):
+        acc_list = [float(x) for x in accs if x is not None]
+        return BarrierResult(lambdas, losses, acc_list, barrier, 0.5 * (acc_list[0] + acc_list[-1]) - min(acc_list))
+    return BarrierResult(lambdas, losses, None, barrier, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Library call
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Alignment:
+    """What :func:`rebasin` returns: the permutations, ``π(θ_B)`` and how they were found."""
+
+    perms: Perms
+    state: dict[str, torch.Tensor]
+    spec: PermutationSpec
+    result: MatchResult
+
+    def merge(self, a: StateDict, lam: float = 0.5) -> dict[str, torch.Tensor]:
+        """``(1-λ)·θ_A + λ·π(θ_B)``."""
+        return interpolate(a, self.state, lam)
+
+
+def rebasin(
+    a: StateDict,
+    b: StateDict,
+    *,
+    spec: PermutationSpec | str | Path | None = None,
+    architecture: str | None = None,
+    method: str = "weight",
+    model: torch.nn.Module | None = None,
+    model_b: torch.nn.Module | None = None,
+    data: Iterable[Any] | None = None,
+    example_inputs: Any = None,
+    n_heads: int = 0,
+    rope: bool = False,
+    **kwargs: Any,
+) -> Alignment:
+    """Align ``b`` to ``a`` and return the permutations and the permuted state dict ``π(θ_B)``.
+
+    The spec is given (a :class:`PermutationSpec` or a JSON path), built by ``architecture``
+    (``mlp``, ``cnn``, ``resnet``, ``transformer`` with ``n_heads``/``rope``), or inferred by
+    ``torch.fx`` from ``model`` and ``example_inputs``. ``method``:
+
+    - ``"weight"`` (default, data-free): :func:`weight_matching` (``kwargs``: ``max_iter``,
+      ``seed``, ``n_restarts``, ``tol``...);
+    - ``"activation"``: :func:`activation_matching`; needs ``model`` (loaded with A), ``model_b``
+      (loaded with B) and ``data``;
+    - ``"ste"``: :func:`ste_matching`; needs ``model`` (architecture) and labelled ``data``.
+    """
+    if isinstance(spec, str | Path):
+        spec = PermutationSpec.load(spec)
+    if method == "activation":
+        if model is None or model_b is None or data is None:
+            raise RecipeError("activation matching needs model (with A's weights), model_b (with B's) and data")
+        res = activation_matching(model, model_b, data, spec=spec, **kwargs)
+        if spec is None:
+            first = next(iter(data))
+            spec = trace_spec(model, _batch_input(first), check=False).spec
+    else:
+        if spec is None:
+            if architecture:
+                kw = {"n_heads": n_heads, "rope": rope} if architecture == "transformer" else {}
+                spec = build_spec(architecture, a, **kw)
+            elif model is not None and example_inputs is not None:
+                spec = trace_spec(model, example_inputs).spec
+            else:
+                raise RecipeError("rebasin needs spec, architecture, or model and example_inputs")
+        if method == "weight":
+            res = weight_matching(spec, a, b, **kwargs)
+        elif method == "ste":
+            if model is None or data is None:
+                raise RecipeError("STE matching needs model and labelled data")
+            res = ste_matching(model, spec, a, b, data, **kwargs)
+        else:
+            raise RecipeError(f"unknown matching method '{method}' (weight, activation, ste)")
+    assert spec is not None
+    return Alignment(res.perms, apply_permutation(spec, b, res.perms), spec, res)
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe method
+# ---------------------------------------------------------------------------------------------
+
+
+def _shapes(m: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    shape_of = getattr(m, "shape", None)
+    out = {}
+    for k in m.keys():
+        out[k] = tuple(shape_of(k)) if callable(shape_of) else tuple(m[k].shape)
+    return out
+
+
+@dataclass
+class RebasinPlan:
+    """The alignment found by the first pass; ``apply`` is streamed tensor by tensor by the engine."""
+
+    spec: PermutationSpec
+    perms: list[Perms]
+    lam: float
+    has_base: bool
+    results: list[MatchResult]
+
+    def apply(self, name: str, tensors: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+        """``(1-λ)·θ_A[name] + λ·mean_i π_i(θ_{B_i})[name]`` (A = base model, else the first model)."""
+        if self.has_base:
+            if base is None:
+                raise RecipeError(f"git_rebasin: no base tensor given for '{name}'")
+            ref, others = base, tensors
+        else:
+            ref, others = tensors[0], tensors[1:]
+        if not ref.is_floating_point():
+            return ref
+        aligned = [permute_tensor(self.spec, name, t, p) for t, p in zip(others, self.perms, strict=True)]
+        mean = aligned[0].float() if len(aligned) == 1 else torch.stack([t.float() for t in aligned]).mean(0)
+        return ref.float() * (1.0 - self.lam) + mean * self.lam
+
+    @property
+    def objective(self) -> list[float]:
+        return [r.objective for r in self.results]
+
+
+@merge_method(
+    "git_rebasin",
+    paper="Ainsworth, Hayase & Srinivasa, Git Re-Basin: Merging Models modulo Permutation Symmetries, ICLR 2023",
+    url="https://arxiv.org/abs/2209.04836",
+    kind="whole_model",
+    base="optional",
+    min_models=1,
+    max_models=None,
+)
+def git_rebasin(
+    models: list[Mapping[str, torch.Tensor]],
+    base: Mapping[str, torch.Tensor] | None,
+    *,
+    lambda_: float = 0.5,
+    architecture: str = "",
+    spec: str = "",
+    n_heads: int = 0,
+    rope: bool = False,
+    max_iter: int = 100,
+    n_restarts: int = 1,
+    seed: int = 0,
+) -> RebasinPlan:
+    """Align models by weight matching (Git Re-Basin), then interpolate: (1-λ)·θ_A + λ·π(θ_B).
+
+    ``base_model`` is the reference model A that the others are aligned to (without a base, the
+    first of exactly two models is A). Each other model B is aligned to A by weight matching
+    (permutation coordinate descent, data-free); the output is ``(1-λ)·θ_A + λ·π(θ_B)``, with
+    several B's averaged after alignment. ``lambda`` = 0 gives A, 1 gives π(B), which computes
+    the same function as B. The permutation spec comes from ``architecture`` (``mlp``, ``cnn``/
+    ``vgg``, ``resnet``, ``transformer`` with ``n_heads`` and ``rope``), built from tensor names
+    and shapes, or from ``spec``, a JSON file written by ``PermutationSpec.save``. BatchNorm
+    running statistics are permuted and interpolated; recompute them on data afterwards
+    (``merge.methods.rebasin.reset_bn``) for the best merged model.
+    """
+    if not math.isfinite(lambda_):
+        raise RecipeError(f"git_rebasin: lambda must be finite, got {lambda_}")
+    if base is not None:
+        ref, others = base, list(models)
+    else:
+        if len(models) != 2:
+            raise RecipeError(
+                f"git_rebasin: without a base_model give exactly two models (A, then B); got {len(models)}"
+            )
+        ref, others = models[0], [models[1]]
+    if bool(architecture) == bool(spec):
+        raise RecipeError("git_rebasin: give exactly one of the parameters 'architecture' or 'spec'")
+    ref_shapes = _shapes(ref)
+    if spec:
+        pspec = PermutationSpec.load(spec)
+        pspec.check_shapes(ref_shapes, where="base model" if base is not None else "model A")
+    else:
+        kw = {"n_heads": n_heads, "rope": rope} if architecture.lower() == "transformer" else {}
+        pspec = build_spec(architecture, ref_shapes, **kw)
+    needed = pspec.permuted_tensors()
+    a_t = {k: ref[k].float() for k in needed}
+    perms, results = [], []
+    for i, m in enumerate(others):
+        pspec.check_shapes(_shapes(m), where=f"model {i + 1}", complete=False)
+        b_t = {k: m[k].float() for k in needed}
+        res = weight_matching(pspec, a_t, b_t, max_iter=max_iter, n_restarts=n_restarts, seed=seed)
+        perms.append(res.perms)
+        results.append(res)
+        del b_t
+    return RebasinPlan(pspec, perms, float(lambda_), base is not None, results)

@@ -1,0 +1,1964 @@
+"""Permutation symmetries of a model's weight space.
+
+Hidden units of a network can be reordered without changing the function it computes, provided
+every tensor that reads or writes those units is reordered the same way. A
+:class:`PermutationSpec` says which axes of which tensors each such permutation acts on. It is the
+object Git Re-Basin aligns over (Ainsworth, Hayase & Srinivasa, "Git Re-Basin: Merging Models
+modulo Permutation Symmetries", ICLR 2023, §2 and the ``permutation_spec`` of their reference
+code) and the object ``metanets/graph.py`` builds parameter graphs from.
+
+The spec has two views of one piece of information:
+
+``axes_to_perm``
+    tensor name -> a tuple with one entry per axis of the tensor (of its *view*, see below): a
+    permutation id (a string) or ``None`` when that axis is not permuted.
+``perm_to_axes``
+    permutation id -> list of ``(tensor name, axis)`` pairs, derived from ``axes_to_perm``.
+
+Two refinements keep real architectures expressible in that form:
+
+``views``
+    tensor name -> a shape with the same number of elements that the tensor is reshaped to before
+    its axes are read (row-major). A classifier reading a flattened ``C×H×W`` feature map has
+    weight ``(out, C·H·W)``; with the view ``(out, C, H·W)`` the channel permutation acts on
+    axis 1. A fused attention projection ``(3E, E)`` gets the view ``(3, E, E)``.
+``heads``
+    permutation id -> :class:`HeadStructure`. Multi-head attention is only invariant under
+    *block-structured* permutations of the ``n_heads·head_dim`` axis: whole heads move (one
+    permutation σ of the heads) and the features inside each head may be permuted (one τ_h per
+    head). Permutations with the same ``HeadStructure.group`` share σ (the q/k and the v/o
+    permutations of one attention layer). A structured permutation is still stored as one flat
+    index vector of length ``n_heads·head_dim``; only the solver and the validity check know
+    about the block structure.
+
+**Gather convention** (pinned here, tested with a planted permutation): a permutation ``perm`` is
+a ``LongTensor`` of length n, and applying it to axis ``ax`` of ``t`` gives ``out`` with
+``out.select(ax, i) == t.select(ax, perm[i])``, i.e. ``out = t.index_select(ax, perm)``. So
+``perm[i]`` is the old unit placed at position ``i``. If ``B = apply(A, σ)`` then the permutation
+that maps ``B`` back onto ``A`` is ``argsort(σ)``.
+
+Ready specs are built from tensor names and shapes alone (:func:`mlp_spec`, :func:`cnn_spec`,
+:func:`resnet_spec`, :func:`transformer_spec`, dispatched by :func:`build_spec`), and
+:func:`infer_spec` infers one for an arbitrary ``torch.nn.Module`` by ``torch.fx`` tracing (a
+union-find over tensor axes in the style of PLeaS, Nakhleh et al. 2024), then checks it by
+permuting at random and comparing outputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import operator
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merge.errors import RecipeError, ShapeMismatchError, WeightsmithError
+
+PermId = str
+Perms = dict[str, torch.Tensor]
+
+__all__ = [
+    "ARCHITECTURES",
+    "FxTrace",
+    "HeadStructure",
+    "PermutationSpec",
+    "SpecCheckError",
+    "apply_permutation",
+    "build_spec",
+    "check_spec",
+    "cnn_spec",
+    "compose",
+    "infer_spec",
+    "invert",
+    "mlp_spec",
+    "natural_key",
+    "permute_tensor",
+    "resnet_spec",
+    "trace_spec",
+    "transformer_spec",
+]
+
+
+class SpecCheckError(WeightsmithError):
+    """A permutation spec does not preserve the model's function (the random-permutation test failed)."""
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key that orders ``layers.2`` before ``layers.10``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadStructure:
+    """Block structure of a permutation over an ``n_heads·head_dim`` attention axis.
+
+    The flat index ``h·head_dim + i`` is feature ``i`` of head ``h``. A valid permutation is
+    ``perm[h·d + i] = σ[h]·d + τ_h[i]``: ``σ`` permutes whole heads and is shared by every
+    permutation of the same ``group``; ``τ_h`` permutes features inside (new) head ``h`` and is
+    the identity when ``within`` is false (RoPE-safe q/k: rotary pairs and frequencies must stay).
+    """
+
+    n_heads: int
+    head_dim: int
+    group: str
+    within: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_heads": self.n_heads, "head_dim": self.head_dim, "group": self.group, "within": self.within}
+
+
+class PermutationSpec:
+    """Which axes of which tensors every hidden-unit permutation acts on (validated on construction).
+
+    ``axes_to_perm`` maps every tensor name to one entry per axis (of its view): a permutation id
+    or ``None``. ``shapes`` gives every listed tensor's stored shape; ``views`` optional reshapes;
+    ``heads`` the block structure of attention permutations (see the module docstring). Errors
+    name the tensor and the axis: a permutation on two axes of one tensor, sizes that disagree,
+    a view with the wrong number of elements, a head structure that does not tile the axis.
+    """
+
+    def __init__(
+        self,
+        axes_to_perm: Mapping[str, Sequence[PermId | None]],
+        shapes: Mapping[str, Sequence[int]],
+        *,
+        views: Mapping[str, Sequence[int]] | None = None,
+        heads: Mapping[PermId, HeadStructure] | None = None,
+    ) -> None:
+        self.axes_to_perm: dict[str, tuple[PermId | None, ...]] = {
+            str(k): tuple(None if p is None else str(p) for p in v) for k, v in axes_to_perm.items()
+        }
+        self.shapes: dict[str, tuple[int, ...]] = {str(k): tuple(int(s) for s in v) for k, v in shapes.items()}
+        self.views: dict[str, tuple[int, ...]] = {
+            str(k): tuple(int(s) for s in v) for k, v in (views or {}).items()
+        }
+        self.heads: dict[PermId, HeadStructure] = dict(heads or {})
+        self.perm_to_axes: dict[PermId, list[tuple[str, int]]] = {}
+        self.sizes: dict[PermId, int] = {}
+        self._validate()
+
+    # -- construction ---------------------------------------------------------------------------
+    def _validate(self) -> None:
+        where: dict[PermId, tuple[str, int]] = {}
+        for name, axes in self.axes_to_perm.items():
+            if name not in self.shapes:
+                raise RecipeError(f"permutation spec: tensor '{name}' has no shape")
+            shape = self.shapes[name]
+            if name in self.views:
+                view = self.views[name]
+                if math.prod(view) != math.prod(shape):
+                    raise ShapeMismatchError(
+                        f"permutation spec: tensor '{name}' of shape {list(shape)} cannot be viewed as "
+                        f"{list(view)} (element counts differ)"
+                    )
+            vshape = self.view_shape(name)
+            if len(axes) != len(vshape):
+                raise RecipeError(
+                    f"permutation spec: tensor '{name}' has {len(vshape)} axes (shape {list(vshape)}) but "
+                    f"{len(axes)} axis entries {list(axes)}"
+                )
+            seen: dict[PermId, int] = {}
+            for ax, p in enumerate(axes):
+                if p is None:
+                    continue
+                if p in seen:
+                    raise RecipeError(
+                        f"permutation spec: permutation '{p}' appears on axes {seen[p]} and {ax} of tensor "
+                        f"'{name}'; a permutation may act on one axis of a tensor only"
+                    )
+                seen[p] = ax
+                n = vshape[ax]
+                if p not in self.sizes:
+                    self.sizes[p] = n
+                    where[p] = (name, ax)
+                    self.perm_to_axes[p] = []
+                elif self.sizes[p] != n:
+                    k0, a0 = where[p]
+                    raise ShapeMismatchError(
+                        f"permutation spec: tensor '{name}' axis {ax} has size {n}, but permutation '{p}' has "
+                        f"size {self.sizes[p]} (from tensor '{k0}' axis {a0})"
+                    )
+                self.perm_to_axes[p].append((name, ax))
+        for name in self.views:
+            if name not in self.axes_to_perm:
+                raise RecipeError(f"permutation spec: view given for unknown tensor '{name}'")
+        groups: dict[str, int] = {}
+        for p, hs in self.heads.items():
+            if p not in self.sizes:
+                raise RecipeError(f"permutation spec: head structure given for unknown permutation '{p}'")
+            if hs.n_heads * hs.head_dim != self.sizes[p] or hs.n_heads < 1:
+                k0, a0 = where[p]
+                raise ShapeMismatchError(
+                    f"permutation spec: permutation '{p}' (tensor '{k0}' axis {a0}) has size {self.sizes[p]}, "
+                    f"not n_heads·head_dim = {hs.n_heads}·{hs.head_dim}"
+                )
+            if groups.setdefault(hs.group, hs.n_heads) != hs.n_heads:
+                raise RecipeError(
+                    f"permutation spec: head group '{hs.group}' mixes {groups[hs.group]} and {hs.n_heads} heads "
+                    f"(permutation '{p}')"
+                )
+        for name, axes in self.axes_to_perm.items():
+            gs = [self.heads[p].group for p in axes if p is not None and p in self.heads]
+            if len(gs) != len(set(gs)):
+                raise RecipeError(
+                    f"permutation spec: tensor '{name}' carries two permutations of one head group; "
+                    "they could not be solved jointly"
+                )
+
+    # -- views of the information ---------------------------------------------------------------
+    @property
+    def perms(self) -> list[PermId]:
+        """Permutation ids, in order of first appearance."""
+        return list(self.perm_to_axes)
+
+    def view_shape(self, name: str) -> tuple[int, ...]:
+        """The shape a tensor's axes are read in (its view, else its stored shape)."""
+        return self.views.get(name, self.shapes[name])
+
+    def tensors_of(self, perm: PermId) -> list[str]:
+        return [k for k, _ in self.perm_to_axes[perm]]
+
+    def permuted_tensors(self) -> list[str]:
+        """Tensors touched by at least one permutation."""
+        return [k for k, axes in self.axes_to_perm.items() if any(p is not None for p in axes)]
+
+    def neighbours(self, perm: PermId) -> set[PermId]:
+        """Permutations that share a tensor with ``perm`` (its cost matrix depends on exactly these)."""
+        out: set[PermId] = set()
+        for k, _ in self.perm_to_axes[perm]:
+            out.update(p for p in self.axes_to_perm[k] if p is not None and p != perm)
+        return out
+
+    def units(self) -> list[tuple[PermId, ...]]:
+        """What a coordinate-descent step solves at once: single permutations, or one head group."""
+        out: list[tuple[PermId, ...]] = []
+        done: set[str] = set()
+        for p in self.perms:
+            hs = self.heads.get(p)
+            if hs is None:
+                out.append((p,))
+            elif hs.group not in done:
+                done.add(hs.group)
+                out.append(tuple(q for q in self.perms if q in self.heads and self.heads[q].group == hs.group))
+        return out
+
+    # -- permutations ---------------------------------------------------------------------------
+    def identity(self) -> Perms:
+        return {p: torch.arange(n) for p, n in self.sizes.items()}
+
+    def random_perms(self, generator: torch.Generator | None = None) -> Perms:
+        """A uniformly random valid permutation for every id (block-structured where heads are given)."""
+        out: Perms = {}
+        sigma: dict[str, torch.Tensor] = {}
+        for p, n in self.sizes.items():
+            hs = self.heads.get(p)
+            if hs is None:
+                out[p] = torch.randperm(n, generator=generator)
+                continue
+            if hs.group not in sigma:
+                sigma[hs.group] = torch.randperm(hs.n_heads, generator=generator)
+            taus = [
+                torch.randperm(hs.head_dim, generator=generator) if hs.within else torch.arange(hs.head_dim)
+                for _ in range(hs.n_heads)
+            ]
+            out[p] = heads_to_flat(sigma[hs.group], taus, hs.head_dim)
+        return out
+
+    def check_perms(self, perms: Mapping[str, torch.Tensor]) -> None:
+        """Raise if ``perms`` misses an id, is not a permutation, or breaks a head structure."""
+        sig: dict[str, tuple[PermId, torch.Tensor]] = {}
+        for p, n in self.sizes.items():
+            if p not in perms:
+                raise RecipeError(f"no permutation given for '{p}'")
+            v = torch.as_tensor(perms[p])
+            if v.shape != (n,) or not torch.equal(torch.sort(v).values, torch.arange(n)):
+                raise RecipeError(f"permutation '{p}' is not a permutation of {n} elements")
+            hs = self.heads.get(p)
+            if hs is None:
+                continue
+            s, taus = flat_to_heads(v, hs.head_dim)
+            if s is None:
+                raise RecipeError(f"permutation '{p}' does not move whole heads of {hs.head_dim} features")
+            if not hs.within and any(not torch.equal(t, torch.arange(hs.head_dim)) for t in taus):
+                raise RecipeError(f"permutation '{p}' permutes features inside heads, which its spec forbids")
+            if hs.group in sig and not torch.equal(sig[hs.group][1], s):
+                raise RecipeError(
+                    f"permutations '{sig[hs.group][0]}' and '{p}' of head group '{hs.group}' move heads differently"
+                )
+            sig.setdefault(hs.group, (p, s))
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def check_shapes(self, shapes: Mapping[str, Sequence[int]], *, where: str = "model",
+                     complete: bool = True) -> None:
+        """Check a model's tensor shapes against the spec (and, if ``complete``, that it lists them all)."""
+        from merge.errors import MissingTensorError
+
+        for name, shape in self.shapes.items():
+            if name not in shapes:
+                raise MissingTensorError(f"{where}: tensor '{name}' of the permutation spec is missing")
+            if tuple(shapes[name]) != shape:
+                raise ShapeMismatchError(
+                    f"{where}: tensor '{name}' has shape {list(shapes[name])}, the permutation spec expects "
+                    f"{list(shape)}"
+                )
+        if complete:
+            extra = [k for k in shapes if k not in self.shapes]
+            if extra:
+                raise RecipeError(
+                    f"{where}: tensor '{sorted(extra)[0]}' is not in the permutation spec ({len(extra)} such "
+                    "tensors); list every tensor (axes null where not permuted) so none is silently left out"
+                )
+
+    # -- serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "weightsmith.permutation_spec",
+            "version": 1,
+            "tensors": {
+                k: {"shape": list(self.shapes[k]), "axes": list(v),
+                    **({"view": list(self.views[k])} if k in self.views else {})}
+                for k, v in self.axes_to_perm.items()
+            },
+            "heads": {p: hs.to_dict() for p, hs in self.heads.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, where: str = "permutation spec") -> PermutationSpec:
+        if not isinstance(d, Mapping) or d.get("format") != "weightsmith.permutation_spec":
+            raise RecipeError(f"{where}: not a weightsmith permutation spec (missing format tag)")
+        if d.get("version") != 1:
+            raise RecipeError(f"{where}: unsupported permutation spec version {d.get('version')!r}")
+        try:
+            tensors = d["tensors"]
+            return cls(
+                {k: v["axes"] for k, v in tensors.items()},
+                {k: v["shape"] for k, v in tensors.items()},
+                views={k: v["view"] for k, v in tensors.items() if v.get("view") is not None},
+                heads={p: HeadStructure(int(h["n_heads"]), int(h["head_dim"]), str(h["group"]),
+                                        bool(h.get("within", True)))
+                       for p, h in d.get("heads", {}).items()},
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise RecipeError(f"{where}: malformed permutation spec ({type(e).__name__}: {e})") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> PermutationSpec:
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise RecipeError(f"permutation spec file '{p}' does not exist") from None
+        except (OSError, ValueError) as e:
+            raise RecipeError(f"permutation spec file '{p}' is not readable JSON: {e}") from None
+        return cls.from_dict(d, where=str(p))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PermutationSpec) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return (f"PermutationSpec({len(self.axes_to_perm)} tensors, {len(self.sizes)} permutations, "
+                f"{len({h.group for h in self.heads.values()})} head groups)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying permutations
+# ---------------------------------------------------------------------------------------------
+
+
+def heads_to_flat(sigma: torch.Tensor, taus: Sequence[torch.Tensor], head_dim: int) -> torch.Tensor:
+    """``perm[h·d + i] = σ[h]·d + τ_h[i]`` (τ indexed by the *new* head position h)."""
+    return torch.cat([sigma[h] * head_dim + taus[h] for h in range(len(taus))]).long()
+
+
+def flat_to_heads(perm: torch.Tensor, head_dim: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """Inverse of :func:`heads_to_flat`; ``(None, [])`` if ``perm`` does not move whole heads."""
+    blocks = perm.view(-1, head_dim)
+    sigma = blocks[:, 0] // head_dim
+    if not bool((blocks // head_dim == sigma[:, None]).all()):
+        return None, []
+    return sigma, [b % head_dim for b in blocks]
+
+
+def invert(perms: Mapping[str, torch.Tensor]) -> Perms:
+    """The inverse permutations (``argsort``): applying ``perms`` then ``invert(perms)`` is the identity."""
+    return {p: torch.argsort(torch.as_tensor(v)) for p, v in perms.items()}
+
+
+def compose(first: Mapping[str, torch.Tensor], then: Mapping[str, torch.Tensor]) -> Perms:
+    """The permutation equal to applying ``first`` and then ``then`` (gather convention)."""
+    return {p: torch.as_tensor(first[p])[torch.as_tensor(then[p])] for p in first}
+
+
+def permute_tensor(spec: PermutationSpec, name: str, tensor: torch.Tensor,
+                   perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Apply ``perms`` to one tensor: ``out.select(ax, i) = t.select(ax, perm[i])`` on every permuted axis.
+
+    Tensors the spec does not list (or lists with no permuted axis) are returned unchanged. The
+    input is never modified.
+    """
+    axes = spec.axes_to_perm.get(name)
+    if axes is None or all(p is None for p in axes):
+        return tensor
+    if tuple(tensor.shape) != spec.shapes[name]:
+        raise ShapeMismatchError(
+            f"tensor '{name}' has shape {list(tensor.shape)}, the permutation spec expects {list(spec.shapes[name])}"
+        )
+    out = tensor.reshape(spec.view_shape(name))
+    for ax, p in enumerate(axes):
+        if p is not None:
+            out = out.index_select(ax, torch.as_tensor(perms[p], device=out.device))
+    return out.reshape(tensor.shape)
+
+
+def apply_permutation(spec: PermutationSpec, state: Mapping[str, torch.Tensor],
+                      perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A new state dict with ``perms`` applied (gather convention of the module docstring).
+
+    BatchNorm ``running_mean``/``running_var`` are permuted like any listed tensor; tensors that
+    are not listed (``num_batches_tracked``, position ids) are passed through.
+    """
+    return {k: permute_tensor(spec, k, v, perms) for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Ready specs from names and shapes
+# ---------------------------------------------------------------------------------------------
+
+Shapes = Mapping[str, Sequence[int]]
+
+
+def _shapes_of(state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    for k in state:
+        v = state[k]
+        out[k] = tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+    return out
+
+
+def _modules(shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str, dict[str, tuple[int, ...]]]]:
+    """Group tensors by module prefix (``a.b.weight`` -> ``a.b``), modules in natural order."""
+    mods: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, shape in shapes.items():
+        prefix, _, leaf = name.rpartition(".")
+        mods.setdefault(prefix, {})[leaf] = shape
+    return sorted(mods.items(), key=lambda kv: natural_key(kv[0]))
+
+
+_NORM_LEAVES = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+
+class _Builder:
+    """Accumulates axes for a spec; every tensor of the model is listed (``None`` where not permuted)."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.shapes = dict(shapes)
+        self.axes: dict[str, list[PermId | None]] = {k: [None] * len(s) for k, s in shapes.items()}
+        self.views: dict[str, tuple[int, ...]] = {}
+        self.heads: dict[PermId, HeadStructure] = {}
+
+    def set(self, name: str, axis: int, perm: PermId | None) -> None:
+        self.axes[name][axis] = perm
+
+    def view(self, name: str, view: tuple[int, ...]) -> None:
+        self.views[name] = view
+        self.axes[name] = [None] * len(view)
+
+    def norm(self, prefix: str, leaves: Mapping[str, tuple[int, ...]], perm: PermId | None) -> None:
+        for leaf, shape in leaves.items():
+            if len(shape) == 1:
+                self.set(f"{prefix}.{leaf}", 0, perm)
+
+    def spec(self) -> PermutationSpec:
+        return PermutationSpec(self.axes, self.shapes, views=self.views, heads=self.heads)
+
+
+def _is_layer(leaves: Mapping[str, tuple[int, ...]]) -> bool:
+    return "weight" in leaves and len(leaves["weight"]) >= 2
+
+
+def _is_norm(leaves: Mapping[str, tuple[int, ...]]) -> bool:
+    return set(leaves) <= _NORM_LEAVES and "weight" in leaves and len(leaves["weight"]) == 1
+
+
+def _chain_layer(b: _Builder, prefix: str, leaves: Mapping[str, tuple[int, ...]], cur: PermId | None,
+                 cur_size: int | None, out_perm: PermId | None) -> PermId | None:
+    """Wire one Linear/Conv layer: input axis gets ``cur``, output axis ``out_perm``; returns the new current."""
+    wname = f"{prefix}.weight"
+    w = leaves["weight"]
+    n_out, n_in = w[0], w[1]
+    if cur is not None and cur_size is not None and n_in != cur_size:
+        if len(w) == 2 and n_in % cur_size == 0:
+            # a flattened C×H×W feature map read by a dense layer: view (out, C, H·W)
+            b.view(wname, (n_out, cur_size, n_in // cur_size))
+        elif n_in == 1 and n_out == cur_size and len(w) > 2:
+            # depthwise convolution: channels pass through, the output axis carries the input's permutation
+            b.set(wname, 0, cur)
+            if "bias" in leaves:
+                b.set(f"{prefix}.bias", 0, cur)
+            return cur
+        else:
+            raise ShapeMismatchError(
+                f"tensor '{wname}' of shape {list(w)} reads {n_in} input features, but the previous layer "
+                f"produces {cur_size}; the layers do not form a chain (give a spec JSON instead)"
+            )
+    b.set(wname, 1, cur)
+    b.set(wname, 0, out_perm)
+    if "bias" in leaves:
+        b.set(f"{prefix}.bias", 0, out_perm)
+    return out_perm
+
+
+_Mods = list[tuple[str, dict[str, tuple[int, ...]]]]
+
+
+_NORM_NAME = re.compile(r"^(?:bn|norm|ln|batchnorm|layernorm|batch_norm|layer_norm)_?(\d+)$")
+
+
+def _norm_owners(mods: _Mods) -> dict[str, str | None]:
+    """Which layer's output each norm module normalises: ``bnK``/``normK`` -> the sibling ``convK``/``fcK``,
+    otherwise the nearest preceding layer in ``mods`` order (``features.0`` -> ``features.1``)."""
+    layers = [m for m, lv in mods if _is_layer(lv)]
+    owners: dict[str, str | None] = {}
+    prev: str | None = None
+    for prefix, leaves in mods:
+        if _is_layer(leaves):
+            prev = prefix
+        elif _is_norm(leaves):
+            parent, _, leaf = prefix.rpartition(".")
+            m = _NORM_NAME.match(leaf)
+            owner = None
+            if m:
+                pat = re.compile(rf"^(?:conv|fc|linear|lin|dense|layer)_?{m[1]}$")
+                owner = next((x for x in layers if x.rpartition(".")[0] == parent and pat.match(x.rpartition(".")[2])),
+                             None)
+            owners[prefix] = owner or prev
+    return owners
+
+
+def _chain(shapes: Mapping[str, tuple[int, ...]], mods: _Mods, *, first_in: PermId | None = None,
+           first_size: int | None = None, last_out: PermId | None = None,
+           b: _Builder | None = None) -> tuple[_Builder, PermId | None, int | None]:
+    """Wire a chain of layers (with their norms); returns the builder and the output permutation and size."""
+    b = b or _Builder(shapes)
+    layers = [(m, lv) for m, lv in mods if _is_layer(lv)]
+    if not layers:
+        raise RecipeError("no weight matrix found (expected '<module>.weight' of 2+ axes)")
+    last = layers[-1][0]
+    cur, cur_size = first_in, first_size
+    outs: dict[str, tuple[PermId | None, int]] = {}
+    for prefix, leaves in layers:
+        cur = _chain_layer(b, prefix, leaves, cur, cur_size, last_out if prefix == last else f"P_{prefix}")
+        cur_size = leaves["weight"][0]
+        outs[prefix] = (cur, cur_size)
+    for prefix, owner in _norm_owners(mods).items():
+        leaves = dict(mods)[prefix]
+        if owner is None or outs[owner][1] != leaves["weight"][0]:
+            raise ShapeMismatchError(
+                f"tensor '{prefix}.weight' has {leaves['weight'][0]} channels, but no preceding layer produces "
+                f"that many" + (f" ('{owner}' produces {outs[owner][1]})" if owner else "")
+            )
+        b.norm(prefix, leaves, outs[owner][0])
+    for prefix, leaves in mods:
+        if not (_is_layer(leaves) or _is_norm(leaves)) and any(len(s) > 0 for s in leaves.values()):
+            name = f"{prefix}.{next(iter(leaves))}" if prefix else next(iter(leaves))
+            raise RecipeError(
+                f"tensor '{name}' is neither a layer weight/bias nor a norm; give a spec JSON instead"
+            )
+    return b, cur, cur_size
+
+
+def _module_orders(shapes: Mapping[str, tuple[int, ...]]) -> Iterable[_Mods]:
+    """Candidate layer orders: as given, natural, then natural within top-level groups in every group order."""
+    given: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, shape in shapes.items():
+        prefix, _, leaf = name.rpartition(".")
+        given.setdefault(prefix, {})[leaf] = shape
+    yield list(given.items())
+    nat = _modules(shapes)
+    yield nat
+    groups: dict[str, _Mods] = {}
+    for m in nat:
+        groups.setdefault(m[0].split(".")[0], []).append(m)
+    if 1 < len(groups) <= 6:
+        for order in itertools.permutations(groups):
+            yield [m for g in order for m in groups[g]]
+
+
+def mlp_spec(state_or_shapes: Mapping[str, Any]) -> PermutationSpec:
+    """Spec of a feed-forward chain of Linear (or Conv) layers with optional norms between them.
+
+    Layers are taken in the order that chains (each layer's input size equals the previous
+    layer's output size): the mapping's own order (a torch ``state_dict``), else the natural
+    order of module names (``0, 2, 10``; ``fc1, fc2``), else natural order within top-level
+    groups (``features.*``, ``classifier.*``) in whichever group order chains. Hidden layer ``i``
+    gets the permutation ``P_<module>``: ``W_i: (P_i, P_{i-1})``, ``b_i: (P_i,)`` (torch layout of
+    Git Re-Basin's MLP spec). The first input axis and the last layer's output axis are not
+    permuted. 1-D norm tensors (BatchNorm weight, bias, running_mean, running_var; LayerNorm
+    weight, bias) carry the preceding layer's permutation.
+    """
+    shapes = _shapes_of(state_or_shapes)
+    first: WeightsmithError | None = None
+    for mods in _module_orders(shapes):
+        try:
+            return _chain(shapes, mods)[0].spec()
+        except (ShapeMismatchError, RecipeError) as e:
+            first = first or e
+    assert first is not None
+    raise first
+
+
+def cnn_spec(state_or_shapes: Mapping[str, Any]) -> PermutationSpec:
+    """Spec of a VGG-style CNN: convs (with BatchNorm/LayerNorm channels) then a dense classifier.
+
+    Same chain rule as :func:`mlp_spec`: each conv output channel axis is one permutation, its
+    norm (including BatchNorm running statistics) shares it, the next conv reads it on axis 1.
+    The first dense layer after a ``Flatten`` of ``C×H×W`` gets the view ``(out, C, H·W)`` so the
+    last conv's permutation acts on its channel axis (Git Re-Basin's VGG-16 spec, with the
+    flatten made explicit). Depthwise convs pass the channel permutation through.
+    """
+    return mlp_spec(state_or_shapes)
+
+
+_BLOCK = re.compile(r"^(?P<stage>(?:.*\.)?layer\d+)\.(?P<block>\d+)\.(?P<rest>.+)$")
+_CONV = re.compile(r"^conv(\d+)$")
+_NORM = re.compile(r"^(?:bn|norm)(\d+)$")
+_SHORT = re.compile(r"^(?:downsample|shortcut)\.(\d+)$")
+
+
+def resnet_spec(state_or_shapes: Mapping[str, Any]) -> PermutationSpec:
+    """Spec of a ResNet with BatchNorm (or LayerNorm/GroupNorm(1)) in torchvision / CIFAR naming.
+
+    Blocks are ``…layer<k>.<j>.`` with ``conv1..convN`` and ``bn1..bnN`` (or ``norm1..``), and an
+    optional projection ``downsample.0/1`` or ``shortcut.0/1``; everything before the first block
+    is the stem (a chain ending in the stream), everything after the last block the head (reads
+    the stream). As in Git Re-Basin's ResNet specs, the residual stream of a stage is **one**
+    permutation ``P_stream<k>`` shared by the stem output, every block's last conv/norm and the
+    projection shortcut (``x + f(x)`` is equivariant only if both terms are permuted alike); a
+    projection block starts a new stream permutation; each block's inner convs get private
+    permutations ``P_<stage>.<block>.conv<j>``. BatchNorm running statistics are permuted too.
+    """
+    shapes = _shapes_of(state_or_shapes)
+    b = _Builder(shapes)
+    mods = _modules(shapes)
+    stem: list[tuple[str, dict[str, tuple[int, ...]]]] = []
+    head: list[tuple[str, dict[str, tuple[int, ...]]]] = []
+    blocks: dict[tuple[str, int], dict[str, dict[str, tuple[int, ...]]]] = {}
+    for prefix, leaves in mods:
+        m = _BLOCK.match(prefix + ".")
+        if m is None:
+            (head if blocks else stem).append((prefix, leaves))
+            continue
+        key = (m["stage"], int(m["block"]))
+        blocks.setdefault(key, {})[m["rest"].rstrip(".")] = leaves
+    if not blocks:
+        raise RecipeError("architecture 'resnet': no residual blocks found (expected '…layer<k>.<j>.conv1.weight')")
+    n_stream = 0
+    stream: PermId | None = "P_stream0"
+    if not any(_is_layer(lv) for _, lv in stem):
+        raise RecipeError("architecture 'resnet': the stem has no conv layer")
+    b, _, size = _chain(shapes, stem, last_out=stream, b=b)
+    for (stage, j), parts in sorted(blocks.items(), key=lambda kv: (natural_key(kv[0][0]), kv[0][1])):
+        bp = f"{stage}.{j}"
+        convs = sorted((int(_CONV.match(k)[1]), k) for k in parts if _CONV.match(k))
+        norms = {int(_NORM.match(k)[1]): k for k in parts if _NORM.match(k)}
+        short = {int(_SHORT.match(k)[1]): k for k in parts if _SHORT.match(k)}
+        unknown = [k for k in parts if not (_CONV.match(k) or _NORM.match(k) or _SHORT.match(k))]
+        if not convs or unknown:
+            raise RecipeError(
+                f"architecture 'resnet': block '{bp}' has unexpected modules {unknown or 'and no conv'}; "
+                "expected conv<i>, bn<i>/norm<i>, downsample/shortcut"
+            )
+        in_stream, in_size = stream, size
+        out_size = parts[convs[-1][1]]["weight"][0]
+        if short:
+            n_stream += 1
+            stream = f"P_stream{n_stream}"
+        elif out_size != in_size:
+            raise ShapeMismatchError(
+                f"block '{bp}': identity shortcut but channels change {in_size} -> {out_size} "
+                "(zero-padding shortcuts are not supported; give a spec JSON)"
+            )
+        cur, size = in_stream, in_size
+        for i, (idx, cname) in enumerate(convs):
+            out = stream if i == len(convs) - 1 else f"P_{bp}.{cname}"
+            leaves = parts[cname]
+            cur = _chain_layer(b, f"{bp}.{cname}", leaves, cur, size, out)
+            size = leaves["weight"][0]
+            if idx in norms:
+                b.norm(f"{bp}.{norms[idx]}", parts[norms[idx]], cur)
+        for k in sorted(short):
+            leaves, name = parts[short[k]], f"{bp}.{short[k]}"
+            if _is_layer(leaves):
+                _chain_layer(b, name, leaves, in_stream, in_size, stream)
+            elif _is_norm(leaves):
+                b.norm(name, leaves, stream)
+    for prefix, leaves in head:
+        if _is_layer(leaves):
+            _chain_layer(b, prefix, leaves, stream, size, None)
+            stream, size = None, None  # a second head layer would read an unpermuted input
+        elif any(len(s) for s in leaves.values()):
+            raise RecipeError(f"architecture 'resnet': unexpected head tensor under '{prefix}'")
+    return b.spec()
+
+
+# -- transformers -----------------------------------------------------------------------------
+
+_T_EMBED = re.compile(r"(?:^|\.)(?:word_embeddings|embed_tokens|tok_embeddings|token_embedding|tok_emb|wte|"
+                      r"embedding|embed|position_embeddings|position_embedding|pos_emb|wpe|"
+                      r"token_type_embeddings)\.weight$")
+_T_TOKENS = re.compile(r"(?:^|\.)(?:pos_embed|pos_embedding|pos_emb|wpe|cls_token|position_embedding|register_tokens)$")
+_T_Q = re.compile(r"(?:^|\.)(?:query|q_proj|q|wq|to_q)\.(weight|bias)$")
+_T_K = re.compile(r"(?:^|\.)(?:key|k_proj|k|wk|to_k)\.(weight|bias)$")
+_T_V = re.compile(r"(?:^|\.)(?:value|v_proj|v|wv|to_v)\.(weight|bias)$")
+_T_O = re.compile(r"(?:^|\.)(?:attention\.output\.dense|o_proj|out_proj|wo|attn\.proj|attn\.o|o|to_out\.0|"
+                  r"attn_out)\.(weight|bias)$")
+_T_QKV = re.compile(r"(?:^|\.)in_proj_(weight|bias)$")
+_T_FF_IN = re.compile(r"(?:^|\.)(?:intermediate\.dense|fc1|up_proj|gate_proj|w1|w3|linear1|mlp\.0|ff\.0|"
+                      r"fc_in|lin1|ffn\.0)\.(weight|bias)$")
+_T_FF_OUT = re.compile(r"(?:^|\.)(?:output\.dense|fc2|down_proj|w2|linear2|mlp\.2|ff\.2|fc_out|lin2|"
+                       r"ffn\.2)\.(weight|bias)$")
+_T_NORM = re.compile(r"(?:^|\.)(?:[A-Za-z_]*(?:norm|Norm|ln)[A-Za-z_0-9]*)\.(weight|bias)$")
+_T_HEAD = re.compile(r"(?:^|\.)(?:lm_head|head|classifier|pooler\.dense|score|fc|out|output)\.(weight|bias)$")
+_T_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def transformer_spec(state_or_shapes: Mapping[str, Any], n_heads: int, *, rope: bool = False,
+                     head_dim: int | None = None) -> PermutationSpec:
+    """Spec of a transformer from its tensor names: one residual-stream permutation, heads, FFNs.
+
+    - **Residual stream** ``P_res`` (one permutation for the whole model, since every block reads
+      and writes the stream): token/position/type embeddings (feature axis only), every
+      LayerNorm/RMSNorm, the input axis of q, k, v and the FFN input, the output axis of the
+      attention output projection and the FFN output, and the input axis of heads (``lm_head``,
+      ``classifier``, ``pooler.dense``), whose output axis is never permuted.
+    - **Attention** of layer ``l``: ``P_attn<l>_qk`` on the q/k output axes and ``P_attn<l>_vo`` on
+      the v output and o input axes, both block-structured over ``n_heads`` heads with one shared
+      head permutation (head group ``attn<l>``) and free within-head permutations; with
+      ``rope=True`` the q/k permutation keeps the features inside each head (heads only), since
+      rotary pairs and frequencies must stay in place. A fused ``in_proj_weight`` (3E, E) (torch's
+      ``nn.MultiheadAttention``) is viewed as (3, E, E) and q, k, v, o share one structured
+      permutation.
+    - **FFN** of layer ``l``: ``P_ffn<l>`` on the hidden axis (``up``/``gate``/``fc1`` output, ``down``/
+      ``fc2`` input).
+
+    Recognised names cover HF BERT (``attention.self.query``, ``intermediate.dense``, ``output.dense``),
+    Llama-style (``q_proj``…``o_proj``, ``gate_proj``/``up_proj``/``down_proj``, ``input_layernorm``),
+    torch ``nn.TransformerEncoderLayer`` (``self_attn.in_proj_weight``, ``linear1``, ``norm1``) and
+    plain ``attn.q``/``mlp.fc1`` modules. Grouped-query attention and GPT-2's transposed ``Conv1D``
+    are refused. A tensor that is not recognised but has an axis of the model width raises, naming
+    it, rather than being silently left unpermuted. This spec is not in Git Re-Basin; the head
+    structure follows the function-preservation argument of Verma & Elbayad (2024).
+    """
+    shapes = _shapes_of(state_or_shapes)
+    b = _Builder(shapes)
+    if n_heads < 1:
+        raise RecipeError("architecture 'transformer' needs n_heads >= 1 (the number of attention heads)")
+    width = None
+    for name, s in shapes.items():
+        if _T_EMBED.search(name) and len(s) == 2:
+            width = s[1]
+            break
+        if _T_NORM.search(name) and len(s) == 1:
+            width = s[0]
+            break
+    if width is None:
+        raise RecipeError("architecture 'transformer': cannot find the model width (no embedding or norm)")
+    res = "P_res"
+
+    def layer_of(name: str) -> int:
+        m = _T_LAYER.search(name)
+        if m is None:
+            raise RecipeError(f"architecture 'transformer': tensor '{name}' has no layer index")
+        return int(m[1])
+
+    def heads(perm: PermId, n: int, layer: int, within: bool, name: str) -> None:
+        d = head_dim or n // n_heads
+        if n != n_heads * d:
+            raise ShapeMismatchError(
+                f"tensor '{name}': attention axis of size {n} is not n_heads·head_dim = {n_heads}·{d}"
+                + (" (grouped-query attention is not supported; give a spec JSON)" if n < width else "")
+            )
+        b.heads[perm] = HeadStructure(n_heads, d, f"attn{layer}", within)
+
+    for name, s in shapes.items():
+        if "c_attn" in name or "c_fc" in name:
+            raise RecipeError(f"tensor '{name}': GPT-2 style Conv1D layers are not supported; give a spec JSON")
+        if _T_QKV.search(name):
+            layer = layer_of(name)
+            p = f"P_attn{layer}"
+            e = s[0] // 3
+            b.view(name, (3, e, *s[1:]))
+            b.set(name, 1, p)
+            if len(s) == 2:
+                b.set(name, 2, res)
+            heads(p, e, layer, not rope, name)
+        elif (mq := _T_Q.search(name)) or (mk := _T_K.search(name)):
+            layer = layer_of(name)
+            p = f"P_attn{layer}_qk"
+            b.set(name, 0, p)
+            if (mq or mk)[1] == "weight":
+                b.set(name, 1, res)
+            heads(p, s[0], layer, not rope, name)
+        elif mv := _T_V.search(name):
+            layer = layer_of(name)
+            p = f"P_attn{layer}_vo"
+            b.set(name, 0, p)
+            if mv[1] == "weight":
+                b.set(name, 1, res)
+            heads(p, s[0], layer, True, name)
+        elif mo := _T_O.search(name):
+            layer = layer_of(name)
+            fused = any(_T_QKV.search(k) and layer_of(k) == layer for k in shapes)
+            p = f"P_attn{layer}" if fused else f"P_attn{layer}_vo"
+            b.set(name, 0, res)
+            if mo[1] == "weight":
+                b.set(name, 1, p)
+                heads(p, s[1], layer, not rope if fused else True, name)
+        elif mi := _T_FF_IN.search(name):
+            p = f"P_ffn{layer_of(name)}"
+            b.set(name, 0, p)
+            if mi[1] == "weight":
+                b.set(name, 1, res)
+        elif mf := _T_FF_OUT.search(name):
+            b.set(name, 0, res)
+            if mf[1] == "weight":
+                b.set(name, 1, f"P_ffn{layer_of(name)}")
+        elif _T_EMBED.search(name):
+            b.set(name, len(s) - 1, res)
+        elif _T_TOKENS.search(name) and s and s[-1] == width:
+            b.set(name, len(s) - 1, res)
+        elif _T_NORM.search(name) and len(s) == 1:
+            b.set(name, 0, res)
+        elif mh := _T_HEAD.search(name):
+            if mh[1] == "weight" and len(s) == 2:
+                b.set(name, 1, res)
+        elif width in s:
+            raise RecipeError(
+                f"architecture 'transformer': tensor '{name}' of shape {list(s)} has an axis of the model width "
+                f"{width} but its role is not recognised; give a spec JSON"
+            )
+    return b.spec()
+
+
+ARCHITECTURES: dict[str, Callable[..., PermutationSpec]] = {
+    "mlp": mlp_spec,
+    "cnn": cnn_spec,
+    "vgg": cnn_spec,
+    "resnet": resnet_spec,
+    "transformer": transformer_spec,
+}
+
+
+def build_spec(architecture: str, state_or_shapes: Mapping[str, Any], **kwargs: Any) -> PermutationSpec:
+    """A ready spec by architecture name (``mlp``, ``cnn``/``vgg``, ``resnet``, ``transformer``)."""
+    fn = ARCHITECTURES.get(architecture.lower())
+    if fn is None:
+        raise RecipeError(
+            f"unknown architecture '{architecture}' (known: {', '.join(sorted(ARCHITECTURES))}; or give a spec JSON)"
+        )
+    if fn is transformer_spec:
+        return fn(state_or_shapes, **kwargs)
+    return fn(state_or_shapes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a spec against a module
+# ---------------------------------------------------------------------------------------------
+
+
+def _flat_tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, Mapping):
+        return [t for v in x.values() for t in _flat_tensors(v)]
+    if isinstance(x, list | tuple):
+        return [t for v in x for t in _flat_tensors(v)]
+    if hasattr(x, "to_tuple"):  # HF ModelOutput
+        return _flat_tensors(x.to_tuple())
+    return []
+
+
+def _max_err(ref: list[torch.Tensor], out: list[torch.Tensor]) -> tuple[float, float]:
+    err, scale = 0.0, 0.0
+    for r, o in zip(ref, out, strict=True):
+        if r.is_floating_point():
+            err = max(err, float((r.double() - o.double()).abs().max()) if r.numel() else 0.0)
+            scale = max(scale, float(r.double().abs().max()) if r.numel() else 0.0)
+        elif not torch.equal(r, o):
+            err = math.inf
+    return err, scale
+
+
+def check_spec(module: torch.nn.Module, spec: PermutationSpec, example_inputs: Sequence[Any] | Any, *,
+               trials: int = 1, seed: int = 0, rtol: float = 1e-4, atol: float = 1e-5,
+               output_fn: Callable[[Any], Any] | None = None) -> float:
+    """The function-preservation test: permute at random, compare outputs (eval mode).
+
+    Returns the largest absolute output difference seen. Raises :class:`SpecCheckError` naming
+    the permutations that change the function (each tested alone) if the difference exceeds
+    ``atol + rtol·max|output|``. This is the test every hand-written spec needs (Git Re-Basin
+    issue #10 was a typo in a ResNet-50 spec). ``output_fn`` selects the outputs to compare (a
+    backbone's hidden states live in the permuted basis; its pooled or logit outputs do not).
+    """
+    select = output_fn or (lambda o: o)
+    inputs = tuple(example_inputs) if isinstance(example_inputs, list | tuple) else (example_inputs,)
+    was_training = module.training
+    module.eval()
+    try:
+        state = dict(module.state_dict())
+        with torch.no_grad():
+            ref = _flat_tensors(select(module(*inputs)))
+        g = torch.Generator().manual_seed(seed)
+
+        def run(perms: Perms) -> tuple[float, float]:
+            permuted = apply_permutation(spec, state, perms)
+            with torch.no_grad():
+                out = _flat_tensors(select(torch.func.functional_call(module, permuted, inputs)))
+            return _max_err(ref, out)
+
+        worst = 0.0
+        for _ in range(trials):
+            perms = spec.random_perms(g)
+            err, scale = run(perms)
+            worst = max(worst, err)
+            if err > atol + rtol * scale:
+                bad = []
+                for p in spec.perms:
+                    one = spec.identity()
+                    group = spec.heads[p].group if p in spec.heads else None
+                    for q in spec.perms:
+                        if q == p or (group is not None and q in spec.heads and spec.heads[q].group == group):
+                            one[q] = perms[q]
+                    e1, s1 = run(one)
+                    if e1 > atol + rtol * s1:
+                        bad.append(p)
+                raise SpecCheckError(
+                    f"permutation spec does not preserve the function: max |Δoutput| = {err:.3g} "
+                    f"(tolerance {atol + rtol * scale:.3g}); failing permutation(s): {', '.join(bad) or 'only jointly'}"
+                )
+        return worst
+    finally:
+        module.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference by torch.fx tracing
+# ---------------------------------------------------------------------------------------------
+
+_FROZEN: tuple[str, ...] = ("frozen",)
+Elem = tuple[Any, ...]
+
+
+class _UnionFind:
+    """Union-find over tensor axes; every axis has a size, the special element ``_FROZEN`` marks axes
+    that must not be permuted (model inputs and outputs, spatial axes, sliced axes...)."""
+
+    def __init__(self) -> None:
+        self.parent: dict[Elem, Elem] = {_FROZEN: _FROZEN}
+        self.size: dict[Elem, int] = {_FROZEN: -1}
+
+    def add(self, e: Elem, n: int) -> Elem:
+        if e not in self.parent:
+            self.parent[e] = e
+            self.size[e] = int(n)
+            if n <= 1:
+                self.freeze(e)
+        return e
+
+    def find(self, e: Elem) -> Elem:
+        root = e
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[e] != root:
+            self.parent[e], e = root, self.parent[e]
+        return root
+
+    def union(self, a: Elem, b: Elem) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        fr = self.find(_FROZEN)
+        if rb == fr:
+            ra, rb = rb, ra
+        if ra != fr and self.size[ra] != self.size[rb]:
+            # only a rule bug links axes of different sizes; refuse to permute either
+            self.freeze(ra)
+            self.freeze(rb)
+            return
+        self.parent[rb] = ra
+
+    def freeze(self, e: Elem) -> None:
+        self.union(_FROZEN, e)
+
+    def frozen(self, e: Elem) -> bool:
+        return self.find(e) == self.find(_FROZEN)
+
+
+class _Ax(list):  # the axis elements of one tensor value
+    pass
+
+
+_ELEMENTWISE_FN: set[Any] = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
+    operator.neg, operator.pos, operator.abs, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+    operator.mod, operator.and_, operator.or_, operator.eq, operator.ne, operator.lt, operator.le,
+    operator.gt, operator.ge,
+    torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.divide,
+    torch.true_divide, torch.pow, torch.neg, torch.abs, torch.exp, torch.log, torch.sqrt, torch.rsqrt,
+    torch.sin, torch.cos, torch.tanh, torch.sigmoid, torch.relu, torch.erf, torch.maximum, torch.minimum,
+    torch.clamp, torch.clip, torch.where, torch.sign, torch.square, torch.reciprocal, torch.masked_fill,
+    torch.nan_to_num, torch.lerp, torch.softmax, torch.log_softmax, torch.exp2, torch.log1p, torch.expm1,
+    torch.nn.functional.relu, torch.nn.functional.gelu, torch.nn.functional.silu, torch.nn.functional.elu,
+    torch.nn.functional.leaky_relu, torch.nn.functional.softplus, torch.nn.functional.mish,
+    torch.nn.functional.hardswish, torch.nn.functional.hardtanh, torch.nn.functional.relu6,
+    torch.nn.functional.sigmoid, torch.nn.functional.tanh, torch.nn.functional.dropout,
+    torch.nn.functional.softmax, torch.nn.functional.log_softmax, torch.nn.functional.normalize,
+    torch.nn.functional.selu, torch.nn.functional.celu, torch.nn.functional.hardsigmoid,
+    torch.nn.functional.logsigmoid, torch.nn.functional.softsign, torch.nn.functional.tanhshrink,
+}
+_ELEMENTWISE_METHODS = {
+    "add", "sub", "mul", "div", "true_divide", "pow", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "sin",
+    "cos", "sigmoid", "tanh", "relu", "clamp", "clamp_min", "clamp_max", "clip", "masked_fill", "softmax",
+    "log_softmax", "contiguous", "clone", "detach", "square", "reciprocal", "sign", "erf", "maximum",
+    "minimum", "where", "exp2", "log1p", "expm1", "lerp", "nan_to_num", "__add__", "__sub__", "__mul__",
+    "__truediv__", "__radd__", "__rsub__", "__rmul__", "__rtruediv__", "__neg__", "__pow__",
+}
+_CAST_METHODS = {"float", "double", "half", "bfloat16", "to", "type", "type_as", "requires_grad_"}
+_RESHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+_PERMUTE = {"permute", "transpose", "swapaxes", "swapdims", "t", "movedim", "moveaxis"}
+_VALUE_REDUCE = {"sum", "mean", "amax", "amin", "prod", "var", "std", "norm", "logsumexp", "nansum", "nanmean",
+                 "all", "any"}
+_INDEX_REDUCE = {"max", "min", "argmax", "argmin", "cumsum", "cumprod", "sort", "argsort", "topk", "median",
+                 "mode", "kthvalue", "cummax", "cummin"}
+_FREE_CREATE = {torch.zeros, torch.ones, torch.full, torch.empty, torch.zeros_like, torch.ones_like,
+                torch.full_like, torch.empty_like}
+_FREE_CREATE_METHODS = {"new_zeros", "new_ones", "new_full", "new_empty"}
+_NOOP_METHODS = {"size", "dim", "numel", "element_size", "data_ptr", "is_contiguous", "item", "tolist", "get_device"}
+
+
+def _leaf_types() -> tuple[type, ...]:
+    nn = torch.nn
+    names = [
+        "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+        "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "RMSNorm", "InstanceNorm1d",
+        "InstanceNorm2d", "InstanceNorm3d", "Embedding", "MultiheadAttention", "Flatten", "Unflatten",
+        "ReLU", "ReLU6", "GELU", "SiLU", "Tanh", "Sigmoid", "LeakyReLU", "ELU", "SELU", "CELU", "Softplus",
+        "Mish", "Hardswish", "Hardsigmoid", "Hardtanh", "LogSigmoid", "Softsign", "Tanhshrink", "PReLU",
+        "Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "Softmax", "LogSoftmax",
+        "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d",
+        "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d",
+    ]
+    return tuple(getattr(nn, n) for n in names if hasattr(nn, n))
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """Trace through every module except those with a rule (so user blocks and containers are inlined)."""
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _leaf_types())
+
+
+@dataclass
+class FxTrace:
+    """What :func:`trace_spec` found: the spec, plus where each permutation lives in the activations.
+
+    ``sites`` maps a permutation id to ``(node name, output path, axis)`` triples: the traced
+    activations whose axis that permutation acts on (used by activation matching). ``unsupported``
+    lists ops the tracer had no rule for; their axes were frozen (left unpermuted), which is safe
+    but may lose permutations.
+    """
+
+    spec: PermutationSpec
+    graph_module: torch.fx.GraphModule
+    sites: dict[PermId, list[tuple[str, tuple[int, ...], int]]] = field(default_factory=dict)
+    unsupported: list[str] = field(default_factory=list)
+
+
+class _Inference:
+    """Runs the traced graph once and unions the axes that must share a permutation."""
+
+    def __init__(self, gm: torch.fx.GraphModule, state: Mapping[str, torch.Tensor]) -> None:
+        self.gm = gm
+        self.uf = _UnionFind()
+        self.el: dict[str, Any] = {}  # node name -> axis structure of its value
+        self.relations: list[tuple[Elem, list[Elem], list[int]]] = []
+        self.unsupported: list[str] = []
+        self.state = state
+        self._virtual = 0
+
+    # -- elements --------------------------------------------------------------------------------
+    def p(self, name: str, axis: int) -> Elem:
+        t = self.state.get(name)
+        if t is None or not t.is_floating_point():
+            e = self.uf.add(("c", name, axis), 2)
+            self.uf.freeze(e)
+            return e
+        return self.uf.add(("p", name, axis), t.shape[axis])
+
+    def virtual(self, n: int) -> Elem:
+        self._virtual += 1
+        return self.uf.add(("v", self._virtual), n)
+
+    def make(self, node: str, value: Any, path: tuple[int, ...] = ()) -> Any:
+        if isinstance(value, torch.Tensor):
+            return _Ax(self.uf.add(("n", node, path, i), s) for i, s in enumerate(value.shape))
+        if isinstance(value, list | tuple) and not isinstance(value, torch.Size):
+            return tuple(self.make(node, v, (*path, i)) for i, v in enumerate(value))
+        return None
+
+    def st(self, a: Any) -> Any:
+        return self.el.get(a.name) if isinstance(a, torch.fx.Node) else None
+
+    # -- generic links ---------------------------------------------------------------------------
+    def link(self, a: Elem, b: Elem) -> None:
+        self.uf.union(a, b)
+
+    def freeze_all(self, s: Any) -> None:
+        if isinstance(s, _Ax):
+            for e in s:
+                self.uf.freeze(e)
+        elif isinstance(s, tuple):
+            for x in s:
+                self.freeze_all(x)
+
+    def broadcast(self, out: _Ax, ins: Iterable[Any]) -> None:
+        for s in ins:
+            if not isinstance(s, _Ax) or len(s) > len(out):
+                self.freeze_all(s)
+                continue
+            for i in range(1, len(s) + 1):
+                if self.uf.size[s[-i]] == self.uf.size[out[-i]]:
+                    self.link(s[-i], out[-i])
+
+    def reshape(self, a: _Ax, ashape: Sequence[int], b: _Ax, bshape: Sequence[int]) -> None:
+        """Link the axes of a row-major reshape; a split or merge of axes is recorded as a relation."""
+        i = j = 0
+        while True:
+            while i < len(ashape) and ashape[i] == 1:
+                i += 1
+            while j < len(bshape) and bshape[j] == 1:
+                j += 1
+            if i >= len(ashape) or j >= len(bshape):
+                break
+            bi, bj, pi, pj = [i], [j], ashape[i], bshape[j]
+            i, j = i + 1, j + 1
+            while pi != pj:
+                if pi < pj:
+                    bi.append(i)
+                    pi *= ashape[i]
+                    i += 1
+                else:
+                    bj.append(j)
+                    pj *= bshape[j]
+                    j += 1
+            bi = [k for k in bi if ashape[k] != 1]
+            bj = [k for k in bj if bshape[k] != 1]
+            if len(bi) == 1 and len(bj) == 1:
+                self.link(a[bi[0]], b[bj[0]])
+            elif len(bi) == 1:
+                self.relations.append((a[bi[0]], [b[k] for k in bj], [bshape[k] for k in bj]))
+            elif len(bj) == 1:
+                self.relations.append((b[bj[0]], [a[k] for k in bi], [ashape[k] for k in bi]))
+            else:
+                for k in bi:
+                    self.uf.freeze(a[k])
+                for k in bj:
+                    self.uf.freeze(b[k])
+
+    def unknown(self, n: torch.fx.Node, out: Any, what: str) -> None:
+        self.unsupported.append(what)
+        for a in n.all_input_nodes:
+            self.freeze_all(self.st(a))
+        self.freeze_all(out)
+
+    # -- the visit ---------------------------------------------------------------------------------
+    def visit(self, n: torch.fx.Node, value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        out = self.make(n.name, value)
+        self.el[n.name] = out
+        if n.op == "placeholder":
+            self.freeze_all(out)
+        elif n.op == "output":
+            for a in n.all_input_nodes:
+                self.freeze_all(self.st(a))
+        elif n.op == "get_attr":
+            if isinstance(out, _Ax):
+                for i, e in enumerate(out):
+                    self.link(e, self.p(str(n.target), i))
+        elif n.op == "call_module":
+            self.module_rule(n, self.gm.get_submodule(str(n.target)), out, args, kwargs)
+        elif n.op == "call_function":
+            self.function_rule(n, n.target, out, args, kwargs)
+        elif n.op == "call_method":
+            self.method_rule(n, str(n.target), out, args, kwargs)
+
+    def arg(self, n: torch.fx.Node, i: int, key: str | None = None) -> Any:
+        if i < len(n.args):
+            return self.st(n.args[i])
+        if key is not None and key in n.kwargs:
+            return self.st(n.kwargs[key])
+        return None
+
+    def tensor_args(self, n: torch.fx.Node) -> list[Any]:
+        return [self.st(a) for a in n.all_input_nodes if isinstance(self.st(a), _Ax)]
+
+    # -- modules ---------------------------------------------------------------------------------
+    def module_rule(self, n: torch.fx.Node, m: torch.nn.Module, out: Any, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> None:
+        nn = torch.nn
+        t = str(n.target)
+        x = self.arg(n, 0, "input")
+        xv = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(m, nn.Linear):
+            self.link(x[-1], self.p(f"{t}.weight", 1))
+            self.link(out[-1], self.p(f"{t}.weight", 0))
+            if m.bias is not None:
+                self.link(out[-1], self.p(f"{t}.bias", 0))
+            for a, b in zip(x[:-1], out[:-1], strict=True):
+                self.link(a, b)
+        elif isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            self.conv(x, out, len(m.kernel_size), m.groups, f"{t}.weight", f"{t}.bias" if m.bias is not None else None)
+        elif isinstance(m, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d):
+            sd = len(m.kernel_size)
+            c = len(x) - sd - 1
+            if m.groups == 1:
+                self.link(x[c], self.p(f"{t}.weight", 0))
+                self.link(out[c], self.p(f"{t}.weight", 1))
+                if m.bias is not None:
+                    self.link(out[c], self.p(f"{t}.bias", 0))
+            else:
+                self.uf.freeze(x[c])
+                self.uf.freeze(out[c])
+            for k in range(c):
+                self.link(x[k], out[k])
+            self.freeze_all(_Ax(x[c + 1:]))
+            self.freeze_all(_Ax(out[c + 1:]))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            c = 1 if len(x) > 1 else 0
+            for leaf in ("weight", "bias", "running_mean", "running_var"):
+                if getattr(m, leaf, None) is not None:
+                    self.link(out[c], self.p(f"{t}.{leaf}", 0))
+            for a, b in zip(x, out, strict=True):
+                self.link(a, b)
+        elif isinstance(m, nn.LayerNorm) or (hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm)):
+            k = len(tuple(m.normalized_shape))
+            for i in range(k):
+                for leaf in ("weight", "bias"):
+                    if getattr(m, leaf, None) is not None:
+                        self.link(out[len(out) - k + i], self.p(f"{t}.{leaf}", i))
+            for a, b in zip(x, out, strict=True):
+                self.link(a, b)
+        elif isinstance(m, nn.GroupNorm | nn.modules.instancenorm._InstanceNorm):
+            c = 1 if len(x) > 2 or isinstance(m, nn.GroupNorm) else 0
+            groups = m.num_groups if isinstance(m, nn.GroupNorm) else m.num_features
+            channels = m.num_channels if isinstance(m, nn.GroupNorm) else m.num_features
+            if groups in (1, channels):
+                for leaf in ("weight", "bias", "running_mean", "running_var"):
+                    if getattr(m, leaf, None) is not None:
+                        self.link(out[c], self.p(f"{t}.{leaf}", 0))
+            else:
+                self.uf.freeze(out[c])
+            for a, b in zip(x, out, strict=True):
+                self.link(a, b)
+        elif isinstance(m, nn.Embedding):
+            self.link(out[-1], self.p(f"{t}.weight", 1))
+            self.uf.freeze(self.p(f"{t}.weight", 0))
+            for a, b in zip(x, out[:-1], strict=True):
+                self.link(a, b)
+        elif isinstance(m, nn.Flatten | nn.Unflatten):
+            self.reshape(x, xv.shape, out, value_shape(out, self.uf))
+        elif isinstance(m, nn.PReLU):
+            if m.num_parameters == 1:
+                for a, b in zip(x, out, strict=True):
+                    self.link(a, b)
+            else:
+                self.link(out[1 if len(out) > 1 else 0], self.p(f"{t}.weight", 0))
+                for a, b in zip(x, out, strict=True):
+                    self.link(a, b)
+        elif isinstance(m, nn.MultiheadAttention):
+            self.mha(n, m, t, out)
+        elif isinstance(m, nn.modules.pooling._MaxPoolNd | nn.modules.pooling._AvgPoolNd
+                        | nn.modules.pooling._AdaptiveAvgPoolNd | nn.modules.pooling._AdaptiveMaxPoolNd):
+            if not isinstance(out, _Ax):
+                self.unknown(n, out, f"{type(m).__name__}(return_indices)")
+                return
+            sd = int(type(m).__name__[-2])
+            self.pool(x, out, sd)
+        else:  # elementwise activations, dropout, identity, softmax
+            for a, b in zip(x, out, strict=True):
+                self.link(a, b)
+
+    def conv(self, x: _Ax, out: _Ax, sd: int, groups: int, w: str, b: str | None) -> None:
+        c = len(x) - sd - 1
+        wt = self.state.get(w)
+        if groups == 1:
+            self.link(x[c], self.p(w, 1))
+            self.link(out[c], self.p(w, 0))
+        elif wt is not None and wt.shape[1] == 1 and self.uf.size[x[c]] == self.uf.size[out[c]] == groups:
+            self.link(x[c], out[c])  # depthwise: channel i only reads channel i
+            self.link(out[c], self.p(w, 0))
+        else:
+            self.uf.freeze(x[c])
+            self.uf.freeze(out[c])
+        if b is not None:
+            self.link(out[c], self.p(b, 0))
+        for k in range(c):
+            self.link(x[k], out[k])
+        self.freeze_all(_Ax(x[c + 1:]))
+        self.freeze_all(_Ax(out[c + 1:]))
+
+    def pool(self, x: _Ax, out: _Ax, sd: int) -> None:
+        for a, b in zip(x[:-sd], out[:-sd], strict=True):
+            self.link(a, b)
+        self.freeze_all(_Ax(x[-sd:]))
+        self.freeze_all(_Ax(out[-sd:]))
+
+    def mha(self, n: torch.fx.Node, m: torch.nn.MultiheadAttention, t: str, out: Any) -> None:
+        q, k, v = (self.arg(n, i, key) for i, key in enumerate(("query", "key", "value")))
+        ok = m._qkv_same_embed_dim and m.bias_k is None and isinstance(out, tuple) and isinstance(out[0], _Ax)
+        if not ok:
+            self.unknown(n, out, "MultiheadAttention(kdim/vdim/add_bias_kv)")
+            return
+        e, h = m.embed_dim, m.num_heads
+        y, three = self.virtual(e), self.virtual(3)
+        self.uf.freeze(three)
+        self.relations.append((self.p(f"{t}.in_proj_weight", 0), [three, y], [3, e]))
+        if m.in_proj_bias is not None:
+            self.relations.append((self.p(f"{t}.in_proj_bias", 0), [three, y], [3, e]))
+        self.relations.append((y, [self.virtual(h), self.virtual(e // h)], [h, e // h]))
+        self.link(self.p(f"{t}.out_proj.weight", 1), y)
+        for s in (q, k, v):
+            self.link(s[-1], self.p(f"{t}.in_proj_weight", 1))
+        o = out[0]
+        self.link(o[-1], self.p(f"{t}.out_proj.weight", 0))
+        if m.out_proj.bias is not None:
+            self.link(o[-1], self.p(f"{t}.out_proj.bias", 0))
+        for a, b in zip(q[:-1], o[:-1], strict=True):
+            self.link(a, b)
+        for a, b in zip(k[:-1], v[:-1], strict=True):
+            self.link(a, b)
+        self.freeze_all(out[1])
+
+    # -- functions -------------------------------------------------------------------------------
+    def function_rule(self, n: torch.fx.Node, fn: Any, out: Any, args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> None:
+        F = torch.nn.functional
+        name = getattr(fn, "__name__", str(fn))
+        if fn is operator.getitem:
+            self.getitem(n, out, args)
+        elif fn is getattr:
+            x = self.arg(n, 0)
+            if not isinstance(out, _Ax):
+                return
+            if args[1] in ("T", "mT", "mH", "H"):
+                order = list(range(len(x)))[::-1] if args[1] in ("T", "H") else \
+                    [*range(len(x) - 2), len(x) - 1, len(x) - 2]
+                for i, j in enumerate(order):
+                    self.link(out[i], x[j])
+            elif args[1] in ("data",):
+                for a, b in zip(x, out, strict=True):
+                    self.link(a, b)
+            else:
+                self.unknown(n, out, f"getattr {args[1]}")
+        elif fn in _ELEMENTWISE_FN:
+            if isinstance(out, _Ax):
+                self.broadcast(out, self.tensor_args(n))
+            elif out is not None:
+                self.unknown(n, out, name)
+        elif fn in (torch.matmul, operator.matmul, torch.bmm, torch.mm):
+            self.matmul(self.arg(n, 0), self.arg(n, 1), out)
+        elif fn is F.linear:
+            x, w, b = self.arg(n, 0, "input"), self.arg(n, 1, "weight"), self.arg(n, 2, "bias")
+            self.link(x[-1], w[1])
+            self.link(out[-1], w[0])
+            if b is not None:
+                self.link(out[-1], b[0])
+            for a, c in zip(x[:-1], out[:-1], strict=True):
+                self.link(a, c)
+        elif fn in (F.conv1d, F.conv2d, F.conv3d):
+            x, w, b = self.arg(n, 0, "input"), self.arg(n, 1, "weight"), self.arg(n, 2, "bias")
+            groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
+            sd = len(w) - 2
+            c = len(x) - sd - 1
+            wv = args[1] if len(args) > 1 else kwargs["weight"]
+            if groups == 1:
+                self.link(x[c], w[1])
+                self.link(out[c], w[0])
+            elif wv.shape[1] == 1 and self.uf.size[x[c]] == groups:
+                self.link(x[c], out[c])
+                self.link(out[c], w[0])
+            else:
+                self.uf.freeze(x[c])
+                self.uf.freeze(out[c])
+            if b is not None:
+                self.link(out[c], b[0])
+            for k in range(c):
+                self.link(x[k], out[k])
+            self.freeze_all(_Ax(x[c + 1:]))
+            self.freeze_all(_Ax(out[c + 1:]))
+            self.freeze_all(_Ax(w[2:]))
+        elif fn in (F.layer_norm, F.group_norm, F.batch_norm, getattr(F, "rms_norm", None)):
+            x = self.arg(n, 0, "input")
+            for a, b in zip(x, out, strict=True):
+                self.link(a, b)
+            if fn is F.batch_norm:
+                ch = [self.arg(n, i, k) for i, k in ((1, "running_mean"), (2, "running_var"), (3, "weight"),
+                                                     (4, "bias"))]
+                for s in ch:
+                    if s is not None:
+                        self.link(out[1 if len(out) > 1 else 0], s[0])
+            elif fn is F.group_norm:
+                g = args[1] if len(args) > 1 else kwargs["num_groups"]
+                if g not in (1, self.uf.size[out[1]]):
+                    self.uf.freeze(out[1])
+                for i, key in ((2, "weight"), (3, "bias")):
+                    s = self.arg(n, i, key)
+                    if s is not None:
+                        self.link(out[1], s[0])
+            else:
+                ns = args[1] if len(args) > 1 else kwargs["normalized_shape"]
+                k = len(ns) if isinstance(ns, list | tuple | torch.Size) else 1
+                for i, key in ((2, "weight"), (3, "bias")):
+                    s = self.arg(n, i, key)
+                    if s is not None:
+                        for j in range(k):
+                            self.link(out[len(out) - k + j], s[j])
+        elif fn is F.embedding:
+            idx, w = self.arg(n, 0, "input"), self.arg(n, 1, "weight")
+            self.link(out[-1], w[1])
+            self.uf.freeze(w[0])
+            for a, b in zip(idx, out[:-1], strict=True):
+                self.link(a, b)
+        elif fn is F.scaled_dot_product_attention:
+            q, k, v = self.arg(n, 0, "query"), self.arg(n, 1, "key"), self.arg(n, 2, "value")
+            self.link(q[-1], k[-1])
+            self.link(k[-2], v[-2])
+            self.link(out[-2], q[-2])
+            self.link(out[-1], v[-1])
+            batch = _Ax(out[:-2])
+            self.broadcast(batch, [_Ax(q[:-2]), _Ax(k[:-2]), _Ax(v[:-2])])
+            self.freeze_all(self.arg(n, 3, "attn_mask"))
+        elif fn in (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten):
+            self.reshape(self.arg(n, 0), args[0].shape, out, value_shape(out, self.uf))
+        elif fn in (torch.permute, torch.transpose, torch.swapaxes, torch.swapdims, torch.t, torch.movedim,
+                    torch.moveaxis):
+            self.permute(self.arg(n, 0), out, args[0].ndim, name, args[1:], kwargs)
+        elif fn in (torch.cat, torch.concat, torch.stack):
+            self.cat(n, out, args, kwargs, stack=fn is torch.stack)
+        elif fn in (torch.chunk, torch.split, torch.unbind, torch.tensor_split):
+            self.split(self.arg(n, 0), out, args, kwargs, unbind=fn is torch.unbind, ndim=args[0].ndim)
+        elif name in _VALUE_REDUCE | _INDEX_REDUCE and getattr(torch, name, None) is fn:
+            if len(n.all_input_nodes) > 1 and name in ("max", "min"):
+                self.broadcast(out, self.tensor_args(n))
+            else:
+                self.reduce(self.arg(n, 0), out, args, kwargs, name)
+        elif fn in (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+                    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d,
+                    F.interpolate):
+            if not isinstance(out, _Ax):
+                self.unknown(n, out, name)
+                return
+            sd = {"1d": 1, "2d": 2, "3d": 3}.get(name[-2:], len(out) - 2)
+            self.pool(self.arg(n, 0), out, sd)
+        elif fn in _FREE_CREATE:
+            pass  # a constant tensor is invariant under every permutation
+        elif fn in (torch.tril, torch.triu):
+            self.freeze_all(out)
+            self.freeze_all(self.arg(n, 0))
+        elif isinstance(out, _Ax | tuple) or any(isinstance(self.st(a), _Ax) for a in n.all_input_nodes):
+            self.unknown(n, out, name)
+
+    def method_rule(self, n: torch.fx.Node, meth: str, out: Any, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> None:
+        x = self.arg(n, 0)
+        base = meth[:-1] if meth.endswith("_") and not meth.startswith("__") else meth
+        if base in _NOOP_METHODS or not isinstance(x, _Ax):
+            if isinstance(out, _Ax | tuple) and base not in _NOOP_METHODS:
+                self.unknown(n, out, f".{meth}")
+            return
+        if base in _CAST_METHODS:
+            for a, b in zip(x, out, strict=True):
+                self.link(a, b)
+        elif base in _ELEMENTWISE_METHODS:
+            self.broadcast(out, self.tensor_args(n))
+        elif base in _RESHAPE:
+            self.reshape(x, args[0].shape, out, value_shape(out, self.uf))
+        elif base in _PERMUTE:
+            self.permute(x, out, args[0].ndim, base, args[1:], kwargs)
+        elif base in ("expand", "expand_as", "broadcast_to"):
+            self.broadcast(out, [x])
+        elif base in ("repeat", "tile"):
+            for i in range(1, len(x) + 1):
+                if self.uf.size[x[-i]] == self.uf.size[out[-i]]:
+                    self.link(x[-i], out[-i])
+                else:
+                    self.uf.freeze(x[-i])
+                    self.uf.freeze(out[-i])
+            self.freeze_all(_Ax(out[: len(out) - len(x)]))
+        elif base in _VALUE_REDUCE | _INDEX_REDUCE:
+            if len(n.all_input_nodes) > 1 and base in ("max", "min"):
+                self.broadcast(out, self.tensor_args(n))
+            else:
+                self.reduce(x, out, args, kwargs, base)
+        elif base in ("chunk", "split", "unbind", "tensor_split"):
+            self.split(x, out, args, kwargs, unbind=base == "unbind", ndim=args[0].ndim)
+        elif base in _FREE_CREATE_METHODS:
+            pass
+        elif base in ("tril", "triu"):
+            self.freeze_all(out)
+            self.freeze_all(x)
+        else:
+            self.unknown(n, out, f".{meth}")
+
+    # -- shared op rules -------------------------------------------------------------------------
+    def matmul(self, a: _Ax, b: _Ax, out: Any) -> None:
+        if len(a) == 1 and len(b) == 1:
+            self.link(a[0], b[0])
+            return
+        if len(a) == 1:
+            self.link(a[0], b[-2])
+            self.link(out[-1], b[-1])
+            self.broadcast(_Ax(out[:-1]), [_Ax(b[:-2])])
+            return
+        if len(b) == 1:
+            self.link(a[-1], b[0])
+            self.link(out[-1], a[-2])
+            self.broadcast(_Ax(out[:-1]), [_Ax(a[:-2])])
+            return
+        self.link(a[-1], b[-2])
+        self.link(out[-2], a[-2])
+        self.link(out[-1], b[-1])
+        self.broadcast(_Ax(out[:-2]), [_Ax(a[:-2]), _Ax(b[:-2])])
+
+    def permute(self, x: _Ax, out: _Ax, ndim: int, name: str, rest: Sequence[Any], kwargs: dict[str, Any]) -> None:
+        order = list(range(ndim))
+        if name == "permute":
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], list | tuple) else (rest or kwargs["dims"])
+            order = [d % ndim for d in dims]
+        elif name in ("transpose", "swapaxes", "swapdims"):
+            d0, d1 = (list(rest) + [kwargs.get("dim0"), kwargs.get("dim1")])[:2]
+            d0, d1 = d0 % ndim, d1 % ndim
+            order[d0], order[d1] = order[d1], order[d0]
+        elif name == "t":
+            order = order[::-1]
+        else:  # movedim
+            src, dst = rest[0], rest[1]
+            src = [src] if isinstance(src, int) else list(src)
+            dst = [dst] if isinstance(dst, int) else list(dst)
+            src, dst = [s % ndim for s in src], [d % ndim for d in dst]
+            others = [d for d in range(ndim) if d not in src]
+            order = [-1] * ndim
+            for s, d in zip(src, dst, strict=True):
+                order[d] = s
+            it = iter(others)
+            order = [o if o >= 0 else next(it) for o in order]
+        for i, j in enumerate(order):
+            self.link(out[i], x[j])
+
+    def reduce(self, x: _Ax, out: Any, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> None:
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis"))
+        if name in ("argmax", "argmin", "max", "min", "median", "mode") and dim is None:
+            self.freeze_all(x)
+            return
+        if name in ("sort", "argsort") and dim is None:
+            dim = -1
+        if name in ("cumsum", "cumprod", "cummax", "cummin", "sort", "argsort", "topk", "kthvalue"):
+            if name in ("topk", "kthvalue"):
+                dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
+            dims = {dim % len(x)}
+            outs = out if isinstance(out, tuple) else (out,)
+            for o in outs:
+                if isinstance(o, _Ax):
+                    for i, (a, b) in enumerate(zip(x, o, strict=True)):
+                        if i in dims:
+                            self.uf.freeze(a)
+                            self.uf.freeze(b)
+                        else:
+                            self.link(a, b)
+            return
+        if dim is None:
+            return  # full reduction: a permutation-invariant scalar
+        dims = {d % len(x) for d in (dim if isinstance(dim, list | tuple) else [dim])}
+        if name in _INDEX_REDUCE:
+            for d in dims:
+                self.uf.freeze(x[d])  # the index of the extremum would move
+        outs = out if isinstance(out, tuple) else (out,)
+        for o in outs:
+            if not isinstance(o, _Ax):
+                continue
+            keep = [a for i, a in enumerate(x) if i not in dims]
+            if len(o) == len(x):  # keepdim
+                keep = [a if i not in dims else None for i, a in enumerate(x)]
+            for a, b in zip(keep, o, strict=True):
+                if a is not None:
+                    self.link(a, b)
+
+    def cat(self, n: torch.fx.Node, out: _Ax, args: tuple[Any, ...], kwargs: dict[str, Any], stack: bool) -> None:
+        parts = n.args[0] if n.args else n.kwargs["tensors"]
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        nd = len(out)
+        dim %= nd
+        for pn in parts:
+            s = self.st(pn)
+            if not isinstance(s, _Ax):
+                continue
+            if stack:
+                for i, a in enumerate(s):
+                    self.link(a, out[i if i < dim else i + 1])
+            else:
+                for i, a in enumerate(s):
+                    if i == dim:
+                        self.uf.freeze(a)
+                    else:
+                        self.link(a, out[i])
+        if not stack:
+            self.uf.freeze(out[dim])
+
+    def split(self, x: _Ax, out: Any, args: tuple[Any, ...], kwargs: dict[str, Any], unbind: bool, ndim: int) -> None:
+        dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) if unbind else \
+            (args[2] if len(args) > 2 else kwargs.get("dim", 0))
+        dim %= ndim
+        self.uf.freeze(x[dim])
+        for o in out if isinstance(out, tuple) else (out,):
+            if not isinstance(o, _Ax):
+                continue
+            if unbind:
+                for i, a in enumerate(x):
+                    if i != dim:
+                        self.link(a, o[i if i < dim else i - 1])
+            else:
+                for i, (a, b) in enumerate(zip(x, o, strict=True)):
+                    if i == dim:
+                        self.uf.freeze(b)
+                    else:
+                        self.link(a, b)
+
+    def getitem(self, n: torch.fx.Node, out: Any, args: tuple[Any, ...]) -> None:
+        base = self.arg(n, 0)
+        idx = args[1]
+        if isinstance(base, tuple):
+            if isinstance(idx, int) and out is not None:
+                self._same(base[idx], out)
+            else:
+                for i in range(len(base))[idx] if isinstance(idx, slice) else []:
+                    self._same(base[i], out[i - (idx.start or 0)] if isinstance(out, tuple) else None)
+            return
+        if not isinstance(base, _Ax):
+            return
+        shape = args[0].shape
+        items = idx if isinstance(idx, tuple) else (idx,)
+        consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
+        i = j = 0
+        for it in items:
+            if it is Ellipsis:
+                for _ in range(len(base) - consumed):
+                    self.link(base[i], out[j])
+                    i, j = i + 1, j + 1
+            elif it is None:
+                j += 1
+            elif isinstance(it, int) and not isinstance(it, bool):
+                self.uf.freeze(base[i])
+                i += 1
+            elif isinstance(it, slice):
+                full = it.start in (None, 0) and it.step in (None, 1) and (it.stop is None or it.stop >= shape[i])
+                if full:
+                    self.link(base[i], out[j])
+                else:
+                    self.uf.freeze(base[i])
+                    self.uf.freeze(out[j])
+                i, j = i + 1, j + 1
+            else:  # advanced indexing
+                self.freeze_all(base)
+                self.freeze_all(out)
+                self.unsupported.append("advanced indexing")
+                return
+        while i < len(base):
+            self.link(base[i], out[j])
+            i, j = i + 1, j + 1
+
+    def _same(self, a: Any, b: Any) -> None:
+        if isinstance(a, _Ax) and isinstance(b, _Ax):
+            for x, y in zip(a, b, strict=True):
+                self.link(x, y)
+        elif isinstance(a, tuple) and isinstance(b, tuple):
+            for x, y in zip(a, b, strict=True):
+                self._same(x, y)
+
+
+def value_shape(s: _Ax, uf: _UnionFind) -> list[int]:
+    return [uf.size[e] for e in s]
+
+
+class _Recorder(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, inf: _Inference) -> None:
+        super().__init__(gm)
+        self.inf = inf
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        value = super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        self.inf.visit(n, value, args, kwargs)
+        return value
+
+
+def _resolve(inf: _Inference) -> tuple[dict[Elem, Any], dict[Elem, Any]]:
+    """Decide how every split/merge of a permuted axis is represented.
+
+    Returns ``(kron, head)``: ``kron[F]`` = ``(sizes, subs)`` for a flat class F whose permutation
+    is the Kronecker product of its factors' permutations (parameters in F get a view);
+    ``head[F]`` = ``(sizes, subs, pos, H, T)`` for a flat class whose factors ``(H, T)`` at
+    ``pos, pos+1`` are attention heads and the features inside them (a block-structured
+    permutation with a free τ per head; T None = heads only).
+    """
+    uf = inf.uf
+    rels: dict[Elem, tuple[list[int], list[Elem]]] = {}
+    changed = True
+    while changed:
+        changed = False
+        rels = {}
+        for flat, subs, sizes in inf.relations:
+            f = uf.find(flat)
+            if uf.frozen(f):
+                for s in subs:
+                    if not uf.frozen(s):
+                        uf.freeze(s)
+                        changed = True
+                continue
+            if f in rels:
+                osizes, osubs = rels[f]
+                if osizes != sizes:
+                    uf.freeze(f)
+                    changed = True
+                else:
+                    for a, b in zip(osubs, subs, strict=True):
+                        if uf.find(a) != uf.find(b):
+                            uf.union(a, b)
+                            changed = True
+            else:
+                rels[f] = (list(sizes), list(subs))
+        for f, (_sizes, subs) in rels.items():
+            if not uf.frozen(f) and all(uf.frozen(s) for s in subs):
+                uf.freeze(f)
+                changed = True
+    rels = {f: (sz, [uf.find(s) for s in subs]) for f, (sz, subs) in rels.items() if not uf.frozen(f)}
+
+    members: dict[Elem, list[Elem]] = {}
+    for e in uf.parent:
+        members.setdefault(uf.find(e), []).append(e)
+
+    def has_param(c: Elem) -> bool:
+        return any(e[0] == "p" for e in members.get(c, []))
+
+    sub_pairs: dict[Elem, set[Elem | None]] = {}
+    for _f, (_sz, subs) in rels.items():
+        for i, s in enumerate(subs):
+            if uf.frozen(s):
+                continue
+            nxt = subs[i - 1] if i > 0 else None
+            sub_pairs.setdefault(s, set()).add(nxt)
+
+    def head_ok(h: Elem, t: Elem) -> bool:
+        if has_param(h) or has_param(t) or sub_pairs.get(t, set()) != {h}:
+            return False
+        for s in inf.el.values():
+            for ax in _iter_ax(s):
+                roots = {uf.find(e) for e in ax}
+                if t in roots and h not in roots:
+                    return False
+        return True
+
+    cand: dict[Elem, tuple[int, Elem, Elem | None]] = {}
+    for f, (_sz, subs) in rels.items():
+        nf = [i for i, s in enumerate(subs) if not uf.frozen(s)]
+        if len(nf) == 2 and nf[1] == nf[0] + 1 and head_ok(subs[nf[0]], subs[nf[1]]):
+            cand[f] = (nf[0], subs[nf[0]], subs[nf[1]])
+        elif len(nf) == 1 and nf[0] + 1 < len(subs) and not has_param(subs[nf[0]]):
+            cand[f] = (nf[0], subs[nf[0]], None)
+    changed = True
+    while changed:
+        changed = False
+        kron_subs = {s for f, (_sz, subs) in rels.items() if f not in cand for s in subs if not uf.frozen(s)}
+        free_heads = {h for (_p, h, t) in cand.values() if t is not None}
+        for f in list(cand):
+            _pos, h, t = cand[f]
+            if h in kron_subs or (t is None and h not in free_heads):
+                del cand[f]
+                changed = True
+    kron = {f: v for f, v in rels.items() if f not in cand}
+    head = {f: (*rels[f], *cand[f]) for f in cand}
+    return kron, head
+
+
+def _iter_ax(s: Any) -> Iterable[_Ax]:
+    if isinstance(s, _Ax):
+        yield s
+    elif isinstance(s, tuple):
+        for x in s:
+            yield from _iter_ax(x)
+
+
+def trace_spec(module: torch.nn.Module, example_inputs: Sequence[Any] | Any, *, check: bool = True,
+               strict: bool = False, rtol: float = 1e-4, atol: float = 1e-5) -> FxTrace:
+    """Infer a :class:`PermutationSpec` for ``module`` by ``torch.fx`` tracing; see :func:`infer_spec`.
+
+    Returns an :class:`FxTrace` with the spec, the traced graph and the activation sites of
+    every permutation (for activation matching).
+    """
+    inputs = tuple(example_inputs) if isinstance(example_inputs, list | tuple) else (example_inputs,)
+    try:
+        graph = _LeafTracer().trace(module)
+    except Exception as e:  # noqa: BLE001 - fx raises many kinds of errors on untraceable code
+        raise RecipeError(
+            f"cannot trace {type(module).__name__} with torch.fx ({type(e).__name__}: {e}); "
+            "use a ready architecture spec or a spec JSON"
+        ) from e
+    gm = torch.fx.GraphModule(module, graph)
+    state = dict(module.state_dict(keep_vars=True))
+    inf = _Inference(gm, {k: v.detach() for k, v in state.items()})
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            _Recorder(gm, inf).run(*inputs)
+    finally:
+        module.train(was_training)
+    if strict and inf.unsupported:
+        raise RecipeError(f"no permutation rule for: {', '.join(sorted(set(inf.unsupported)))}")
+    uf = inf.uf
+    # tied parameters (one tensor under two names) share every axis
+    by_id: dict[int, list[str]] = {}
+    for k, v in state.items():
+        by_id.setdefault(id(v), []).append(k)
+    for names in by_id.values():
+        for other in names[1:]:
+            for ax in range(state[names[0]].dim()):
+                uf.union(inf.p(names[0], ax), inf.p(other, ax))
+    kron, head = _resolve(inf)
+
+    # expand parameter axes through views until every axis is a terminal class
+    head_key = {f: ("hs", h, t) for f, (_sz, _subs, _pos, h, t) in head.items()}
+    views: dict[str, tuple[int, ...]] = {}
+    keys: dict[str, list[Any]] = {}
+    floating = {k: v for k, v in state.items() if v.is_floating_point()}
+    for name, t in floating.items():
+        axes: list[tuple[int, Any]] = [(int(s), uf.find(inf.p(name, i))) for i, s in enumerate(t.shape)]
+        for _ in range(8):
+            new: list[tuple[int, Any]] = []
+            for size, c in axes:
+                if c in kron:
+                    sizes, subs = kron[c]
+                    new.extend((sz, uf.find(s)) for sz, s in zip(sizes, subs, strict=True))
+                elif c in head:
+                    sizes, subs, pos, _h, tt = head[c]
+                    for i, (sz, s) in enumerate(zip(sizes, subs, strict=True)):
+                        if i == pos:
+                            new.append((sz * sizes[pos + 1], head_key[c]))
+                        elif i != pos + 1:
+                            new.append((sz, uf.find(s)))
+                else:
+                    new.append((size, c))
+            if new == axes:
+                break
+            axes = new
+        if len(axes) != t.dim() or any(a[0] != s for a, s in zip(axes, t.shape, strict=False)):
+            views[name] = tuple(a[0] for a in axes)
+        keys[name] = [a[1] for a in axes]
+
+    members: dict[Elem, list[Elem]] = {}
+    for e in uf.parent:
+        members.setdefault(uf.find(e), []).append(e)
+
+    def live(c: Any) -> bool:
+        if isinstance(c, tuple) and c and c[0] == "hs":
+            return True
+        return not uf.frozen(c) and any(e[0] in ("n", "v") for e in members.get(c, []))
+
+    ids: dict[Any, PermId] = {}
+    axes_to_perm: dict[str, list[PermId | None]] = {}
+    for name in floating:
+        row: list[PermId | None] = []
+        for ax, c in enumerate(keys[name]):
+            if live(c):
+                if c not in ids:
+                    ids[c] = f"{name}:{ax}"
+                row.append(ids[c])
+            else:
+                row.append(None)
+        axes_to_perm[name] = row
+    heads_spec: dict[PermId, HeadStructure] = {}
+    group_names: dict[Elem, str] = {}
+    for c, pid in ids.items():
+        if isinstance(c, tuple) and c and c[0] == "hs":
+            f = next(f for f, k in head_key.items() if k == c)
+            sizes, _subs, pos, h, t = head[f]
+            group = group_names.setdefault(h, f"heads[{pid}]")
+            heads_spec[pid] = HeadStructure(sizes[pos], sizes[pos + 1], group, within=t is not None)
+    spec = PermutationSpec(axes_to_perm, {k: tuple(v.shape) for k, v in floating.items()}, views=views,
+                           heads=heads_spec)
+
+    # activation sites: node axes of each permutation's class (flat head classes included)
+    site_key: dict[Elem, PermId] = {}
+    for c, pid in ids.items():
+        if isinstance(c, tuple) and c and c[0] == "hs":
+            for f, k in head_key.items():
+                if k == c:
+                    site_key[f] = pid
+        else:
+            site_key[c] = pid
+    sites: dict[PermId, list[tuple[str, tuple[int, ...], int]]] = {}
+    skip = _RESHAPE | _PERMUTE | _CAST_METHODS | {"contiguous", "clone", "detach", "getitem", "dropout"}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        if node.op == "call_method" and node.target in skip:
+            continue
+        if node.op == "call_function" and getattr(node.target, "__name__", "") in skip:
+            continue
+        if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)),
+                                                   torch.nn.Dropout | torch.nn.Identity | torch.nn.Flatten):
+            continue
+        s = inf.el.get(node.name)
+        for e in (e for ax in _iter_ax(s) for e in ax):
+            pid = site_key.get(uf.find(e))
+            if pid is not None:
+                sites.setdefault(pid, []).append((node.name, e[2], e[3]))
+    result = FxTrace(spec, gm, sites, sorted(set(inf.unsupported)))
+    if check:
+        check_spec(module, spec, inputs, rtol=rtol, atol=atol)
+    return result
+
+
+def infer_spec(module: torch.nn.Module, example_inputs: Sequence[Any] | Any, *, check: bool = True,
+               strict: bool = False, rtol: float = 1e-4, atol: float = 1e-5) -> PermutationSpec:
+    """Infer the permutation spec of an arbitrary ``nn.Module`` by ``torch.fx`` tracing.
+
+    The module is traced (leaf modules are those with a rule: Linear, Conv, norms, Embedding,
+    MultiheadAttention, activations, pooling; everything else is inlined), run once on
+    ``example_inputs``, and every tensor axis and parameter axis becomes an element of a
+    union-find. Per-op rules union the axes that must share a permutation (a Linear's output axis
+    with its weight's axis 0 and bias; both operands of ``+`` (residual streams); the contracted
+    axes of a matmul...) and *freeze* axes that must stay (model inputs and outputs, spatial and
+    sliced axes, ops without a rule). A reshape that splits or merges a permuted axis is kept as a
+    relation: a ``C×H×W`` flatten gives the dense weight a view, and an ``n_heads×head_dim``
+    split whose inner axis is only ever used per head gives a block-structured head permutation
+    (attention heads, :class:`HeadStructure`). Every class that reaches a parameter and an
+    activation, and is not frozen, becomes one permutation, named ``<first tensor>:<axis>``.
+
+    With ``check`` (default) the spec is verified by :func:`check_spec` (random permutations,
+    outputs compared in eval mode); a failure raises :class:`SpecCheckError` naming the
+    permutation. ``strict`` raises on ops without a rule instead of freezing their axes.
+    """
+    return trace_spec(module, example_inputs, check=check, strict=strict, rtol=rtol, atol=atol).spec
