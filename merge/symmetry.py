@@ -927,7 +927,7 @@ def check_spec(module: torch.nn.Module, spec: PermutationSpec, example_inputs: S
         def run(perms: Perms) -> tuple[float, float]:
             permuted = apply_permutation(spec, state, perms)
             with torch.no_grad():
-                out = _flat_tensors(select(torch.func.functional_call(module, permuted, inputs)))
+                out = _flat_tensors(select(torch.func.functional_call(module, permuted, inputs, tie_weights=False)))
             return _max_err(ref, out)
 
         worst = 0.0
@@ -1046,6 +1046,8 @@ _INDEX_REDUCE = {"max", "min", "argmax", "argmin", "cumsum", "cumprod", "sort", 
                  "mode", "kthvalue", "cummax", "cummin"}
 _FREE_CREATE = {torch.zeros, torch.ones, torch.full, torch.empty, torch.zeros_like, torch.ones_like,
                 torch.full_like, torch.empty_like}
+_FROZEN_CREATE = {torch.arange, torch.linspace, torch.logspace, torch.rand, torch.randn, torch.randint,
+                  torch.tensor, torch.as_tensor, torch.eye, torch.rand_like, torch.randn_like}
 _FREE_CREATE_METHODS = {"new_zeros", "new_ones", "new_full", "new_empty"}
 _NOOP_METHODS = {"size", "dim", "numel", "element_size", "data_ptr", "is_contiguous", "item", "tolist", "get_device"}
 
@@ -1475,6 +1477,8 @@ class _Inference:
             self.pool(self.arg(n, 0), out, sd)
         elif fn in _FREE_CREATE:
             pass  # a constant tensor is invariant under every permutation
+        elif fn in _FROZEN_CREATE:
+            self.freeze_all(out)  # positions, random values: not invariant
         elif fn in (torch.tril, torch.triu):
             self.freeze_all(out)
             self.freeze_all(self.arg(n, 0))
@@ -1886,12 +1890,18 @@ def trace_spec(module: torch.nn.Module, example_inputs: Sequence[Any] | Any, *, 
             return True
         return not uf.frozen(c) and any(e[0] in ("n", "v") for e in members.get(c, []))
 
+    # a class on two axes of one tensor (e.g. a square layer between tied embeddings) is a valid
+    # symmetry that weight matching cannot solve as a LAP; leave it unpermuted
+    dead: set[Any] = set()
+    for name in floating:
+        live_keys = [c for c in keys[name] if live(c)]
+        dead.update(c for c in live_keys if live_keys.count(c) > 1)
     ids: dict[Any, PermId] = {}
     axes_to_perm: dict[str, list[PermId | None]] = {}
     for name in floating:
         row: list[PermId | None] = []
         for ax, c in enumerate(keys[name]):
-            if live(c):
+            if live(c) and c not in dead:
                 if c not in ids:
                     ids[c] = f"{name}:{ax}"
                 row.append(ids[c])
