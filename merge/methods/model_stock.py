@@ -25,7 +25,8 @@ from merge.methods.slerp import row_dots
 
 @dataclass(frozen=True)
 class StockStats:
-    """Whole-tensor Gram matrix of the task vectors (float64), or ``None`` when filter-wise."""
+    """Whole-tensor Gram matrix of the task vectors (float64 totals of per-row float32 dots), or
+    ``None`` when filter-wise."""
 
     gram: torch.Tensor | None
 

@@ -11,8 +11,8 @@ vectors are (anti)parallel, |cos Ω| > ``DOT_THRESHOLD`` = 0.9995, it falls back
 interpolation (1−t) θ_0 + t θ_1. ``t = 0`` gives the base, ``t = 1`` the other model.
 
 The norms and the dot product are whole-tensor statistics: :func:`_slerp_stats` accumulates
-them over row chunks in float64 (per-row partial sums, added in row order once, so the result is
-the same however the tensor is chunked).
+them over row chunks (per-row float32 dot products, added in float64 in row order once, so the
+result is the same however the tensor is chunked).
 """
 
 from __future__ import annotations
@@ -30,22 +30,20 @@ EPS = 1e-8
 
 
 def row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per row (dim 0) partial sums of ``a * b`` in float64 (a 0-d tensor is one row).
+    """Per row (dim 0) dot products of ``a`` and ``b`` (float32 within a row, as mergekit), as float64.
 
-    Adding the concatenated per-row partials of all chunks once gives a total that does not
-    depend on where the chunk boundaries fall.
+    A 0-d tensor is one row. Adding the concatenated per-row partials of all chunks once, in
+    float64, gives a total that does not depend on where the chunk boundaries fall.
     """
     rows = a.shape[0] if a.dim() > 0 else 1
     if a.numel() == 0:
         return torch.zeros(rows, dtype=torch.float64, device=a.device)
-    a64 = a.reshape(rows, -1).double()
-    b64 = b.reshape(rows, -1).double()
-    return torch.linalg.vecdot(a64, b64, dim=1)
+    return torch.linalg.vecdot(a.reshape(rows, -1), b.reshape(rows, -1), dim=1).double()
 
 
 @dataclass(frozen=True)
 class SlerpStats:
-    """Whole-tensor Σθ_0², Σθ_1², Σθ_0θ_1 (float64) and the element count."""
+    """Whole-tensor Σθ_0², Σθ_1², Σθ_0θ_1 and the element count."""
 
     sq0: float
     sq1: float
