@@ -494,7 +494,8 @@ def ste_matching(
     a_t = {k: v.detach().float() for k, v in a.items()}
     b_t = {k: v.detach().float() for k, v in b.items()}
     free = {k: a_t[k].clone().requires_grad_(True) for k in a_t if k in params}
-    opt = torch.optim.SGD(list(free.values()), lr=lr, momentum=momentum)
+    # SGD with momentum (torch.optim.SGD's update, written out: it avoids importing torch._dynamo)
+    velocity = {k: torch.zeros_like(v) for k, v in free.items()}
     perms = weight_matching(spec, a_t, b_t, seed=seed).perms
     best_perms, best_loss, steps = dict(perms), math.inf, 0
     was_training = model.training
@@ -518,12 +519,15 @@ def ste_matching(
                     else:
                         merged[k] = a_t[k]
                 loss = loss_fn(torch.func.functional_call(model, merged, (x,)), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                grads = torch.autograd.grad(loss, list(free.values()))
+                with torch.no_grad():
+                    for (k, v), g in zip(free.items(), grads, strict=True):
+                        velocity[k].mul_(momentum).add_(g)
+                        v.sub_(lr * velocity[k])
                 steps += 1
-                if float(loss) < best_loss:
-                    best_loss, best_perms = float(loss), dict(perms)
+                value = float(loss.detach())
+                if value < best_loss:
+                    best_loss, best_perms = value, dict(perms)
     finally:
         model.train(was_training)
     obj = matching_objective(spec, a_t, b_t, best_perms)
