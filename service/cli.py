@@ -201,5 +201,11 @@ def methods(as_json: bool) -> None:
             click.echo(f"    - {p.name}: {p.type_name()}, {scope}, {default}")
 
 
+# The service's commands (gRPC is imported only when one of them runs).
+from service.cli_service import remote, serve  # noqa: E402
+
+main.add_command(serve)
+main.add_command(remote)
+
 if __name__ == "__main__":  # pragma: no cover
     main()
