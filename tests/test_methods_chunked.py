@@ -38,7 +38,7 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("slerp", {"t": 0.35}),
     ("passthrough", {"scale": [0.5]}),
 ]
-SHAPES = [(41, 13), (300,), (6, 5, 7), ()]
+SHAPES = [(41, 13), (120,), (6, 5, 7), ()]
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -50,7 +50,7 @@ def test_chunked_equals_whole(name: str, params: dict[str, Any], shape: tuple[in
     ms, base = _inputs(shape, n, seed=len(name) + len(shape), bf16=bf16)
     b = None if spec.base == "ignored" else base
     whole = spec.fn(ms, b, **params)
-    for chunk_elems in (1, 20, 64):
+    for chunk_elems in (5, 16, 50):
         if shape:
             assert len(chunk_grid(shape, chunk_elems)) > 1
         out = merge_tensors(spec, ms, b, params, chunk_elems=chunk_elems)

@@ -19,9 +19,9 @@ kept. Pass 2 records, per chunk, the sparse histogram of the in-bin low bits, so
 tied entries each chunk keeps is known without a third pass. When the whole tensor is a single
 chunk, pass 1 keeps it and pass 2 does not read it again.
 
-Memory: two histograms (32768 and 65536 int64) per stream and selected bin, plus per chunk the
-non-empty entries of the in-bin low histogram (at most 65536 per chunk, usually a few thousand):
-never more than a small fraction of one chunk per chunk, never the tensor.
+Memory: per stream a 32768-bin histogram, per selected bin a 65536-bin one, and per chunk the
+non-empty entries of the in-bin low histogram (at most 65536 per chunk, usually a few thousand).
+Work is done in blocks of at most 1M elements. The tensor itself is never held.
 
 Optionally the exact sums of the selected values are returned (for mergekit's L1 ``rescale``):
 every value in a high bin ``h`` is ``base(h) + lo * ulp(h)``, so the bin's sum is
@@ -113,24 +113,24 @@ class TopK:
         return keep.reshape(values.shape)
 
 
-_BLOCK = 1 << 16
+_SEARCH_BLOCK = 1 << 16
 
 
 def _position_of(flags: torch.Tensor, q: int) -> int:
     """Flat index of the q-th (1-based) True entry of a 1-D bool tensor holding at least q."""
     n = flags.numel()
-    nb = n // _BLOCK
+    nb = n // _SEARCH_BLOCK
     start = 0
     if nb > 1:
         # locate the block first, so the exact search touches one block only
-        counts = flags[: nb * _BLOCK].view(nb, _BLOCK).sum(1).cumsum(0)
+        counts = flags[: nb * _SEARCH_BLOCK].view(nb, _SEARCH_BLOCK).sum(1).cumsum(0)
         j = int(torch.searchsorted(counts, q).item())
         if j < nb:
-            start = j * _BLOCK
+            start = j * _SEARCH_BLOCK
             q -= int(counts[j - 1].item()) if j > 0 else 0
-            flags = flags[start : start + _BLOCK]
+            flags = flags[start : start + _SEARCH_BLOCK]
         else:
-            start = nb * _BLOCK
+            start = nb * _SEARCH_BLOCK
             q -= int(counts[-1].item())
             flags = flags[start:]
     return start + int(torch.nonzero(flags)[q - 1].item())
