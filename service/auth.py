@@ -60,8 +60,10 @@ def _deny_handler(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.R
 
     if handler is None:
         return grpc.unary_unary_rpc_method_handler(abort)
-    kw = {"request_deserializer": handler.request_deserializer,
-          "response_serializer": handler.response_serializer}
+    kw = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(abort_stream, **kw)
     if handler.request_streaming:
@@ -109,8 +111,9 @@ def _read(path: str | Path | None) -> bytes | None:
     return Path(path).read_bytes() if path else None
 
 
-def server_credentials(cert: str | Path, key: str | Path, client_ca: str | Path | None = None
-                       ) -> grpc.ServerCredentials:
+def server_credentials(
+    cert: str | Path, key: str | Path, client_ca: str | Path | None = None
+) -> grpc.ServerCredentials:
     """TLS server credentials; with ``client_ca``, clients must present a certificate it signed."""
     return grpc.ssl_server_credentials(
         [(Path(key).read_bytes(), Path(cert).read_bytes())],
@@ -119,13 +122,15 @@ def server_credentials(cert: str | Path, key: str | Path, client_ca: str | Path 
     )
 
 
-def channel_credentials(ca: str | Path | None = None, cert: str | Path | None = None,
-                        key: str | Path | None = None) -> grpc.ChannelCredentials:
+def channel_credentials(
+    ca: str | Path | None = None, cert: str | Path | None = None, key: str | Path | None = None
+) -> grpc.ChannelCredentials:
     """TLS client credentials (``ca`` None: the system's roots); ``cert``+``key`` for mTLS."""
     if (cert is None) != (key is None):
         raise ValueError("a client certificate needs both --tls-cert and --tls-key")
-    return grpc.ssl_channel_credentials(root_certificates=_read(ca), private_key=_read(key),
-                                        certificate_chain=_read(cert))
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca), private_key=_read(key), certificate_chain=_read(cert)
+    )
 
 
 def token_from_env() -> str | None:

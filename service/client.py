@@ -33,7 +33,9 @@ from service._proto.weightsmith.v1 import merge_service_pb2_grpc as mpb_grpc
 from service.auth import channel_credentials
 
 CHUNK = 1 << 20
-TERMINAL_STATES = frozenset({job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED})
+TERMINAL_STATES = frozenset(
+    {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
+)
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
@@ -79,10 +81,18 @@ def _job_name(name: str) -> str:
 class Client:
     """Talks to one server. ``target`` is ``host:port``."""
 
-    def __init__(self, target: str, *, token: str | None = None, tls: bool = False,
-                 tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
-                 tls_key: str | Path | None = None, timeout: float = 30.0,
-                 server_name_override: str | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        timeout: float = 30.0,
+        server_name_override: str | None = None,
+    ) -> None:
         self.target = target
         self.timeout = timeout
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -90,7 +100,9 @@ class Client:
         if server_name_override:
             options.append(("grpc.ssl_target_name_override", server_name_override))
         if tls or tls_ca or tls_cert:
-            self.channel = grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert, tls_key), options=options)
+            self.channel = grpc.secure_channel(
+                target, channel_credentials(tls_ca, tls_cert, tls_key), options=options
+            )
         else:
             self.channel = grpc.insecure_channel(target, options=options)
         self.merge = mpb_grpc.MergeServiceStub(self.channel)
@@ -114,7 +126,7 @@ class Client:
 
     # -- health -------------------------------------------------------------------------------------
     def health(self, service: str = "") -> str:
-        """"SERVING", "NOT_SERVING"... for ``service`` ("" = the whole server)."""
+        """ "SERVING", "NOT_SERVING"... for ``service`` ("" = the whole server)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self.channel)
@@ -134,13 +146,24 @@ class Client:
             time.sleep(0.1)
 
     # -- merge jobs ---------------------------------------------------------------------------------
-    def create_merge_job(self, recipe: str | dict[str, Any], *, output_path: str = "", overwrite: bool = False,
-                         request_id: str | None = None, compute_dtype: str = "", shard_size: int = 0,
-                         workers: int = 0, validate_only: bool = False) -> mpb.CreateMergeJobResponse:
+    def create_merge_job(
+        self,
+        recipe: str | dict[str, Any],
+        *,
+        output_path: str = "",
+        overwrite: bool = False,
+        request_id: str | None = None,
+        compute_dtype: str = "",
+        shard_size: int = 0,
+        workers: int = 0,
+        validate_only: bool = False,
+    ) -> mpb.CreateMergeJobResponse:
         """Queue a merge (``recipe``: YAML text or a dict). Returns the response (``.job``, ``.plan``)."""
         req = mpb.CreateMergeJobRequest(
-            request_id=request_id if request_id is not None else uuid.uuid4().hex, output_path=output_path,
-            overwrite=overwrite, validate_only=validate_only,
+            request_id=request_id if request_id is not None else uuid.uuid4().hex,
+            output_path=output_path,
+            overwrite=overwrite,
+            validate_only=validate_only,
             options=mpb.MergeJobOptions(compute_dtype=compute_dtype, shard_size=shard_size, workers=workers),
         )
         if isinstance(recipe, dict):
@@ -166,11 +189,14 @@ class Client:
     def retry_job(self, name: str) -> mpb.MergeJob:
         return self._call(self.merge.RetryMergeJob, mpb.RetryMergeJobRequest(name=_job_name(name))).job
 
-    def list_jobs(self, states: list[str] | None = None, page_size: int = 50, page_token: str = ""
-                  ) -> tuple[list[mpb.MergeJob], str]:
+    def list_jobs(
+        self, states: list[str] | None = None, page_size: int = 50, page_token: str = ""
+    ) -> tuple[list[mpb.MergeJob], str]:
         st = [job_pb2.JobState.Value(f"JOB_STATE_{s.upper()}") for s in states or []]
-        resp = self._call(self.merge.ListMergeJobs,
-                          mpb.ListMergeJobsRequest(page_size=page_size, page_token=page_token, states=st))
+        resp = self._call(
+            self.merge.ListMergeJobs,
+            mpb.ListMergeJobsRequest(page_size=page_size, page_token=page_token, states=st),
+        )
         return list(resp.jobs), resp.next_page_token
 
     def iter_jobs(self, states: list[str] | None = None, page_size: int = 100) -> Iterator[mpb.MergeJob]:
@@ -181,8 +207,15 @@ class Client:
             if not token:
                 return
 
-    def watch(self, name: str, from_sequence: int = 0, *, reconnect: bool = True,
-              max_reconnect_s: float = 60.0, timeout: float | None = None) -> Iterator[mpb.WatchMergeJobResponse]:
+    def watch(
+        self,
+        name: str,
+        from_sequence: int = 0,
+        *,
+        reconnect: bool = True,
+        max_reconnect_s: float = 60.0,
+        timeout: float | None = None,
+    ) -> Iterator[mpb.WatchMergeJobResponse]:
         """Events of a job until it ends; on a dropped stream, reconnects after the last sequence.
 
         ``timeout`` bounds the whole watch (TimeoutError); ``max_reconnect_s`` how long the server
@@ -194,8 +227,11 @@ class Client:
         while True:
             remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
             try:
-                stream = self.merge.WatchMergeJob(mpb.WatchMergeJobRequest(name=_job_name(name), from_sequence=seq),
-                                                  metadata=self.metadata, timeout=remaining)
+                stream = self.merge.WatchMergeJob(
+                    mpb.WatchMergeJobRequest(name=_job_name(name), from_sequence=seq),
+                    metadata=self.metadata,
+                    timeout=remaining,
+                )
                 for ev in stream:
                     down_since = None
                     seq = ev.sequence
@@ -214,7 +250,10 @@ class Client:
 
     def wait(self, name: str, timeout: float | None = None) -> mpb.MergeJob:
         """Block until the job ends (SUCCEEDED/FAILED/CANCELLED) or is INTERRUPTED; return it."""
-        for ev in self.watch(name, timeout=timeout):
+        job = self.get_job(name)
+        if job.state in TERMINAL_STATES or job.state == job_pb2.JOB_STATE_INTERRUPTED:
+            return job
+        for ev in self.watch(name, from_sequence=job.last_sequence, timeout=timeout):
             if ev.job.state == job_pb2.JOB_STATE_INTERRUPTED:
                 break
         return self.get_job(name)
@@ -228,14 +267,21 @@ class Client:
         token = ""
         tensors: list[dict[str, Any]] = []
         while True:
-            resp = self._call(self.checkpoints.InspectCheckpoint,
-                              cpb.InspectCheckpointRequest(ref=ref, page_token=token))
+            resp = self._call(
+                self.checkpoints.InspectCheckpoint, cpb.InspectCheckpointRequest(ref=ref, page_token=token)
+            )
             tensors += [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in resp.tensors]
             token = resp.next_page_token
             if not token:
                 break
-        return {"ref": resp.ref, "tensors": tensors, "tensors_total": resp.tensors_total,
-                "parameters_total": resp.parameters_total, "bytes_total": resp.bytes_total, "files": list(resp.files)}
+        return {
+            "ref": resp.ref,
+            "tensors": tensors,
+            "tensors_total": resp.tensors_total,
+            "parameters_total": resp.parameters_total,
+            "bytes_total": resp.bytes_total,
+            "files": list(resp.files),
+        }
 
     def upload(self, path: str | Path, timeout: float = 600.0) -> str:
         """Upload a small checkpoint (a .safetensors file or a folder); returns its ``upload://`` ref."""
@@ -248,8 +294,12 @@ class Client:
             import re
 
             aux = re.compile("|".join(f"(?:{a})" for a in AUX_FILE_PATTERNS))
-            files = sorted(f for f in p.iterdir() if f.is_file() and (
-                f.suffix == ".safetensors" or f.name == INDEX_NAME or aux.fullmatch(f.name)))
+            files = sorted(
+                f
+                for f in p.iterdir()
+                if f.is_file()
+                and (f.suffix == ".safetensors" or f.name == INDEX_NAME or aux.fullmatch(f.name))
+            )
         if not files:
             raise RemoteError("INVALID_ARGUMENT", f"{p}: nothing to upload (no .safetensors file)")
 
@@ -259,8 +309,9 @@ class Client:
                 with open(f, "rb") as fh:
                     while block := fh.read(CHUNK):
                         h.update(block)
-                yield cpb.UploadCheckpointRequest(file=cpb.FileHeader(name=f.name, size=f.stat().st_size,
-                                                                      sha256=h.hexdigest()))
+                yield cpb.UploadCheckpointRequest(
+                    file=cpb.FileHeader(name=f.name, size=f.stat().st_size, sha256=h.hexdigest())
+                )
                 with open(f, "rb") as fh:
                     while block := fh.read(CHUNK):
                         yield cpb.UploadCheckpointRequest(chunk=block)
@@ -283,14 +334,18 @@ class Client:
             assert fh is not None
             fh.close()
             if got != cur.size or h.hexdigest() != cur.sha256:
-                raise RemoteError("DATA_LOSS", f"{cur.name}: received {got} bytes / sha256 {h.hexdigest()}, "
-                                               f"expected {cur.size} / {cur.sha256}")
+                raise RemoteError(
+                    "DATA_LOSS",
+                    f"{cur.name}: received {got} bytes / sha256 {h.hexdigest()}, "
+                    f"expected {cur.size} / {cur.sha256}",
+                )
             os.replace(dest / f".{cur.name}.part", dest / cur.name)
             written.append(dest / cur.name)
 
         try:
-            for msg in self.checkpoints.DownloadCheckpoint(cpb.DownloadCheckpointRequest(ref=ref), timeout=timeout,
-                                                           metadata=self.metadata):
+            for msg in self.checkpoints.DownloadCheckpoint(
+                cpb.DownloadCheckpointRequest(ref=ref), timeout=timeout, metadata=self.metadata
+            ):
                 if msg.WhichOneof("payload") == "file":
                     finish()
                     cur = msg.file

@@ -52,7 +52,7 @@ from typing import Any
 
 import yaml
 
-from merge.errors import MergeCancelled, OutputExistsError, RecipeError, WeightsmithError
+from merge.errors import MergeCancelled, OutputExistsError, WeightsmithError
 from service.paths import (
     JOB_SCHEME,
     HubConfig,
@@ -64,7 +64,13 @@ from service.paths import (
 )
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, INTERRUPTED = (
-    "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "INTERRUPTED")
+    "QUEUED",
+    "RUNNING",
+    "SUCCEEDED",
+    "FAILED",
+    "CANCELLED",
+    "INTERRUPTED",
+)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 ACTIVE = frozenset({QUEUED, RUNNING, INTERRUPTED})
 COMPUTE_DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -127,9 +133,28 @@ class JobEvent:
 
 
 _COLUMNS = (
-    "id", "state", "recipe_yaml", "method", "output_path", "overwrite", "options_json", "request_id",
-    "request_hash", "est_bytes", "attempt", "cancel_requested", "worker_pid", "create_time", "start_time",
-    "end_time", "progress_json", "error_code", "error_message", "result_json", "job_refs_json", "last_seq",
+    "id",
+    "state",
+    "recipe_yaml",
+    "method",
+    "output_path",
+    "overwrite",
+    "options_json",
+    "request_id",
+    "request_hash",
+    "est_bytes",
+    "attempt",
+    "cancel_requested",
+    "worker_pid",
+    "create_time",
+    "start_time",
+    "end_time",
+    "progress_json",
+    "error_code",
+    "error_message",
+    "result_json",
+    "job_refs_json",
+    "last_seq",
 )
 
 
@@ -186,7 +211,8 @@ class JobStore:
                   job_refs_json TEXT NOT NULL,
                   last_seq INTEGER NOT NULL DEFAULT 0
                 );
-                CREATE UNIQUE INDEX IF NOT EXISTS jobs_request_id ON jobs(request_id) WHERE request_id IS NOT NULL;
+                CREATE UNIQUE INDEX IF NOT EXISTS jobs_request_id ON jobs(request_id)
+                  WHERE request_id IS NOT NULL;
                 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
                 CREATE TABLE IF NOT EXISTS events (
                   job_id TEXT NOT NULL REFERENCES jobs(id),
@@ -200,7 +226,9 @@ class JobStore:
             )
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         elif version != SCHEMA_VERSION:
-            raise RuntimeError(f"{path}: job store schema version {version}, this server knows {SCHEMA_VERSION}")
+            raise RuntimeError(
+                f"{path}: job store schema version {version}, this server knows {SCHEMA_VERSION}"
+            )
 
     @_locked
     def close(self) -> None:
@@ -209,31 +237,61 @@ class JobStore:
     @staticmethod
     def _record(row: sqlite3.Row) -> JobRecord:
         return JobRecord(
-            id=row["id"], rowid=row["rowid"], state=row["state"], recipe_yaml=row["recipe_yaml"],
-            method=row["method"], output_path=row["output_path"], overwrite=bool(row["overwrite"]),
-            options=json.loads(row["options_json"]), request_id=row["request_id"] or "",
-            request_hash=row["request_hash"], est_bytes=row["est_bytes"], attempt=row["attempt"],
-            cancel_requested=bool(row["cancel_requested"]), worker_pid=row["worker_pid"],
-            create_time=row["create_time"], start_time=row["start_time"], end_time=row["end_time"],
-            progress=json.loads(row["progress_json"]), error_code=row["error_code"],
+            id=row["id"],
+            rowid=row["rowid"],
+            state=row["state"],
+            recipe_yaml=row["recipe_yaml"],
+            method=row["method"],
+            output_path=row["output_path"],
+            overwrite=bool(row["overwrite"]),
+            options=json.loads(row["options_json"]),
+            request_id=row["request_id"] or "",
+            request_hash=row["request_hash"],
+            est_bytes=row["est_bytes"],
+            attempt=row["attempt"],
+            cancel_requested=bool(row["cancel_requested"]),
+            worker_pid=row["worker_pid"],
+            create_time=row["create_time"],
+            start_time=row["start_time"],
+            end_time=row["end_time"],
+            progress=json.loads(row["progress_json"]),
+            error_code=row["error_code"],
             error_message=row["error_message"],
             result=json.loads(row["result_json"]) if row["result_json"] else None,
-            job_refs=json.loads(row["job_refs_json"]), last_seq=row["last_seq"],
+            job_refs=json.loads(row["job_refs_json"]),
+            last_seq=row["last_seq"],
         )
 
     @_locked
     def insert(self, rec: JobRecord) -> JobRecord:
         vals = {
-            "id": rec.id, "state": rec.state, "recipe_yaml": rec.recipe_yaml, "method": rec.method,
-            "output_path": rec.output_path, "overwrite": int(rec.overwrite),
-            "options_json": json.dumps(rec.options), "request_id": rec.request_id or None,
-            "request_hash": rec.request_hash, "est_bytes": rec.est_bytes, "attempt": rec.attempt,
-            "cancel_requested": 0, "worker_pid": None, "create_time": rec.create_time, "start_time": None,
-            "end_time": None, "progress_json": json.dumps(rec.progress), "error_code": None,
-            "error_message": None, "result_json": None, "job_refs_json": json.dumps(rec.job_refs), "last_seq": 0,
+            "id": rec.id,
+            "state": rec.state,
+            "recipe_yaml": rec.recipe_yaml,
+            "method": rec.method,
+            "output_path": rec.output_path,
+            "overwrite": int(rec.overwrite),
+            "options_json": json.dumps(rec.options),
+            "request_id": rec.request_id or None,
+            "request_hash": rec.request_hash,
+            "est_bytes": rec.est_bytes,
+            "attempt": rec.attempt,
+            "cancel_requested": 0,
+            "worker_pid": None,
+            "create_time": rec.create_time,
+            "start_time": None,
+            "end_time": None,
+            "progress_json": json.dumps(rec.progress),
+            "error_code": None,
+            "error_message": None,
+            "result_json": None,
+            "job_refs_json": json.dumps(rec.job_refs),
+            "last_seq": 0,
         }
-        self.db.execute(f"INSERT INTO jobs ({', '.join(vals)}) VALUES ({', '.join('?' * len(vals))})",
-                        tuple(vals.values()))
+        self.db.execute(
+            f"INSERT INTO jobs ({', '.join(vals)}) VALUES ({', '.join('?' * len(vals))})",
+            tuple(vals.values()),
+        )
         got = self.get(rec.id)
         assert got is not None
         return got
@@ -266,7 +324,11 @@ class JobStore:
         if before_rowid is not None:
             where.append("rowid < ?")
             args.append(before_rowid)
-        q = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY rowid DESC LIMIT ?"
+        q = (
+            "SELECT * FROM jobs"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY rowid DESC LIMIT ?"
+        )
         return [self._record(r) for r in self.db.execute(q, (*args, page_size))]
 
     @_locked
@@ -290,8 +352,10 @@ class JobStore:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             seq = int(self.db.execute("SELECT last_seq FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]) + 1
-            self.db.execute("INSERT INTO events (job_id, seq, time, state, progress_json) VALUES (?, ?, ?, ?, ?)",
-                            (job_id, seq, now, state, json.dumps(progress)))
+            self.db.execute(
+                "INSERT INTO events (job_id, seq, time, state, progress_json) VALUES (?, ?, ?, ?, ?)",
+                (job_id, seq, now, state, json.dumps(progress)),
+            )
             self.update(job_id, state=state, progress=progress, last_seq=seq, **fields)
             self.db.execute("COMMIT")
         except BaseException:
@@ -302,8 +366,12 @@ class JobStore:
     @_locked
     def events_after(self, job_id: str, seq: int, limit: int = 500) -> list[JobEvent]:
         rows = self.db.execute(
-            "SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?", (job_id, seq, limit))
-        return [JobEvent(r["job_id"], r["seq"], r["time"], r["state"], json.loads(r["progress_json"])) for r in rows]
+            "SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?", (job_id, seq, limit)
+        )
+        return [
+            JobEvent(r["job_id"], r["seq"], r["time"], r["state"], json.loads(r["progress_json"]))
+            for r in rows
+        ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +385,9 @@ class _NoAliasLoader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise yaml.YAMLError(f"YAML aliases are not allowed in a recipe (line {event.start_mark.line + 1})")
+            raise yaml.YAMLError(
+                f"YAML aliases are not allowed in a recipe (line {event.start_mark.line + 1})"
+            )
         return super().compose_node(parent, index)
 
 
@@ -366,12 +436,37 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         os.close(dfd)
 
 
+def _release_forkserver() -> None:
+    """Close this child's copy of the forkserver's "alive" pipe, so that the forkserver (and with
+    it, through PR_SET_PDEATHSIG, this worker) notices when the server dies."""
+    with contextlib.suppress(Exception):
+        from multiprocessing import forkserver
+
+        fd = forkserver._forkserver._forkserver_alive_fd  # noqa: SLF001 - no public API for this
+        if fd is not None:
+            os.close(fd)
+            forkserver._forkserver._forkserver_alive_fd = None  # noqa: SLF001
+
+
+def _watch_server(conn: Connection, cancel: threading.Event) -> None:
+    """Thread: the server holds the other end of ``conn``; when it goes away (crash, SIGKILL),
+    the pipe reports POLLERR and the merge is cancelled at the next tensor (no output)."""
+    import select
+
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLERR | select.POLLHUP)
+    while not poller.poll():
+        pass
+    cancel.set()
+
+
 def worker_main(spec: dict[str, Any], conn: Connection) -> None:
     """Entry point of a job's worker process: run one merge, report over ``conn``, exit."""
     parent = os.getppid()
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before the death signal was armed
         os._exit(3)
+    _release_forkserver()
     job_dir = Path(spec["job_dir"])
     log = os.open(job_dir / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log, 1)
@@ -382,6 +477,7 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
     cancel = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: cancel.set())
     signal.signal(signal.SIGINT, lambda *_: cancel.set())
+    threading.Thread(target=_watch_server, args=(conn, cancel), daemon=True, name="watch-server").start()
     send_lock = threading.Lock()
 
     def send(msg: dict[str, Any]) -> None:
@@ -398,8 +494,9 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
 
         roots = Roots(spec["roots"], spec["extra_roots"])
         job_refs = {k: Path(v) for k, v in spec["job_refs"].items()}
-        resolver = RefResolver(roots, Path(spec["uploads_dir"]), job_output=job_refs.get,
-                               hub=HubConfig(**spec["hub"]))
+        resolver = RefResolver(
+            roots, Path(spec["uploads_dir"]), job_output=job_refs.get, hub=HubConfig(**spec["hub"])
+        )
         delay = float(spec.get("delay_per_tensor", 0.0))
         last = {"t": 0.0, "phase": ""}
 
@@ -412,11 +509,17 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
                 time.sleep(delay)
 
         opts = spec["options"]
-        options = MergeOptions(device=spec.get("device", "cpu"), compute_dtype=opts.get("compute_dtype") or None,
-                               shard_size=int(opts.get("shard_size") or 5 * 10**9), allow_pickle=False,
-                               workers=int(opts.get("workers") or 2), overwrite=bool(spec["overwrite"]))
-        result = run_merge(spec["recipe"], spec["output_path"], options, progress=progress, cancel=cancel,
-                           resolver=resolver)
+        options = MergeOptions(
+            device=spec.get("device", "cpu"),
+            compute_dtype=opts.get("compute_dtype") or None,
+            shard_size=int(opts.get("shard_size") or 5 * 10**9),
+            allow_pickle=False,
+            workers=int(opts.get("workers") or 2),
+            overwrite=bool(spec["overwrite"]),
+        )
+        result = run_merge(
+            spec["recipe"], spec["output_path"], options, progress=progress, cancel=cancel, resolver=resolver
+        )
         out = result.to_json()
         out["attempt"] = spec["attempt"]
         write_json_atomic(job_dir / "result.json", out)
@@ -431,8 +534,14 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
         import traceback
 
         traceback.print_exc()
-        send({"type": "error", "code": "INTERNAL",
-              "message": f"internal error in the merge worker ({type(e).__name__}); see the job's worker.log"})
+        send(
+            {
+                "type": "error",
+                "code": "INTERNAL",
+                "message": f"internal error in the merge worker ({type(e).__name__}); "
+                "see the job's worker.log",
+            }
+        )
         code = 5
     finally:
         with contextlib.suppress(Exception):
@@ -454,7 +563,7 @@ class JobManagerConfig:
     max_running: int = 1
     max_queued: int = 16
     memory_budget: int = 4 << 30
-    worker_overhead_bytes: int = 256 << 20
+    worker_overhead_bytes: int = 64 << 20  # measured: ~15 MB private per forked worker
     max_models: int = 32
     job_workers: int = 2
     job_threads: int = 1
@@ -572,14 +681,21 @@ class JobManager:
             job_dir = self.config.jobs_dir / rec.id
             await asyncio.to_thread(_wait_worker_gone, job_dir, rec.worker_pid, self.config.kill_grace)
             result = self._read_result(rec)
+            cleanup_partial_outputs(Path(rec.output_path))
+            if result is None:
+                result = self._output_without_result(rec)
             if result is not None:
                 self._finish(rec.id, SUCCEEDED, result=result)
                 continue
-            cleanup_partial_outputs(Path(rec.output_path))
-            msg = (f"the server stopped while attempt {rec.attempt} ran; no output was written "
-                   "(retry the job with RetryMergeJob)")
-            self._finish(rec.id, CANCELLED if rec.cancel_requested else INTERRUPTED,
-                         error=("CANCELLED" if rec.cancel_requested else "ABORTED", msg))
+            msg = (
+                f"the server stopped while attempt {rec.attempt} ran; no output was written "
+                "(retry the job with RetryMergeJob)"
+            )
+            self._finish(
+                rec.id,
+                CANCELLED if rec.cancel_requested else INTERRUPTED,
+                error=("CANCELLED" if rec.cancel_requested else "ABORTED", msg),
+            )
         if self.config.resume_interrupted:
             for rec in self.store.in_states({INTERRUPTED}):
                 self._requeue(rec)
@@ -594,14 +710,46 @@ class JobManager:
             return None
         return res
 
+    def _output_without_result(self, rec: JobRecord) -> dict[str, Any] | None:
+        """The worker died between renaming its output into place and writing ``result.json``.
+
+        Only for jobs that may not overwrite: creation refused an existing output and no other
+        active job may target it, so an output folder there now is this job's, complete (the
+        rename is atomic). Its summary is rebuilt from the headers.
+        """
+        out = Path(rec.output_path)
+        if rec.overwrite or not out.is_dir():
+            return None
+        try:
+            from merge.checkpoint import open_checkpoint
+
+            ckpt = open_checkpoint(out)
+        except WeightsmithError:
+            return None
+        total = rec.progress.get("tensors_total")
+        if total and len(ckpt) != total:
+            return None
+        return {
+            "out_dir": str(out),
+            "method": rec.method,
+            "n_tensors": len(ckpt),
+            "bytes_written": ckpt.total_bytes,
+            "shards": [f.name for f in ckpt.files],
+            "seconds": 0.0,
+            "models": [],
+            "attempt": rec.attempt,
+            "reconstructed": True,
+        }
+
     async def shutdown(self, grace: float) -> None:
         """Stop taking jobs; let running jobs finish for ``grace`` s, then interrupt them."""
         self.accepting = False
         deadline = time.monotonic() + grace
         while self._running and time.monotonic() < deadline:
             waits = [asyncio.create_task(r.done.wait()) for r in self._running.values()]
-            await asyncio.wait(waits, timeout=max(0.0, deadline - time.monotonic()),
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                waits, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+            )
             for w in waits:
                 w.cancel()
         for r in list(self._running.values()):
@@ -634,20 +782,47 @@ class JobManager:
         self._notify(job_id)
         return ev
 
-    def _finish(self, job_id: str, state: str, *, result: dict[str, Any] | None = None,
-                error: tuple[str, str] | None = None) -> None:
+    def _finish(
+        self,
+        job_id: str,
+        state: str,
+        *,
+        result: dict[str, Any] | None = None,
+        error: tuple[str, str] | None = None,
+    ) -> None:
         rec = self.store.get(job_id)
         assert rec is not None
         progress = dict(rec.progress)
         if state == SUCCEEDED:
-            progress.update(phase="done", tensors_done=progress.get("tensors_total", 0),
-                            bytes_done=progress.get("bytes_total", 0))
-        self._event(job_id, state, progress, end_time=time.time(), worker_pid=None, result=result,
-                    error_code=error[0] if error else None, error_message=error[1] if error else None)
+            progress.update(
+                phase="done",
+                tensors_done=progress.get("tensors_total", 0),
+                bytes_done=progress.get("bytes_total", 0),
+            )
+        self._event(
+            job_id,
+            state,
+            progress,
+            end_time=time.time(),
+            worker_pid=None,
+            result=result,
+            error_code=error[0] if error else None,
+            error_message=error[1] if error else None,
+        )
 
     def _requeue(self, rec: JobRecord) -> None:
-        self._event(rec.id, QUEUED, {"phase": "queued"}, attempt=rec.attempt + 1, start_time=None,
-                    end_time=None, error_code=None, error_message=None, result=None, cancel_requested=False)
+        self._event(
+            rec.id,
+            QUEUED,
+            {"phase": "queued"},
+            attempt=rec.attempt + 1,
+            start_time=None,
+            end_time=None,
+            error_code=None,
+            error_message=None,
+            result=None,
+            cancel_requested=False,
+        )
 
     def get(self, job_id: str) -> JobRecord:
         jid = job_id.removeprefix("jobs/")
@@ -663,16 +838,28 @@ class JobManager:
         return Path(rec.output_path)
 
     def resolver(self) -> RefResolver:
-        return RefResolver(self.roots, self.config.uploads_dir, job_output=self.job_output, hub=self.config.hub)
+        return RefResolver(
+            self.roots, self.config.uploads_dir, job_output=self.job_output, hub=self.config.hub
+        )
 
     # -- create -------------------------------------------------------------------------------------
-    async def create(self, *, recipe: dict[str, Any], output_path: str, overwrite: bool, options: dict[str, Any],
-                     request_id: str, validate_only: bool) -> tuple[JobRecord | None, dict[str, Any] | None]:
+    async def create(
+        self,
+        *,
+        recipe: dict[str, Any],
+        output_path: str,
+        overwrite: bool,
+        options: dict[str, Any],
+        request_id: str,
+        validate_only: bool,
+    ) -> tuple[JobRecord | None, dict[str, Any] | None]:
         if not self.accepting:
             raise ServiceError("UNAVAILABLE", "the server is shutting down and takes no new jobs")
         options = self._check_options(options)
-        req_hash = hashlib.sha256(_canonical(
-            {"recipe": recipe, "output_path": output_path, "overwrite": overwrite, "options": options}).encode()
+        req_hash = hashlib.sha256(
+            _canonical(
+                {"recipe": recipe, "output_path": output_path, "overwrite": overwrite, "options": options}
+            ).encode()
         ).hexdigest()
         if request_id and not validate_only:
             if len(request_id) > 200:
@@ -680,22 +867,30 @@ class JobManager:
             prev = self.store.by_request_id(request_id)
             if prev is not None:
                 if prev.request_hash != req_hash:
-                    raise ServiceError("ALREADY_EXISTS", f"request_id '{request_id}' was used by {prev.name} for a "
-                                                         "different request", "request_id")
+                    raise ServiceError(
+                        "ALREADY_EXISTS",
+                        f"request_id '{request_id}' was used by {prev.name} for a different request",
+                        "request_id",
+                    )
                 return prev, None
         from merge.recipe import load_recipe
 
         r = load_recipe(recipe)
         refs = r.model_refs()
         if len(refs) > self.config.max_models:
-            raise ServiceError("RESOURCE_EXHAUSTED", f"recipe: {len(refs)} models, more than this server's limit of "
-                                                     f"{self.config.max_models}", "recipe")
+            raise ServiceError(
+                "RESOURCE_EXHAUSTED",
+                f"recipe: {len(refs)} models, more than this server's limit of {self.config.max_models}",
+                "recipe",
+            )
         resolver = self.resolver()
         kinds = {ref: resolver.kind(ref) for ref in refs}
         for ref, kind in kinds.items():
             if kind == "hub" and not self.config.hub.enabled:
-                raise HubDisabledError(f"model '{ref}': Hub references are disabled on this server "
-                                       "(start it with --hub), and no such path exists under its roots")
+                raise HubDisabledError(
+                    f"model '{ref}': Hub references are disabled on this server "
+                    "(start it with --hub), and no such path exists under its roots"
+                )
         job_id = uuid.uuid4().hex
         if output_path:
             out = self.roots.resolve_output(output_path, "output_path")
@@ -705,15 +900,18 @@ class JobManager:
             raise OutputExistsError(f"output_path: {out} already exists (set overwrite to replace it)")
         for other in self.store.in_states(ACTIVE):
             if overlaps(Path(other.output_path), out):
-                raise ServiceError("ALREADY_EXISTS", f"output_path: {out} overlaps the output of {other.name}, "
-                                                     f"which is {other.state.lower()}", "output_path")
+                raise ServiceError(
+                    "ALREADY_EXISTS",
+                    f"output_path: {out} overlaps the output of {other.name}, which is {other.state.lower()}",
+                    "output_path",
+                )
         plan_summary: dict[str, Any] | None = None
         est = self.config.worker_overhead_bytes
         job_refs: dict[str, str] = {}
         for ref, kind in kinds.items():
             if kind == "job":
                 res = resolver(ref)
-                job_refs[ref[len(JOB_SCHEME):]] = str(res.path)
+                job_refs[ref[len(JOB_SCHEME) :]] = str(res.path)
         if "hub" not in kinds.values():
             plan = await asyncio.to_thread(self._plan, r, options, resolver)
             for m in plan.models:
@@ -726,16 +924,22 @@ class JobManager:
                 if kind != "hub":
                     res = resolver(ref)
                     if overlaps(Path(res.path), out):
-                        raise InvalidPathError(f"output_path: {out} overlaps input model '{ref}' ({res.path})")
+                        raise InvalidPathError(
+                            f"output_path: {out} overlaps input model '{ref}' ({res.path})"
+                        )
         if est > self.config.memory_budget:
-            raise ServiceError("RESOURCE_EXHAUSTED",
-                               f"the merge needs about {est:,} bytes of memory, more than this server's budget "
-                               f"of {self.config.memory_budget:,} bytes")
+            raise ServiceError(
+                "RESOURCE_EXHAUSTED",
+                f"the merge needs about {est:,} bytes of memory, more than this server's budget "
+                f"of {self.config.memory_budget:,} bytes",
+            )
         if validate_only:
             return None, plan_summary
         if self.store.count(QUEUED) >= self.config.max_queued:
-            raise ServiceError("RESOURCE_EXHAUSTED",
-                               f"the job queue is full ({self.config.max_queued} queued jobs); retry later")
+            raise ServiceError(
+                "RESOURCE_EXHAUSTED",
+                f"the job queue is full ({self.config.max_queued} queued jobs); retry later",
+            )
         if not self.accepting:
             raise ServiceError("UNAVAILABLE", "the server is shutting down and takes no new jobs")
         if request_id:
@@ -743,13 +947,36 @@ class JobManager:
             if prev is not None:
                 return prev, plan_summary
         rec = JobRecord(
-            id=job_id, rowid=0, state=QUEUED, recipe_yaml=r.to_yaml(), method=r.merge_method, output_path=str(out),
-            overwrite=overwrite, options=options, request_id=request_id, request_hash=req_hash, est_bytes=est,
-            attempt=1, cancel_requested=False, worker_pid=None, create_time=time.time(), start_time=None,
-            end_time=None, progress={"phase": "queued", **({"tensors_total": plan_summary["n_tensors"],
-                                                             "bytes_total": plan_summary["bytes_out"]}
-                                                            if plan_summary else {})},
-            error_code=None, error_message=None, result=None, job_refs=job_refs, last_seq=0,
+            id=job_id,
+            rowid=0,
+            state=QUEUED,
+            recipe_yaml=r.to_yaml(),
+            method=r.merge_method,
+            output_path=str(out),
+            overwrite=overwrite,
+            options=options,
+            request_id=request_id,
+            request_hash=req_hash,
+            est_bytes=est,
+            attempt=1,
+            cancel_requested=False,
+            worker_pid=None,
+            create_time=time.time(),
+            start_time=None,
+            end_time=None,
+            progress={
+                "phase": "queued",
+                **(
+                    {"tensors_total": plan_summary["n_tensors"], "bytes_total": plan_summary["bytes_out"]}
+                    if plan_summary
+                    else {}
+                ),
+            },
+            error_code=None,
+            error_message=None,
+            result=None,
+            job_refs=job_refs,
+            last_seq=0,
         )
         (self.config.jobs_dir / job_id).mkdir(parents=True, exist_ok=False)
         self.store.insert(rec)
@@ -760,23 +987,34 @@ class JobManager:
     def _check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         cd = options.get("compute_dtype") or ""
         if cd and cd not in COMPUTE_DTYPES:
-            raise ServiceError("INVALID_ARGUMENT", f"options.compute_dtype: {cd!r} is not one of "
-                                                   f"{', '.join(COMPUTE_DTYPES)}", "options.compute_dtype")
+            raise ServiceError(
+                "INVALID_ARGUMENT",
+                f"options.compute_dtype: {cd!r} is not one of {', '.join(COMPUTE_DTYPES)}",
+                "options.compute_dtype",
+            )
         shard = int(options.get("shard_size") or 0)
         if shard < 0 or (0 < shard < 1024):
-            raise ServiceError("INVALID_ARGUMENT", f"options.shard_size: {shard} (must be 0 for the default or "
-                                                   ">= 1024 bytes)", "options.shard_size")
+            raise ServiceError(
+                "INVALID_ARGUMENT",
+                f"options.shard_size: {shard} (must be 0 for the default or >= 1024 bytes)",
+                "options.shard_size",
+            )
         workers = int(options.get("workers") or 0)
         if not 0 <= workers <= 16:
-            raise ServiceError("INVALID_ARGUMENT", f"options.workers: {workers} (must be 0..16)", "options.workers")
+            raise ServiceError(
+                "INVALID_ARGUMENT", f"options.workers: {workers} (must be 0..16)", "options.workers"
+            )
         return {"compute_dtype": cd, "shard_size": shard, "workers": workers or self.config.job_workers}
 
     def _plan(self, recipe: Any, options: dict[str, Any], resolver: RefResolver) -> Any:
         from merge.engine import MergeOptions, plan_merge
 
-        mo = MergeOptions(compute_dtype=options["compute_dtype"] or None,
-                          shard_size=options["shard_size"] or 5 * 10**9, allow_pickle=False,
-                          workers=options["workers"])
+        mo = MergeOptions(
+            compute_dtype=options["compute_dtype"] or None,
+            shard_size=options["shard_size"] or 5 * 10**9,
+            allow_pickle=False,
+            workers=options["workers"],
+        )
         plan = plan_merge(recipe, mo, resolver=resolver)
         for c in plan.checkpoints:
             c.close()
@@ -803,16 +1041,33 @@ class JobManager:
         with contextlib.suppress(FileNotFoundError):
             (job_dir / "result.json").unlink()
         spec = {
-            "job_id": rec.id, "attempt": rec.attempt, "job_dir": str(job_dir),
-            "recipe": yaml.safe_load(rec.recipe_yaml), "output_path": rec.output_path,
-            "overwrite": rec.overwrite, "options": rec.options, "roots": [str(p) for p in self.roots.roots],
-            "extra_roots": [str(p) for p in self.roots.extra], "uploads_dir": str(cfg.uploads_dir),
-            "job_refs": rec.job_refs, "hub": asdict(cfg.hub), "device": cfg.device, "threads": cfg.job_threads,
+            "job_id": rec.id,
+            "attempt": rec.attempt,
+            "job_dir": str(job_dir),
+            "recipe": yaml.safe_load(rec.recipe_yaml),
+            "output_path": rec.output_path,
+            "overwrite": rec.overwrite,
+            "options": rec.options,
+            "roots": [str(p) for p in self.roots.roots],
+            "extra_roots": [str(p) for p in self.roots.extra],
+            "uploads_dir": str(cfg.uploads_dir),
+            "job_refs": rec.job_refs,
+            "hub": asdict(cfg.hub),
+            "device": cfg.device,
+            "threads": cfg.job_threads,
             "delay_per_tensor": cfg.delay_per_tensor,
         }
-        write_json_atomic(job_dir / "spec.json", spec)
-        self._event(rec.id, RUNNING, {**rec.progress, "phase": "starting"}, start_time=time.time(),
-                    end_time=None, worker_pid=None)
+        write_json_atomic(
+            job_dir / "spec.json", {**spec, "hub": {**spec["hub"], "token": None}}
+        )  # for humans
+        self._event(
+            rec.id,
+            RUNNING,
+            {**rec.progress, "phase": "starting"},
+            start_time=time.time(),
+            end_time=None,
+            worker_pid=None,
+        )
         run = _Running(rec.id, None, rec.est_bytes)
         self._running[rec.id] = run
         try:
@@ -828,13 +1083,15 @@ class JobManager:
         self.store.update(rec.id, worker_pid=proc.pid)
         if self.store.get(rec.id).cancel_requested:  # type: ignore[union-attr]
             self._signal(run, signal.SIGTERM)
-        threading.Thread(target=self._reader, args=(rec.id, proc, conn), daemon=True,
-                         name=f"job-{rec.id[:8]}").start()
+        threading.Thread(
+            target=self._reader, args=(rec.id, proc, conn), daemon=True, name=f"job-{rec.id[:8]}"
+        ).start()
 
     def _spawn(self, spec: dict[str, Any]) -> tuple[Any, Connection]:
         r, w = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(target=worker_main, args=(spec, w), name=f"weightsmith-job-{spec['job_id'][:8]}",
-                                 daemon=False)
+        proc = self._ctx.Process(
+            target=worker_main, args=(spec, w), name=f"weightsmith-job-{spec['job_id'][:8]}", daemon=False
+        )
         proc.start()
         w.close()
         return proc, r
@@ -880,15 +1137,33 @@ class JobManager:
             if kind == "error":
                 self._finish(job_id, FAILED, error=(out["code"], out["message"]))
             elif run.interrupt:
-                self._finish(job_id, INTERRUPTED, error=(
-                    "ABORTED", f"the server shut down before attempt {rec.attempt} finished; no output was written "
-                               "(retry the job with RetryMergeJob)"))
+                self._finish(
+                    job_id,
+                    INTERRUPTED,
+                    error=(
+                        "ABORTED",
+                        f"the server shut down before attempt {rec.attempt} finished; no output was written "
+                        "(retry the job with RetryMergeJob)",
+                    ),
+                )
             elif rec.cancel_requested or kind == "cancelled":
-                self._finish(job_id, CANCELLED, error=("CANCELLED", "the job was cancelled; no output was written"))
+                self._finish(
+                    job_id, CANCELLED, error=("CANCELLED", "the job was cancelled; no output was written")
+                )
             else:
-                how = f"signal {-exitcode}" if exitcode is not None and exitcode < 0 else f"exit code {exitcode}"
-                self._finish(job_id, FAILED, error=(
-                    "ABORTED", f"the merge worker died ({how}; out of memory?); no output was written"))
+                how = (
+                    f"signal {-exitcode}"
+                    if exitcode is not None and exitcode < 0
+                    else f"exit code {exitcode}"
+                )
+                self._finish(
+                    job_id,
+                    FAILED,
+                    error=(
+                        "ABORTED",
+                        f"the merge worker died ({how}; out of memory?); no output was written",
+                    ),
+                )
         run.done.set()
         if self._loop is not None and self.accepting:
             self._loop.create_task(self._schedule())
@@ -902,8 +1177,11 @@ class JobManager:
     async def cancel(self, job_id: str) -> JobRecord:
         rec = self.get(job_id)
         if rec.state in TERMINAL:
-            raise ServiceError("FAILED_PRECONDITION", f"{rec.name} already ended ({rec.state.lower()}); "
-                                                      "nothing to cancel", "name")
+            raise ServiceError(
+                "FAILED_PRECONDITION",
+                f"{rec.name} already ended ({rec.state.lower()}); nothing to cancel",
+                "name",
+            )
         if rec.state in (QUEUED, INTERRUPTED):
             self._finish(rec.id, CANCELLED, error=("CANCELLED", "the job was cancelled before it ran"))
         elif rec.state == RUNNING and not rec.cancel_requested:
@@ -924,8 +1202,11 @@ class JobManager:
     async def retry(self, job_id: str) -> JobRecord:
         rec = self.get(job_id)
         if rec.state not in (INTERRUPTED, FAILED):
-            raise ServiceError("FAILED_PRECONDITION", f"{rec.name} is {rec.state.lower()}; only interrupted or "
-                                                      "failed jobs can be retried", "name")
+            raise ServiceError(
+                "FAILED_PRECONDITION",
+                f"{rec.name} is {rec.state.lower()}; only interrupted or failed jobs can be retried",
+                "name",
+            )
         if not self.accepting:
             raise ServiceError("UNAVAILABLE", "the server is shutting down and takes no new jobs")
         out = Path(rec.output_path)
@@ -935,7 +1216,9 @@ class JobManager:
             if other.id != rec.id and overlaps(Path(other.output_path), out):
                 raise ServiceError("ALREADY_EXISTS", f"output_path: {out} is now the target of {other.name}")
         if self.store.count(QUEUED) >= self.config.max_queued:
-            raise ServiceError("RESOURCE_EXHAUSTED", f"the job queue is full ({self.config.max_queued} queued jobs)")
+            raise ServiceError(
+                "RESOURCE_EXHAUSTED", f"the job queue is full ({self.config.max_queued} queued jobs)"
+            )
         self._requeue(rec)
         await self._schedule()
         return self.get(rec.id)
@@ -948,8 +1231,9 @@ class JobManager:
             try:
                 before = int(page_token)
             except ValueError:
-                raise ServiceError("INVALID_ARGUMENT", "page_token: not a token this server issued",
-                                   "page_token") from None
+                raise ServiceError(
+                    "INVALID_ARGUMENT", "page_token: not a token this server issued", "page_token"
+                ) from None
         recs = self.store.page(states, size + 1, before)
         more = len(recs) > size
         recs = recs[:size]
@@ -983,12 +1267,6 @@ class JobManager:
         return list(self._running)
 
 
-def job_refs_of(recipe_yaml: str) -> list[str]:
-    from merge.recipe import load_recipe
-
-    return [r for r in load_recipe(yaml.safe_load(recipe_yaml)).model_refs() if r.startswith(JOB_SCHEME)]
-
-
 __all__ = [
     "ACTIVE",
     "CANCELLED",
@@ -1003,13 +1281,8 @@ __all__ = [
     "JobManagerConfig",
     "JobRecord",
     "JobStore",
-    "RecipeError",
     "ServiceError",
     "cleanup_partial_outputs",
     "parse_recipe_text",
     "worker_main",
 ]
-
-
-def _callable_check(fn: Callable[..., Any]) -> None:  # pragma: no cover - keeps typing imports used
-    del fn

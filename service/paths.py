@@ -189,9 +189,14 @@ def looks_like_hub(ref: str) -> bool:
 class RefResolver:
     """Turns a recipe's model references into confined local paths (a ``resolver`` for the engine)."""
 
-    def __init__(self, roots: Roots, uploads_dir: Path, *,
-                 job_output: Callable[[str], Path | None] | None = None,
-                 hub: HubConfig | None = None) -> None:
+    def __init__(
+        self,
+        roots: Roots,
+        uploads_dir: Path,
+        *,
+        job_output: Callable[[str], Path | None] | None = None,
+        hub: HubConfig | None = None,
+    ) -> None:
         self.roots = roots
         self.uploads_dir = uploads_dir
         self.job_output = job_output
@@ -199,7 +204,7 @@ class RefResolver:
         self._hub_resolver: Any = None
 
     def kind(self, ref: str) -> str:
-        """"upload", "job", "path" or "hub" (without touching the file system beyond exists())."""
+        """ "upload", "job", "path" or "hub" (without touching the file system beyond exists())."""
         if ref.startswith(UPLOAD_SCHEME):
             return "upload"
         if ref.startswith(JOB_SCHEME):
@@ -211,8 +216,11 @@ class RefResolver:
         p = Path(ref)
         if p.is_absolute() or ref.startswith(("./", "~")):
             return "path"
-        if "\x00" not in ref and ".." not in p.parts and any(
-                (r / p).exists() or (r / p).is_symlink() for r in self.roots.roots):
+        if (
+            "\x00" not in ref
+            and ".." not in p.parts
+            and any((r / p).exists() or (r / p).is_symlink() for r in self.roots.roots)
+        ):
             return "path"
         return "hub" if looks_like_hub(ref) else "path"
 
@@ -220,15 +228,17 @@ class RefResolver:
         field = field or f"model '{ref}'"
         kind = self.kind(ref)
         if kind == "upload":
-            uid = ref[len(UPLOAD_SCHEME):]
+            uid = ref[len(UPLOAD_SCHEME) :]
             if not ID_RE.match(uid):
-                raise InvalidPathError(f"{field}: malformed upload reference {ref!r} (expected upload://<32 hex>)")
+                raise InvalidPathError(
+                    f"{field}: malformed upload reference {ref!r} (expected upload://<32 hex>)"
+                )
             path = self.uploads_dir / uid
             if not path.is_dir():
                 raise ModelNotFoundError(f"{field}: no upload {uid}")
             return ResolvedModel(ref=ref, path=path)
         if kind == "job":
-            jid = ref[len(JOB_SCHEME):]
+            jid = ref[len(JOB_SCHEME) :]
             if not ID_RE.match(jid):
                 raise InvalidPathError(f"{field}: malformed job reference {ref!r} (expected job://<32 hex>)")
             out = self.job_output(jid) if self.job_output else None
@@ -238,26 +248,39 @@ class RefResolver:
             return ResolvedModel(ref=ref, path=real)
         if kind == "hub":
             return self._resolve_hub(ref, field)
-        text = ref[len(FILE_SCHEME):] if ref.startswith(FILE_SCHEME) else ref
+        text = ref[len(FILE_SCHEME) :] if ref.startswith(FILE_SCHEME) else ref
         if text.startswith("~"):
             raise InvalidPathError(f"{field}: '~' paths are not allowed on the server")
         return ResolvedModel(ref=ref, path=self.roots.resolve_input(text, field))
 
     def _resolve_hub(self, ref: str, field: str) -> ResolvedModel:
         if not self.hub.enabled:
-            raise HubDisabledError(f"{field}: Hub references are disabled on this server (start it with --hub)")
+            raise HubDisabledError(
+                f"{field}: Hub references are disabled on this server (start it with --hub)"
+            )
         try:
             from merge import hub  # type: ignore[attr-defined]
         except ImportError:
-            raise HubDisabledError(f"{field}: this weightsmith has no Hub support (merge.hub missing)") from None
+            raise HubDisabledError(
+                f"{field}: this weightsmith has no Hub support (merge.hub missing)"
+            ) from None
         if self._hub_resolver is None:
-            self._hub_resolver = hub.HubResolver(token=self.hub.token, endpoint=self.hub.endpoint,
-                                                 offline=self.hub.offline, cache_dir=self.hub.cache_dir,
-                                                 progress=False)
+            self._hub_resolver = hub.HubResolver(
+                token=self.hub.token,
+                endpoint=self.hub.endpoint,
+                offline=self.hub.offline,
+                cache_dir=self.hub.cache_dir,
+                progress=False,
+            )
         # Always through "hf://": the resolver's own "a local path wins" rule would accept a path
         # relative to the server's working directory, outside the roots.
         resolved = self._hub_resolver(ref if ref.startswith(HF_SCHEME) else HF_SCHEME + ref)
         if resolved.ref != ref:
-            resolved = ResolvedModel(ref=ref, path=resolved.path, repo_id=resolved.repo_id,
-                                     revision=resolved.revision, commit=resolved.commit)
+            resolved = ResolvedModel(
+                ref=ref,
+                path=resolved.path,
+                repo_id=resolved.repo_id,
+                revision=resolved.revision,
+                commit=resolved.commit,
+            )
         return resolved

@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -73,9 +74,12 @@ MERGE_SERVICE = mpb.DESCRIPTOR.services_by_name["MergeService"].full_name
 CHECKPOINT_SERVICE = cpb.DESCRIPTOR.services_by_name["CheckpointService"].full_name
 CHUNK = 1 << 20
 STATES = {
-    "QUEUED": job_pb2.JOB_STATE_QUEUED, "RUNNING": job_pb2.JOB_STATE_RUNNING,
-    "SUCCEEDED": job_pb2.JOB_STATE_SUCCEEDED, "FAILED": job_pb2.JOB_STATE_FAILED,
-    "CANCELLED": job_pb2.JOB_STATE_CANCELLED, "INTERRUPTED": job_pb2.JOB_STATE_INTERRUPTED,
+    "QUEUED": job_pb2.JOB_STATE_QUEUED,
+    "RUNNING": job_pb2.JOB_STATE_RUNNING,
+    "SUCCEEDED": job_pb2.JOB_STATE_SUCCEEDED,
+    "FAILED": job_pb2.JOB_STATE_FAILED,
+    "CANCELLED": job_pb2.JOB_STATE_CANCELLED,
+    "INTERRUPTED": job_pb2.JOB_STATE_INTERRUPTED,
 }
 STATE_NAMES = {v: k for k, v in STATES.items()}
 _UPLOAD_NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,199}$")
@@ -108,10 +112,17 @@ class ServerConfig:
 
     def manager_config(self) -> JobManagerConfig:
         return JobManagerConfig(
-            data_dir=self.data_dir, roots=list(self.roots), max_running=self.max_running,
-            max_queued=self.max_queued, memory_budget=self.memory_budget, max_models=self.max_models,
-            job_workers=self.job_workers, job_threads=self.job_threads, hub=self.hub,
-            resume_interrupted=self.resume_interrupted, delay_per_tensor=self.delay_per_tensor,
+            data_dir=self.data_dir,
+            roots=list(self.roots),
+            max_running=self.max_running,
+            max_queued=self.max_queued,
+            memory_budget=self.memory_budget,
+            max_models=self.max_models,
+            job_workers=self.job_workers,
+            job_threads=self.job_threads,
+            hub=self.hub,
+            resume_interrupted=self.resume_interrupted,
+            delay_per_tensor=self.delay_per_tensor,
         )
 
 
@@ -127,7 +138,9 @@ def _status_code(name: str) -> grpc.StatusCode:
         return grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def abort_with(context: grpc.aio.ServicerContext, code_name: str, message: str, field: str | None) -> None:
+async def abort_with(
+    context: grpc.aio.ServicerContext, code_name: str, message: str, field: str | None
+) -> None:
     """Abort the RPC with ``code_name``; INVALID_ARGUMENT carries a BadRequest naming ``field``."""
     code = _status_code(code_name)
     if code is grpc.StatusCode.INVALID_ARGUMENT and field:
@@ -136,8 +149,13 @@ async def abort_with(context: grpc.aio.ServicerContext, code_name: str, message:
         from grpc_status import rpc_status
 
         detail = any_pb2.Any()
-        detail.Pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]))
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
+                ]
+            )
+        )
         status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
         await context.abort_with_status(rpc_status.to_status(status))
     await context.abort(code, message)
@@ -163,8 +181,9 @@ def handle_errors(default_field: str | None = None) -> Callable[[Any], Any]:
             try:
                 return await fn(self, request, context)
             except WeightsmithError as e:
-                await abort_with(context, getattr(e, "grpc_code", "INVALID_ARGUMENT"), str(e),
-                                 _field_for(e, default_field))
+                await abort_with(
+                    context, getattr(e, "grpc_code", "INVALID_ARGUMENT"), str(e), _field_for(e, default_field)
+                )
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception:  # noqa: BLE001
@@ -186,8 +205,9 @@ def handle_stream_errors(default_field: str | None = None) -> Callable[[Any], An
                 async for item in fn(self, request, context):
                     yield item
             except WeightsmithError as e:
-                await abort_with(context, getattr(e, "grpc_code", "INVALID_ARGUMENT"), str(e),
-                                 _field_for(e, default_field))
+                await abort_with(
+                    context, getattr(e, "grpc_code", "INVALID_ARGUMENT"), str(e), _field_for(e, default_field)
+                )
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception:  # noqa: BLE001
@@ -214,20 +234,34 @@ def _ts(t: float | None) -> timestamp_pb2.Timestamp | None:
 
 def _progress_pb(p: dict[str, Any]) -> job_pb2.JobProgress:
     return job_pb2.JobProgress(
-        phase=str(p.get("phase", "")), tensors_done=int(p.get("tensors_done", 0)),
-        tensors_total=int(p.get("tensors_total", 0)), bytes_done=int(p.get("bytes_done", 0)),
-        bytes_total=int(p.get("bytes_total", 0)), current=str(p.get("current", "")),
+        phase=str(p.get("phase", "")),
+        tensors_done=int(p.get("tensors_done", 0)),
+        tensors_total=int(p.get("tensors_total", 0)),
+        bytes_done=int(p.get("bytes_done", 0)),
+        bytes_total=int(p.get("bytes_total", 0)),
+        current=str(p.get("current", "")),
     )
 
 
 def result_pb(job_id: str, res: dict[str, Any]) -> mpb.MergeResult:
     return mpb.MergeResult(
-        output_path=res.get("out_dir", ""), output_ref=f"job://{job_id}", method=res.get("method", ""),
-        tensors_total=int(res.get("n_tensors", 0)), bytes_written=int(res.get("bytes_written", 0)),
-        shards=list(res.get("shards", [])), seconds=float(res.get("seconds", 0.0)),
-        models=[mpb.ResolvedModel(ref=m.get("ref") or "", path=m.get("path") or "", repo_id=m.get("repo_id") or "",
-                                  revision=m.get("revision") or "", commit=m.get("commit") or "")
-                for m in res.get("models", [])],
+        output_path=res.get("out_dir", ""),
+        output_ref=f"job://{job_id}",
+        method=res.get("method", ""),
+        tensors_total=int(res.get("n_tensors", 0)),
+        bytes_written=int(res.get("bytes_written", 0)),
+        shards=list(res.get("shards", [])),
+        seconds=float(res.get("seconds", 0.0)),
+        models=[
+            mpb.ResolvedModel(
+                ref=m.get("ref") or "",
+                path=m.get("path") or "",
+                repo_id=m.get("repo_id") or "",
+                revision=m.get("revision") or "",
+                commit=m.get("commit") or "",
+            )
+            for m in res.get("models", [])
+        ],
     )
 
 
@@ -237,13 +271,24 @@ def job_pb(rec: JobRecord, event: JobEvent | None = None) -> mpb.MergeJob:
     state = rec.state if event is None else event.state
     progress = rec.progress if event is None else event.progress
     job = mpb.MergeJob(
-        name=rec.name, state=STATES[state], progress=_progress_pb(progress),
-        create_time=_ts(rec.create_time), request_id=rec.request_id, recipe_yaml=rec.recipe_yaml,
-        method=rec.method, output_path=rec.output_path, overwrite=rec.overwrite,
-        options=mpb.MergeJobOptions(compute_dtype=rec.options.get("compute_dtype", ""),
-                                    shard_size=int(rec.options.get("shard_size", 0)),
-                                    workers=int(rec.options.get("workers", 0))),
-        attempt=rec.attempt, estimated_peak_bytes=rec.est_bytes, cancel_requested=rec.cancel_requested and latest,
+        name=rec.name,
+        state=STATES[state],
+        progress=_progress_pb(progress),
+        create_time=_ts(rec.create_time),
+        request_id=rec.request_id,
+        recipe_yaml=rec.recipe_yaml,
+        method=rec.method,
+        output_path=rec.output_path,
+        overwrite=rec.overwrite,
+        options=mpb.MergeJobOptions(
+            compute_dtype=rec.options.get("compute_dtype", ""),
+            shard_size=int(rec.options.get("shard_size", 0)),
+            workers=int(rec.options.get("workers", 0)),
+        ),
+        attempt=rec.attempt,
+        estimated_peak_bytes=rec.est_bytes,
+        cancel_requested=rec.cancel_requested and latest,
+        last_sequence=rec.last_seq if event is None else event.seq,
     )
     if rec.start_time is not None and (latest or state != "QUEUED"):
         job.start_time.CopyFrom(_ts(rec.start_time))
@@ -261,9 +306,15 @@ def _plan_pb(s: dict[str, Any] | None) -> mpb.MergePlanSummary | None:
     if not s:
         return None
     return mpb.MergePlanSummary(
-        method=s["method"], models=list(s["models"]), tensors_total=s["n_tensors"], tensors_merged=s["n_merged"],
-        tensors_copied=s["n_copied"], bytes_in=s["bytes_in"], bytes_out=s["bytes_out"],
-        compute_dtype=s["compute_dtype"], peak_bytes_estimate=s["peak_bytes_estimate"],
+        method=s["method"],
+        models=list(s["models"]),
+        tensors_total=s["n_tensors"],
+        tensors_merged=s["n_merged"],
+        tensors_copied=s["n_copied"],
+        bytes_in=s["bytes_in"],
+        bytes_out=s["bytes_out"],
+        compute_dtype=s["compute_dtype"],
+        peak_bytes_estimate=s["peak_bytes_estimate"],
     )
 
 
@@ -285,7 +336,9 @@ class MergeServicer(mpb_grpc.MergeServiceServicer):
         self.m = manager
 
     @handle_errors("recipe")
-    async def CreateMergeJob(self, request: mpb.CreateMergeJobRequest, context: Any) -> mpb.CreateMergeJobResponse:
+    async def CreateMergeJob(
+        self, request: mpb.CreateMergeJobRequest, context: Any
+    ) -> mpb.CreateMergeJobResponse:
         which = request.WhichOneof("recipe")
         if which is None:
             raise ServiceError("INVALID_ARGUMENT", "recipe: give recipe_yaml or recipe_struct", "recipe")
@@ -293,11 +346,19 @@ class MergeServicer(mpb_grpc.MergeServiceServicer):
             recipe = parse_recipe_text(request.recipe_yaml)
         else:
             recipe = json_format.MessageToDict(request.recipe_struct)
-        opts = {"compute_dtype": request.options.compute_dtype, "shard_size": request.options.shard_size,
-                "workers": request.options.workers}
-        rec, plan = await self.m.create(recipe=recipe, output_path=request.output_path, overwrite=request.overwrite,
-                                        options=opts, request_id=request.request_id,
-                                        validate_only=request.validate_only)
+        opts = {
+            "compute_dtype": request.options.compute_dtype,
+            "shard_size": request.options.shard_size,
+            "workers": request.options.workers,
+        }
+        rec, plan = await self.m.create(
+            recipe=recipe,
+            output_path=request.output_path,
+            overwrite=request.overwrite,
+            options=opts,
+            request_id=request.request_id,
+            validate_only=request.validate_only,
+        )
         resp = mpb.CreateMergeJobResponse()
         if rec is not None:
             resp.job.CopyFrom(job_pb(rec))
@@ -311,21 +372,28 @@ class MergeServicer(mpb_grpc.MergeServiceServicer):
         return mpb.GetMergeJobResponse(job=job_pb(self.m.get(request.name)))
 
     @handle_stream_errors("name")
-    async def WatchMergeJob(self, request: mpb.WatchMergeJobRequest, context: Any
-                            ) -> AsyncIterator[mpb.WatchMergeJobResponse]:
+    async def WatchMergeJob(
+        self, request: mpb.WatchMergeJobRequest, context: Any
+    ) -> AsyncIterator[mpb.WatchMergeJobResponse]:
         async for ev, rec in self.m.watch(request.name, request.from_sequence):
             yield mpb.WatchMergeJobResponse(sequence=ev.seq, time=_ts(ev.time), job=job_pb(rec, ev))
 
     @handle_errors("name")
-    async def CancelMergeJob(self, request: mpb.CancelMergeJobRequest, context: Any) -> mpb.CancelMergeJobResponse:
+    async def CancelMergeJob(
+        self, request: mpb.CancelMergeJobRequest, context: Any
+    ) -> mpb.CancelMergeJobResponse:
         return mpb.CancelMergeJobResponse(job=job_pb(await self.m.cancel(request.name)))
 
     @handle_errors("name")
-    async def RetryMergeJob(self, request: mpb.RetryMergeJobRequest, context: Any) -> mpb.RetryMergeJobResponse:
+    async def RetryMergeJob(
+        self, request: mpb.RetryMergeJobRequest, context: Any
+    ) -> mpb.RetryMergeJobResponse:
         return mpb.RetryMergeJobResponse(job=job_pb(await self.m.retry(request.name)))
 
     @handle_errors("states")
-    async def ListMergeJobs(self, request: mpb.ListMergeJobsRequest, context: Any) -> mpb.ListMergeJobsResponse:
+    async def ListMergeJobs(
+        self, request: mpb.ListMergeJobsRequest, context: Any
+    ) -> mpb.ListMergeJobsResponse:
         states = []
         for s in request.states:
             if s not in STATE_NAMES:
@@ -342,13 +410,20 @@ class MergeServicer(mpb_grpc.MergeServiceServicer):
         for spec in all_methods():
             d = spec.describe()
             info = mpb.MethodInfo(
-                name=d["name"], summary=d["summary"], paper=d["paper"], url=d["url"], kind=d["kind"],
-                base_model=d["base"], min_models=int(d["min_models"]), max_models=int(d["max_models"] or 0),
+                name=d["name"],
+                summary=d["summary"],
+                paper=d["paper"],
+                url=d["url"],
+                kind=d["kind"],
+                base_model=d["base"],
+                min_models=int(d["min_models"]),
+                max_models=int(d["max_models"] or 0),
                 randomized=bool(d["randomized"]),
             )
             for p in d["params"]:
-                mp = mpb.MethodParameter(name=p["name"], type=p["type"], per_model=p["per_model"],
-                                         required=p["required"])
+                mp = mpb.MethodParameter(
+                    name=p["name"], type=p["type"], per_model=p["per_model"], required=p["required"]
+                )
                 json_format.ParseDict(_json_safe(p["default"]), mp.default_value)
                 info.parameters.append(mp)
             info.parameter_schema.update(_json_safe(spec.json_schema()))
@@ -370,17 +445,19 @@ class CheckpointServicer(cpb_grpc.CheckpointServiceServicer):
         return resolved, open_checkpoint(resolved.path, allow_pickle=False)
 
     @handle_errors("ref")
-    async def InspectCheckpoint(self, request: cpb.InspectCheckpointRequest, context: Any
-                                ) -> cpb.InspectCheckpointResponse:
+    async def InspectCheckpoint(
+        self, request: cpb.InspectCheckpointRequest, context: Any
+    ) -> cpb.InspectCheckpointResponse:
         _, ckpt = await asyncio.to_thread(self._open, request.ref)
         names = sorted(ckpt.keys(), key=_natural_key)
         size = min(max(request.page_size or 10000, 1), 10000)
         try:
             start = int(request.page_token or 0)
         except ValueError:
-            raise ServiceError("INVALID_ARGUMENT", "page_token: not a token this server issued",
-                               "page_token") from None
-        page = names[start:start + size]
+            raise ServiceError(
+                "INVALID_ARGUMENT", "page_token: not a token this server issued", "page_token"
+            ) from None
+        page = names[start : start + size]
         params = 0
         for n in names:
             k = 1
@@ -389,14 +466,24 @@ class CheckpointServicer(cpb_grpc.CheckpointServiceServicer):
             params += k
         root = ckpt.root
         resp = cpb.InspectCheckpointResponse(
-            ref=request.ref, tensors_total=len(names), parameters_total=params, bytes_total=ckpt.total_bytes,
+            ref=request.ref,
+            tensors_total=len(names),
+            parameters_total=params,
+            bytes_total=ckpt.total_bytes,
             files=[str(f.relative_to(root)) if f.is_relative_to(root) else f.name for f in ckpt.files],
             next_page_token=str(start + size) if start + size < len(names) else "",
         )
         for n in page:
             info = ckpt.info(n)
-            resp.tensors.append(cpb.TensorInfo(name=n, dtype=str(info.dtype).removeprefix("torch."),
-                                               shape=list(info.shape), nbytes=info.nbytes, file=info.file.name))
+            resp.tensors.append(
+                cpb.TensorInfo(
+                    name=n,
+                    dtype=str(info.dtype).removeprefix("torch."),
+                    shape=list(info.shape),
+                    nbytes=info.nbytes,
+                    file=info.file.name,
+                )
+            )
         ckpt.close()
         return resp
 
@@ -405,14 +492,24 @@ class CheckpointServicer(cpb_grpc.CheckpointServiceServicer):
         from merge.checkpoint import AUX_FILE_PATTERNS, INDEX_NAME, PICKLE_SUFFIXES
 
         if not _UPLOAD_NAME.match(name or "") or ".." in name:
-            raise ServiceError("INVALID_ARGUMENT", f"file.name: {name!r} is not a plain file name", "file.name")
+            raise ServiceError(
+                "INVALID_ARGUMENT", f"file.name: {name!r} is not a plain file name", "file.name"
+            )
         if name.endswith(PICKLE_SUFFIXES) or name.endswith(".pkl"):
-            raise ServiceError("FAILED_PRECONDITION", f"file.name: {name!r}: pickle checkpoints are refused by the "
-                                                      "service (convert to safetensors)", "file.name")
+            raise ServiceError(
+                "FAILED_PRECONDITION",
+                f"file.name: {name!r}: pickle checkpoints are refused by the "
+                "service (convert to safetensors)",
+                "file.name",
+            )
         aux = re.compile("|".join(f"(?:{p})" for p in AUX_FILE_PATTERNS))
         if not (name.endswith(".safetensors") or name in (INDEX_NAME, "README.md") or aux.fullmatch(name)):
-            raise ServiceError("INVALID_ARGUMENT", f"file.name: {name!r}: only *.safetensors, {INDEX_NAME}, "
-                                                   "config and tokenizer files can be uploaded", "file.name")
+            raise ServiceError(
+                "INVALID_ARGUMENT",
+                f"file.name: {name!r}: only *.safetensors, {INDEX_NAME}, "
+                "config and tokenizer files can be uploaded",
+                "file.name",
+            )
 
     @handle_errors("file")
     async def UploadCheckpoint(self, request_iterator: Any, context: Any) -> cpb.UploadCheckpointResponse:
@@ -431,12 +528,18 @@ class CheckpointServicer(cpb_grpc.CheckpointServiceServicer):
             cur["fh"].close()
             hdr = cur["header"]
             if cur["written"] != hdr.size:
-                raise ServiceError("INVALID_ARGUMENT", f"file {hdr.name!r}: received {cur['written']} bytes, "
-                                                       f"header said {hdr.size}", "file.size")
+                raise ServiceError(
+                    "INVALID_ARGUMENT",
+                    f"file {hdr.name!r}: received {cur['written']} bytes, header said {hdr.size}",
+                    "file.size",
+                )
             digest = cur["sha"].hexdigest()
             if hdr.sha256 and hdr.sha256.lower() != digest:
-                raise ServiceError("DATA_LOSS", f"file {hdr.name!r}: sha256 {digest} does not match the declared "
-                                                f"{hdr.sha256}", "file.sha256")
+                raise ServiceError(
+                    "DATA_LOSS",
+                    f"file {hdr.name!r}: sha256 {digest} does not match the declared {hdr.sha256}",
+                    "file.sha256",
+                )
             files.append(cpb.FileHeader(name=hdr.name, size=hdr.size, sha256=digest))
             cur = None
 
@@ -452,9 +555,12 @@ class CheckpointServicer(cpb_grpc.CheckpointServiceServicer):
                     if h.size < 0:
                         raise ServiceError("INVALID_ARGUMENT", f"file {h.name!r}: negative size", "file.size")
                     if total + h.size > self.max_bytes:
-                        raise ServiceError("RESOURCE_EXHAUSTED", f"upload larger than this server's limit of "
-                                                                 f"{self.max_bytes:,} bytes; use a path or Hub "
-                                                                 "reference for big models")
+                        raise ServiceError(
+                            "RESOURCE_EXHAUSTED",
+                            f"upload larger than this server's limit of "
+                            f"{self.max_bytes:,} bytes; use a path or Hub "
+                            "reference for big models",
+                        )
                     total += h.size
                     fh = open(tmp / h.name, "xb")  # noqa: SIM115 - closed in close_current
                     cur = {"header": h, "fh": fh, "written": 0, "sha": hashlib.sha256()}
@@ -463,8 +569,12 @@ class CheckpointServicer(cpb_grpc.CheckpointServiceServicer):
                         raise ServiceError("INVALID_ARGUMENT", "chunk before any file header", "chunk")
                     data = msg.chunk
                     if cur["written"] + len(data) > cur["header"].size:
-                        raise ServiceError("INVALID_ARGUMENT", f"file {cur['header'].name!r}: more bytes than its "
-                                                               f"declared size {cur['header'].size}", "chunk")
+                        raise ServiceError(
+                            "INVALID_ARGUMENT",
+                            f"file {cur['header'].name!r}: more bytes than its "
+                            f"declared size {cur['header'].size}",
+                            "chunk",
+                        )
                     cur["fh"].write(data)
                     cur["sha"].update(data)
                     cur["written"] += len(data)
@@ -498,18 +608,25 @@ class CheckpointServicer(cpb_grpc.CheckpointServiceServicer):
         if path.is_file():
             files = [path]
         else:
-            extra = [path / n for n in (INDEX_NAME, "README.md", "weightsmith_recipe.yml") if (path / n).is_file()]
+            extra = [
+                path / n for n in (INDEX_NAME, "README.md", "weightsmith_recipe.yml") if (path / n).is_file()
+            ]
             files = list(dict.fromkeys([*ckpt.files, *extra, *ckpt.aux_files()]))
         ckpt.close()
         total = sum(f.stat().st_size for f in files)
         if total > self.max_bytes:
-            raise ServiceError("RESOURCE_EXHAUSTED", f"ref: checkpoint is {total:,} bytes, more than this server's "
-                                                     f"transfer limit of {self.max_bytes:,}; read it by path instead")
+            raise ServiceError(
+                "RESOURCE_EXHAUSTED",
+                f"ref: checkpoint is {total:,} bytes, more than this server's "
+                f"transfer limit of {self.max_bytes:,}; read it by path instead",
+            )
         out = []
         folder = path if path.is_dir() else path.parent
         for f in files:
             if f.parent.resolve() != folder.resolve():
-                raise ServiceError("FAILED_PRECONDITION", f"ref: {f} is not directly in the checkpoint folder")
+                raise ServiceError(
+                    "FAILED_PRECONDITION", f"ref: {f} is not directly in the checkpoint folder"
+                )
             h = hashlib.sha256()
             with open(f, "rb") as fh:
                 while block := fh.read(CHUNK):
@@ -518,8 +635,9 @@ class CheckpointServicer(cpb_grpc.CheckpointServiceServicer):
         return out
 
     @handle_stream_errors("ref")
-    async def DownloadCheckpoint(self, request: cpb.DownloadCheckpointRequest, context: Any
-                                 ) -> AsyncIterator[cpb.DownloadCheckpointResponse]:
+    async def DownloadCheckpoint(
+        self, request: cpb.DownloadCheckpointRequest, context: Any
+    ) -> AsyncIterator[cpb.DownloadCheckpointResponse]:
         files = await asyncio.to_thread(self._download_files, request.ref)
         for path, name, size, sha in files:
             yield cpb.DownloadCheckpointResponse(file=cpb.FileHeader(name=name, size=size, sha256=sha))
@@ -572,14 +690,19 @@ class Server:
         self._lock_fd = _lock_data_dir(cfg.data_dir)
         self.manager = JobManager(cfg.manager_config())
         await self.manager.start()
+        # Import the method registry in the background (it pulls scipy & co.; the first ListMethods
+        # or CreateMergeJob would otherwise pay for it).
+        self._warm = asyncio.ensure_future(asyncio.to_thread(importlib.import_module, "merge.methods"))
         interceptors = [BearerTokenInterceptor(cfg.tokens)] if cfg.tokens else []
         self.server = grpc.aio.server(
-            interceptors=interceptors, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 << 20)],
         )
         mpb_grpc.add_MergeServiceServicer_to_server(MergeServicer(self.manager), self.server)
         cpb_grpc.add_CheckpointServiceServicer_to_server(
-            CheckpointServicer(self.manager, cfg.max_upload_bytes), self.server)
+            CheckpointServicer(self.manager, cfg.max_upload_bytes), self.server
+        )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for name in ("", MERGE_SERVICE, CHECKPOINT_SERVICE):
@@ -588,7 +711,8 @@ class Server:
             from grpc_reflection.v1alpha import reflection
 
             reflection.enable_server_reflection(
-                (MERGE_SERVICE, CHECKPOINT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+                (MERGE_SERVICE, CHECKPOINT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            )
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert:
             if not cfg.tls_key:
@@ -614,11 +738,15 @@ class Server:
             await self._stopped.wait()
             return
         self._stopping.set()
-        log.info("shutting down: health NOT_SERVING, draining jobs for up to %.0f s", self.config.shutdown_grace)
+        log.info(
+            "shutting down: health NOT_SERVING, draining jobs for up to %.0f s", self.config.shutdown_grace
+        )
         await self.health.enter_graceful_shutdown()
         self.manager.accepting = False
         await self.manager.shutdown(self.config.shutdown_grace)
+        log.info("jobs drained; stopping RPCs")
         await self.server.stop(5)
+        log.info("RPCs stopped")
         self.manager.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -635,11 +763,18 @@ async def serve(config: ServerConfig) -> None:
     port = await srv.start()
     auth = "token auth" if config.tokens else "NO AUTH"
     tls = ("mTLS" if config.tls_client_ca else "TLS") if config.tls_cert else "plaintext"
-    print(f"weightsmith server listening on {config.host}:{port} ({tls}, {auth}); data in {config.data_dir}",
-          file=sys.stderr, flush=True)
+    print(
+        f"weightsmith server listening on {config.host}:{port} ({tls}, {auth}); data in {config.data_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
     if not config.tokens and config.host not in ("127.0.0.1", "localhost", "::1"):
-        print("warning: no --token given and the server listens beyond loopback: anyone who can reach it can "
-              "run merges", file=sys.stderr, flush=True)
+        print(
+            "warning: no --token given and the server listens beyond loopback: anyone who can reach it can "
+            "run merges",
+            file=sys.stderr,
+            flush=True,
+        )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(srv.stop()))
@@ -647,7 +782,9 @@ async def serve(config: ServerConfig) -> None:
 
 
 def run(config: ServerConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(config))
+    log.info("event loop closed")

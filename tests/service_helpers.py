@@ -20,11 +20,20 @@ REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789"
 
 
-def tiny_state_dict(seed: int, *, layers: int = 4, hidden: int = 8, vocab: int = 12,
-                    base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def tiny_state_dict(
+    seed: int,
+    *,
+    layers: int = 4,
+    hidden: int = 8,
+    vocab: int = 12,
+    base: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """A small LLaMA-named state dict (``layers`` x 2 matrices + embeddings + norm)."""
     g = torch.Generator().manual_seed(seed)
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+    }
     for i in range(layers):
         shapes[f"model.layers.{i}.mlp.up_proj.weight"] = (2 * hidden, hidden)
         shapes[f"model.layers.{i}.mlp.down_proj.weight"] = (hidden, 2 * hidden)
@@ -38,8 +47,9 @@ def tiny_state_dict(seed: int, *, layers: int = 4, hidden: int = 8, vocab: int =
 def write_model(folder: Path, sd: dict[str, torch.Tensor], config: dict[str, Any] | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(config or {"architectures": ["LlamaForCausalLM"],
-                                                              "num_hidden_layers": 4}))
+    (folder / "config.json").write_text(
+        json.dumps(config or {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 4})
+    )
     return folder
 
 
@@ -48,13 +58,16 @@ def make_models(root: Path, n: int = 3, *, layers: int = 4, hidden: int = 8, pre
     base = tiny_state_dict(0, layers=layers, hidden=hidden)
     paths = [write_model(root / f"{prefix}0", base)]
     for i in range(1, n):
-        paths.append(write_model(root / f"{prefix}{i}", tiny_state_dict(i, layers=layers, hidden=hidden, base=base)))
+        paths.append(
+            write_model(root / f"{prefix}{i}", tiny_state_dict(i, layers=layers, hidden=hidden, base=base))
+        )
     return paths
 
 
 def linear_recipe(models: list[Path | str], **extra: Any) -> str:
-    return yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(m)} for m in models], **extra},
-                          sort_keys=False)
+    return yaml.safe_dump(
+        {"merge_method": "linear", "models": [{"model": str(m)} for m in models], **extra}, sort_keys=False
+    )
 
 
 def tree_digest(folder: Path) -> str:
@@ -78,8 +91,15 @@ def partials(root: Path) -> list[Path]:
 class ServerProcess:
     """``python -m service.cli_service serve`` on 127.0.0.1 with a free port, in a subprocess."""
 
-    def __init__(self, data_dir: Path, roots: list[Path], *, token: str | None = TOKEN, args: list[str] | None = None,
-                 tls: dict[str, Path] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        roots: list[Path],
+        *,
+        token: str | None = TOKEN,
+        args: list[str] | None = None,
+        tls: dict[str, Path] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.roots = roots
         self.token = token
@@ -91,8 +111,22 @@ class ServerProcess:
 
     def command(self) -> list[str]:
         port_file = self.data_dir.parent / f"{self.data_dir.name}.port"
-        cmd = [sys.executable, "-m", "service.cli_service", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--port-file", str(port_file), "--data-dir", str(self.data_dir), "--shutdown-grace", "5"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "service.cli_service",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--data-dir",
+            str(self.data_dir),
+            "--shutdown-grace",
+            "5",
+        ]
         for r in self.roots:
             cmd += ["--root", str(r)]
         if self.token:
@@ -191,15 +225,82 @@ def make_certs(folder: Path) -> dict[str, Path]:
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-        "-subj", "/CN=weightsmith-test-ca")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=weightsmith-test-ca",
+    )
     (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.pem", "-days", "2", "-extfile", "server.ext")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out", "client.csr", "-subj",
-        "/CN=test-client")
-    run("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "client.pem", "-days", "2")
-    return {"ca": folder / "ca.pem", "server_cert": folder / "server.pem", "server_key": folder / "server.key",
-            "client_cert": folder / "client.pem", "client_key": folder / "client.key"}
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    )
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    )
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=test-client",
+    )
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "client.pem",
+        "-days",
+        "2",
+    )
+    return {
+        "ca": folder / "ca.pem",
+        "server_cert": folder / "server.pem",
+        "server_key": folder / "server.key",
+        "client_cert": folder / "client.pem",
+        "client_key": folder / "client.key",
+    }

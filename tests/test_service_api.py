@@ -42,13 +42,34 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
     models = make_models(root, 3)
     slow = make_models(root, 2, layers=SLOW_LAYERS, prefix="slow")
     make_models(outside, 1, prefix="secret")
-    srv = ServerProcess(base / "data", [root], args=[
-        "--max-running", "2", "--max-queued", "3", "--slow-down", "0.03", "--max-upload", "1MB"])
+    srv = ServerProcess(
+        base / "data",
+        [root],
+        args=[
+            "--max-running",
+            "2",
+            "--max-queued",
+            "3",
+            "--slow-down",
+            "0.03",
+            "--max-upload",
+            "1MB",
+            "--memory-budget",
+            "300MB",
+        ],
+    )
     srv.start()
     client = srv.client()
     client.wait_ready()
-    yield {"root": root, "outside": outside, "models": models, "slow": slow, "srv": srv, "client": client,
-           "base": base}
+    yield {
+        "root": root,
+        "outside": outside,
+        "models": models,
+        "slow": slow,
+        "srv": srv,
+        "client": client,
+        "base": base,
+    }
     client.close()
     srv.stop()
 
@@ -87,11 +108,20 @@ def test_reflection_lists_services_and_serves_descriptors(env: dict) -> None:
     with grpc.insecure_channel(srv.target) as ch:
         resp = _reflection(ch, md, reflection_pb2.ServerReflectionRequest(list_services=""))
         names = {s.name for s in resp.list_services_response.service}
-        assert {"weightsmith.v1.MergeService", "weightsmith.v1.CheckpointService", "grpc.health.v1.Health",
-                "grpc.reflection.v1alpha.ServerReflection"} <= names
-        resp = _reflection(ch, md, reflection_pb2.ServerReflectionRequest(
-            file_containing_symbol="weightsmith.v1.MergeService"))
-        fd = descriptor_pb2.FileDescriptorProto.FromString(resp.file_descriptor_response.file_descriptor_proto[0])
+        assert {
+            "weightsmith.v1.MergeService",
+            "weightsmith.v1.CheckpointService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        } <= names
+        resp = _reflection(
+            ch,
+            md,
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="weightsmith.v1.MergeService"),
+        )
+        fd = descriptor_pb2.FileDescriptorProto.FromString(
+            resp.file_descriptor_response.file_descriptor_proto[0]
+        )
         assert fd.name == "weightsmith/v1/merge_service.proto"
         assert "WatchMergeJob" in {m.name for m in fd.service[0].method}
         with pytest.raises(grpc.RpcError) as e:  # reflection is behind the token too
@@ -144,9 +174,16 @@ def test_merge_end_to_end_is_identical_to_the_cli(env: dict, tmp_path: Path) -> 
 
     root, models = env["root"], env["models"]
     before = [tree_digest(m) for m in models]
-    text = yaml.safe_dump({"merge_method": "linear", "dtype": "bfloat16",
-                           "models": [{"model": str(m), "parameters": {"weight": w}}
-                                      for m, w in zip(models, [1.0, 2.0, 2.0], strict=True)]})
+    text = yaml.safe_dump(
+        {
+            "merge_method": "linear",
+            "dtype": "bfloat16",
+            "models": [
+                {"model": str(m), "parameters": {"weight": w}}
+                for m, w in zip(models, [1.0, 2.0, 2.0], strict=True)
+            ],
+        }
+    )
     c = env["client"]
     resp = c.create_merge_job(text, output_path="out/e2e", shard_size=1024)
     assert resp.plan.tensors_total == 10 and resp.plan.method == "linear"
@@ -158,7 +195,9 @@ def test_merge_end_to_end_is_identical_to_the_cli(env: dict, tmp_path: Path) -> 
     # the same recipe through the CLI
     rfile = tmp_path / "recipe.yaml"
     rfile.write_text(text)
-    r = CliRunner().invoke(cli_main, ["merge", str(rfile), "-o", str(tmp_path / "cli_out"), "--shard-size", "1024"])
+    r = CliRunner().invoke(
+        cli_main, ["merge", str(rfile), "-o", str(tmp_path / "cli_out"), "--shard-size", "1024"]
+    )
     assert r.exit_code == 0, r.output
     assert files_of(out) == files_of(tmp_path / "cli_out")
     assert [tree_digest(m) for m in models] == before
@@ -240,8 +279,10 @@ def test_queue_rejects_beyond_its_limit_and_keeps_serving(env: dict) -> None:
 
 def test_list_jobs_pages_newest_first_and_filters(env: dict) -> None:
     c = env["client"]
-    made = [c.create_merge_job(linear_recipe(env["models"][:2]), output_path=f"out/list{i}").job.name
-            for i in range(3)]
+    made = [
+        c.create_merge_job(linear_recipe(env["models"][:2]), output_path=f"out/list{i}").job.name
+        for i in range(3)
+    ]
     for n in made:
         c.wait(n, timeout=60)
     everything = list(c.iter_jobs(page_size=2))
@@ -267,6 +308,38 @@ def test_request_id_makes_creation_idempotent(env: dict) -> None:
         c.create_merge_job(text, output_path="out/idem-other", request_id="req-1")
     assert _code(e) == "ALREADY_EXISTS"
     assert state_name(c.wait(a.name, timeout=60).state) == "SUCCEEDED"
+
+
+def test_memory_budget_admission(env: dict) -> None:
+    """The engine's estimate (+ 64 MiB per worker) is the claim: beyond the budget -> refused; a job
+    that fits alone but not next to a running one waits in the queue though a slot is free."""
+    c, root = env["client"], env["root"]
+    wide = root / "wide"
+    if not wide.exists():
+        base = tiny_state_dict(0, layers=SLOW_LAYERS)
+        for i in range(2):
+            sd = {
+                **tiny_state_dict(i, layers=SLOW_LAYERS, base=base),
+                "lm_head.weight": torch.full((1024, 1024), float(i)),
+            }
+            write_model(wide / f"w{i}", sd)
+    text = linear_recipe([wide / "w0", wide / "w1"])
+    with pytest.raises(RemoteError) as e:  # 16 threads x 4 MiB chunks x (2 x 2 inputs + 4) = 512 MiB
+        c.create_merge_job(text, output_path="out/huge", workers=16)
+    assert _code(e) == "RESOURCE_EXHAUSTED" and "budget" in e.value.message
+    a = c.create_merge_job(text, output_path="out/mem-a").job  # 2 threads: 64 + 64 MiB
+    assert a.estimated_peak_bytes == (64 << 20) + 2 * (4 << 20) * 8
+    wait_for(lambda: c.get_job(a.name).progress.tensors_done >= 2, what="job a running")
+    b = c.create_merge_job(text, output_path="out/mem-b", workers=5).job  # 64 + 160 MiB: 352 MiB with a
+    assert state_name(c.get_job(b.name).state) == "QUEUED"
+    assert state_name(c.get_job(a.name).state) == "RUNNING"
+    assert state_name(c.wait(a.name, timeout=60).state) == "SUCCEEDED"
+    assert state_name(c.wait(b.name, timeout=60).state) == "SUCCEEDED"
+    ta, tb = c.get_job(a.name), c.get_job(b.name)
+    assert tb.start_time.ToNanoseconds() >= ta.end_time.ToNanoseconds()
+    assert (root / "out" / "mem-b" / "model.safetensors").read_bytes() == (
+        root / "out" / "mem-a" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_validate_only_plans_without_a_job(env: dict) -> None:
@@ -306,7 +379,8 @@ def _bad_cases(env: dict) -> list[tuple[str, dict, str, str]]:
         (bad / "evil").mkdir()
         (bad / "evil" / "model.safetensors").symlink_to(outside / "secret0" / "model.safetensors")
         (bad / "existing").mkdir()
-        hdr = b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
+        entry = '{"dtype":"F32","shape":[2],"data_offsets":[0,8]}'
+        hdr = f'{{"a":{entry},"a":{entry}}}'.encode()
         dup = bad / "dupkeys"
         dup.mkdir()
         (dup / "model.safetensors").write_bytes(len(hdr).to_bytes(8, "little") + hdr + bytes(8))
@@ -318,20 +392,38 @@ def _bad_cases(env: dict) -> list[tuple[str, dict, str, str]]:
     return [
         ("yaml", {"recipe_yaml": "merge_method: [unclosed\n"}, "INVALID_ARGUMENT", "not valid YAML"),
         ("not-mapping", {"recipe_yaml": "- a\n- b\n"}, "INVALID_ARGUMENT", "mapping"),
-        ("unknown-method", {"recipe_yaml": linear_recipe(two).replace("linear", "frobnicate")},
-         "INVALID_ARGUMENT", "unknown merge method 'frobnicate'"),
+        (
+            "unknown-method",
+            {"recipe_yaml": linear_recipe(two).replace("linear", "frobnicate")},
+            "INVALID_ARGUMENT",
+            "unknown merge method 'frobnicate'",
+        ),
         ("wrong-type", rec(*two, parameters={"weight": "heavy"}), "INVALID_ARGUMENT", "'weight'"),
-        ("wrong-type-normalize", rec(*two, parameters={"normalize": {"x": 1}}), "INVALID_ARGUMENT", "normalize"),
+        (
+            "wrong-type-normalize",
+            rec(*two, parameters={"normalize": {"x": 1}}),
+            "INVALID_ARGUMENT",
+            "normalize",
+        ),
         ("unknown-key", rec(*two, colour="red"), "INVALID_ARGUMENT", "colour"),
         ("empty-models", {"recipe_yaml": "merge_method: linear\nmodels: []\n"}, "INVALID_ARGUMENT", "empty"),
         ("shape-mismatch", rec(two[0], str(bad / "narrow")), "INVALID_ARGUMENT", "model.embed_tokens.weight"),
-        ("missing-tensor", rec(two[0], str(bad / "missing")), "INVALID_ARGUMENT",
-         "model.layers.2.mlp.up_proj.weight"),
+        (
+            "missing-tensor",
+            rec(two[0], str(bad / "missing")),
+            "INVALID_ARGUMENT",
+            "model.layers.2.mlp.up_proj.weight",
+        ),
         ("truncated", rec(two[0], str(bad / "truncated")), "INVALID_ARGUMENT", "truncated"),
         ("duplicate-keys", rec(two[0], str(bad / "dupkeys")), "INVALID_ARGUMENT", "duplicate"),
         ("traversal", rec(two[0], "m0/../../outside/secret0"), "INVALID_ARGUMENT", "'..'"),
         ("outside", rec(two[0], str(outside / "secret0")), "PERMISSION_DENIED", "outside the server's roots"),
-        ("symlink-escape", rec(two[0], str(bad / "escape")), "PERMISSION_DENIED", "outside the server's roots"),
+        (
+            "symlink-escape",
+            rec(two[0], str(bad / "escape")),
+            "PERMISSION_DENIED",
+            "outside the server's roots",
+        ),
         ("symlinked-file", rec(two[0], str(bad / "evil")), "PERMISSION_DENIED", "symlink"),
         ("pickle", rec(two[0], str(bad / "pickled")), "FAILED_PRECONDITION", "pickle"),
         ("not-found", rec(two[0], str(root / "nope")), "NOT_FOUND", "nope"),
@@ -339,11 +431,25 @@ def _bad_cases(env: dict) -> list[tuple[str, dict, str, str]]:
         ("out-outside", {**rec(*two), "output_path": str(outside / "o")}, "PERMISSION_DENIED", "output_path"),
         ("out-traversal", {**rec(*two), "output_path": "../o"}, "INVALID_ARGUMENT", "'..'"),
         ("out-exists", {**rec(*two), "output_path": str(bad / "existing")}, "ALREADY_EXISTS", "exists"),
-        ("out-is-input", {**rec(*two), "output_path": two[1], "overwrite": True}, "INVALID_ARGUMENT", "overlaps"),
-        ("out-is-root", {**rec(*two), "output_path": str(root), "overwrite": True}, "INVALID_ARGUMENT", "root"),
+        (
+            "out-is-input",
+            {**rec(*two), "output_path": two[1], "overwrite": True},
+            "INVALID_ARGUMENT",
+            "overlaps",
+        ),
+        (
+            "out-is-root",
+            {**rec(*two), "output_path": str(root), "overwrite": True},
+            "INVALID_ARGUMENT",
+            "root",
+        ),
         ("compute-dtype", {**rec(*two), "compute_dtype": "float8"}, "INVALID_ARGUMENT", "compute_dtype"),
-        ("struct-wrong-type", {"recipe_struct": {"merge_method": "linear", "models": "m0"}}, "INVALID_ARGUMENT",
-         "models"),
+        (
+            "struct-wrong-type",
+            {"recipe_struct": {"merge_method": "linear", "models": "m0"}},
+            "INVALID_ARGUMENT",
+            "models",
+        ),
         ("no-recipe", {}, "INVALID_ARGUMENT", "recipe"),
     ]
 
@@ -398,9 +504,14 @@ def test_inspect_lists_tensors_in_natural_order(env: dict) -> None:
     info = env["client"].inspect(str(env["slow"][0]))
     names = [t["name"] for t in info["tensors"]]
     assert info["tensors_total"] == len(names) == 2 * SLOW_LAYERS + 2
-    i2, i10 = names.index("model.layers.2.mlp.up_proj.weight"), names.index("model.layers.10.mlp.up_proj.weight")
+    i2, i10 = (
+        names.index("model.layers.2.mlp.up_proj.weight"),
+        names.index("model.layers.10.mlp.up_proj.weight"),
+    )
     assert i2 < i10
-    assert info["parameters_total"] == sum(int(__import__("math").prod(map(int, t["shape"]))) for t in info["tensors"])
+    assert info["parameters_total"] == sum(
+        int(__import__("math").prod(map(int, t["shape"]))) for t in info["tensors"]
+    )
     with pytest.raises(RemoteError) as e:
         env["client"].inspect(str(env["outside"] / "secret0"))
     assert _code(e) == "PERMISSION_DENIED"
@@ -455,8 +566,10 @@ def test_bad_uploads_are_refused_and_leave_nothing(env: dict, tmp_path: Path) ->
     assert send([chunk(raw)]).code == "INVALID_ARGUMENT"
     assert send([hdr("model.safetensors", len(raw)), chunk(raw + b"x")]).code == "INVALID_ARGUMENT"
     assert send([hdr("model.safetensors", len(raw)), chunk(raw[:-1])]).code == "INVALID_ARGUMENT"
-    assert send([hdr("model.safetensors", len(raw)), chunk(raw[:8] + b"{" * (len(raw) - 8))]).code == \
-        "INVALID_ARGUMENT"
+    assert (
+        send([hdr("model.safetensors", len(raw)), chunk(raw[:8] + b"{" * (len(raw) - 8))]).code
+        == "INVALID_ARGUMENT"
+    )
     assert send([hdr("config.json", 2), chunk(b"{}")]).code == "INVALID_ARGUMENT"  # no weights
     big = tmp_path / "big"
     write_model(big, {"w": torch.zeros(300_000)})  # 1.2 MB
@@ -479,7 +592,9 @@ def test_remote_cli_merge_jobs_cancel(env: dict, tmp_path: Path) -> None:
     r = CliRunner().invoke(remote, ["merge", str(rfile), "-o", "out/cli-remote", "--json", *conn])
     assert r.exit_code == 0, r.output
     job = json.loads(r.stdout)
-    assert job["state"] == "JOB_STATE_SUCCEEDED" and (root / "out" / "cli-remote" / "model.safetensors").exists()
+    assert (
+        job["state"] == "JOB_STATE_SUCCEEDED" and (root / "out" / "cli-remote" / "model.safetensors").exists()
+    )
     r = CliRunner().invoke(remote, ["jobs", "--json", "--limit", "1", *conn])
     assert r.exit_code == 0 and json.loads(r.stdout)[0]["name"] == job["name"]
     r = CliRunner().invoke(remote, ["merge", str(rfile), "-o", "out/cli-remote", *conn])
@@ -500,6 +615,8 @@ def test_remote_cli_merge_jobs_cancel(env: dict, tmp_path: Path) -> None:
     local = make_models(tmp_path / "local", 2, prefix="c")
     rl = tmp_path / "local.yaml"
     rl.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(p)} for p in local]}))
-    r = CliRunner().invoke(remote, ["merge", str(rl), "--upload-local", "--download", str(tmp_path / "dl"), *conn])
+    r = CliRunner().invoke(
+        remote, ["merge", str(rl), "--upload-local", "--download", str(tmp_path / "dl"), *conn]
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "dl" / "model.safetensors").exists()

@@ -26,12 +26,19 @@ def test_generated_stubs_match_the_proto(tmp_path: Path) -> None:
     """Regenerating the stubs (offline, grpcio-tools' bundled protoc) changes nothing."""
     pytest.importorskip("grpc_tools")
     out = tmp_path / "gen"
-    subprocess.run(["bash", str(REPO / "scripts" / "gen_proto.sh"), str(out)], check=True, capture_output=True,
-                   env={**os.environ, "PYTHON": sys.executable})
+    subprocess.run(
+        ["bash", str(REPO / "scripts" / "gen_proto.sh"), str(out)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     committed = REPO / "service" / "_proto"
     new = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    old = sorted(str(p.relative_to(committed)) for p in committed.rglob("*")
-                 if p.is_file() and "__pycache__" not in p.parts)
+    old = sorted(
+        str(p.relative_to(committed))
+        for p in committed.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    )
     assert new == old
     _, mismatch, errors = filecmp.cmpfiles(out, committed, new, shallow=False)
     assert mismatch == [] and errors == [], f"stale stubs: {mismatch or errors}; run scripts/gen_proto.sh"
@@ -45,8 +52,14 @@ def test_stubs_import_as_a_package_with_proto_file_names() -> None:
     assert set(merge_service_pb2.DESCRIPTOR.services_by_name) == {"MergeService"}
     assert set(checkpoint_service_pb2.DESCRIPTOR.services_by_name) == {"CheckpointService"}
     rpcs = {m.name for m in merge_service_pb2.DESCRIPTOR.services_by_name["MergeService"].methods}
-    assert {"CreateMergeJob", "GetMergeJob", "WatchMergeJob", "CancelMergeJob", "ListMergeJobs",
-            "ListMethods"} <= rpcs
+    assert {
+        "CreateMergeJob",
+        "GetMergeJob",
+        "WatchMergeJob",
+        "CancelMergeJob",
+        "ListMergeJobs",
+        "ListMethods",
+    } <= rpcs
     watch = merge_service_pb2.DESCRIPTOR.services_by_name["MergeService"].methods_by_name["WatchMergeJob"]
     assert watch.server_streaming and not watch.client_streaming
 
@@ -67,8 +80,12 @@ def test_buf_breaking_against_main() -> None:
     has = subprocess.run(["git", "cat-file", "-e", "main:proto/buf.yaml"], cwd=REPO, capture_output=True)
     if has.returncode != 0:
         pytest.skip("branch main has no proto/buf.yaml yet")
-    r = subprocess.run([buf, "breaking", "--against", "../.git#branch=main,subdir=proto"], cwd=REPO / "proto",
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [buf, "breaking", "--against", "../.git#branch=main,subdir=proto"],
+        cwd=REPO / "proto",
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -133,7 +150,9 @@ def test_reference_kinds(layout: dict[str, Path], tmp_path: Path) -> None:
     root = layout["root"]
     uploads = tmp_path / "uploads"
     (uploads / ("a" * 32)).mkdir(parents=True)
-    r = RefResolver(Roots([root], [uploads]), uploads, job_output=lambda jid: root / "m1" if jid == "b" * 32 else None)
+    r = RefResolver(
+        Roots([root], [uploads]), uploads, job_output=lambda jid: root / "m1" if jid == "b" * 32 else None
+    )
     assert r.kind("m0") == "path" and r.kind("org/model") == "hub" and r.kind("upload://x") == "upload"
     assert r("upload://" + "a" * 32).path == uploads / ("a" * 32)
     assert r("job://" + "b" * 32).path == (root / "m1").resolve()

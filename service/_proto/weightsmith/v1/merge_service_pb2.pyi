@@ -104,7 +104,7 @@ class MergeResult(_message.Message):
     def __init__(self, output_path: _Optional[str] = ..., output_ref: _Optional[str] = ..., method: _Optional[str] = ..., tensors_total: _Optional[int] = ..., bytes_written: _Optional[int] = ..., shards: _Optional[_Iterable[str]] = ..., seconds: _Optional[float] = ..., models: _Optional[_Iterable[_Union[ResolvedModel, _Mapping]]] = ...) -> None: ...
 
 class MergeJob(_message.Message):
-    __slots__ = ("name", "state", "progress", "create_time", "start_time", "end_time", "request_id", "recipe_yaml", "method", "output_path", "overwrite", "options", "attempt", "estimated_peak_bytes", "cancel_requested", "error", "result")
+    __slots__ = ("name", "state", "progress", "create_time", "start_time", "end_time", "request_id", "recipe_yaml", "method", "output_path", "overwrite", "options", "attempt", "estimated_peak_bytes", "cancel_requested", "error", "result", "last_sequence")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,7 @@ class MergeJob(_message.Message):
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: _job_pb2.JobState
     progress: _job_pb2.JobProgress
@@ -139,7 +140,8 @@ class MergeJob(_message.Message):
     cancel_requested: bool
     error: _job_pb2.JobError
     result: MergeResult
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., progress: _Optional[_Union[_job_pb2.JobProgress, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., recipe_yaml: _Optional[str] = ..., method: _Optional[str] = ..., output_path: _Optional[str] = ..., overwrite: _Optional[bool] = ..., options: _Optional[_Union[MergeJobOptions, _Mapping]] = ..., attempt: _Optional[int] = ..., estimated_peak_bytes: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., error: _Optional[_Union[_job_pb2.JobError, _Mapping]] = ..., result: _Optional[_Union[MergeResult, _Mapping]] = ...) -> None: ...
+    last_sequence: int
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., progress: _Optional[_Union[_job_pb2.JobProgress, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., recipe_yaml: _Optional[str] = ..., method: _Optional[str] = ..., output_path: _Optional[str] = ..., overwrite: _Optional[bool] = ..., options: _Optional[_Union[MergeJobOptions, _Mapping]] = ..., attempt: _Optional[int] = ..., estimated_peak_bytes: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., error: _Optional[_Union[_job_pb2.JobError, _Mapping]] = ..., result: _Optional[_Union[MergeResult, _Mapping]] = ..., last_sequence: _Optional[int] = ...) -> None: ...
 
 class GetMergeJobRequest(_message.Message):
     __slots__ = ("name",)
