@@ -99,7 +99,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, se
 
 
 def run_width(width: int, *, epochs: int = 60, depth: int = 2, steps: int = 25, ste: bool = False,
-              ste_epochs: int = 5, seeds: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+              ste_epochs: int = 20, seeds: tuple[int, int] = (0, 1)) -> dict[str, Any]:
     """Train A and B at one width; barriers for naive / weight matching / activation matching (/ STE)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     xtr, ytr, xte, yte = load_data(0)

