@@ -71,14 +71,14 @@ def combine(
         sign_weight = deltas[0].clone()
         for d in deltas[1:]:
             sign_weight.add_(d)
-        majority = torch.where(sign_weight >= 0, 1.0, -1.0).to(base.dtype)
+        majority = (sign_weight >= 0).to(base.dtype).mul_(2).sub_(1)
         del sign_weight
         mixed = torch.zeros_like(base)
         divisor = torch.zeros_like(base)
         for d, w in zip(deltas, weights, strict=True):
             agree = d.sign() == majority
             mixed.add_(d * agree)
-            divisor.add_(agree.to(base.dtype) * w)
+            divisor.add_(agree, alpha=w)
         del majority
         divisor[divisor == 0] = 1.0
     else:
