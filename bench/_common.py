@@ -111,15 +111,18 @@ def tool_env(offline: bool = True) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------
 # measuring one process tree
 # --------------------------------------------------------------------------------------------------
-def _status_kb(pid: int, field_name: str) -> int:
+def _status_kb(pid: int, *fields: str) -> list[int]:
+    """The given ``/proc/PID/status`` fields in kB (0 when absent, e.g. for a zombie)."""
+    vals = [0] * len(fields)
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith(field_name):
-                    return int(line.split()[1])
+                for i, name in enumerate(fields):
+                    if line.startswith(name):
+                        vals[i] = int(line.split()[1])
     except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
         pass
-    return 0
+    return vals
 
 
 def _children(pid: int) -> list[int]:
@@ -152,7 +155,17 @@ def process_tree(pid: int) -> list[int]:
 
 def tree_rss_anon_kb(pid: int) -> int:
     """Sum of ``RssAnon`` (kB) over ``pid`` and its descendants: heap/anonymous memory, not mmapped files."""
-    return sum(_status_kb(p, "RssAnon:") for p in process_tree(pid))
+    return sum(_status_kb(p, "RssAnon:")[0] for p in process_tree(pid))
+
+
+def tree_memory_kb(pid: int) -> tuple[int, int]:
+    """(Σ RssAnon over the tree, max VmHWM of any process in it), both kB."""
+    anon = hwm = 0
+    for p in process_tree(pid):
+        a, h = _status_kb(p, "RssAnon:", "VmHWM:")
+        anon += a
+        hwm = max(hwm, h)
+    return anon, hwm
 
 
 @dataclass
@@ -165,6 +178,7 @@ class Measurement:
     peak_anon_mb: float
     max_rss_mb: float
     samples: int
+    ru_maxrss_mb: float = 0.0
     stdout: str = ""
     stderr: str = ""
     load_before: float = 0.0
@@ -193,24 +207,28 @@ def run_measured(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: 
     - wall: ``perf_counter`` from spawn to reap;
     - user/sys CPU: the rusage ``wait4`` returns, which on Linux includes the reaped descendants;
     - peak anonymous RSS: max over samples (every ``interval`` s, plus one right after spawn) of the
-      summed ``RssAnon`` of the process tree; ``max_rss_mb`` is ``ru_maxrss`` (largest single process,
-      file-backed mmapped pages included, so it overstates what the merge allocates).
+      summed ``RssAnon`` of the process tree;
+    - max RSS: the largest ``VmHWM`` (resident high-water mark, file-backed mmapped input pages
+      included, so it overstates what a merge allocates) seen for any process of the tree. Not
+      ``ru_maxrss``: Linux carries the *parent's* high-water mark across fork + exec, so a small child
+      of this (torch-importing) harness would report the harness's RSS; that value is kept as
+      ``ru_maxrss_mb`` in the JSON only.
     stdout/stderr go to temporary files (no pipe can fill and block the child).
     """
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL)
-        peak = [0]
+        peak = [0, 0]
         n = [0]
         stop = threading.Event()
 
         def sample() -> None:
             while True:
-                kb = tree_rss_anon_kb(proc.pid)
+                anon, hwm = tree_memory_kb(proc.pid)
                 n[0] += 1
-                if kb > peak[0]:
-                    peak[0] = kb
+                peak[0] = max(peak[0], anon)
+                peak[1] = max(peak[1], hwm)
                 if stop.wait(interval):
                     return
 
@@ -233,8 +251,8 @@ def run_measured(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: 
         fe.seek(0)
         out, err = fo.read(), fe.read()
     return Measurement(cmd=list(cmd), rc=proc.returncode, wall_s=wall, user_s=ru.ru_utime, sys_s=ru.ru_stime,
-                       peak_anon_mb=peak[0] / 1024, max_rss_mb=ru.ru_maxrss / 1024, samples=n[0],
-                       stdout=out, stderr=err, load_before=load_before)
+                       peak_anon_mb=peak[0] / 1024, max_rss_mb=peak[1] / 1024, samples=n[0],
+                       stdout=out, stderr=err, load_before=load_before, ru_maxrss_mb=ru.ru_maxrss / 1024)
 
 
 def _kill_tree(pid: int) -> None:
@@ -327,6 +345,8 @@ class CompareResult:
     tensors: list[TensorDiff] = field(default_factory=list)
     only_a: list[str] = field(default_factory=list)
     only_b: list[str] = field(default_factory=list)
+    ss_delta_a: float = 0.0  # Σ (a - ref)² over all compared tensors, when a reference model is given
+    ss_delta_b: float = 0.0
 
     @property
     def n_compared(self) -> int:
@@ -353,11 +373,16 @@ class CompareResult:
     def dtypes_match(self) -> bool:
         return all(t.dtype_a == t.dtype_b for t in self.tensors)
 
+    @property
+    def delta_norm_ratio(self) -> float | None:
+        """‖a − ref‖ / ‖b − ref‖ over the whole model (≈ 1 when both outputs move as far from the reference)."""
+        return (self.ss_delta_a / self.ss_delta_b) ** 0.5 if self.ss_delta_b else None
+
     def worst(self, k: int = 3) -> list[TensorDiff]:
         return sorted(self.tensors, key=lambda t: -t.max_abs)[:k]
 
 
-def _tensor_index(model_dir: Path) -> dict[str, Path]:
+def tensor_index(model_dir: Path) -> dict[str, Path]:
     from safetensors import safe_open
 
     out: dict[str, Path] = {}
@@ -368,21 +393,30 @@ def _tensor_index(model_dir: Path) -> dict[str, Path]:
     return out
 
 
-def compare_checkpoints(a_dir: str | Path, b_dir: str | Path, *, rtol: float = 1e-5,
-                        atol: float = 1e-6) -> CompareResult:
+def compare_checkpoints(a_dir: str | Path, b_dir: str | Path, *, rtol: float = 1e-5, atol: float = 1e-6,
+                        ref_dir: str | Path | None = None) -> CompareResult:
     """Compare every tensor present in both outputs (in float64); names in only one side are listed.
 
     An element "differs beyond tolerance" when ``|a - b| > atol + rtol * |b|`` (``torch.allclose``'s rule
-    with ``b`` the reference); ``allclose`` per tensor also requires equal shapes.
+    with ``b`` the reference); ``allclose`` per tensor also requires equal shapes. With ``ref_dir`` (e.g.
+    the base model) the squared distances of ``a`` and ``b`` from it are summed too, so randomised methods
+    can at least be checked for moving the same distance from the base.
     """
     import torch
     from safetensors import safe_open
 
-    ia, ib = _tensor_index(Path(a_dir)), _tensor_index(Path(b_dir))
+    ia, ib = tensor_index(Path(a_dir)), tensor_index(Path(b_dir))
+    iref = tensor_index(Path(ref_dir)) if ref_dir else {}
     res = CompareResult(only_a=sorted(set(ia) - set(ib)), only_b=sorted(set(ib) - set(ia)))
     for name in sorted(set(ia) & set(ib), key=_natural_key):
         with safe_open(str(ia[name]), framework="pt") as ha, safe_open(str(ib[name]), framework="pt") as hb:
             a, b = ha.get_tensor(name), hb.get_tensor(name)
+        if name in iref and a.shape == b.shape:
+            with safe_open(str(iref[name]), framework="pt") as hr:
+                r = hr.get_tensor(name).double()
+            if r.shape == a.shape:
+                res.ss_delta_a += float(((a.double() - r) ** 2).sum())
+                res.ss_delta_b += float(((b.double() - r) ** 2).sum())
         if a.shape != b.shape:
             res.tensors.append(TensorDiff(name, list(a.shape), str(a.dtype), str(b.dtype), float("inf"),
                                           a.numel(), a.numel(), False))
