@@ -315,11 +315,13 @@ def weight_matching(
         versions = dict.fromkeys(spec.sizes, 0)
         builder.cache.clear()
         builder.cache_left = cache_bytes
+        seen: dict[tuple[PermId, ...], tuple[int, ...]] = {}
         if init == "greedy" and not (r == 0 and init_perms is not None):
             # one pass in spec order, each unit matched on the terms whose other permutations are
             # already matched (layer-by-layer matching from the input side), as a starting point
             solved: set[PermId] = set()
             for u in units:
+                complete = all(q in solved for q in neighbours[u])
                 costs = {p: builder.cost(p, perms, versions, only=solved) for p in u}
                 new, _, _ = _solve_unit(spec, u, costs, perms)
                 for p, v in new.items():
@@ -328,7 +330,8 @@ def weight_matching(
                         versions[p] += 1
                 solves += 1
                 solved.update(u)
-        seen: dict[tuple[PermId, ...], tuple[int, ...]] = {}
+                if complete:  # solved on its full cost matrix: skip it until a neighbour changes
+                    seen[u] = tuple(versions[q] for q in neighbours[u])
         it = 0
         while it < max_iter:
             it += 1
