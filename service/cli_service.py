@@ -245,9 +245,10 @@ def serve(
     )
     try:
         run(cfg)
-    except DataDirBusy as e:
+    except (DataDirBusy, OSError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.stderr.flush()
+        os._exit(2)
     # Everything is stopped, flushed and closed: skip the interpreter's slow teardown (torch,
     # multiprocessing atexit hooks) so that a restart is not kept waiting.
     sys.stdout.flush()

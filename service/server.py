@@ -718,19 +718,27 @@ class Server:
             if not cfg.tls_key:
                 raise ValueError("--tls-cert needs --tls-key")
             creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
-            self.port = self.server.add_secure_port(address, creds)
+            self.port = self._bind(lambda: self.server.add_secure_port(address, creds), address)
         else:
             if cfg.tls_client_ca:
                 raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-            self.port = self.server.add_insecure_port(address)
-        if not self.port:
-            raise OSError(f"cannot listen on {address}")
+            self.port = self._bind(lambda: self.server.add_insecure_port(address), address)
         await self.server.start()
         if cfg.port_file:
             tmp = Path(f"{cfg.port_file}.tmp")
             tmp.write_text(f"{self.port}\n")
             os.replace(tmp, cfg.port_file)
         return self.port
+
+    @staticmethod
+    def _bind(add: Callable[[], int], address: str) -> int:
+        try:
+            port = add()
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {address}: {e}") from None
+        if not port:
+            raise OSError(f"cannot listen on {address}")
+        return port
 
     async def stop(self) -> None:
         """Graceful shutdown (idempotent)."""

@@ -253,6 +253,9 @@ def test_cancel_a_running_job_leaves_nothing(env: dict) -> None:
         c.cancel_job("0" * 32)
     assert _code(e) == "NOT_FOUND"
     with pytest.raises(RemoteError) as e:
+        list(c.watch("jobs/" + "0" * 32))
+    assert _code(e) == "NOT_FOUND"
+    with pytest.raises(RemoteError) as e:
         c.retry_job(job.name)
     assert _code(e) == "FAILED_PRECONDITION"
 

@@ -159,6 +159,12 @@ def _crash_scenario(tmp_path: Path, servers: list[ServerProcess]) -> None:
         assert all(tree_digest(m) == d for m, d in digests.items())
         states = sorted(state_name(j.state) for j in c.iter_jobs())
         assert states == ["CANCELLED"] + ["SUCCEEDED"] * 4  # nothing lost
+        # one data folder, one server; one port, one server
+        with pytest.raises(RuntimeError, match="another weightsmith server uses this data folder"):
+            _track(servers, ServerProcess(data, [root])).start()
+        with pytest.raises(RuntimeError, match="cannot listen on 127.0.0.1"):
+            _track(servers, ServerProcess(tmp_path / "data2", [root], args=["--port", str(srv.port)])).start()
+        assert c.health() == "SERVING"
     srv.stop()
 
 
