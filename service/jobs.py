@@ -896,15 +896,11 @@ class JobManager:
             out = self.roots.resolve_output(output_path, "output_path")
         else:
             out = self.config.outputs_dir / job_id
+        if output_path and overlaps(out, self.config.data_dir.resolve()):
+            raise InvalidPathError(f"output_path: {out} is inside the server's data folder")
         if out.exists() and not overwrite:
             raise OutputExistsError(f"output_path: {out} already exists (set overwrite to replace it)")
-        for other in self.store.in_states(ACTIVE):
-            if overlaps(Path(other.output_path), out):
-                raise ServiceError(
-                    "ALREADY_EXISTS",
-                    f"output_path: {out} overlaps the output of {other.name}, which is {other.state.lower()}",
-                    "output_path",
-                )
+        self._check_output_free(out)
         plan_summary: dict[str, Any] | None = None
         est = self.config.worker_overhead_bytes
         job_refs: dict[str, str] = {}
@@ -946,6 +942,7 @@ class JobManager:
             prev = self.store.by_request_id(request_id)  # a concurrent twin may have won meanwhile
             if prev is not None:
                 return prev, plan_summary
+        self._check_output_free(out)  # again: planning awaited, another request may have taken it
         rec = JobRecord(
             id=job_id,
             rowid=0,
@@ -983,6 +980,15 @@ class JobManager:
         self._event(job_id, QUEUED, rec.progress)
         await self._schedule()
         return self.get(job_id), plan_summary
+
+    def _check_output_free(self, out: Path, exclude: str | None = None) -> None:
+        for other in self.store.in_states(ACTIVE):
+            if other.id != exclude and overlaps(Path(other.output_path), out):
+                raise ServiceError(
+                    "ALREADY_EXISTS",
+                    f"output_path: {out} overlaps the output of {other.name}, which is {other.state.lower()}",
+                    "output_path",
+                )
 
     def _check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         cd = options.get("compute_dtype") or ""
@@ -1212,9 +1218,7 @@ class JobManager:
         out = Path(rec.output_path)
         if out.exists() and not rec.overwrite:
             raise OutputExistsError(f"output_path: {out} exists now; cannot retry {rec.name}")
-        for other in self.store.in_states(ACTIVE):
-            if other.id != rec.id and overlaps(Path(other.output_path), out):
-                raise ServiceError("ALREADY_EXISTS", f"output_path: {out} is now the target of {other.name}")
+        self._check_output_free(out, exclude=rec.id)
         if self.store.count(QUEUED) >= self.config.max_queued:
             raise ServiceError(
                 "RESOURCE_EXHAUSTED", f"the job queue is full ({self.config.max_queued} queued jobs)"

@@ -143,11 +143,13 @@ async def abort_with(
 ) -> None:
     """Abort the RPC with ``code_name``; INVALID_ARGUMENT carries a BadRequest naming ``field``."""
     code = _status_code(code_name)
-    if code is grpc.StatusCode.INVALID_ARGUMENT and field:
+    try:  # rich details need grpcio-status (and googleapis-common-protos); plain status without
         from google.protobuf import any_pb2
         from google.rpc import error_details_pb2, status_pb2
         from grpc_status import rpc_status
-
+    except ImportError:
+        field = None
+    if code is grpc.StatusCode.INVALID_ARGUMENT and field:
         detail = any_pb2.Any()
         detail.Pack(
             error_details_pb2.BadRequest(

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from service.jobs import (
     INTERRUPTED,
@@ -116,4 +117,28 @@ def test_recovery_rules(tmp_path: Path) -> None:
     assert not (root / "out" / "partial.partial-0123").exists() and not outs["partial"].exists()
     assert got["cancelling"].state == "CANCELLED"
     assert got["queued"].state == QUEUED
+    m.store.close()
+
+
+def test_output_may_not_touch_the_data_folder(tmp_path: Path) -> None:
+    from service.paths import InvalidPathError
+    from tests.service_helpers import linear_recipe
+
+    root = tmp_path / "root"
+    models = make_models(root, 2)
+    m = JobManager(JobManagerConfig(data_dir=root / "state", roots=[root]))
+    recipe = yaml.safe_load(linear_recipe(models))
+    for out in ("state/jobs", "state", "state/outputs/x"):
+        with pytest.raises(InvalidPathError, match="data folder"):
+            asyncio.run(
+                m.create(
+                    recipe=recipe,
+                    output_path=out,
+                    overwrite=True,
+                    options={},
+                    request_id="",
+                    validate_only=False,
+                )
+            )
+    assert m.store.in_states({QUEUED, RUNNING}) == []
     m.store.close()
