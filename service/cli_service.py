@@ -142,6 +142,12 @@ def _default_memory_budget() -> int:
     help="Seconds running jobs get to finish on SIGTERM before they are interrupted.",
 )
 @click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Device the jobs compute on (cpu, cuda, cuda:1...); workers fork from a CUDA-free forkserver.",
+)
+@click.option(
     "--resume-interrupted", is_flag=True, help="Queue jobs interrupted by a crash again at start-up."
 )
 @click.option("--reflection/--no-reflection", default=True, show_default=True, help="gRPC server reflection.")
@@ -188,6 +194,7 @@ def serve(
     job_threads: int | None,
     max_upload: int,
     shutdown_grace: float,
+    device: str,
     resume_interrupted: bool,
     reflection: bool,
     hub_enabled: bool,
@@ -212,6 +219,11 @@ def serve(
         raise click.BadParameter("give both --tls-cert and --tls-key", param_hint="--tls-cert")
     if tls_client_ca and not tls_cert:
         raise click.BadParameter("mTLS needs --tls-cert and --tls-key too", param_hint="--tls-client-ca")
+    if device != "cpu":
+        import torch
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise click.BadParameter(f"{device}: no CUDA device is available", param_hint="--device")
     cores = os.cpu_count() or 1
     running = max_running or max(1, cores // 2)
     cfg = ServerConfig(
@@ -242,6 +254,7 @@ def serve(
             token=hub_token,
         ),
         delay_per_tensor=delay_per_tensor,
+        device=device,
     )
     try:
         run(cfg)

@@ -109,6 +109,7 @@ class ServerConfig:
     max_concurrent_rpcs: int = 1024
     hub: HubConfig = field(default_factory=lambda: HubConfig(enabled=False))
     delay_per_tensor: float = 0.0
+    device: str = "cpu"
 
     def manager_config(self) -> JobManagerConfig:
         return JobManagerConfig(
@@ -123,6 +124,7 @@ class ServerConfig:
             hub=self.hub,
             resume_interrupted=self.resume_interrupted,
             delay_per_tensor=self.delay_per_tensor,
+            device=self.device,
         )
 
 

@@ -372,6 +372,15 @@ def _bad_cases(env: dict) -> list[tuple[str, dict, str, str]]:
         sd = tiny_state_dict(8)
         del sd["model.layers.2.mlp.up_proj.weight"]
         write_model(bad / "missing", sd)
+        write_model(bad / "extra", {**tiny_state_dict(8), "extra.weight": torch.zeros(2)})
+        garbage = write_model(bad / "garbage", tiny_state_dict(8))
+        (garbage / "model.safetensors").write_bytes(b"garbage!garbage!")
+        esc = write_model(bad / "index_escape", tiny_state_dict(8))
+        (esc / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"model.norm.weight": "../../../outside/secret0/model.safetensors"}})
+        )
+        mal = write_model(bad / "index_malformed", tiny_state_dict(8))
+        (mal / "model.safetensors.index.json").write_text("{not json")
         trunc = write_model(bad / "truncated", tiny_state_dict(9))
         raw = (trunc / "model.safetensors").read_bytes()
         (trunc / "model.safetensors").write_bytes(raw[:-16])
@@ -394,6 +403,21 @@ def _bad_cases(env: dict) -> list[tuple[str, dict, str, str]]:
 
     return [
         ("yaml", {"recipe_yaml": "merge_method: [unclosed\n"}, "INVALID_ARGUMENT", "not valid YAML"),
+        (
+            "unknown-param",
+            rec(*two, parameters={"densty": 0.5}),
+            "INVALID_ARGUMENT",
+            "has no parameter 'densty'",
+        ),
+        ("extra-tensor", rec(two[0], str(bad / "extra")), "INVALID_ARGUMENT", "extra.weight"),
+        ("garbage-file", rec(two[0], str(bad / "garbage")), "INVALID_ARGUMENT", "garbage"),
+        (
+            "index-escape",
+            rec(two[0], str(bad / "index_escape")),
+            "INVALID_ARGUMENT",
+            "escapes the checkpoint",
+        ),
+        ("index-malformed", rec(two[0], str(bad / "index_malformed")), "INVALID_ARGUMENT", "malformed index"),
         ("not-mapping", {"recipe_yaml": "- a\n- b\n"}, "INVALID_ARGUMENT", "mapping"),
         (
             "unknown-method",
