@@ -677,6 +677,8 @@ class JobManager:
         await self._schedule()
 
     async def _recover(self) -> None:
+        for stale in self.config.uploads_dir.glob(".tmp-*"):  # uploads cut short by a crash
+            shutil.rmtree(stale, ignore_errors=True)
         for rec in self.store.in_states({RUNNING}):
             job_dir = self.config.jobs_dir / rec.id
             await asyncio.to_thread(_wait_worker_gone, job_dir, rec.worker_pid, self.config.kill_grace)

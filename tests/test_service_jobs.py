@@ -100,6 +100,7 @@ def test_recovery_rules(tmp_path: Path) -> None:
     # "partial": killed mid-write
     (root / "out" / "partial.partial-0123").mkdir(parents=True)
     (root / "out" / "partial.partial-0123" / "model.safetensors").write_bytes(b"half")
+    (cfg.uploads_dir / ".tmp-0123").mkdir(parents=True)  # an upload cut short
     m.store.close()
 
     m = JobManager(cfg)
@@ -117,6 +118,7 @@ def test_recovery_rules(tmp_path: Path) -> None:
     assert not (root / "out" / "partial.partial-0123").exists() and not outs["partial"].exists()
     assert got["cancelling"].state == "CANCELLED"
     assert got["queued"].state == QUEUED
+    assert list(cfg.uploads_dir.iterdir()) == []
     m.store.close()
 
 
