@@ -96,7 +96,12 @@ class Client:
         self.target = target
         self.timeout = timeout
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 8 << 20)]
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", 8 << 20),
+            # a restarted server is found again within seconds (default backoff grows to 120 s)
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 3000),
+        ]
         if server_name_override:
             options.append(("grpc.ssl_target_name_override", server_name_override))
         if tls or tls_ca or tls_cert:

@@ -4,6 +4,7 @@ TLS / mTLS, the memory budget, and Hub references through the service (local Hub
 from __future__ import annotations
 
 import signal
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -89,11 +90,20 @@ def _crash_scenario(tmp_path: Path, servers: list[ServerProcess]) -> None:
         assert state_name(c.get_job(j2.name).state) == "QUEUED"
         wait_for(lambda: c.get_job(j1.name).progress.tensors_done >= 5, what="j1 progress")
         seen = list(_take(c.watch(j1.name), 2))
+    # a watcher that stays connected through the crash, the restart and the retry
+    port = srv.port
+    watcher = srv.client()
+    streamed: list = []
+    bg = threading.Thread(
+        target=lambda: streamed.extend(watcher.watch(j1.name, max_reconnect_s=120)), daemon=True
+    )
+    bg.start()
+    wait_for(lambda: len(streamed) >= 3, what="background watch")
     _kill_tree(srv)
     assert partials(root), "the kill should have left a .partial folder for the restart to clean"
 
     # 2. Restart: j1 is INTERRUPTED (no output, no partials, inputs intact); the queued j2 still runs.
-    srv = _track(servers, ServerProcess(data, [root], args=slow)).start()
+    srv = _track(servers, ServerProcess(data, [root], args=[*slow, "--port", str(port)])).start()
     with srv.client() as c:
         c.wait_ready()
         got = c.get_job(j1.name)
@@ -116,6 +126,13 @@ def _crash_scenario(tmp_path: Path, servers: list[ServerProcess]) -> None:
         done = c.wait(j1.name, timeout=120)
         assert state_name(done.state) == "SUCCEEDED" and done.attempt == 2
         assert files_of(root / "out" / "j1") == reference
+        # the background watch reconnected by itself and saw every event exactly once, in order
+        bg.join(60)
+        watcher.close()
+        assert not bg.is_alive()
+        assert [e.sequence for e in streamed] == list(range(1, len(streamed) + 1))
+        states = [state_name(e.job.state) for e in streamed]
+        assert "INTERRUPTED" in states and states[-1] == "SUCCEEDED" and streamed[-1].job.attempt == 2
         with pytest.raises(RemoteError) as e:
             c.retry_job(j1.name)
         assert e.value.code == "FAILED_PRECONDITION"
