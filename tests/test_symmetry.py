@@ -69,16 +69,25 @@ class CNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+def batch_norm(c: int) -> nn.Module:
+    return nn.BatchNorm2d(c)
+
+
+def layer_norm(c: int) -> nn.Module:
+    """LayerNorm over (C, H, W) with a per-channel affine: GroupNorm with one group."""
+    return nn.GroupNorm(1, c)
+
+
 class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, norm=batch_norm) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn1 = norm(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = norm(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         o = F.relu(self.bn1(self.conv1(x)))
@@ -88,13 +97,13 @@ class Block(nn.Module):
 class ResNet(nn.Module):
     """CIFAR-style ResNet with BatchNorm (3 stages, projection shortcuts where channels change)."""
 
-    def __init__(self, w: int = 8, n: int = 2, classes: int = 10) -> None:
+    def __init__(self, w: int = 8, n: int = 2, classes: int = 10, norm=batch_norm) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, w, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(w)
-        self.layer1 = nn.Sequential(*[Block(w, w, 1) for _ in range(n)])
-        self.layer2 = nn.Sequential(Block(w, 2 * w, 2), *[Block(2 * w, 2 * w, 1) for _ in range(n - 1)])
-        self.layer3 = nn.Sequential(Block(2 * w, 4 * w, 2), *[Block(4 * w, 4 * w, 1) for _ in range(n - 1)])
+        self.bn1 = norm(w)
+        self.layer1 = nn.Sequential(*[Block(w, w, 1, norm) for _ in range(n)])
+        self.layer2 = nn.Sequential(Block(w, 2 * w, 2, norm), *[Block(2 * w, 2 * w, 1, norm) for _ in range(n - 1)])
+        self.layer3 = nn.Sequential(Block(2 * w, 4 * w, 2, norm), *[Block(4 * w, 4 * w, 1, norm) for _ in range(n - 1)])
         self.linear = nn.Linear(4 * w, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -324,6 +333,32 @@ def test_ready_specs_from_sorted_names():
         state = dict(sorted(model.state_dict().items()))
         spec = build_spec(arch, state)
         assert check_spec(model, spec, (x,)) < 1e-5
+
+
+def _randomize_affine(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.GroupNorm | nn.LayerNorm):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+    return model
+
+
+def test_layernorm_resnet_and_mlp():
+    """Git Re-Basin's ResNet-20 uses LayerNorm instead of BatchNorm; MLPs may have LayerNorm too."""
+    torch.manual_seed(0)
+    model, x = _randomize_affine(ResNet(norm=layer_norm)), torch.randn(2, 3, 16, 16)
+    ready, inferred = resnet_spec(model.state_dict()), infer_spec(model, (x,))
+    assert check_spec(model, ready, (x,), trials=2) < 1e-5
+    assert _partition(inferred) == _partition(ready)
+    mlp = _randomize_affine(nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12), nn.GELU(), nn.Linear(12, 12),
+                                          nn.LayerNorm(12), nn.GELU(), nn.Linear(12, 2)))
+    x = torch.randn(4, 6)
+    ready = mlp_spec(mlp.state_dict())
+    assert ready.axes_to_perm["1.weight"] == ("P_0",) and ready.axes_to_perm["3.weight"] == ("P_3", "P_0")
+    assert check_spec(mlp, ready, (x,), trials=2) < 1e-5
+    assert _partition(infer_spec(mlp, (x,))) == _partition(ready)
 
 
 def test_resnet_spec_structure():
