@@ -194,6 +194,8 @@ def note_for(variant: str, method: str) -> str:
         return "mergekit computes in bf16, ws in fp32"
     if variant == "bf16":
         return "bf16 output rounding"
+    if method == "slerp":
+        return "mk sums the dot product in fp32, ws in fp64"
     return ""
 
 
@@ -276,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             if rec.get("tie_analysis"):
                 ta = rec["tie_analysis"]
                 rec["note"] = (f"{ta['n_tied_cut']} of {ta['n_diff']} differing elem. have a magnitude tied at a "
-                               f"cut ({ta['n_on_tied_cuts'] / ta['n_elems']:.2%} of those tensors' elem. do)")
+                               f"cut ({100 * ta['n_on_tied_cuts'] / ta['n_elems']:.2g}% of those tensors' elem. do)")
             if "failed" in rec["verdict"]:
                 rec["ok"] = False
             results.append(rec)
