@@ -75,7 +75,7 @@ def ensure_mergekit(quiet: bool = False) -> Path:
 
 def mergekit_cmd(config: Path, out: Path, *, out_shard_size: str | None = None,
                  extra: Sequence[str] = ()) -> list[str]:
-    """``mergekit-yaml CONFIG OUT --no-copy-tokenizer [--out-shard-size S]`` (our models have no tokenizer)."""
+    """``mergekit-yaml CONFIG OUT --no-copy-tokenizer [--out-shard-size S]`` (our models lack a tokenizer)."""
     cmd = [str(MK_VENV / "bin" / "mergekit-yaml"), str(config), str(out), "--no-copy-tokenizer"]
     if out_shard_size:
         cmd += ["--out-shard-size", out_shard_size]
@@ -367,7 +367,8 @@ class CompareResult:
 
     @property
     def all_close(self) -> bool:
-        return not self.only_a and not self.only_b and self.n_allclose == self.n_compared and self.n_compared > 0
+        names_equal = not self.only_a and not self.only_b
+        return names_equal and self.n_allclose == self.n_compared and self.n_compared > 0
 
     @property
     def dtypes_match(self) -> bool:
@@ -375,7 +376,7 @@ class CompareResult:
 
     @property
     def delta_norm_ratio(self) -> float | None:
-        """‖a − ref‖ / ‖b − ref‖ over the whole model (≈ 1 when both outputs move as far from the reference)."""
+        """‖a − ref‖ / ‖b − ref‖ over the whole model (≈ 1 when both moved as far from the reference)."""
         return (self.ss_delta_a / self.ss_delta_b) ** 0.5 if self.ss_delta_b else None
 
     def worst(self, k: int = 3) -> list[TensorDiff]:

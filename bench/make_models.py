@@ -100,7 +100,8 @@ def base_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=_gen(seed, 0, name)) * BASE_STD
 
 
-def model_tensor(name: str, shape: tuple[int, ...], seed: int, model: int, dtype: torch.dtype) -> torch.Tensor:
+def model_tensor(name: str, shape: tuple[int, ...], seed: int, model: int,
+                 dtype: torch.dtype) -> torch.Tensor:
     """Tensor ``name`` of model ``model`` (0 = base, k = fine-tune k), cast to ``dtype``."""
     t = base_tensor(name, shape, seed)
     if model:

@@ -23,7 +23,8 @@ Cases, run in turn (interleaved round-robin, tool order rotated every round) ``-
 Every run: wall (spawn to reap), CPU (user + sys of the process tree), peak anonymous RSS (``RssAnon``
 of the whole process tree, sampled every 0.1 s) and max RSS (largest process, mmapped pages included).
 Inputs are read once before the first run so all runs see them in the page cache; outputs are deleted
-and ``sync``ed between runs (untimed). Results: a table on stdout and ``bench/out/merge_vs_mergekit-SIZE.json``
+and ``sync``ed between runs (untimed). Results: a table on stdout and
+``bench/out/merge_vs_mergekit-SIZE.json``
 (raw runs + summary, rewritten after every run so a partial run keeps its data).
 
     .venv/bin/python bench/merge_vs_mergekit.py --size tiny --repeats 1          # smoke run, ~2 min
@@ -217,7 +218,7 @@ def print_report(summary: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]
             fmt(s["cpu_s"]), fmt(s["peak_anon_mb"], 0), fmt(s["max_rss_mb"], 0),
             fmt(s["input_mb_s"], 0) if s["case"] not in EXTRA_CASES else "—",
             fmt(s["wall_s"] / fl["wall_s"]) if fl and s["case"] not in FLOOR_CASES + EXTRA_CASES else "—",
-            fmt(s["wall_s"] / ct["wall_s"], 1) if ct and s["case"] not in ("cat",) + tuple(EXTRA_CASES) else "—",
+            fmt(s["wall_s"] / ct["wall_s"], 1) if ct and s["case"] not in ["cat", *EXTRA_CASES] else "—",
             str(s["n"]),
         ])
     text = "\n" + "inputs: " + ", ".join(f"{k} = {v / 1e9:.2f} GB" for k, v in in_bytes.items()) + "\n\n"
@@ -233,7 +234,8 @@ def print_report(summary: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]
                        fmt(r.get("speedup_vs_best_mk"), 1), fmt(r.get("anon_fraction_of_best_mk")),
                        _yn(r.get("target_3x_faster")), _yn(r.get("target_quarter_memory"))])
         text += "\n\n" + print_table(
-            ["method", "weightsmith", "wall ws/mk", "wall ws/mk500", "CPU ws/mk", "anon ws/mk", "anon ws/mk500",
+            ["method", "weightsmith", "wall ws/mk", "wall ws/mk500", "CPU ws/mk", "anon ws/mk",
+             "anon ws/mk500",
              "speed-up vs best mk", "anon / best mk", "≥3× faster", "≤¼ memory"], rr)
     return text
 
@@ -247,11 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", choices=["big", "tiny"], default="big")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {','.join(METHODS)}")
     ap.add_argument("--cases", default=",".join(DEFAULT_CASES),
-                    help=f"comma list from {','.join(DEFAULT_CASES + EXTRA_CASES)} (default: all but *-import)")
+                    help=f"comma list from {','.join(DEFAULT_CASES + EXTRA_CASES)} "
+                         "(default: all but *-import)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is killed")
     ap.add_argument("--json-out", type=Path, default=None)
-    ap.add_argument("--work", type=Path, default=OUT / "work", help="where outputs go (deleted after each run)")
+    ap.add_argument("--work", type=Path, default=OUT / "work",
+                    help="where outputs go (deleted after each run)")
     a = ap.parse_args(argv)
     methods = [m for m in a.methods.split(",") if m]
     cases = [c for c in a.cases.split(",") if c]

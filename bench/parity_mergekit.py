@@ -1,4 +1,4 @@
-"""Parity with mergekit 0.1.5: the same recipes on the same generated checkpoints, every output tensor compared.
+"""Parity with mergekit 0.1.5: same recipes, same generated checkpoints, every output tensor compared.
 
 Both tools read the same YAML (mergekit's format) and the same LLaMA-shaped checkpoints from
 ``bench/make_models.py`` (``--size tiny`` by default: 21.1M parameters, base + 3 fine-tunes). Variants:
@@ -92,7 +92,8 @@ def recipe_for(method: str, m: dict[str, Path], dtype: str) -> dict[str, Any]:
         r = {"base_model": b, "models": models([{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.7}]),
              "parameters": {"lambda": 0.9}}
     elif method == "ties":
-        r = {"base_model": b, "models": models([{"weight": 1.0, "density": 0.5}, {"weight": 0.8, "density": 0.3},
+        r = {"base_model": b, "models": models([{"weight": 1.0, "density": 0.5},
+                                                 {"weight": 0.8, "density": 0.3},
                                                  {"weight": 0.6, "density": 0.7}]),
              "parameters": {"normalize": True}}
     elif method in ("breadcrumbs", "breadcrumbs_ties"):
@@ -102,10 +103,12 @@ def recipe_for(method: str, m: dict[str, Path], dtype: str) -> dict[str, Any]:
     elif method == "model_stock":
         r = {"base_model": b, "models": [{"model": f} for f in (f1, f2, f3)]}
     elif method == "dare_linear":
-        r = {"base_model": b, "models": models([{"weight": 0.5, "density": 0.5}, {"weight": 0.3, "density": 0.6},
+        r = {"base_model": b, "models": models([{"weight": 0.5, "density": 0.5},
+                                                 {"weight": 0.3, "density": 0.6},
                                                  {"weight": 0.7, "density": 0.4}])}
     elif method == "dare_ties":
-        r = {"base_model": b, "models": models([{"weight": 1.0, "density": 0.5}, {"weight": 0.8, "density": 0.6},
+        r = {"base_model": b, "models": models([{"weight": 1.0, "density": 0.5},
+                                                 {"weight": 0.8, "density": 0.6},
                                                  {"weight": 0.6, "density": 0.4}])}
     else:
         raise ValueError(method)
@@ -175,8 +178,9 @@ def explain_topk_diffs(ws_dir: Path, mk_dir: Path, recipe: dict[str, Any], rtol:
         tied = torch.zeros_like(diff)
         for d, p in per_model:
             delta = get(d, name).float() - base
-            tied |= tied_cut_mask(delta, cut_boundaries(recipe["merge_method"], delta.numel(),
-                                                        float(p.get("density", 1.0)), float(p.get("gamma", 0.01))))
+            cuts = cut_boundaries(recipe["merge_method"], delta.numel(), float(p.get("density", 1.0)),
+                                  float(p.get("gamma", 0.01)))
+            tied |= tied_cut_mask(delta, cuts)
         out["n_elems"] += diff.numel()
         out["n_on_tied_cuts"] += int(tied.sum())  # how much the tie set covers (it must not be everything)
         out["n_diff"] += int(diff.sum())
@@ -242,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             mk_out, ws_out = work / "mergekit", work / "weightsmith"
             remove_output(mk_out)
             remove_output(ws_out)
-            rec: dict[str, Any] = {"variant": v, "method": m, "recipe": str(recipe), "required": required(v, m),
-                                   "note": note_for(v, m)}
+            rec: dict[str, Any] = {"variant": v, "method": m, "recipe": str(recipe),
+                                   "required": required(v, m), "note": note_for(v, m)}
             mk = run_measured(mergekit_cmd(recipe, mk_out), env=tool_env())
             ws = run_measured(weightsmith_cmd(recipe, ws_out), env=tool_env(offline=False))
             rec["mk_wall_s"], rec["ws_wall_s"] = mk.wall_s, ws.wall_s
@@ -277,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
             rec["ok"] = not rec["required"] or rec["verdict"].startswith("match")
             if rec.get("tie_analysis"):
                 ta = rec["tie_analysis"]
-                rec["note"] = (f"{ta['n_tied_cut']} of {ta['n_diff']} differing elem. have a magnitude tied at a "
-                               f"cut ({100 * ta['n_on_tied_cuts'] / ta['n_elems']:.2g}% of those tensors' elem. do)")
+                cover = 100 * ta["n_on_tied_cuts"] / ta["n_elems"]
+                rec["note"] = (f"{ta['n_tied_cut']} of {ta['n_diff']} differing elem. have a magnitude "
+                               f"tied at a cut ({cover:.2g}% of those tensors' elem. do)")
             if "failed" in rec["verdict"]:
                 rec["ok"] = False
             results.append(rec)
@@ -286,14 +291,16 @@ def main(argv: list[str] | None = None) -> int:
                 remove_output(mk_out)
                 remove_output(ws_out)
             print(f"[{v}] {m:<16} {rec['verdict']:<26} max|diff| {fmt(rec.get('max_abs'), 3)}  "
-                  f"(mk {mk.wall_s:.1f} s, ws {ws.wall_s:.1f} s) {rec.get('error', '')}", file=sys.stderr, flush=True)
+                  f"(mk {mk.wall_s:.1f} s, ws {ws.wall_s:.1f} s) {rec.get('error', '')}",
+                  file=sys.stderr, flush=True)
             data["elapsed_s"] = time.perf_counter() - t0
             write_json(a.json_out, data)
 
     rows = []
     for r in results:
         rows.append([r["variant"], r["method"], str(r.get("n_compared", "—")), fmt(r.get("max_abs"), 3),
-                     fmt(r.get("frac_beyond"), 4), f"{r['n_allclose']}/{r['n_compared']}" if "n_allclose" in r else "—",
+                     fmt(r.get("frac_beyond"), 4),
+                     f"{r['n_allclose']}/{r['n_compared']}" if "n_allclose" in r else "—",
                      fmt(r.get("delta_norm_ratio"), 4), r["verdict"] + (" *" if r["required"] else ""),
                      r.get("error") or r["note"]])
     print()
