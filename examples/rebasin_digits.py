@@ -126,8 +126,12 @@ def run_width(width: int, *, epochs: int = 60, depth: int = 2, steps: int = 25, 
         merged = model_fn(interpolate(a, b_state, 0.5))
         repair(merged, model_a, model_fn(b_state), train_b, 0.5)
         rep_loss, rep_acc = evaluate(merged, test_b)
+        # the barrier's max includes the endpoints: once the path has no bump it only measures
+        # ½|L_A − L_B|; the height above the chord, max_λ L(λ) − ((1-λ)L_A + λL_B), keeps resolving
+        chord = max(lo - ((1 - lam) * te.losses[0] + lam * te.losses[-1]) for lam, lo in zip(te.lambdas, te.losses,
+                                                                                              strict=True))
         return {
-            "train_barrier": tr.barrier, "test_barrier": te.barrier,
+            "train_barrier": tr.barrier, "test_barrier": te.barrier, "test_height_above_chord": chord,
             "test_losses": te.losses, "test_accuracies": te.accuracies, "train_losses": tr.losses,
             "mid_test_acc": te.accuracies[mid] if te.accuracies else None,
             "mid_test_loss": te.losses[mid], "mid_test_loss_repair": rep_loss, "mid_test_acc_repair": rep_acc,
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     (args.out / "rebasin_digits.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out / "rebasin_digits.png")
     methods = [m for m in ("naive", "weight_matching", "activation_matching", "ste") if m in results[0]]
-    print(f"{'width':>5} {'method':<20} {'train barrier':>13} {'test barrier':>12} {'ratio':>6} "
+    print(f"{'width':>5} {'method':<20} {'train barrier':>13} {'test barrier':>12} {'ratio':>6} {'above chord':>11} "
           f"{'mid acc':>7} {'mid acc REPAIR':>14} {'max|f(B)-f(πB)|':>15} {'match s':>8}")
     for r in results:
         naive = r["naive"]["test_barrier"]
@@ -202,6 +206,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             x = r[m]
             ratio = naive / x["test_barrier"] if x["test_barrier"] > 0 else float("inf")
             print(f"{r['width']:>5} {m:<20} {x['train_barrier']:>13.4f} {x['test_barrier']:>12.4f} {ratio:>6.2f} "
+                  f"{x['test_height_above_chord']:>11.4f} "
                   f"{x['mid_test_acc']:>7.3f} {x['mid_test_acc_repair']:>14.3f} "
                   f"{x.get('max_abs_dfB', 0.0):>15.2e} {x.get('seconds', 0.0):>8.3f}")
         print(f"{r['width']:>5} endpoints test acc {r['endpoint_test_acc']}; training took {r['train_seconds']:.1f} s")
