@@ -158,8 +158,14 @@ def peer(job_path: str) -> None:
         if best is None or t2 - t0 < best[0]:
             best = (t2 - t0, t1 - t0)
     assert best is not None
-    torch.save({"b": {k: v.detach().clone() for k, v in mb.state_dict().items()}, "seconds": best[0],
-                "trace_seconds": best[1]}, job["out"])
+    torch.save(
+        {
+            "b": {k: v.detach().clone() for k, v in mb.state_dict().items()},
+            "seconds": best[0],
+            "trace_seconds": best[1],
+        },
+        job["out"],
+    )
 
 
 def ensure_venv() -> Path:
@@ -168,21 +174,45 @@ def ensure_venv() -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     ok = subprocess.run([str(py), "-c", "import rebasin, torch"], capture_output=True).returncode == 0
     if not ok:
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "rebasin==0.0.47", "torch==2.13.0"], check=True)
+        subprocess.run(
+            [str(py), "-m", "pip", "install", "-q", "rebasin==0.0.47", "torch==2.13.0"], check=True
+        )
     return py
 
 
-def run_peer(py: Path, arch: str, width: int, a: dict, b: dict, x: torch.Tensor, threads: int,
-             tmp: Path, timeout: int, repeats: int) -> dict[str, Any]:
+def run_peer(
+    py: Path,
+    arch: str,
+    width: int,
+    a: dict,
+    b: dict,
+    x: torch.Tensor,
+    threads: int,
+    tmp: Path,
+    timeout: int,
+    repeats: int,
+) -> dict[str, Any]:
     job = tmp / f"job_{arch}_{width}.pt"
     out = tmp / f"res_{arch}_{width}.pt"
-    torch.save({"arch": arch, "width": width, "a": a, "b": b, "x": x, "out": str(out), "threads": threads,
-                "repeats": repeats}, job)
+    torch.save(
+        {
+            "arch": arch,
+            "width": width,
+            "a": a,
+            "b": b,
+            "x": x,
+            "out": str(out),
+            "threads": threads,
+            "repeats": repeats,
+        },
+        job,
+    )
     env = dict(os.environ, PYTHONPATH="")
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([str(py), __file__, "--peer", str(job)], capture_output=True, text=True,
-                              timeout=timeout, env=env)
+        proc = subprocess.run(
+            [str(py), __file__, "--peer", str(job)], capture_output=True, text=True, timeout=timeout, env=env
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout} s", "seconds": time.perf_counter() - t0}
     if proc.returncode != 0:
@@ -195,9 +225,15 @@ def run_peer(py: Path, arch: str, width: int, a: dict, b: dict, x: torch.Tensor,
 # ---------------------------------------------------------------------------------------------
 
 
-def numpy_weight_matching(axes_to_perm: dict[str, tuple], sizes: dict[str, int], a: dict[str, np.ndarray],
-                          b: dict[str, np.ndarray], *, max_iter: int = 100, seed: int = 0
-                          ) -> tuple[dict[str, np.ndarray], int]:
+def numpy_weight_matching(
+    axes_to_perm: dict[str, tuple],
+    sizes: dict[str, int],
+    a: dict[str, np.ndarray],
+    b: dict[str, np.ndarray],
+    *,
+    max_iter: int = 100,
+    seed: int = 0,
+) -> tuple[dict[str, np.ndarray], int]:
     from scipy.optimize import linear_sum_assignment
 
     perm_to_axes: dict[str, list[tuple[str, int]]] = {}
@@ -243,8 +279,12 @@ def related(spec: Any, a: dict[str, torch.Tensor], seed: int, noise: float) -> d
     from merge.symmetry import apply_permutation
 
     g = torch.Generator().manual_seed(seed)
-    noisy = {k: (v + noise * v.std() * torch.randn(v.shape, generator=g)) if v.is_floating_point() and v.numel() > 1
-             else v.clone() for k, v in a.items()}
+    noisy = {
+        k: (v + noise * v.std() * torch.randn(v.shape, generator=g))
+        if v.is_floating_point() and v.numel() > 1
+        else v.clone()
+        for k, v in a.items()
+    }
     return apply_permutation(spec, noisy, spec.random_perms(g))
 
 
@@ -252,7 +292,9 @@ def objective(spec: Any, a: dict[str, torch.Tensor], pb: dict[str, torch.Tensor]
     return float(sum((a[k].double() * pb[k].double()).sum() for k in spec.permuted_tensors()))
 
 
-def preserved(arch: str, width: int, b: dict[str, torch.Tensor], pb: dict[str, torch.Tensor], x: torch.Tensor) -> float:
+def preserved(
+    arch: str, width: int, b: dict[str, torch.Tensor], pb: dict[str, torch.Tensor], x: torch.Tensor
+) -> float:
     mb, mp = build(arch, width), build(arch, width)
     mb.load_state_dict(b)
     mp.load_state_dict(pb)
@@ -270,8 +312,9 @@ def timed(fn: Any, repeats: int) -> tuple[float, Any]:
     return best, out
 
 
-def bench_case(arch: str, width: int, kind: str, *, py: Path | None, threads: int, tmp: Path,
-               timeout: int, repeats: int) -> dict[str, Any]:
+def bench_case(
+    arch: str, width: int, kind: str, *, py: Path | None, threads: int, tmp: Path, timeout: int, repeats: int
+) -> dict[str, Any]:
     from merge.methods.rebasin import weight_matching
     from merge.symmetry import apply_permutation, build_spec
 
@@ -283,8 +326,12 @@ def bench_case(arch: str, width: int, kind: str, *, py: Path | None, threads: in
     else:
         b = related(spec, a, 7, 0.5)
     x = example_input(arch)
-    row: dict[str, Any] = {"arch": arch, "width": width, "case": kind,
-                           "params": sum(v.numel() for v in a.values() if v.is_floating_point())}
+    row: dict[str, Any] = {
+        "arch": arch,
+        "width": width,
+        "case": kind,
+        "params": sum(v.numel() for v in a.values() if v.is_floating_point()),
+    }
 
     an = {k: spec_view(spec, k, v).numpy().astype(np.float32) for k, v in a.items() if k in spec.axes_to_perm}
     bn = {k: spec_view(spec, k, v).numpy().astype(np.float32) for k, v in b.items() if k in spec.axes_to_perm}
@@ -293,15 +340,27 @@ def bench_case(arch: str, width: int, kind: str, *, py: Path | None, threads: in
     for _ in range(repeats):
         t, ws = timed(lambda: weight_matching(spec, a, b, seed=0), 1)
         t_ws = min(t_ws, t)
-        t, (perms, sweeps) = timed(lambda: numpy_weight_matching(spec.axes_to_perm, spec.sizes, an, bn, seed=0), 1)
+        t, (perms, sweeps) = timed(
+            lambda: numpy_weight_matching(spec.axes_to_perm, spec.sizes, an, bn, seed=0), 1
+        )
         t_np = min(t_np, t)
     pb = apply_permutation(spec, b, ws.perms)
-    row["weightsmith"] = {"seconds": t_ws, "sweeps": ws.iterations, "objective": objective(spec, a, pb),
-                          "max_abs_df": preserved(arch, width, b, pb, x), "solves": ws.solves, "skipped": ws.skipped}
+    row["weightsmith"] = {
+        "seconds": t_ws,
+        "sweeps": ws.iterations,
+        "objective": objective(spec, a, pb),
+        "max_abs_df": preserved(arch, width, b, pb, x),
+        "solves": ws.solves,
+        "skipped": ws.skipped,
+    }
 
     pb = apply_permutation(spec, b, {p: torch.from_numpy(v) for p, v in perms.items()})
-    row["numpy"] = {"seconds": t_np, "sweeps": sweeps, "objective": objective(spec, a, pb),
-                    "max_abs_df": preserved(arch, width, b, pb, x)}
+    row["numpy"] = {
+        "seconds": t_np,
+        "sweeps": sweeps,
+        "objective": objective(spec, a, pb),
+        "max_abs_df": preserved(arch, width, b, pb, x),
+    }
 
     if py is not None:
         peer_repeats = repeats if width <= 1024 or arch == "resnet" else 1
@@ -310,8 +369,12 @@ def bench_case(arch: str, width: int, kind: str, *, py: Path | None, threads: in
             row["rebasin"] = {"error": res["error"], "seconds": res.get("seconds")}
         else:
             pb = res["b"]
-            row["rebasin"] = {"seconds": res["seconds"], "trace_seconds": res["trace_seconds"],
-                              "objective": objective(spec, a, pb), "max_abs_df": preserved(arch, width, b, pb, x)}
+            row["rebasin"] = {
+                "seconds": res["seconds"],
+                "trace_seconds": res["trace_seconds"],
+                "objective": objective(spec, a, pb),
+                "max_abs_df": preserved(arch, width, b, pb, x),
+            }
     row["identity_objective"] = objective(spec, a, b)
     return row
 
@@ -323,14 +386,28 @@ def spec_view(spec: Any, name: str, t: torch.Tensor) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--peer", help=argparse.SUPPRESS)
-    ap.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096],
-                    help="MLP widths for the 'related' case")
-    ap.add_argument("--independent-widths", type=int, nargs="+", default=[256, 512, 1024, 2048],
-                    help="MLP widths for the 'independent' case (many sweeps: costly beyond 2048 on a CPU)")
+    ap.add_argument(
+        "--widths",
+        type=int,
+        nargs="+",
+        default=[256, 512, 1024, 2048, 4096],
+        help="MLP widths for the 'related' case",
+    )
+    ap.add_argument(
+        "--independent-widths",
+        type=int,
+        nargs="+",
+        default=[256, 512, 1024, 2048],
+        help="MLP widths for the 'independent' case (many sweeps: costly beyond 2048 on a CPU)",
+    )
     ap.add_argument("--resnet-width", type=int, default=16)
     ap.add_argument("--skip-peer", action="store_true", help="do not run the rebasin package")
-    ap.add_argument("--timeout", type=int, default=900, help="seconds allowed to the rebasin package per case")
-    ap.add_argument("--threads", type=int, default=THREADS, help="torch threads (BLAS threads: BENCH_THREADS)")
+    ap.add_argument(
+        "--timeout", type=int, default=900, help="seconds allowed to the rebasin package per case"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=THREADS, help="torch threads (BLAS threads: BENCH_THREADS)"
+    )
     ap.add_argument("--repeat", type=int, default=3, help="runs per tool (best time kept) for small cases")
     ap.add_argument("--repeat-max-width", type=int, default=1024, help="larger MLPs are run twice")
     args = ap.parse_args(argv)
@@ -353,25 +430,32 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     wa, wb = random_model("mlp", 64, 0).state_dict(), random_model("mlp", 64, 1).state_dict()
     weight_matching(build_spec("mlp", wa), wa, wb)
     rows = []
-    hdr = (f"{'model':<7}{'width':>6} {'case':<12}{'tool':<12}{'seconds':>9}{'sweeps':>7}{'objective':>14}"
-           f"{'Δobj vs best':>13}{'max|f(B)-f(πB)|':>16}")
+    hdr = (
+        f"{'model':<7}{'width':>6} {'case':<12}{'tool':<12}{'seconds':>9}{'sweeps':>7}{'objective':>14}"
+        f"{'Δobj vs best':>13}{'max|f(B)-f(πB)|':>16}"
+    )
     print(hdr)
     for arch, w, kind in cases:
         repeats = args.repeat if (arch == "resnet" or w <= args.repeat_max_width) else 2
-        row = bench_case(arch, w, kind, py=py, threads=args.threads, tmp=tmp, timeout=args.timeout, repeats=repeats)
+        row = bench_case(
+            arch, w, kind, py=py, threads=args.threads, tmp=tmp, timeout=args.timeout, repeats=repeats
+        )
         row["repeats"] = repeats
         rows.append(row)
         tools = [t for t in ("weightsmith", "numpy", "rebasin") if t in row]
         best = max(row[t].get("objective", -np.inf) for t in tools)
         for t in tools:
             r = row[t]
-            r["speedup_vs_weightsmith"] = r["seconds"] / row["weightsmith"]["seconds"] if "seconds" in r and \
-                r["seconds"] else None
+            r["speedup_vs_weightsmith"] = (
+                r["seconds"] / row["weightsmith"]["seconds"] if "seconds" in r and r["seconds"] else None
+            )
             if "error" in r:
                 print(f"{arch:<7}{w:>6} {kind:<12}{t:<12}  error: {r['error']}")
                 continue
-            print(f"{arch:<7}{w:>6} {kind:<12}{t:<12}{r['seconds']:>9.3f}{r.get('sweeps', ''):>7}"
-                  f"{r['objective']:>14.2f}{r['objective'] - best:>13.3g}{r['max_abs_df']:>16.2e}")
+            print(
+                f"{arch:<7}{w:>6} {kind:<12}{t:<12}{r['seconds']:>9.3f}{r.get('sweeps', ''):>7}"
+                f"{r['objective']:>14.2f}{r['objective'] - best:>13.3g}{r['max_abs_df']:>16.2e}"
+            )
         (OUT / "rebasin.json").write_text(json.dumps(rows, indent=1))
     print(f"wrote {OUT / 'rebasin.json'}")
     return rows

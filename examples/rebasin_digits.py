@@ -80,13 +80,24 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, size: int, seed: int | None = None) -> list[Batch]:
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)) if seed is not None else \
-        torch.arange(len(x))
-    return [(x[idx[i:i + size]], y[idx[i:i + size]]) for i in range(0, len(x), size)]
+    idx = (
+        torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        if seed is not None
+        else torch.arange(len(x))
+    )
+    return [(x[idx[i : i + size]], y[idx[i : i + size]]) for i in range(0, len(x), size)]
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, seed: int, lr: float = 1e-3,
-          batch: int = 32) -> nn.Module:
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    seed: int,
+    lr: float = 1e-3,
+    batch: int = 32,
+) -> nn.Module:
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for ep in range(epochs):
@@ -98,8 +109,16 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, se
     return model
 
 
-def run_width(width: int, *, epochs: int = 60, depth: int = 2, steps: int = 25, ste: bool = False,
-              ste_epochs: int = 20, seeds: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+def run_width(
+    width: int,
+    *,
+    epochs: int = 60,
+    depth: int = 2,
+    steps: int = 25,
+    ste: bool = False,
+    ste_epochs: int = 20,
+    seeds: tuple[int, int] = (0, 1),
+) -> dict[str, Any]:
     """Train A and B at one width; barriers for naive / weight matching / activation matching (/ STE)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     xtr, ytr, xte, yte = load_data(0)
@@ -128,13 +147,21 @@ def run_width(width: int, *, epochs: int = 60, depth: int = 2, steps: int = 25, 
         rep_loss, rep_acc = evaluate(merged, test_b)
         # the barrier's max includes the endpoints: once the path has no bump it only measures
         # ½|L_A − L_B|; the height above the chord, max_λ L(λ) − ((1-λ)L_A + λL_B), keeps resolving
-        chord = max(lo - ((1 - lam) * te.losses[0] + lam * te.losses[-1]) for lam, lo in zip(te.lambdas, te.losses,
-                                                                                              strict=True))
+        chord = max(
+            lo - ((1 - lam) * te.losses[0] + lam * te.losses[-1])
+            for lam, lo in zip(te.lambdas, te.losses, strict=True)
+        )
         return {
-            "train_barrier": tr.barrier, "test_barrier": te.barrier, "test_height_above_chord": chord,
-            "test_losses": te.losses, "test_accuracies": te.accuracies, "train_losses": tr.losses,
+            "train_barrier": tr.barrier,
+            "test_barrier": te.barrier,
+            "test_height_above_chord": chord,
+            "test_losses": te.losses,
+            "test_accuracies": te.accuracies,
+            "train_losses": tr.losses,
             "mid_test_acc": te.accuracies[mid] if te.accuracies else None,
-            "mid_test_loss": te.losses[mid], "mid_test_loss_repair": rep_loss, "mid_test_acc_repair": rep_acc,
+            "mid_test_loss": te.losses[mid],
+            "mid_test_loss_repair": rep_loss,
+            "mid_test_acc_repair": rep_acc,
         }
 
     with torch.no_grad():
@@ -149,15 +176,27 @@ def run_width(width: int, *, epochs: int = 60, depth: int = 2, steps: int = 25, 
     out["endpoint_test_acc"] = [evaluate(model_a, test_b)[1], evaluate(model_b, test_b)[1]]
     out["naive"] = barriers(b)
     wm = weight_matching(spec, a, b, seed=0)
-    out["weight_matching"] = {**barriers(apply_permutation(spec, b, wm.perms)), "seconds": wm.seconds,
-                              "iterations": wm.iterations, "max_abs_dfB": preserved(wm.perms)}
+    out["weight_matching"] = {
+        **barriers(apply_permutation(spec, b, wm.perms)),
+        "seconds": wm.seconds,
+        "iterations": wm.iterations,
+        "max_abs_dfB": preserved(wm.perms),
+    }
     am = activation_matching(model_a, model_b, train_b, spec=spec)
-    out["activation_matching"] = {**barriers(apply_permutation(spec, b, am.perms)), "seconds": am.seconds,
-                                  "max_abs_dfB": preserved(am.perms)}
+    out["activation_matching"] = {
+        **barriers(apply_permutation(spec, b, am.perms)),
+        "seconds": am.seconds,
+        "max_abs_dfB": preserved(am.perms),
+    }
     if ste:
-        st = ste_matching(make_mlp(width, depth), spec, a, b, batches(xtr, ytr, 256, seed=7), epochs=ste_epochs)
-        out["ste"] = {**barriers(apply_permutation(spec, b, st.perms)), "seconds": st.seconds,
-                      "max_abs_dfB": preserved(st.perms)}
+        st = ste_matching(
+            make_mlp(width, depth), spec, a, b, batches(xtr, ytr, 256, seed=7), epochs=ste_epochs
+        )
+        out["ste"] = {
+            **barriers(apply_permutation(spec, b, st.perms)),
+            "seconds": st.seconds,
+            "max_abs_dfB": preserved(st.perms),
+        }
     out["lambdas"] = [i / (steps - 1) for i in range(steps)]
     return out
 
@@ -170,8 +209,12 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
     for ax, r in zip(axes[0], results, strict=True):
-        for key, label in (("naive", "naive"), ("weight_matching", "weight matching"),
-                           ("activation_matching", "activation matching"), ("ste", "STE")):
+        for key, label in (
+            ("naive", "naive"),
+            ("weight_matching", "weight matching"),
+            ("activation_matching", "activation matching"),
+            ("ste", "STE"),
+        ):
             if key in r:
                 ax.plot(r["lambdas"], r[key]["test_losses"], marker=".", label=label)
         ax.set_title(f"MLP 64-{r['width']}-{r['width']}-10, digits")
@@ -192,24 +235,35 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--ste", action="store_true", help="also run the straight-through estimator (slower)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    results = [run_width(w, epochs=args.epochs, depth=args.depth, steps=args.steps, ste=args.ste)
-               for w in args.widths]
+    results = [
+        run_width(w, epochs=args.epochs, depth=args.depth, steps=args.steps, ste=args.ste)
+        for w in args.widths
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "rebasin_digits.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out / "rebasin_digits.png")
     methods = [m for m in ("naive", "weight_matching", "activation_matching", "ste") if m in results[0]]
-    print(f"{'width':>5} {'method':<20} {'train barrier':>13} {'test barrier':>12} {'ratio':>6} {'above chord':>11} "
-          f"{'mid acc':>7} {'mid acc REPAIR':>14} {'max|f(B)-f(πB)|':>15} {'match s':>8}")
+    print(
+        f"{'width':>5} {'method':<20} {'train barrier':>13} {'test barrier':>12} {'ratio':>6} "
+        f"{'above chord':>11} "
+        f"{'mid acc':>7} {'mid acc REPAIR':>14} {'max|f(B)-f(πB)|':>15} {'match s':>8}"
+    )
     for r in results:
         naive = r["naive"]["test_barrier"]
         for m in methods:
             x = r[m]
             ratio = naive / x["test_barrier"] if x["test_barrier"] > 0 else float("inf")
-            print(f"{r['width']:>5} {m:<20} {x['train_barrier']:>13.4f} {x['test_barrier']:>12.4f} {ratio:>6.2f} "
-                  f"{x['test_height_above_chord']:>11.4f} "
-                  f"{x['mid_test_acc']:>7.3f} {x['mid_test_acc_repair']:>14.3f} "
-                  f"{x.get('max_abs_dfB', 0.0):>15.2e} {x.get('seconds', 0.0):>8.3f}")
-        print(f"{r['width']:>5} endpoints test acc {r['endpoint_test_acc']}; training took {r['train_seconds']:.1f} s")
+            print(
+                f"{r['width']:>5} {m:<20} {x['train_barrier']:>13.4f} {x['test_barrier']:>12.4f} "
+                f"{ratio:>6.2f} "
+                f"{x['test_height_above_chord']:>11.4f} "
+                f"{x['mid_test_acc']:>7.3f} {x['mid_test_acc_repair']:>14.3f} "
+                f"{x.get('max_abs_dfB', 0.0):>15.2e} {x.get('seconds', 0.0):>8.3f}"
+            )
+        print(
+            f"{r['width']:>5} endpoints test acc {r['endpoint_test_acc']}; "
+            f"training took {r['train_seconds']:.1f} s"
+        )
     print(f"wrote {args.out / 'rebasin_digits.json'} and {args.out / 'rebasin_digits.png'}")
     return results
 

@@ -115,7 +115,12 @@ class HeadStructure:
     within: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        return {"n_heads": self.n_heads, "head_dim": self.head_dim, "group": self.group, "within": self.within}
+        return {
+            "n_heads": self.n_heads,
+            "head_dim": self.head_dim,
+            "group": self.group,
+            "within": self.within,
+        }
 
 
 class PermutationSpec:
@@ -139,7 +144,9 @@ class PermutationSpec:
         self.axes_to_perm: dict[str, tuple[PermId | None, ...]] = {
             str(k): tuple(None if p is None else str(p) for p in v) for k, v in axes_to_perm.items()
         }
-        self.shapes: dict[str, tuple[int, ...]] = {str(k): tuple(int(s) for s in v) for k, v in shapes.items()}
+        self.shapes: dict[str, tuple[int, ...]] = {
+            str(k): tuple(int(s) for s in v) for k, v in shapes.items()
+        }
         self.views: dict[str, tuple[int, ...]] = {
             str(k): tuple(int(s) for s in v) for k, v in (views or {}).items()
         }
@@ -186,7 +193,8 @@ class PermutationSpec:
                 elif self.sizes[p] != n:
                     k0, a0 = where[p]
                     raise ShapeMismatchError(
-                        f"permutation spec: tensor '{name}' axis {ax} has size {n}, but permutation '{p}' has "
+                        f"permutation spec: tensor '{name}' axis {ax} has size {n}, "
+                        f"but permutation '{p}' has "
                         f"size {self.sizes[p]} (from tensor '{k0}' axis {a0})"
                     )
                 self.perm_to_axes[p].append((name, ax))
@@ -200,12 +208,14 @@ class PermutationSpec:
             if hs.n_heads * hs.head_dim != self.sizes[p] or hs.n_heads < 1:
                 k0, a0 = where[p]
                 raise ShapeMismatchError(
-                    f"permutation spec: permutation '{p}' (tensor '{k0}' axis {a0}) has size {self.sizes[p]}, "
+                    f"permutation spec: permutation '{p}' (tensor '{k0}' axis {a0}) "
+                    f"has size {self.sizes[p]}, "
                     f"not n_heads·head_dim = {hs.n_heads}·{hs.head_dim}"
                 )
             if groups.setdefault(hs.group, hs.n_heads) != hs.n_heads:
                 raise RecipeError(
-                    f"permutation spec: head group '{hs.group}' mixes {groups[hs.group]} and {hs.n_heads} heads "
+                    f"permutation spec: head group '{hs.group}' mixes {groups[hs.group]} "
+                    f"and {hs.n_heads} heads "
                     f"(permutation '{p}')"
                 )
         for name, axes in self.axes_to_perm.items():
@@ -250,7 +260,9 @@ class PermutationSpec:
                 out.append((p,))
             elif hs.group not in done:
                 done.add(hs.group)
-                out.append(tuple(q for q in self.perms if q in self.heads and self.heads[q].group == hs.group))
+                out.append(
+                    tuple(q for q in self.perms if q in self.heads and self.heads[q].group == hs.group)
+                )
         return out
 
     # -- permutations ---------------------------------------------------------------------------
@@ -294,13 +306,15 @@ class PermutationSpec:
                 raise RecipeError(f"permutation '{p}' permutes features inside heads, which its spec forbids")
             if hs.group in sig and not torch.equal(sig[hs.group][1], s):
                 raise RecipeError(
-                    f"permutations '{sig[hs.group][0]}' and '{p}' of head group '{hs.group}' move heads differently"
+                    f"permutations '{sig[hs.group][0]}' and '{p}' of head group '{hs.group}' "
+                    "move heads differently"
                 )
             sig.setdefault(hs.group, (p, s))
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def check_shapes(self, shapes: Mapping[str, Sequence[int]], *, where: str = "model",
-                     complete: bool = True) -> None:
+    def check_shapes(
+        self, shapes: Mapping[str, Sequence[int]], *, where: str = "model", complete: bool = True
+    ) -> None:
         """Check a model's tensor shapes against the spec (and, if ``complete``, that it lists them all)."""
         from merge.errors import MissingTensorError
 
@@ -326,8 +340,11 @@ class PermutationSpec:
             "format": "weightsmith.permutation_spec",
             "version": 1,
             "tensors": {
-                k: {"shape": list(self.shapes[k]), "axes": list(v),
-                    **({"view": list(self.views[k])} if k in self.views else {})}
+                k: {
+                    "shape": list(self.shapes[k]),
+                    "axes": list(v),
+                    **({"view": list(self.views[k])} if k in self.views else {}),
+                }
                 for k, v in self.axes_to_perm.items()
             },
             "heads": {p: hs.to_dict() for p, hs in self.heads.items()},
@@ -345,9 +362,12 @@ class PermutationSpec:
                 {k: v["axes"] for k, v in tensors.items()},
                 {k: v["shape"] for k, v in tensors.items()},
                 views={k: v["view"] for k, v in tensors.items() if v.get("view") is not None},
-                heads={p: HeadStructure(int(h["n_heads"]), int(h["head_dim"]), str(h["group"]),
-                                        bool(h.get("within", True)))
-                       for p, h in d.get("heads", {}).items()},
+                heads={
+                    p: HeadStructure(
+                        int(h["n_heads"]), int(h["head_dim"]), str(h["group"]), bool(h.get("within", True))
+                    )
+                    for p, h in d.get("heads", {}).items()
+                },
             )
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise RecipeError(f"{where}: malformed permutation spec ({type(e).__name__}: {e})") from None
@@ -370,8 +390,10 @@ class PermutationSpec:
         return isinstance(other, PermutationSpec) and self.to_dict() == other.to_dict()
 
     def __repr__(self) -> str:
-        return (f"PermutationSpec({len(self.axes_to_perm)} tensors, {len(self.sizes)} permutations, "
-                f"{len({h.group for h in self.heads.values()})} head groups)")
+        return (
+            f"PermutationSpec({len(self.axes_to_perm)} tensors, {len(self.sizes)} permutations, "
+            f"{len({h.group for h in self.heads.values()})} head groups)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,8 +425,9 @@ def compose(first: Mapping[str, torch.Tensor], then: Mapping[str, torch.Tensor])
     return {p: torch.as_tensor(first[p])[torch.as_tensor(then[p])] for p in first}
 
 
-def permute_tensor(spec: PermutationSpec, name: str, tensor: torch.Tensor,
-                   perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def permute_tensor(
+    spec: PermutationSpec, name: str, tensor: torch.Tensor, perms: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
     """Apply ``perms`` to one tensor: ``out.select(ax, i) = t.select(ax, perm[i])`` on every permuted axis.
 
     Tensors the spec does not list (or lists with no permuted axis) are returned unchanged. The
@@ -415,7 +438,8 @@ def permute_tensor(spec: PermutationSpec, name: str, tensor: torch.Tensor,
         return tensor
     if tuple(tensor.shape) != spec.shapes[name]:
         raise ShapeMismatchError(
-            f"tensor '{name}' has shape {list(tensor.shape)}, the permutation spec expects {list(spec.shapes[name])}"
+            f"tensor '{name}' has shape {list(tensor.shape)}, "
+            f"the permutation spec expects {list(spec.shapes[name])}"
         )
     out = tensor.reshape(spec.view_shape(name))
     for ax, p in enumerate(axes):
@@ -424,8 +448,9 @@ def permute_tensor(spec: PermutationSpec, name: str, tensor: torch.Tensor,
     return out.reshape(tensor.shape)
 
 
-def apply_permutation(spec: PermutationSpec, state: Mapping[str, torch.Tensor],
-                      perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def apply_permutation(
+    spec: PermutationSpec, state: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """A new state dict with ``perms`` applied (gather convention of the module docstring).
 
     BatchNorm ``running_mean``/``running_var`` are permuted like any listed tensor; tensors that
@@ -494,9 +519,15 @@ def _is_norm(leaves: Mapping[str, tuple[int, ...]]) -> bool:
     return set(leaves) <= _NORM_LEAVES and "weight" in leaves and len(leaves["weight"]) == 1
 
 
-def _chain_layer(b: _Builder, prefix: str, leaves: Mapping[str, tuple[int, ...]], cur: PermId | None,
-                 cur_size: int | None, out_perm: PermId | None) -> PermId | None:
-    """Wire one Linear/Conv layer: input axis gets ``cur``, output axis ``out_perm``; returns the new current."""
+def _chain_layer(
+    b: _Builder,
+    prefix: str,
+    leaves: Mapping[str, tuple[int, ...]],
+    cur: PermId | None,
+    cur_size: int | None,
+    out_perm: PermId | None,
+) -> PermId | None:
+    """Wire one Linear/Conv layer: input axis ``cur``, output axis ``out_perm``; returns the new current."""
     wname = f"{prefix}.weight"
     w = leaves["weight"]
     n_out, n_in = w[0], w[1]
@@ -543,15 +574,23 @@ def _norm_owners(mods: _Mods) -> dict[str, str | None]:
             owner = None
             if m:
                 pat = re.compile(rf"^(?:conv|fc|linear|lin|dense|layer)_?{m[1]}$")
-                owner = next((x for x in layers if x.rpartition(".")[0] == parent and pat.match(x.rpartition(".")[2])),
-                             None)
+                owner = next(
+                    (x for x in layers if x.rpartition(".")[0] == parent and pat.match(x.rpartition(".")[2])),
+                    None,
+                )
             owners[prefix] = owner or prev
     return owners
 
 
-def _chain(shapes: Mapping[str, tuple[int, ...]], mods: _Mods, *, first_in: PermId | None = None,
-           first_size: int | None = None, last_out: PermId | None = None,
-           b: _Builder | None = None) -> tuple[_Builder, PermId | None, int | None]:
+def _chain(
+    shapes: Mapping[str, tuple[int, ...]],
+    mods: _Mods,
+    *,
+    first_in: PermId | None = None,
+    first_size: int | None = None,
+    last_out: PermId | None = None,
+    b: _Builder | None = None,
+) -> tuple[_Builder, PermId | None, int | None]:
     """Wire a chain of layers (with their norms); returns the builder and the output permutation and size."""
     b = b or _Builder(shapes)
     layers = [(m, lv) for m, lv in mods if _is_layer(lv)]
@@ -568,7 +607,8 @@ def _chain(shapes: Mapping[str, tuple[int, ...]], mods: _Mods, *, first_in: Perm
         leaves = dict(mods)[prefix]
         if owner is None or outs[owner][1] != leaves["weight"][0]:
             raise ShapeMismatchError(
-                f"tensor '{prefix}.weight' has {leaves['weight'][0]} channels, but no preceding layer produces "
+                f"tensor '{prefix}.weight' has {leaves['weight'][0]} channels, "
+                "but no preceding layer produces "
                 f"that many" + (f" ('{owner}' produces {outs[owner][1]})" if owner else "")
             )
         b.norm(prefix, leaves, outs[owner][0])
@@ -582,7 +622,7 @@ def _chain(shapes: Mapping[str, tuple[int, ...]], mods: _Mods, *, first_in: Perm
 
 
 def _module_orders(shapes: Mapping[str, tuple[int, ...]]) -> Iterable[_Mods]:
-    """Candidate layer orders: as given, natural, then natural within top-level groups in every group order."""
+    """Candidate layer orders: as given, natural, then natural within top-level groups in any group order."""
     given: dict[str, dict[str, tuple[int, ...]]] = {}
     for name, shape in shapes.items():
         prefix, _, leaf = name.rpartition(".")
@@ -665,7 +705,9 @@ def resnet_spec(state_or_shapes: Mapping[str, Any]) -> PermutationSpec:
         key = (m["stage"], int(m["block"]))
         blocks.setdefault(key, {})[m["rest"].rstrip(".")] = leaves
     if not blocks:
-        raise RecipeError("architecture 'resnet': no residual blocks found (expected '…layer<k>.<j>.conv1.weight')")
+        raise RecipeError(
+            "architecture 'resnet': no residual blocks found (expected '…layer<k>.<j>.conv1.weight')"
+        )
     n_stream = 0
     stream: PermId | None = "P_stream0"
     if not any(_is_layer(lv) for _, lv in stem):
@@ -717,27 +759,38 @@ def resnet_spec(state_or_shapes: Mapping[str, Any]) -> PermutationSpec:
 
 # -- transformers -----------------------------------------------------------------------------
 
-_T_EMBED = re.compile(r"(?:^|\.)(?:word_embeddings|embed_tokens|tok_embeddings|token_embedding|tok_emb|wte|"
-                      r"embedding|embed|position_embeddings|position_embedding|pos_emb|wpe|"
-                      r"token_type_embeddings)\.weight$")
-_T_TOKENS = re.compile(r"(?:^|\.)(?:pos_embed|pos_embedding|pos_emb|wpe|cls_token|position_embedding|register_tokens)$")
+_T_EMBED = re.compile(
+    r"(?:^|\.)(?:word_embeddings|embed_tokens|tok_embeddings|token_embedding|tok_emb|wte|"
+    r"embedding|embed|position_embeddings|position_embedding|pos_emb|wpe|"
+    r"token_type_embeddings)\.weight$"
+)
+_T_TOKENS = re.compile(
+    r"(?:^|\.)(?:pos_embed|pos_embedding|pos_emb|wpe|cls_token|position_embedding|register_tokens)$"
+)
 _T_Q = re.compile(r"(?:^|\.)(?:query|q_proj|q|wq|to_q)\.(weight|bias)$")
 _T_K = re.compile(r"(?:^|\.)(?:key|k_proj|k|wk|to_k)\.(weight|bias)$")
 _T_V = re.compile(r"(?:^|\.)(?:value|v_proj|v|wv|to_v)\.(weight|bias)$")
-_T_O = re.compile(r"(?:^|\.)(?:attention\.output\.dense|o_proj|out_proj|wo|attn\.proj|attn\.o|o|to_out\.0|"
-                  r"attn_out)\.(weight|bias)$")
+_T_O = re.compile(
+    r"(?:^|\.)(?:attention\.output\.dense|o_proj|out_proj|wo|attn\.proj|attn\.o|o|to_out\.0|"
+    r"attn_out)\.(weight|bias)$"
+)
 _T_QKV = re.compile(r"(?:^|\.)in_proj_(weight|bias)$")
-_T_FF_IN = re.compile(r"(?:^|\.)(?:intermediate\.dense|fc1|up_proj|gate_proj|w1|w3|linear1|mlp\.0|ff\.0|"
-                      r"fc_in|lin1|ffn\.0)\.(weight|bias)$")
-_T_FF_OUT = re.compile(r"(?:^|\.)(?:output\.dense|fc2|down_proj|w2|linear2|mlp\.2|ff\.2|fc_out|lin2|"
-                       r"ffn\.2)\.(weight|bias)$")
+_T_FF_IN = re.compile(
+    r"(?:^|\.)(?:intermediate\.dense|fc1|up_proj|gate_proj|w1|w3|linear1|mlp\.0|ff\.0|"
+    r"fc_in|lin1|ffn\.0)\.(weight|bias)$"
+)
+_T_FF_OUT = re.compile(
+    r"(?:^|\.)(?:output\.dense|fc2|down_proj|w2|linear2|mlp\.2|ff\.2|fc_out|lin2|"
+    r"ffn\.2)\.(weight|bias)$"
+)
 _T_NORM = re.compile(r"(?:^|\.)(?:[A-Za-z_]*(?:norm|Norm|ln)[A-Za-z_0-9]*)\.(weight|bias)$")
 _T_HEAD = re.compile(r"(?:^|\.)(?:lm_head|head|classifier|pooler\.dense|score|fc|out|output)\.(weight|bias)$")
 _T_LAYER = re.compile(r"\.(\d+)\.")
 
 
-def transformer_spec(state_or_shapes: Mapping[str, Any], n_heads: int, *, rope: bool = False,
-                     head_dim: int | None = None) -> PermutationSpec:
+def transformer_spec(
+    state_or_shapes: Mapping[str, Any], n_heads: int, *, rope: bool = False, head_dim: int | None = None
+) -> PermutationSpec:
     """Spec of a transformer from its tensor names: one residual-stream permutation, heads, FFNs.
 
     - **Residual stream** ``P_res`` (one permutation for the whole model, since every block reads
@@ -796,7 +849,9 @@ def transformer_spec(state_or_shapes: Mapping[str, Any], n_heads: int, *, rope: 
 
     for name, s in shapes.items():
         if "c_attn" in name or "c_fc" in name:
-            raise RecipeError(f"tensor '{name}': GPT-2 style Conv1D layers are not supported; give a spec JSON")
+            raise RecipeError(
+                f"tensor '{name}': GPT-2 style Conv1D layers are not supported; give a spec JSON"
+            )
         if _T_QKV.search(name):
             layer = layer_of(name)
             p = f"P_attn{layer}"
@@ -848,7 +903,8 @@ def transformer_spec(state_or_shapes: Mapping[str, Any], n_heads: int, *, rope: 
                 b.set(name, 1, res)
         elif width in s:
             raise RecipeError(
-                f"architecture 'transformer': tensor '{name}' of shape {list(s)} has an axis of the model width "
+                f"architecture 'transformer': tensor '{name}' of shape {list(s)} "
+                "has an axis of the model width "
                 f"{width} but its role is not recognised; give a spec JSON"
             )
     return b.spec()
@@ -868,7 +924,8 @@ def build_spec(architecture: str, state_or_shapes: Mapping[str, Any], **kwargs: 
     fn = ARCHITECTURES.get(architecture.lower())
     if fn is None:
         raise RecipeError(
-            f"unknown architecture '{architecture}' (known: {', '.join(sorted(ARCHITECTURES))}; or give a spec JSON)"
+            f"unknown architecture '{architecture}' "
+            f"(known: {', '.join(sorted(ARCHITECTURES))}; or give a spec JSON)"
         )
     if fn is transformer_spec:
         return fn(state_or_shapes, **kwargs)
@@ -903,9 +960,17 @@ def _max_err(ref: list[torch.Tensor], out: list[torch.Tensor]) -> tuple[float, f
     return err, scale
 
 
-def check_spec(module: torch.nn.Module, spec: PermutationSpec, example_inputs: Sequence[Any] | Any, *,
-               trials: int = 1, seed: int = 0, rtol: float = 1e-4, atol: float = 1e-5,
-               output_fn: Callable[[Any], Any] | None = None) -> float:
+def check_spec(
+    module: torch.nn.Module,
+    spec: PermutationSpec,
+    example_inputs: Sequence[Any] | Any,
+    *,
+    trials: int = 1,
+    seed: int = 0,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    output_fn: Callable[[Any], Any] | None = None,
+) -> float:
     """The function-preservation test: permute at random, compare outputs (eval mode).
 
     Returns the largest absolute output difference seen. Raises :class:`SpecCheckError` naming
@@ -927,7 +992,9 @@ def check_spec(module: torch.nn.Module, spec: PermutationSpec, example_inputs: S
         def run(perms: Perms) -> tuple[float, float]:
             permuted = apply_permutation(spec, state, perms)
             with torch.no_grad():
-                out = _flat_tensors(select(torch.func.functional_call(module, permuted, inputs, tie_weights=False)))
+                out = _flat_tensors(
+                    select(torch.func.functional_call(module, permuted, inputs, tie_weights=False))
+                )
             return _max_err(ref, out)
 
         worst = 0.0
@@ -948,7 +1015,8 @@ def check_spec(module: torch.nn.Module, spec: PermutationSpec, example_inputs: S
                         bad.append(p)
                 raise SpecCheckError(
                     f"permutation spec does not preserve the function: max |Δoutput| = {err:.3g} "
-                    f"(tolerance {atol + rtol * scale:.3g}); failing permutation(s): {', '.join(bad) or 'only jointly'}"
+                    f"(tolerance {atol + rtol * scale:.3g}); "
+                    f"failing permutation(s): {', '.join(bad) or 'only jointly'}"
                 )
         return worst
     finally:
@@ -1013,56 +1081,272 @@ class _Ax(list):  # the axis elements of one tensor value
 
 
 _ELEMENTWISE_FN: set[Any] = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
-    operator.neg, operator.pos, operator.abs, operator.iadd, operator.isub, operator.imul, operator.itruediv,
-    operator.mod, operator.and_, operator.or_, operator.eq, operator.ne, operator.lt, operator.le,
-    operator.gt, operator.ge,
-    torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.divide,
-    torch.true_divide, torch.pow, torch.neg, torch.abs, torch.exp, torch.log, torch.sqrt, torch.rsqrt,
-    torch.sin, torch.cos, torch.tanh, torch.sigmoid, torch.relu, torch.erf, torch.maximum, torch.minimum,
-    torch.clamp, torch.clip, torch.where, torch.sign, torch.square, torch.reciprocal, torch.masked_fill,
-    torch.nan_to_num, torch.lerp, torch.softmax, torch.log_softmax, torch.exp2, torch.log1p, torch.expm1,
-    torch.nn.functional.relu, torch.nn.functional.gelu, torch.nn.functional.silu, torch.nn.functional.elu,
-    torch.nn.functional.leaky_relu, torch.nn.functional.softplus, torch.nn.functional.mish,
-    torch.nn.functional.hardswish, torch.nn.functional.hardtanh, torch.nn.functional.relu6,
-    torch.nn.functional.sigmoid, torch.nn.functional.tanh, torch.nn.functional.dropout,
-    torch.nn.functional.softmax, torch.nn.functional.log_softmax, torch.nn.functional.normalize,
-    torch.nn.functional.selu, torch.nn.functional.celu, torch.nn.functional.hardsigmoid,
-    torch.nn.functional.logsigmoid, torch.nn.functional.softsign, torch.nn.functional.tanhshrink,
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.floordiv,
+    operator.pow,
+    operator.neg,
+    operator.pos,
+    operator.abs,
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.mod,
+    operator.and_,
+    operator.or_,
+    operator.eq,
+    operator.ne,
+    operator.lt,
+    operator.le,
+    operator.gt,
+    operator.ge,
+    torch.add,
+    torch.sub,
+    torch.subtract,
+    torch.mul,
+    torch.multiply,
+    torch.div,
+    torch.divide,
+    torch.true_divide,
+    torch.pow,
+    torch.neg,
+    torch.abs,
+    torch.exp,
+    torch.log,
+    torch.sqrt,
+    torch.rsqrt,
+    torch.sin,
+    torch.cos,
+    torch.tanh,
+    torch.sigmoid,
+    torch.relu,
+    torch.erf,
+    torch.maximum,
+    torch.minimum,
+    torch.clamp,
+    torch.clip,
+    torch.where,
+    torch.sign,
+    torch.square,
+    torch.reciprocal,
+    torch.masked_fill,
+    torch.nan_to_num,
+    torch.lerp,
+    torch.softmax,
+    torch.log_softmax,
+    torch.exp2,
+    torch.log1p,
+    torch.expm1,
+    torch.nn.functional.relu,
+    torch.nn.functional.gelu,
+    torch.nn.functional.silu,
+    torch.nn.functional.elu,
+    torch.nn.functional.leaky_relu,
+    torch.nn.functional.softplus,
+    torch.nn.functional.mish,
+    torch.nn.functional.hardswish,
+    torch.nn.functional.hardtanh,
+    torch.nn.functional.relu6,
+    torch.nn.functional.sigmoid,
+    torch.nn.functional.tanh,
+    torch.nn.functional.dropout,
+    torch.nn.functional.softmax,
+    torch.nn.functional.log_softmax,
+    torch.nn.functional.normalize,
+    torch.nn.functional.selu,
+    torch.nn.functional.celu,
+    torch.nn.functional.hardsigmoid,
+    torch.nn.functional.logsigmoid,
+    torch.nn.functional.softsign,
+    torch.nn.functional.tanhshrink,
 }
 _ELEMENTWISE_METHODS = {
-    "add", "sub", "mul", "div", "true_divide", "pow", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "sin",
-    "cos", "sigmoid", "tanh", "relu", "clamp", "clamp_min", "clamp_max", "clip", "masked_fill", "softmax",
-    "log_softmax", "contiguous", "clone", "detach", "square", "reciprocal", "sign", "erf", "maximum",
-    "minimum", "where", "exp2", "log1p", "expm1", "lerp", "nan_to_num", "__add__", "__sub__", "__mul__",
-    "__truediv__", "__radd__", "__rsub__", "__rmul__", "__rtruediv__", "__neg__", "__pow__",
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "true_divide",
+    "pow",
+    "neg",
+    "abs",
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "sin",
+    "cos",
+    "sigmoid",
+    "tanh",
+    "relu",
+    "clamp",
+    "clamp_min",
+    "clamp_max",
+    "clip",
+    "masked_fill",
+    "softmax",
+    "log_softmax",
+    "contiguous",
+    "clone",
+    "detach",
+    "square",
+    "reciprocal",
+    "sign",
+    "erf",
+    "maximum",
+    "minimum",
+    "where",
+    "exp2",
+    "log1p",
+    "expm1",
+    "lerp",
+    "nan_to_num",
+    "__add__",
+    "__sub__",
+    "__mul__",
+    "__truediv__",
+    "__radd__",
+    "__rsub__",
+    "__rmul__",
+    "__rtruediv__",
+    "__neg__",
+    "__pow__",
 }
 _CAST_METHODS = {"float", "double", "half", "bfloat16", "to", "type", "type_as", "requires_grad_"}
 _RESHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
 _PERMUTE = {"permute", "transpose", "swapaxes", "swapdims", "t", "movedim", "moveaxis"}
-_VALUE_REDUCE = {"sum", "mean", "amax", "amin", "prod", "var", "std", "norm", "logsumexp", "nansum", "nanmean",
-                 "all", "any"}
-_INDEX_REDUCE = {"max", "min", "argmax", "argmin", "cumsum", "cumprod", "sort", "argsort", "topk", "median",
-                 "mode", "kthvalue", "cummax", "cummin"}
-_FREE_CREATE = {torch.zeros, torch.ones, torch.full, torch.empty, torch.zeros_like, torch.ones_like,
-                torch.full_like, torch.empty_like}
-_FROZEN_CREATE = {torch.arange, torch.linspace, torch.logspace, torch.rand, torch.randn, torch.randint,
-                  torch.tensor, torch.as_tensor, torch.eye, torch.rand_like, torch.randn_like}
+_VALUE_REDUCE = {
+    "sum",
+    "mean",
+    "amax",
+    "amin",
+    "prod",
+    "var",
+    "std",
+    "norm",
+    "logsumexp",
+    "nansum",
+    "nanmean",
+    "all",
+    "any",
+}
+_INDEX_REDUCE = {
+    "max",
+    "min",
+    "argmax",
+    "argmin",
+    "cumsum",
+    "cumprod",
+    "sort",
+    "argsort",
+    "topk",
+    "median",
+    "mode",
+    "kthvalue",
+    "cummax",
+    "cummin",
+}
+_FREE_CREATE = {
+    torch.zeros,
+    torch.ones,
+    torch.full,
+    torch.empty,
+    torch.zeros_like,
+    torch.ones_like,
+    torch.full_like,
+    torch.empty_like,
+}
+_FROZEN_CREATE = {
+    torch.arange,
+    torch.linspace,
+    torch.logspace,
+    torch.rand,
+    torch.randn,
+    torch.randint,
+    torch.tensor,
+    torch.as_tensor,
+    torch.eye,
+    torch.rand_like,
+    torch.randn_like,
+}
 _FREE_CREATE_METHODS = {"new_zeros", "new_ones", "new_full", "new_empty"}
-_NOOP_METHODS = {"size", "dim", "numel", "element_size", "data_ptr", "is_contiguous", "item", "tolist", "get_device"}
+_NOOP_METHODS = {
+    "size",
+    "dim",
+    "numel",
+    "element_size",
+    "data_ptr",
+    "is_contiguous",
+    "item",
+    "tolist",
+    "get_device",
+}
 
 
 def _leaf_types() -> tuple[type, ...]:
     nn = torch.nn
     names = [
-        "Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
-        "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "RMSNorm", "InstanceNorm1d",
-        "InstanceNorm2d", "InstanceNorm3d", "Embedding", "MultiheadAttention", "Flatten", "Unflatten",
-        "ReLU", "ReLU6", "GELU", "SiLU", "Tanh", "Sigmoid", "LeakyReLU", "ELU", "SELU", "CELU", "Softplus",
-        "Mish", "Hardswish", "Hardsigmoid", "Hardtanh", "LogSigmoid", "Softsign", "Tanhshrink", "PReLU",
-        "Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "Softmax", "LogSoftmax",
-        "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d",
-        "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d",
+        "Linear",
+        "Conv1d",
+        "Conv2d",
+        "Conv3d",
+        "ConvTranspose1d",
+        "ConvTranspose2d",
+        "ConvTranspose3d",
+        "BatchNorm1d",
+        "BatchNorm2d",
+        "BatchNorm3d",
+        "LayerNorm",
+        "GroupNorm",
+        "RMSNorm",
+        "InstanceNorm1d",
+        "InstanceNorm2d",
+        "InstanceNorm3d",
+        "Embedding",
+        "MultiheadAttention",
+        "Flatten",
+        "Unflatten",
+        "ReLU",
+        "ReLU6",
+        "GELU",
+        "SiLU",
+        "Tanh",
+        "Sigmoid",
+        "LeakyReLU",
+        "ELU",
+        "SELU",
+        "CELU",
+        "Softplus",
+        "Mish",
+        "Hardswish",
+        "Hardsigmoid",
+        "Hardtanh",
+        "LogSigmoid",
+        "Softsign",
+        "Tanhshrink",
+        "PReLU",
+        "Identity",
+        "Dropout",
+        "Dropout1d",
+        "Dropout2d",
+        "Dropout3d",
+        "AlphaDropout",
+        "Softmax",
+        "LogSoftmax",
+        "MaxPool1d",
+        "MaxPool2d",
+        "MaxPool3d",
+        "AvgPool1d",
+        "AvgPool2d",
+        "AvgPool3d",
+        "AdaptiveAvgPool1d",
+        "AdaptiveAvgPool2d",
+        "AdaptiveAvgPool3d",
+        "AdaptiveMaxPool1d",
+        "AdaptiveMaxPool2d",
+        "AdaptiveMaxPool3d",
     ]
     return tuple(getattr(nn, n) for n in names if hasattr(nn, n))
 
@@ -1218,8 +1502,9 @@ class _Inference:
         return [self.st(a) for a in n.all_input_nodes if isinstance(self.st(a), _Ax)]
 
     # -- modules ---------------------------------------------------------------------------------
-    def module_rule(self, n: torch.fx.Node, m: torch.nn.Module, out: Any, args: tuple[Any, ...],
-                    kwargs: dict[str, Any]) -> None:
+    def module_rule(
+        self, n: torch.fx.Node, m: torch.nn.Module, out: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         nn = torch.nn
         t = str(n.target)
         x = self.arg(n, 0, "input")
@@ -1232,7 +1517,14 @@ class _Inference:
             for a, b in zip(x[:-1], out[:-1], strict=True):
                 self.link(a, b)
         elif isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
-            self.conv(x, out, len(m.kernel_size), m.groups, f"{t}.weight", f"{t}.bias" if m.bias is not None else None)
+            self.conv(
+                x,
+                out,
+                len(m.kernel_size),
+                m.groups,
+                f"{t}.weight",
+                f"{t}.bias" if m.bias is not None else None,
+            )
         elif isinstance(m, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d):
             sd = len(m.kernel_size)
             c = len(x) - sd - 1
@@ -1246,8 +1538,8 @@ class _Inference:
                 self.uf.freeze(out[c])
             for k in range(c):
                 self.link(x[k], out[k])
-            self.freeze_all(_Ax(x[c + 1:]))
-            self.freeze_all(_Ax(out[c + 1:]))
+            self.freeze_all(_Ax(x[c + 1 :]))
+            self.freeze_all(_Ax(out[c + 1 :]))
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             c = 1 if len(x) > 1 else 0
             for leaf in ("weight", "bias", "running_mean", "running_var"):
@@ -1292,8 +1584,13 @@ class _Inference:
                     self.link(a, b)
         elif isinstance(m, nn.MultiheadAttention):
             self.mha(n, m, t, out)
-        elif isinstance(m, nn.modules.pooling._MaxPoolNd | nn.modules.pooling._AvgPoolNd
-                        | nn.modules.pooling._AdaptiveAvgPoolNd | nn.modules.pooling._AdaptiveMaxPoolNd):
+        elif isinstance(
+            m,
+            nn.modules.pooling._MaxPoolNd
+            | nn.modules.pooling._AvgPoolNd
+            | nn.modules.pooling._AdaptiveAvgPoolNd
+            | nn.modules.pooling._AdaptiveMaxPoolNd,
+        ):
             if not isinstance(out, _Ax):
                 self.unknown(n, out, f"{type(m).__name__}(return_indices)")
                 return
@@ -1319,8 +1616,8 @@ class _Inference:
             self.link(out[c], self.p(b, 0))
         for k in range(c):
             self.link(x[k], out[k])
-        self.freeze_all(_Ax(x[c + 1:]))
-        self.freeze_all(_Ax(out[c + 1:]))
+        self.freeze_all(_Ax(x[c + 1 :]))
+        self.freeze_all(_Ax(out[c + 1 :]))
 
     def pool(self, x: _Ax, out: _Ax, sd: int) -> None:
         for a, b in zip(x[:-sd], out[:-sd], strict=True):
@@ -1355,8 +1652,9 @@ class _Inference:
         self.freeze_all(out[1])
 
     # -- functions -------------------------------------------------------------------------------
-    def function_rule(self, n: torch.fx.Node, fn: Any, out: Any, args: tuple[Any, ...],
-                      kwargs: dict[str, Any]) -> None:
+    def function_rule(
+        self, n: torch.fx.Node, fn: Any, out: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         F = torch.nn.functional
         name = getattr(fn, "__name__", str(fn))
         if fn is operator.getitem:
@@ -1366,8 +1664,11 @@ class _Inference:
             if not isinstance(out, _Ax):
                 return
             if args[1] in ("T", "mT", "mH", "H"):
-                order = list(range(len(x)))[::-1] if args[1] in ("T", "H") else \
-                    [*range(len(x) - 2), len(x) - 1, len(x) - 2]
+                order = (
+                    list(range(len(x)))[::-1]
+                    if args[1] in ("T", "H")
+                    else [*range(len(x) - 2), len(x) - 1, len(x) - 2]
+                )
                 for i, j in enumerate(order):
                     self.link(out[i], x[j])
             elif args[1] in ("data",):
@@ -1409,16 +1710,18 @@ class _Inference:
                 self.link(out[c], b[0])
             for k in range(c):
                 self.link(x[k], out[k])
-            self.freeze_all(_Ax(x[c + 1:]))
-            self.freeze_all(_Ax(out[c + 1:]))
+            self.freeze_all(_Ax(x[c + 1 :]))
+            self.freeze_all(_Ax(out[c + 1 :]))
             self.freeze_all(_Ax(w[2:]))
         elif fn in (F.layer_norm, F.group_norm, F.batch_norm, getattr(F, "rms_norm", None)):
             x = self.arg(n, 0, "input")
             for a, b in zip(x, out, strict=True):
                 self.link(a, b)
             if fn is F.batch_norm:
-                ch = [self.arg(n, i, k) for i, k in ((1, "running_mean"), (2, "running_var"), (3, "weight"),
-                                                     (4, "bias"))]
+                ch = [
+                    self.arg(n, i, k)
+                    for i, k in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))
+                ]
                 for s in ch:
                     if s is not None:
                         self.link(out[1 if len(out) > 1 else 0], s[0])
@@ -1455,8 +1758,15 @@ class _Inference:
             self.freeze_all(self.arg(n, 3, "attn_mask"))
         elif fn in (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten):
             self.reshape(self.arg(n, 0), args[0].shape, out, value_shape(out, self.uf))
-        elif fn in (torch.permute, torch.transpose, torch.swapaxes, torch.swapdims, torch.t, torch.movedim,
-                    torch.moveaxis):
+        elif fn in (
+            torch.permute,
+            torch.transpose,
+            torch.swapaxes,
+            torch.swapdims,
+            torch.t,
+            torch.movedim,
+            torch.moveaxis,
+        ):
             self.permute(self.arg(n, 0), out, args[0].ndim, name, args[1:], kwargs)
         elif fn in (torch.cat, torch.concat, torch.stack):
             self.cat(n, out, args, kwargs, stack=fn is torch.stack)
@@ -1467,9 +1777,19 @@ class _Inference:
                 self.broadcast(out, self.tensor_args(n))
             else:
                 self.reduce(self.arg(n, 0), out, args, kwargs, name)
-        elif fn in (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-                    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d,
-                    F.interpolate):
+        elif fn in (
+            F.max_pool1d,
+            F.max_pool2d,
+            F.max_pool3d,
+            F.avg_pool1d,
+            F.avg_pool2d,
+            F.avg_pool3d,
+            F.adaptive_avg_pool1d,
+            F.adaptive_avg_pool2d,
+            F.adaptive_avg_pool3d,
+            F.adaptive_max_pool2d,
+            F.interpolate,
+        ):
             if not isinstance(out, _Ax):
                 self.unknown(n, out, name)
                 return
@@ -1485,8 +1805,9 @@ class _Inference:
         elif isinstance(out, _Ax | tuple) or any(isinstance(self.st(a), _Ax) for a in n.all_input_nodes):
             self.unknown(n, out, name)
 
-    def method_rule(self, n: torch.fx.Node, meth: str, out: Any, args: tuple[Any, ...],
-                    kwargs: dict[str, Any]) -> None:
+    def method_rule(
+        self, n: torch.fx.Node, meth: str, out: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         x = self.arg(n, 0)
         base = meth[:-1] if meth.endswith("_") and not meth.startswith("__") else meth
         if base in _NOOP_METHODS or not isinstance(x, _Ax):
@@ -1547,10 +1868,14 @@ class _Inference:
         self.link(out[-1], b[-1])
         self.broadcast(_Ax(out[:-2]), [_Ax(a[:-2]), _Ax(b[:-2])])
 
-    def permute(self, x: _Ax, out: _Ax, ndim: int, name: str, rest: Sequence[Any], kwargs: dict[str, Any]) -> None:
+    def permute(
+        self, x: _Ax, out: _Ax, ndim: int, name: str, rest: Sequence[Any], kwargs: dict[str, Any]
+    ) -> None:
         order = list(range(ndim))
         if name == "permute":
-            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], list | tuple) else (rest or kwargs["dims"])
+            dims = (
+                rest[0] if len(rest) == 1 and isinstance(rest[0], list | tuple) else (rest or kwargs["dims"])
+            )
             order = [d % ndim for d in dims]
         elif name in ("transpose", "swapaxes", "swapdims"):
             d0, d1 = (list(rest) + [kwargs.get("dim0"), kwargs.get("dim1")])[:2]
@@ -1610,7 +1935,9 @@ class _Inference:
                 if a is not None:
                     self.link(a, b)
 
-    def cat(self, n: torch.fx.Node, out: _Ax, args: tuple[Any, ...], kwargs: dict[str, Any], stack: bool) -> None:
+    def cat(
+        self, n: torch.fx.Node, out: _Ax, args: tuple[Any, ...], kwargs: dict[str, Any], stack: bool
+    ) -> None:
         parts = n.args[0] if n.args else n.kwargs["tensors"]
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
         nd = len(out)
@@ -1631,9 +1958,14 @@ class _Inference:
         if not stack:
             self.uf.freeze(out[dim])
 
-    def split(self, x: _Ax, out: Any, args: tuple[Any, ...], kwargs: dict[str, Any], unbind: bool, ndim: int) -> None:
-        dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) if unbind else \
-            (args[2] if len(args) > 2 else kwargs.get("dim", 0))
+    def split(
+        self, x: _Ax, out: Any, args: tuple[Any, ...], kwargs: dict[str, Any], unbind: bool, ndim: int
+    ) -> None:
+        dim = (
+            (args[1] if len(args) > 1 else kwargs.get("dim", 0))
+            if unbind
+            else (args[2] if len(args) > 2 else kwargs.get("dim", 0))
+        )
         dim %= ndim
         self.uf.freeze(x[dim])
         for o in out if isinstance(out, tuple) else (out,):
@@ -1677,7 +2009,11 @@ class _Inference:
                 self.uf.freeze(base[i])
                 i += 1
             elif isinstance(it, slice):
-                full = it.start in (None, 0) and it.step in (None, 1) and (it.stop is None or it.stop >= shape[i])
+                full = (
+                    it.start in (None, 0)
+                    and it.step in (None, 1)
+                    and (it.stop is None or it.stop >= shape[i])
+                )
                 if full:
                     self.link(base[i], out[j])
                 else:
@@ -1814,8 +2150,15 @@ def _iter_ax(s: Any) -> Iterable[_Ax]:
             yield from _iter_ax(x)
 
 
-def trace_spec(module: torch.nn.Module, example_inputs: Sequence[Any] | Any, *, check: bool = True,
-               strict: bool = False, rtol: float = 1e-4, atol: float = 1e-5) -> FxTrace:
+def trace_spec(
+    module: torch.nn.Module,
+    example_inputs: Sequence[Any] | Any,
+    *,
+    check: bool = True,
+    strict: bool = False,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> FxTrace:
     """Infer a :class:`PermutationSpec` for ``module`` by ``torch.fx`` tracing; see :func:`infer_spec`.
 
     Returns an :class:`FxTrace` with the spec, the traced graph and the activation sites of
@@ -1916,8 +2259,9 @@ def trace_spec(module: torch.nn.Module, example_inputs: Sequence[Any] | Any, *, 
             sizes, _subs, pos, h, t = head[f]
             group = group_names.setdefault(h, f"heads[{pid}]")
             heads_spec[pid] = HeadStructure(sizes[pos], sizes[pos + 1], group, within=t is not None)
-    spec = PermutationSpec(axes_to_perm, {k: tuple(v.shape) for k, v in floating.items()}, views=views,
-                           heads=heads_spec)
+    spec = PermutationSpec(
+        axes_to_perm, {k: tuple(v.shape) for k, v in floating.items()}, views=views, heads=heads_spec
+    )
 
     # activation sites: node axes of each permutation's class (flat head classes included)
     site_key: dict[Elem, PermId] = {}
@@ -1937,8 +2281,9 @@ def trace_spec(module: torch.nn.Module, example_inputs: Sequence[Any] | Any, *, 
             continue
         if node.op == "call_function" and getattr(node.target, "__name__", "") in skip:
             continue
-        if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)),
-                                                   torch.nn.Dropout | torch.nn.Identity | torch.nn.Flatten):
+        if node.op == "call_module" and isinstance(
+            gm.get_submodule(str(node.target)), torch.nn.Dropout | torch.nn.Identity | torch.nn.Flatten
+        ):
             continue
         s = inf.el.get(node.name)
         for e in (e for ax in _iter_ax(s) for e in ax):
@@ -1951,8 +2296,15 @@ def trace_spec(module: torch.nn.Module, example_inputs: Sequence[Any] | Any, *, 
     return result
 
 
-def infer_spec(module: torch.nn.Module, example_inputs: Sequence[Any] | Any, *, check: bool = True,
-               strict: bool = False, rtol: float = 1e-4, atol: float = 1e-5) -> PermutationSpec:
+def infer_spec(
+    module: torch.nn.Module,
+    example_inputs: Sequence[Any] | Any,
+    *,
+    check: bool = True,
+    strict: bool = False,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> PermutationSpec:
     """Infer the permutation spec of an arbitrary ``nn.Module`` by ``torch.fx`` tracing.
 
     The module is traced (leaf modules are those with a rule: Linear, Conv, norms, Embedding,

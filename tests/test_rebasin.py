@@ -306,7 +306,9 @@ class Counting(dict):
 def test_registry_entry():
     m = get_method("git_rebasin")
     assert m.kind == "whole_model" and m.base == "optional"
-    assert {"lambda", "architecture", "spec", "seed", "n_heads", "rope", "max_iter", "n_restarts"} <= set(m.params)
+    assert {"lambda", "architecture", "spec", "seed", "n_heads", "rope", "max_iter", "n_restarts"} <= set(
+        m.params
+    )
     assert m.params["lambda"].default == 0.5 and "arxiv.org/abs/2209.04836" in m.url
     assert m.describe()["summary"].startswith("Align models by weight matching")
 
@@ -336,8 +338,10 @@ def test_git_rebasin_method_reads_only_what_it_needs_and_preserves_b_at_lambda_o
     with torch.no_grad():
         assert (torch.func.functional_call(mb, merged, (x,)) - mb(x)).abs().max() < 1e-5
     plan0 = get_method("git_rebasin").fn([b], a, lambda_=0.0, architecture="mlp")
-    assert all(torch.equal(plan0.apply(k, [dict.__getitem__(b, k)], dict.__getitem__(a, k)),
-                           dict.__getitem__(a, k)) for k in a)
+    assert all(
+        torch.equal(plan0.apply(k, [dict.__getitem__(b, k)], dict.__getitem__(a, k)), dict.__getitem__(a, k))
+        for k in a
+    )
 
 
 def test_git_rebasin_method_spec_json_and_no_base(tmp_path):

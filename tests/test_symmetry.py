@@ -60,8 +60,13 @@ class CNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
         )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 5))
 
@@ -102,8 +107,12 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, w, 3, 1, 1, bias=False)
         self.bn1 = norm(w)
         self.layer1 = nn.Sequential(*[Block(w, w, 1, norm) for _ in range(n)])
-        self.layer2 = nn.Sequential(Block(w, 2 * w, 2, norm), *[Block(2 * w, 2 * w, 1, norm) for _ in range(n - 1)])
-        self.layer3 = nn.Sequential(Block(2 * w, 4 * w, 2, norm), *[Block(4 * w, 4 * w, 1, norm) for _ in range(n - 1)])
+        self.layer2 = nn.Sequential(
+            Block(w, 2 * w, 2, norm), *[Block(2 * w, 2 * w, 1, norm) for _ in range(n - 1)]
+        )
+        self.layer3 = nn.Sequential(
+            Block(2 * w, 4 * w, 2, norm), *[Block(4 * w, 4 * w, 1, norm) for _ in range(n - 1)]
+        )
         self.linear = nn.Linear(4 * w, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +127,7 @@ def rope(x: torch.Tensor) -> torch.Tensor:
     inv = 1.0 / (100.0 ** (torch.arange(0, d, 2).float() / d))
     ang = torch.arange(t).float()[:, None] * inv[None, :]
     cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
@@ -155,8 +164,16 @@ class TBlock(nn.Module):
 class Transformer(nn.Module):
     """Pre-LN decoder-style transformer: token + learned position embedding, 4 heads, untied head."""
 
-    def __init__(self, vocab: int = 50, d: int = 16, h: int = 4, f: int = 32, n: int = 2, t: int = 12,
-                 use_rope: bool = False) -> None:
+    def __init__(
+        self,
+        vocab: int = 50,
+        d: int = 16,
+        h: int = 4,
+        f: int = 32,
+        n: int = 2,
+        t: int = 12,
+        use_rope: bool = False,
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
         self.pos_emb = nn.Parameter(torch.randn(t, d) * 0.1)
@@ -226,7 +243,10 @@ def small_spec() -> PermutationSpec:
 
 def test_perm_to_axes_is_derived_from_axes_to_perm():
     s = small_spec()
-    assert s.perm_to_axes == {"P1": [("w1", 0), ("b1", 0), ("w2", 1)], "P2": [("w2", 0), ("b2", 0), ("w3", 1)]}
+    assert s.perm_to_axes == {
+        "P1": [("w1", 0), ("b1", 0), ("w2", 1)],
+        "P2": [("w2", 0), ("b2", 0), ("w3", 1)],
+    }
     assert s.sizes == {"P1": 3, "P2": 4}
     assert s.neighbours("P1") == {"P2"} and s.neighbours("P2") == {"P1"}
     assert s.permuted_tensors() == ["w1", "b1", "w2", "b2", "w3"]
@@ -235,7 +255,9 @@ def test_perm_to_axes_is_derived_from_axes_to_perm():
 def test_validation_names_tensor_and_axis():
     with pytest.raises(RecipeError, match=r"'P' appears on axes 0 and 1 of tensor 'w'"):
         PermutationSpec({"w": ("P", "P")}, {"w": (3, 3)})
-    with pytest.raises(ShapeMismatchError, match=r"'b' axis 0 has size 4.*'P' has size 3 \(from tensor 'w' axis 0\)"):
+    with pytest.raises(
+        ShapeMismatchError, match=r"'b' axis 0 has size 4.*'P' has size 3 \(from tensor 'w' axis 0\)"
+    ):
         PermutationSpec({"w": ("P", None), "b": ("P",)}, {"w": (3, 2), "b": (4,)})
     with pytest.raises(RecipeError, match=r"tensor 'w' has 2 axes"):
         PermutationSpec({"w": ("P",)}, {"w": (3, 2)})
@@ -271,8 +293,11 @@ def test_views_and_head_structure_apply():
     out = permute_tensor(s, "w", w, {"P": torch.tensor([1, 0]), "Q": torch.tensor([2, 0, 1])})
     # channel q of the (3, 2) view moves as a block of 2
     assert torch.equal(out, torch.tensor([[10.0, 11, 6, 7, 8, 9], [4, 5, 0, 1, 2, 3]]))
-    hs = PermutationSpec({"q": ("A", None), "o": (None, "B")}, {"q": (6, 2), "o": (2, 6)},
-                         heads={"A": HeadStructure(3, 2, "g"), "B": HeadStructure(3, 2, "g", within=False)})
+    hs = PermutationSpec(
+        {"q": ("A", None), "o": (None, "B")},
+        {"q": (6, 2), "o": (2, 6)},
+        heads={"A": HeadStructure(3, 2, "g"), "B": HeadStructure(3, 2, "g", within=False)},
+    )
     assert hs.units() == [("A", "B")]
     for seed in range(5):
         p = hs.random_perms(torch.Generator().manual_seed(seed))
@@ -352,8 +377,17 @@ def test_layernorm_resnet_and_mlp():
     ready, inferred = resnet_spec(model.state_dict()), infer_spec(model, (x,))
     assert check_spec(model, ready, (x,), trials=2) < 1e-5
     assert _partition(inferred) == _partition(ready)
-    mlp = _randomize_affine(nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12), nn.GELU(), nn.Linear(12, 12),
-                                          nn.LayerNorm(12), nn.GELU(), nn.Linear(12, 2)))
+    mlp = _randomize_affine(
+        nn.Sequential(
+            nn.Linear(6, 12),
+            nn.LayerNorm(12),
+            nn.GELU(),
+            nn.Linear(12, 12),
+            nn.LayerNorm(12),
+            nn.GELU(),
+            nn.Linear(12, 2),
+        )
+    )
     x = torch.randn(4, 6)
     ready = mlp_spec(mlp.state_dict())
     assert ready.axes_to_perm["1.weight"] == ("P_0",) and ready.axes_to_perm["3.weight"] == ("P_3", "P_0")
@@ -455,7 +489,10 @@ def test_inferred_transformer_has_head_structure():
     s = infer_spec(model, (x,))
     qk = s.axes_to_perm["blocks.0.attn.q.weight"][0]
     vo = s.axes_to_perm["blocks.0.attn.v.weight"][0]
-    assert s.axes_to_perm["blocks.0.attn.k.weight"][0] == qk and s.axes_to_perm["blocks.0.attn.o.weight"][1] == vo
+    assert (
+        s.axes_to_perm["blocks.0.attn.k.weight"][0] == qk
+        and s.axes_to_perm["blocks.0.attn.o.weight"][1] == vo
+    )
     assert s.heads[qk].n_heads == 4 and s.heads[qk].within and s.heads[qk].group == s.heads[vo].group
     res = s.axes_to_perm["embed.weight"][1]
     assert s.axes_to_perm["pos_emb"] == (None, res) and s.axes_to_perm["head.weight"] == (None, res)

@@ -108,7 +108,9 @@ def _lap(cost: torch.Tensor) -> torch.Tensor:
         return best.cpu().long()
     c = cost.detach().to("cpu", torch.float64).numpy()
     if not np.isfinite(c).all():
-        raise NonFiniteError("git_rebasin: a cost matrix holds NaN or Inf (non-finite weights or activations)")
+        raise NonFiniteError(
+            "git_rebasin: a cost matrix holds NaN or Inf (non-finite weights or activations)"
+        )
     rows, cols = linear_sum_assignment(c, maximize=True)
     out = np.empty(c.shape[0], dtype=np.int64)
     out[rows] = cols
@@ -119,8 +121,12 @@ def _score(cost: torch.Tensor, perm: torch.Tensor) -> float:
     return float(cost.gather(1, perm.to(cost.device).view(-1, 1)).double().sum())
 
 
-def _solve_unit(spec: PermutationSpec, unit: tuple[PermId, ...], costs: Mapping[PermId, torch.Tensor],
-                current: Mapping[PermId, torch.Tensor]) -> tuple[dict[PermId, torch.Tensor], float, float]:
+def _solve_unit(
+    spec: PermutationSpec,
+    unit: tuple[PermId, ...],
+    costs: Mapping[PermId, torch.Tensor],
+    current: Mapping[PermId, torch.Tensor],
+) -> tuple[dict[PermId, torch.Tensor], float, float]:
     """Best permutations of one unit for fixed cost matrices: ``(new perms, old score, new score)``.
 
     A single permutation is one LAP. A head group (block-structured permutations sharing the head
@@ -190,8 +196,16 @@ class _CostBuilder:
     cache budget lasts, so a term is recomputed only after one of those permutations changed.
     """
 
-    def __init__(self, spec: PermutationSpec, a: StateDict, b: StateDict, *, device: torch.device,
-                 dtype: torch.dtype, cache_bytes: int) -> None:
+    def __init__(
+        self,
+        spec: PermutationSpec,
+        a: StateDict,
+        b: StateDict,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        cache_bytes: int,
+    ) -> None:
         self.spec = spec
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
@@ -199,8 +213,10 @@ class _CostBuilder:
             if k not in a or k not in b:
                 from merge.errors import MissingTensorError
 
-                raise MissingTensorError(f"git_rebasin: tensor '{k}' of the permutation spec is missing from "
-                                         f"{'model A' if k not in a else 'model B'}")
+                raise MissingTensorError(
+                    f"git_rebasin: tensor '{k}' of the permutation spec is missing from "
+                    f"{'model A' if k not in a else 'model B'}"
+                )
             self.a[k] = _as_view(spec, k, a[k], "model A").to(device=device, dtype=dtype)
             self.b[k] = _as_view(spec, k, b[k], "model B").to(device=device, dtype=dtype)
         self.static: dict[PermId, torch.Tensor] = {}
@@ -223,8 +239,13 @@ class _CostBuilder:
             self.static[p] = static
             self.terms[p] = dyn
 
-    def cost(self, p: PermId, perms: Mapping[PermId, torch.Tensor], versions: Mapping[PermId, int],
-             only: set[PermId] | None = None) -> torch.Tensor:
+    def cost(
+        self,
+        p: PermId,
+        perms: Mapping[PermId, torch.Tensor],
+        versions: Mapping[PermId, int],
+        only: set[PermId] | None = None,
+    ) -> torch.Tensor:
         """``C_p``; with ``only``, terms that depend on a permutation outside ``only`` are left out."""
         c = self.static[p].clone()
         n = self.spec.sizes[p]
@@ -251,9 +272,10 @@ class _CostBuilder:
         return c
 
 
-def matching_objective(spec: PermutationSpec, a: StateDict, b: StateDict,
-                       perms: Mapping[PermId, torch.Tensor]) -> float:
-    """Git Re-Basin's weight-matching objective ``Σ_k <θ_A[k], π(θ_B)[k]>_F`` over the permuted tensors (Eq. 3)."""
+def matching_objective(
+    spec: PermutationSpec, a: StateDict, b: StateDict, perms: Mapping[PermId, torch.Tensor]
+) -> float:
+    """Git Re-Basin's weight-matching objective ``Σ_k <θ_A[k], π(θ_B)[k]>_F`` (Eq. 3), permuted tensors."""
     total = 0.0
     for k in spec.permuted_tensors():
         pb = permute_tensor(spec, k, b[k], perms)
@@ -320,8 +342,11 @@ def weight_matching(
     iterations = 0
     for r in range(max(1, n_restarts)):
         rng = np.random.default_rng([seed, r])
-        perms = {p: torch.as_tensor(v).long().clone() for p, v in (init_perms or {}).items()} if (
-            r == 0 and init_perms is not None) else spec.identity()
+        perms = (
+            {p: torch.as_tensor(v).long().clone() for p, v in (init_perms or {}).items()}
+            if (r == 0 and init_perms is not None)
+            else spec.identity()
+        )
         for p, n in spec.sizes.items():
             perms.setdefault(p, torch.arange(n))
         versions = dict.fromkeys(spec.sizes, 0)
@@ -486,7 +511,9 @@ def activation_matching(
         model_b.train(modes[1])
     missing = [q for q in traced.perms if q not in trace.sites]
     if missing:
-        raise RecipeError(f"activation matching: no traced activation for permutation(s) {', '.join(missing)}")
+        raise RecipeError(
+            f"activation matching: no traced activation for permutation(s) {', '.join(missing)}"
+        )
     perms: Perms = {}
     total = 0.0
     solves = 0
@@ -547,7 +574,9 @@ def ste_matching(
                 target = {k: v.detach() for k, v in free.items()}
                 for k in a_t:
                     target.setdefault(k, a_t[k])
-                perms = weight_matching(spec, target, b_t, init_perms=perms, max_iter=match_iters, seed=seed).perms
+                perms = weight_matching(
+                    spec, target, b_t, init_perms=perms, max_iter=match_iters, seed=seed
+                ).perms
                 pb = apply_permutation(spec, b_t, perms)
                 merged = {}
                 for k in a_t:
@@ -591,7 +620,9 @@ def interpolate(a: StateDict, b: StateDict, lam: float) -> dict[str, torch.Tenso
     return out
 
 
-def reset_bn(module: torch.nn.Module, data: Iterable[Any], *, max_batches: int | None = None) -> torch.nn.Module:
+def reset_bn(
+    module: torch.nn.Module, data: Iterable[Any], *, max_batches: int | None = None
+) -> torch.nn.Module:
     """Recompute every BatchNorm's running statistics on ``data`` ("reset BN", Git Re-Basin's ImageNet
     script; Jordan et al. 2023 §3): interpolation leaves statistics that no longer match the merged
     weights. Uses a cumulative average (momentum None) over the batches; returns ``module``."""
@@ -617,13 +648,16 @@ def reset_bn(module: torch.nn.Module, data: Iterable[Any], *, max_batches: int |
     return module
 
 
-def _channel_stats(module: torch.nn.Module, targets: list[torch.nn.Module], data: Iterable[Any],
-                   max_batches: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _channel_stats(
+    module: torch.nn.Module, targets: list[torch.nn.Module], data: Iterable[Any], max_batches: int | None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     sums: dict[int, list[Any]] = {i: [0.0, 0.0, 0] for i in range(len(targets))}
 
     def hook(i: int) -> Callable[..., None]:
         def fn(_m: Any, _inp: Any, out: torch.Tensor) -> None:
-            ch = 1 if out.dim() > 2 or isinstance(_m, torch.nn.modules.batchnorm._BatchNorm) else out.dim() - 1
+            ch = (
+                1 if out.dim() > 2 or isinstance(_m, torch.nn.modules.batchnorm._BatchNorm) else out.dim() - 1
+            )
             z = out.detach().double().movedim(ch, 0).reshape(out.shape[ch], -1)
             s = sums[i]
             s[0] = s[0] + z.sum(1)
@@ -659,13 +693,24 @@ def _repair_targets(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]
     bns = [(n, m) for n, m in mods if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if bns:
         return bns
-    layers = [(n, m) for n, m in mods if isinstance(m, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d |
-                                                     torch.nn.Conv3d)]
+    layers = [
+        (n, m)
+        for n, m in mods
+        if isinstance(m, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.Conv3d)
+    ]
     return layers[:-1]
 
 
-def repair(merged: torch.nn.Module, model_a: torch.nn.Module, model_b: torch.nn.Module, data: Iterable[Any],
-           lam: float = 0.5, *, max_batches: int | None = None, eps: float = 1e-5) -> torch.nn.Module:
+def repair(
+    merged: torch.nn.Module,
+    model_a: torch.nn.Module,
+    model_b: torch.nn.Module,
+    data: Iterable[Any],
+    lam: float = 0.5,
+    *,
+    max_batches: int | None = None,
+    eps: float = 1e-5,
+) -> torch.nn.Module:
     """REPAIR (Jordan et al., ICLR 2023, §4): undo the variance collapse of interpolated networks.
 
     For each repaired layer (every BatchNorm if the model has any, else every Linear/Conv but the
@@ -683,7 +728,7 @@ def repair(merged: torch.nn.Module, model_a: torch.nn.Module, model_b: torch.nn.
     stats_a = _channel_stats(model_a, [mods_a[n] for n in names], data, max_batches)
     stats_b = _channel_stats(model_b, [mods_b[n] for n in names], data, max_batches)
     for i, (_name, m) in enumerate(targets):
-        (mu_m, sd_m), = _channel_stats(merged, [m], data, max_batches)
+        ((mu_m, sd_m),) = _channel_stats(merged, [m], data, max_batches)
         mu_t = (1 - lam) * stats_a[i][0] + lam * stats_b[i][0]
         sd_t = (1 - lam) * stats_a[i][1] + lam * stats_b[i][1]
         scale = (sd_t / (sd_m + eps)).float()
@@ -711,15 +756,21 @@ class BarrierResult:
     acc_barrier: float | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"lambdas": self.lambdas, "losses": self.losses, "accuracies": self.accuracies,
-                "barrier": self.barrier, "acc_barrier": self.acc_barrier}
+        return {
+            "lambdas": self.lambdas,
+            "losses": self.losses,
+            "accuracies": self.accuracies,
+            "barrier": self.barrier,
+            "acc_barrier": self.acc_barrier,
+        }
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def evaluate(module: torch.nn.Module, data: Iterable[Any],
-             loss_fn: LossFn = F.cross_entropy) -> tuple[float, float | None]:
+def evaluate(
+    module: torch.nn.Module, data: Iterable[Any], loss_fn: LossFn = F.cross_entropy
+) -> tuple[float, float | None]:
     """Mean loss over ``data`` (batches ``(x, y)``) and, for integer labels, accuracy."""
     total, n, correct, classify = 0.0, 0, 0, True
     was = module.training
@@ -768,7 +819,9 @@ def loss_barrier(
     barrier = max(losses) - 0.5 * (losses[0] + losses[-1])
     if all(x is not None for x in accs):
         acc_list = [float(x) for x in accs if x is not None]
-        return BarrierResult(lambdas, losses, acc_list, barrier, 0.5 * (acc_list[0] + acc_list[-1]) - min(acc_list))
+        return BarrierResult(
+            lambdas, losses, acc_list, barrier, 0.5 * (acc_list[0] + acc_list[-1]) - min(acc_list)
+        )
     return BarrierResult(lambdas, losses, None, barrier, None)
 
 
@@ -822,7 +875,9 @@ def rebasin(
         spec = PermutationSpec.load(spec)
     if method == "activation":
         if model is None or model_b is None or data is None:
-            raise RecipeError("activation matching needs model (with A's weights), model_b (with B's) and data")
+            raise RecipeError(
+                "activation matching needs model (with A's weights), model_b (with B's) and data"
+            )
         res = activation_matching(model, model_b, data, spec=spec, **kwargs)
         if spec is None:
             first = next(iter(data))
@@ -892,7 +947,8 @@ class RebasinPlan:
 
 @merge_method(
     "git_rebasin",
-    paper="Ainsworth, Hayase & Srinivasa, Git Re-Basin: Merging Models modulo Permutation Symmetries, ICLR 2023",
+    paper="Ainsworth, Hayase & Srinivasa, Git Re-Basin: Merging Models modulo Permutation Symmetries, "
+    "ICLR 2023",
     url="https://arxiv.org/abs/2209.04836",
     kind="whole_model",
     base="optional",
