@@ -17,6 +17,7 @@ install: $(STAMP)
 
 lint: install
 	$(BIN)/ruff check .
+	cd proto && ../$(BIN)/buf lint
 
 test: install lint
 	$(BIN)/pytest -q

@@ -520,6 +520,10 @@ class _LazyModel:
     def keys(self) -> Any:
         return self._c.keys()
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape from the header, without reading the tensor."""
+        return self._c.shape(name)
+
 
 def _config_update(text: str, plan: MergePlan) -> str:
     import json

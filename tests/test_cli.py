@@ -129,3 +129,13 @@ def test_cuda_without_a_gpu_is_a_clear_error(make_models, tmp_path: Path) -> Non
     r = CliRunner().invoke(main, ["merge", str(recipe), "-o", str(tmp_path / "out"), "--device", "cuda"])
     assert r.exit_code == 2 and "no CUDA device is available" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_bf16_compute_dtype_works_for_top_k_methods(make_models, tmp_path: Path) -> None:
+    paths = make_models(3, dtype=torch.bfloat16)
+    recipe = write_recipe(tmp_path, {"merge_method": "ties", "base_model": str(paths[0]),
+                                     "models": [{"model": str(p), "parameters": {"density": 0.5}} for p in paths[1:]]})
+    r = CliRunner().invoke(main, ["merge", str(recipe), "-o", str(tmp_path / "out"), "--compute-dtype", "bfloat16"])
+    assert r.exit_code == 0, r.output
+    out = open_checkpoint(tmp_path / "out")
+    assert out.dtype("lm_head.weight") == torch.bfloat16 and torch.isfinite(out["lm_head.weight"].float()).all()

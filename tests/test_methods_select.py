@@ -132,6 +132,7 @@ def test_special_values_and_degenerate_k() -> None:
     assert sel.topk[2].quotas == (0, 1) and sel.topk[2].eq_counts == (0, 2)
 
 
-def test_rejects_non_float32() -> None:
-    with pytest.raises(TypeError, match="float32"):
-        topk_mask(torch.rand(10, dtype=torch.float64), 3)
+def test_half_precision_magnitudes_select_like_float32() -> None:
+    x = torch.rand(1000, generator=torch.Generator().manual_seed(2)).bfloat16()
+    assert torch.equal(topk_mask(x, 300), topk_mask(x.float(), 300))
+    assert int(topk_mask(x, 300).sum()) == 300

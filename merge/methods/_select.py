@@ -49,7 +49,8 @@ _LO_BINS = 1 << 16
 def _bits(values: torch.Tensor) -> torch.Tensor:
     """The int32 bit patterns of a float32 tensor, flattened (a view when contiguous)."""
     if values.dtype != torch.float32:
-        raise TypeError(f"top-k selection works on float32 magnitudes, got {values.dtype}")
+        # bf16/f16 magnitudes convert exactly; float64 rounds (order kept, ties may merge)
+        values = values.float()
     return values.contiguous().view(torch.int32).reshape(-1)
 
 
