@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from merge.blockio import BlockSink
 from merge.errors import (
     CheckpointError,
     MissingTensorError,
@@ -428,7 +429,7 @@ class CheckpointWriter:
 
     def __init__(self, out_dir: str | Path, tensors: Iterable[OutputTensor], *,
                  shard_size: int = 5 * 10**9, overwrite: bool = False,
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, direct_io: bool = True) -> None:
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
             raise OutputExistsError(f"{self.out_dir}: output already exists (pass --overwrite to replace it)")
@@ -439,8 +440,11 @@ class CheckpointWriter:
         self.tmp = self.out_dir.parent / f"{self.out_dir.name}.partial-{uuid.uuid4().hex[:12]}"
         self._layout: dict[str, tuple[int, int, int]] = {}  # name -> (shard idx, abs offset, nbytes)
         self._shard_names: list[str] = []
-        self._fds: list[int] = []
+        self._sink: BlockSink | None = None
         self._written = 0
+        self._count_lock = threading.Lock()
+        self._dtypes = {t.name: t.dtype for t in self.tensors}
+        self.direct_io = direct_io
         self._plan_shards()
 
     def _plan_shards(self) -> None:
@@ -488,30 +492,28 @@ class CheckpointWriter:
     def __enter__(self) -> CheckpointWriter:
         self.tmp.mkdir(parents=True)
         try:
-            for name, hdr, size in zip(self._shard_names, self._headers, self._sizes, strict=True):
-                fd = os.open(self.tmp / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                self._fds.append(fd)
-                os.pwrite(fd, hdr, 0)
-                os.ftruncate(fd, size)
+            self._sink = BlockSink([self.tmp / n for n in self._shard_names], self._sizes, direct=self.direct_io)
+            for si, hdr in enumerate(self._headers):
+                self._sink.write(si, 0, hdr)
         except BaseException:
             self.abort()
             raise
         return self
 
     def write_rows(self, name: str, r0: int, r1: int, data: torch.Tensor) -> None:
-        """Write rows ``r0:r1`` of output tensor ``name`` (already in its output dtype)."""
+        """Write rows ``r0:r1`` of output tensor ``name`` (already in its output dtype); thread-safe."""
         si, off, nbytes = self._layout[name]
-        data = data.detach().to("cpu").contiguous()
-        raw = data.reshape(-1).view(torch.uint8).numpy()
-        row_bytes = raw.nbytes // max(1, r1 - r0) if data.dim() else raw.nbytes
+        if data.dtype != self._dtypes[name]:
+            raise RuntimeError(f"write of tensor '{name}': dtype {data.dtype}, expected {self._dtypes[name]}")
+        n = data.numel() * data.element_size()
+        row_bytes = n // max(1, r1 - r0) if data.dim() else n
         start = off + r0 * row_bytes
-        if start + raw.nbytes > off + nbytes:
+        if start + n > off + nbytes:
             raise RuntimeError(f"write of tensor '{name}' rows {r0}:{r1} overruns its {nbytes} bytes")
-        mv = memoryview(raw)
-        done = 0
-        while done < raw.nbytes:
-            done += os.pwrite(self._fds[si], mv[done:], start + done)
-        self._written += raw.nbytes
+        assert self._sink is not None, "CheckpointWriter is used outside its with-block"
+        self._sink.write(si, start, data)
+        with self._count_lock:
+            self._written += n
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self.write_rows(name, 0, tensor.shape[0] if tensor.dim() else 0, tensor)
@@ -523,10 +525,9 @@ class CheckpointWriter:
         (self.tmp / name).write_text(text)
 
     def _finish(self) -> None:
-        for fd in self._fds:
-            os.fsync(fd)
-            os.close(fd)
-        self._fds = []
+        assert self._sink is not None
+        self._sink.finish()  # every byte written exactly once, truncated, fsynced, closed
+        self._sink = None
         if len(self._shard_names) > 1:
             index = {
                 "metadata": {"total_size": self.total_bytes},
@@ -558,12 +559,9 @@ class CheckpointWriter:
             shutil.rmtree(old, ignore_errors=True)
 
     def abort(self) -> None:
-        for fd in self._fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._fds = []
+        if self._sink is not None:
+            self._sink.abort()
+            self._sink = None
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

