@@ -18,6 +18,8 @@ install: $(STAMP)
 lint: install
 	$(BIN)/ruff check .
 	cd proto && ../$(BIN)/buf lint
+	# the contract as landed: a change that breaks wire or generated-code compatibility fails here
+	cd proto && ../$(BIN)/buf breaking --against breaking-baseline.binpb
 
 test: install lint
 	$(BIN)/pytest -q

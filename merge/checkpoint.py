@@ -9,10 +9,11 @@ loaded until a tensor (or a row range of it) is asked for. Pickle checkpoints (`
 ``torch.load(weights_only=True)``.
 
 Writing: :class:`CheckpointWriter` is given the full list of output tensors (name, shape,
-dtype) up front, so each shard's safetensors header is known before any data exists. Each shard
-is created at its final size and tensors (or row chunks of them) are written at their offsets as
-they are produced: memory never holds more than the chunk being written, whatever the shard size
-(mergekit holds a whole output shard, 5 GB by default, in RAM). Everything goes to
+dtype) up front, so each shard's safetensors header is known before any data exists. Tensors (or
+row chunks of them) are handed over as they are produced, in any order, and staged into aligned
+8 MiB blocks that I/O threads write behind the merge with ``O_DIRECT`` (``merge.blockio``):
+memory holds a few blocks, whatever the shard size (mergekit holds a whole output shard, 5 GB by
+default, in RAM), and a byte never written is an error, not a hole. Everything goes to
 ``<out>.partial-<id>/`` and is renamed into place after an fsync, so an interrupted merge leaves
 no half-written model folder.
 """

@@ -8,9 +8,9 @@ checked before a byte of tensor data is read: method contract, parameters, prese
 of every input tensor.
 
 Execution streams each output tensor in row chunks (``merge.methods.runner``) on a small
-thread pool (torch ops release the GIL, so reading, compute and ``pwrite`` overlap), writing
-each chunk straight into its place in the output shard (``CheckpointWriter``). Peak memory is a
-few chunks per worker, independent of model size. Compute is float32 by default (exact results
+thread pool (torch ops release the GIL, so reading and compute overlap), handing each chunk to
+the ``CheckpointWriter``, whose I/O threads write it behind the merge. Peak memory is a few
+chunks per worker plus a few 8 MiB write blocks, independent of model size. Compute is float32 by default (exact results
 where mergekit computes in bf16 when a recipe says ``dtype: bfloat16``); the output is stored in
 ``out_dtype``, else ``dtype``, else each tensor's input dtype.
 """
