@@ -37,6 +37,11 @@ BLOCK_SIZE = 8 << 20
 #: Direct I/O alignment of file offsets, lengths and memory (4 KiB covers common devices).
 ALIGN = 4096
 _DIRECT = getattr(os, "O_DIRECT", 0)
+#: Defaults: I/O threads and queue depth; with the pool this keeps at most WRITE_BLOCKS_MAX
+#: finished blocks alive (queued, being written, or pooled for reuse).
+IO_THREADS = 2
+QUEUE_DEPTH = 2
+WRITE_BLOCKS_MAX = QUEUE_DEPTH + IO_THREADS + 2
 
 
 @dataclass
@@ -73,8 +78,8 @@ class BlockSink:
         *,
         direct: bool = True,
         block_size: int = BLOCK_SIZE,
-        io_threads: int = 2,
-        queue_depth: int = 2,
+        io_threads: int = IO_THREADS,
+        queue_depth: int = QUEUE_DEPTH,
     ) -> None:
         if block_size % ALIGN:
             raise ValueError(f"block_size must be a multiple of {ALIGN}")

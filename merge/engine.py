@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from merge.blockio import BLOCK_SIZE, WRITE_BLOCKS_MAX
 from merge.checkpoint import Checkpoint, CheckpointWriter, OutputTensor, ResolvedModel, open_checkpoint
 from merge.errors import (
     MergeCancelled,
@@ -142,7 +143,10 @@ class MergePlan:
             biggest = max((t.nbytes for t in self.tasks), default=0) * 4
             return biggest * (n_in + 3) + self.bytes_in // max(1, len(self.checkpoints))
         per_chunk = min(self.options.chunk_elems, max((_numel(t.shape) for t in self.tasks), default=1)) * elem
-        return self.options.workers * per_chunk * (2 * n_in + 4)
+        # + the writer's staging blocks (pooled, queued, in flight, about two being filled per worker),
+        # never more than the output itself: a block's untouched pages are not resident
+        staging = min((WRITE_BLOCKS_MAX + 2 * self.options.workers) * BLOCK_SIZE, -(-self.bytes_out // 4096) * 4096)
+        return self.options.workers * per_chunk * (2 * n_in + 4) + staging
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -17,6 +17,7 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
+from merge.engine import plan_merge
 from service.client import RemoteError, state_name
 from tests.service_helpers import (
     TOKEN,
@@ -327,13 +328,14 @@ def test_memory_budget_admission(env: dict) -> None:
             }
             write_model(wide / f"w{i}", sd)
     text = linear_recipe([wide / "w0", wide / "w1"])
-    with pytest.raises(RemoteError) as e:  # 16 threads x 4 MiB chunks x (2 x 2 inputs + 4) = 512 MiB
+    staging = -(-plan_merge(yaml.safe_load(text)).bytes_out // 4096) * 4096  # the output, ~4 MiB, staged
+    with pytest.raises(RemoteError) as e:  # 64 MiB + 16 threads x 2 MiB chunks x (2 x 2 inputs + 4) = 320 MiB
         c.create_merge_job(text, output_path="out/huge", workers=16)
     assert _code(e) == "RESOURCE_EXHAUSTED" and "budget" in e.value.message
-    a = c.create_merge_job(text, output_path="out/mem-a").job  # 2 threads: 64 + 64 MiB
-    assert a.estimated_peak_bytes == (64 << 20) + 2 * (4 << 20) * 8
+    a = c.create_merge_job(text, output_path="out/mem-a").job  # 2 threads: 64 + 32 MiB + staging
+    assert a.estimated_peak_bytes == (64 << 20) + 2 * (2 << 20) * 8 + staging
     wait_for(lambda: c.get_job(a.name).progress.tensors_done >= 2, what="job a running")
-    b = c.create_merge_job(text, output_path="out/mem-b", workers=5).job  # 64 + 160 MiB: 352 MiB with a
+    b = c.create_merge_job(text, output_path="out/mem-b", workers=10).job  # 64 + 160 MiB: ~330 MiB with a
     assert state_name(c.get_job(b.name).state) == "QUEUED"
     assert state_name(c.get_job(a.name).state) == "RUNNING"
     assert state_name(c.wait(a.name, timeout=60).state) == "SUCCEEDED"
