@@ -594,7 +594,17 @@ def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
     writer = CheckpointWriter(out_dir, outputs, shard_size=options.shard_size, overwrite=options.overwrite,
                               metadata=meta)
 
-    def reader(task: TensorTask, src: Source) -> Callable[[int, int], torch.Tensor]:
+    # NaN/Inf: every floating input chunk is checked as it is read, or, for methods whose output is
+    # non-finite wherever an input is (sums), the output chunk is, and the inputs only when it fails.
+    check_inputs = options.check_finite and not plan.method.propagates_nonfinite
+    check_outputs = options.check_finite and plan.method.propagates_nonfinite
+
+    def nonfinite(x: torch.Tensor) -> bool:
+        # A sum is ~30x cheaper than isfinite().all(); NaN/Inf anywhere makes it non-finite, and
+        # the exact check runs only then (it also tells a mere overflow of the sum apart).
+        return not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all())
+
+    def reader(task: TensorTask, src: Source, check: bool = options.check_finite) -> Callable[[int, int], torch.Tensor]:
         ckpt = plan.checkpoints[src.model]
 
         def read(r0: int, r1: int) -> torch.Tensor:
@@ -603,9 +613,7 @@ def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
             if task.copy or not x.is_floating_point():
                 return x
             x = x.to(device=device, dtype=plan.compute_dtype)
-            # A sum is ~30x cheaper than isfinite().all(); NaN/Inf anywhere makes it non-finite, and
-            # the exact check runs only then (it also tells a mere overflow of the sum apart).
-            if options.check_finite and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+            if check and nonfinite(x):
                 raise NonFiniteError(f"{ckpt.path}: tensor '{src.name}' contains NaN or Inf values")
             return x
 
@@ -615,6 +623,10 @@ def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
         check_cancel()
 
         def emit(r0: int, r1: int, out: torch.Tensor) -> None:
+            if check_outputs and not task.copy and out.is_floating_point() and nonfinite(out):
+                for src in [*task.sources, *([task.base] if task.base else [])]:
+                    reader(task, src, check=True)(r0, r1)  # raises naming the input
+                # all inputs finite: an overflow of the merge itself, written as computed
             writer.write_rows(task.name, r0, r1, out.to(task.out_dtype))
             with lock:
                 state["bytes"] += out.numel() * torch.empty((), dtype=task.out_dtype).element_size()
@@ -638,8 +650,8 @@ def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
         else:
             merge_chunks(
                 plan.method, task.params, name=task.name, shape=task.shape,
-                readers=[reader(task, s) for s in task.sources],
-                base_reader=reader(task, task.base) if task.base else None,
+                readers=[reader(task, s, check_inputs) for s in task.sources],
+                base_reader=reader(task, task.base, check_inputs) if task.base else None,
                 emit=emit, seed=plan.recipe.seed, chunk_elems=options.chunk_elems, device=device,
                 compute_dtype=plan.compute_dtype,
             )

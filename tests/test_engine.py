@@ -195,3 +195,47 @@ def test_dry_run_plan_reads_no_data(make_models, tmp_path: Path) -> None:
         f.write_bytes(bytes(raw))
     plan = plan_merge(linear_recipe(paths))
     assert plan.n_tensors == len(open_checkpoint(paths[0])) and plan.bytes_out > 0
+
+
+@pytest.mark.parametrize(
+    ("method", "who", "value", "weights"),
+    [
+        ("task_arithmetic", "base", float("nan"), [1.0]),  # NaN in the base
+        ("task_arithmetic", "ft1", float("inf"), [0.0]),  # Inf in a model weighted 0: 0·Inf is NaN, still found
+        ("linear", "ft1", float("-inf"), [0.0]),
+        ("ties", "ft1", float("nan"), [1.0]),  # inputs checked one by one (trimming could hide it)
+        ("dare_linear", "ft1", float("inf"), [1.0]),
+    ],
+)
+def test_nonfinite_inputs_are_named_whatever_the_method(
+    make_models, tmp_path: Path, method: str, who: str, value: float, weights: list[float]
+) -> None:
+    base, ft0, ft1 = make_models(3)
+    target = {"base": base, "ft1": ft1}[who]
+    sd = open_checkpoint(target)
+    sd = {k: sd[k] for k in sd}
+    sd["model.layers.1.mlp.up_proj.weight"][2, 3] = value
+    save_file(sd, target / "model.safetensors")
+    rec = {
+        "merge_method": method,
+        "models": [{"model": str(ft0)}, {"model": str(ft1), "parameters": {"weight": weights[0]}}],
+        "parameters": {"density": 0.5} if method in ("ties", "dare_linear") else {},
+    }
+    if method != "linear":
+        rec["base_model"] = str(base)
+    match = rf"{target.name}.*tensor 'model.layers.1.mlp.up_proj.weight' contains NaN or Inf"
+    with pytest.raises(NonFiniteError, match=match):
+        run_merge(rec, tmp_path / "out", MergeOptions(chunk_elems=64))
+    assert not any(p.name.startswith("out") for p in tmp_path.iterdir())
+
+
+def test_an_overflow_of_finite_inputs_is_not_blamed_on_an_input(make_models, tmp_path: Path) -> None:
+    a, b = make_models(2)
+    for p in (a, b):
+        sd = open_checkpoint(p)
+        sd = {k: sd[k] for k in sd}
+        sd["model.norm.weight"][:] = 3e38
+        save_file(sd, p / "model.safetensors")
+    rec = linear_recipe([a, b], parameters={"normalize": False})
+    run_merge(rec, tmp_path / "out")  # written as computed (mergekit does the same)
+    assert torch.isinf(open_checkpoint(tmp_path / "out")["model.norm.weight"]).all()

@@ -19,6 +19,7 @@ from merge.methods.registry import PerModel, merge_method
     base="ignored",
     min_models=1,
     elementwise=True,
+    propagates_nonfinite=True,
 )
 def linear(
     tensors: list[torch.Tensor],

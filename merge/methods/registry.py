@@ -103,6 +103,7 @@ class MethodSpec:
     elementwise: bool
     stats: Callable[..., Any] | None
     randomized: bool
+    propagates_nonfinite: bool = False
     params: dict[str, ParamInfo] = field(default_factory=dict)
     summary: str = ""
 
@@ -227,6 +228,7 @@ def merge_method(
     max_models: int | None = None,
     elementwise: bool = False,
     stats: Callable[..., Any] | None = None,
+    propagates_nonfinite: bool = False,
 ) -> Callable[[Callable[..., Any]], MethodSpec]:
     """Register a merge method.
 
@@ -235,6 +237,11 @@ def merge_method(
     statistics pass). A method whose result depends on whole-tensor statistics (top-k
     thresholds, norms) supplies ``stats`` instead; its function takes ``stats=`` and is then also
     applied chunk by chunk.
+
+    ``propagates_nonfinite=True`` declares that a NaN or Inf in any input element makes the
+    output element non-finite too (sums and differences with any weights: 0·Inf is NaN). The
+    engine then checks only the output for NaN/Inf and looks at the inputs when it finds one,
+    instead of checking every input (one reduction per chunk instead of one per input).
     """
 
     def deco(fn: Callable[..., Any]) -> MethodSpec:
@@ -255,6 +262,7 @@ def merge_method(
             elementwise=elementwise,
             stats=stats,
             randomized="generator" in sig.parameters,
+            propagates_nonfinite=propagates_nonfinite,
             params=params,
             summary=doc.split("\n\n", 1)[0].replace("\n", " "),
         )

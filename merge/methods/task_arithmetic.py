@@ -112,6 +112,7 @@ def _check_density(density: list[float], method: str) -> None:
     base="required",
     min_models=1,
     elementwise=True,
+    propagates_nonfinite=True,
 )
 def task_arithmetic(
     tensors: list[torch.Tensor],
