@@ -60,6 +60,7 @@ class MergeOptions:
     overwrite: bool = False
     chunk_elems: int = CHUNK_ELEMS
     check_finite: bool = True
+    direct_io: bool = True  # write the output with O_DIRECT where the file system allows (merge.blockio)
 
 
 @dataclass
@@ -592,7 +593,7 @@ def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
     outputs = [OutputTensor(t.name, t.shape, t.out_dtype) for t in plan.tasks]
     meta = {"weightsmith_method": plan.method.name}
     writer = CheckpointWriter(out_dir, outputs, shard_size=options.shard_size, overwrite=options.overwrite,
-                              metadata=meta)
+                              metadata=meta, direct_io=options.direct_io)
 
     # NaN/Inf: every floating input chunk is checked as it is read, or, for methods whose output is
     # non-finite wherever an input is (sums), the output chunk is, and the inputs only when it fails.

@@ -139,3 +139,44 @@ def test_bf16_compute_dtype_works_for_top_k_methods(make_models, tmp_path: Path)
     assert r.exit_code == 0, r.output
     out = open_checkpoint(tmp_path / "out")
     assert out.dtype("lm_head.weight") == torch.bfloat16 and torch.isfinite(out["lm_head.weight"].float()).all()
+
+
+def test_direct_and_buffered_output_are_byte_identical(make_models, tmp_path: Path, monkeypatch) -> None:
+    from merge import blockio
+
+    opened: list[bool] = []
+    real_open = blockio._open
+
+    def spy(path, size, direct):
+        f = real_open(path, size, direct)
+        opened.append(f.direct)
+        return f
+
+    monkeypatch.setattr(blockio, "_open", spy)
+    paths = make_models(2, shards=2)
+    recipe = write_recipe(tmp_path, {"merge_method": "linear", "models": [{"model": str(p)} for p in paths]})
+    outs = {}
+    for flag in ("--direct-io", "--no-direct-io"):
+        opened.clear()
+        out = tmp_path / flag.strip("-")
+        r = CliRunner().invoke(main, ["merge", str(recipe), "-o", str(out), flag, "--shard-size", "20KB"])
+        assert r.exit_code == 0, r.output
+        outs[flag] = {f.name: f.read_bytes() for f in sorted(out.glob("*.safetensors"))}
+        assert len(outs[flag]) > 1
+        if flag == "--no-direct-io":
+            assert opened and not any(opened)
+        elif _takes_o_direct(tmp_path):
+            assert opened and all(opened)
+    assert outs["--direct-io"] == outs["--no-direct-io"]
+
+
+def _takes_o_direct(folder: Path) -> bool:
+    if not getattr(os, "O_DIRECT", 0):
+        return False
+    try:
+        os.close(os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644))
+        return True
+    except OSError:
+        return False
+    finally:
+        (folder / "probe").unlink(missing_ok=True)
