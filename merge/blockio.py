@@ -61,6 +61,7 @@ class _File:
     received: int = 0  # bytes handed to write()
     written: int = 0  # bytes on disk
     lock: threading.Lock = field(default_factory=threading.Lock)
+    retired: list[int] = field(default_factory=list)  # direct fds replaced by a buffered one
 
 
 class BlockSink:
@@ -198,12 +199,14 @@ class BlockSink:
 
     def _pwrite(self, f: _File, offset: int, blk: _Block, length: int) -> None:
         mv = memoryview(blk.buf)
-        if f.direct:
+        with f.lock:
+            fd, direct = f.fd, f.direct
+        if direct:
             padded = -(-length // ALIGN) * ALIGN  # the tail block: padding is cut by finish()'s truncate
             try:
                 done = 0
                 while done < padded:
-                    done += os.pwrite(f.fd, mv[done:padded], offset + done)
+                    done += os.pwrite(fd, mv[done:padded], offset + done)
                 with f.lock:
                     f.written += length
                 return
@@ -212,12 +215,13 @@ class BlockSink:
                     raise
                 with f.lock:  # the device wants another alignment: go on buffered
                     if f.direct:
-                        fd = os.open(f.path, os.O_WRONLY)
-                        os.close(f.fd)
-                        f.fd, f.direct = fd, False
+                        # the direct fd stays open until the end: another I/O thread may be using it
+                        f.retired.append(f.fd)
+                        f.fd, f.direct = os.open(f.path, os.O_WRONLY), False
+                    fd = f.fd
         done = 0
         while done < length:
-            done += os.pwrite(f.fd, mv[done:length], offset + done)
+            done += os.pwrite(fd, mv[done:length], offset + done)
         with f.lock:
             f.written += length
 
@@ -266,12 +270,13 @@ class BlockSink:
 
     def _close_fds(self) -> None:
         for f in self._files:
-            if f.fd >= 0:
-                try:
-                    os.close(f.fd)
-                except OSError:
-                    pass
-                f.fd = -1
+            for fd in [f.fd, *f.retired]:
+                if fd >= 0:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            f.fd, f.retired = -1, []
 
 
 def _open(path: Path, size: int, direct: bool) -> _File:

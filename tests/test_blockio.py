@@ -112,13 +112,13 @@ def test_falls_back_to_buffered_writes_where_direct_io_is_refused(tmp_path, monk
         return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0))
 
     monkeypatch.setattr(blockio.os, "pwrite", picky)
-    data = os.urandom(3 * 4096 + 5)
+    data = os.urandom(64 * 4096 + 5)  # many blocks: both I/O threads meet the refusal
     sink = BlockSink([tmp_path / "f"], [len(data)], block_size=4096)
     sink.write(0, 0, data)
     sink.finish()
     assert (tmp_path / "f").read_bytes() == data
     if getattr(os, "O_DIRECT", 0) and calls["direct"]:  # the file system took O_DIRECT, the "device" did not
-        assert calls["direct"] == 1 and not sink.direct
+        assert 1 <= calls["direct"] <= 2 and not sink.direct  # one refused write per I/O thread at most
 
 
 def test_checkpoint_writer_output_equals_safetensors_save_file(tmp_path):
