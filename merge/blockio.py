@@ -41,7 +41,14 @@ _DIRECT = getattr(os, "O_DIRECT", 0)
 #: finished blocks alive (queued, being written, or pooled for reuse).
 IO_THREADS = 2
 QUEUE_DEPTH = 2
-WRITE_BLOCKS_MAX = QUEUE_DEPTH + IO_THREADS + 2
+
+
+def finished_blocks_max(queue_depth: int = QUEUE_DEPTH, io_threads: int = IO_THREADS) -> int:
+    """Finished blocks alive at most: queued, being written, or pooled (two spare) for reuse."""
+    return queue_depth + io_threads + 2
+
+
+WRITE_BLOCKS_MAX = finished_blocks_max()
 
 
 @dataclass
@@ -88,7 +95,7 @@ class BlockSink:
         self._files: list[_File] = []
         self._blocks: dict[tuple[int, int], _Block] = {}
         self._pool: list[_Block] = []
-        self._pool_max = queue_depth + io_threads + 2
+        self._pool_max = finished_blocks_max(queue_depth, io_threads)
         self._lock = threading.Lock()
         self._queue: queue.Queue[tuple[int, int, _Block, int] | None] = queue.Queue(maxsize=queue_depth)
         self._error: BaseException | None = None
@@ -231,7 +238,9 @@ class BlockSink:
         self._raise_if_failed()
         self._queue.join()
         self._stop_threads()
-        self._raise_if_failed_after_stop()
+        if self._error is not None:
+            self._close_fds()
+            raise self._error
         for f in self._files:
             if f.received != f.size or f.written != f.size:
                 self._close_fds()
@@ -244,11 +253,6 @@ class BlockSink:
                 os.fsync(f.fd)
         finally:
             self._close_fds()
-
-    def _raise_if_failed_after_stop(self) -> None:
-        if self._error is not None:
-            self._close_fds()
-            raise self._error
 
     def abort(self) -> None:
         """Stop the I/O threads and close the files (written data is left for the caller to delete)."""

@@ -442,8 +442,6 @@ class CheckpointWriter:
         self._layout: dict[str, tuple[int, int, int]] = {}  # name -> (shard idx, abs offset, nbytes)
         self._shard_names: list[str] = []
         self._sink: BlockSink | None = None
-        self._written = 0
-        self._count_lock = threading.Lock()
         self._dtypes = {t.name: t.dtype for t in self.tensors}
         self.direct_io = direct_io
         self._plan_shards()
@@ -513,8 +511,6 @@ class CheckpointWriter:
             raise RuntimeError(f"write of tensor '{name}' rows {r0}:{r1} overruns its {nbytes} bytes")
         assert self._sink is not None, "CheckpointWriter is used outside its with-block"
         self._sink.write(si, start, data)
-        with self._count_lock:
-            self._written += n
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self.write_rows(name, 0, tensor.shape[0] if tensor.dim() else 0, tensor)

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from merge.blockio import BLOCK_SIZE, WRITE_BLOCKS_MAX
+from merge.blockio import ALIGN, BLOCK_SIZE, WRITE_BLOCKS_MAX
 from merge.checkpoint import Checkpoint, CheckpointWriter, OutputTensor, ResolvedModel, open_checkpoint
 from merge.errors import (
     MergeCancelled,
@@ -146,7 +146,7 @@ class MergePlan:
         per_chunk = min(self.options.chunk_elems, max((_numel(t.shape) for t in self.tasks), default=1)) * elem
         # + the writer's staging blocks (pooled, queued, in flight, about two being filled per worker),
         # never more than the output itself: a block's untouched pages are not resident
-        staging = min((WRITE_BLOCKS_MAX + 2 * self.options.workers) * BLOCK_SIZE, -(-self.bytes_out // 4096) * 4096)
+        staging = min((WRITE_BLOCKS_MAX + 2 * self.options.workers) * BLOCK_SIZE, -(-self.bytes_out // ALIGN) * ALIGN)
         return self.options.workers * per_chunk * (2 * n_in + 4) + staging
 
     def summary(self) -> dict[str, Any]:
@@ -628,9 +628,10 @@ def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
                 for src in [*task.sources, *([task.base] if task.base else [])]:
                     reader(task, src, check=True)(r0, r1)  # raises naming the input
                 # all inputs finite: an overflow of the merge itself, written as computed
-            writer.write_rows(task.name, r0, r1, out.to(task.out_dtype))
+            out = out.to(task.out_dtype)
+            writer.write_rows(task.name, r0, r1, out)
             with lock:
-                state["bytes"] += out.numel() * torch.empty((), dtype=task.out_dtype).element_size()
+                state["bytes"] += out.numel() * out.element_size()
 
         if task.copy:
             src = task.sources[0]

@@ -37,7 +37,8 @@ def _per_model(value: Any, n: int, param: str, method: str) -> list[float]:
         raise RecipeError(f"method '{method}': parameter '{param}': {e}") from None
 
 
-def _deltas(tensors: list[torch.Tensor], base: torch.Tensor | None, method: str) -> list[torch.Tensor]:
+def _check_base(tensors: list[torch.Tensor], base: torch.Tensor | None, method: str) -> torch.Tensor:
+    """The base, after checking there is one and that every input has its shape."""
     if base is None:
         raise RecipeError(f"method '{method}' requires a base_model (task vectors are θ_t − θ_0)")
     for t in tensors:
@@ -45,7 +46,30 @@ def _deltas(tensors: list[torch.Tensor], base: torch.Tensor | None, method: str)
             raise RecipeError(
                 f"method '{method}': input of shape {list(t.shape)} does not match the base's {list(base.shape)}"
             )
+    return base
+
+
+def _deltas(tensors: list[torch.Tensor], base: torch.Tensor | None, method: str) -> list[torch.Tensor]:
+    base = _check_base(tensors, base, method)
     return [t - base for t in tensors]
+
+
+def _weight_sum(weights: list[float], dtype: torch.dtype) -> torch.Tensor:
+    """Σ_t w_t, or 1 when |Σ_t w_t| < 1e-8 (the divisor of ``normalize`` without consensus)."""
+    w_sum = torch.zeros((), dtype=dtype)
+    for w in weights:
+        w_sum += w
+    return w_sum if w_sum.abs() >= 1e-8 else torch.ones((), dtype=dtype)
+
+
+def _finish(mixed: torch.Tensor, divisor: torch.Tensor, base: torch.Tensor, *, normalize: bool,
+            lambda_: float) -> torch.Tensor:
+    """θ_0 + λ τ_m, with τ_m = ``mixed`` (divided by ``divisor`` when ``normalize``); in place on ``mixed``."""
+    if normalize:
+        mixed.div_(divisor)
+    if lambda_ != 1:
+        mixed.mul_(lambda_)
+    return mixed.add_(base)
 
 
 def combine(
@@ -85,15 +109,8 @@ def combine(
         mixed = deltas[0].clone()
         for d in deltas[1:]:
             mixed.add_(d)
-        w_sum = torch.zeros((), dtype=base.dtype)
-        for w in weights:
-            w_sum += w
-        divisor = w_sum if w_sum.abs() >= 1e-8 else torch.ones((), dtype=base.dtype)
-    if normalize:
-        mixed.div_(divisor)
-    if lambda_ != 1:
-        mixed.mul_(lambda_)
-    return base + mixed
+        divisor = _weight_sum(weights, base.dtype)
+    return _finish(mixed, divisor, base, normalize=normalize, lambda_=lambda_)
 
 
 def _check_density(density: list[float], method: str) -> None:
@@ -130,8 +147,7 @@ def task_arithmetic(
     ``normalize`` divides the sum by Σ_t w_t. ``density``, ``rescale`` and ``int8_mask`` are
     accepted for mergekit compatibility and have no effect (as in mergekit 0.1.5).
     """
-    _deltas([], base, "task_arithmetic")  # the base-model check
-    assert base is not None
+    base = _check_base(tensors, base, "task_arithmetic")
     if not tensors:
         return base.clone()
     w = _per_model(weight, len(tensors), "weight", "task_arithmetic")
@@ -140,23 +156,12 @@ def task_arithmetic(
     mixed = torch.empty_like(base)
     scratch = torch.empty_like(base) if len(tensors) > 1 else None
     for i, (t, wi) in enumerate(zip(tensors, w, strict=True)):
-        if t.shape != base.shape:
-            raise RecipeError(
-                f"method 'task_arithmetic': input of shape {list(t.shape)} does not match the base's {list(base.shape)}"
-            )
         d = mixed if i == 0 else scratch
         torch.sub(t, base, out=d)
         d.mul_(wi)
         if i:
             mixed.add_(d)
-    if normalize:
-        w_sum = torch.zeros((), dtype=base.dtype)
-        for wi in w:
-            w_sum += wi
-        mixed.div_(w_sum if w_sum.abs() >= 1e-8 else torch.ones((), dtype=base.dtype))
-    if lambda_ != 1:
-        mixed.mul_(lambda_)
-    return mixed.add_(base)
+    return _finish(mixed, _weight_sum(w, base.dtype), base, normalize=normalize, lambda_=lambda_)
 
 
 # --------------------------------------------------------------------------------------------------
