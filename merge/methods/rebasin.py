@@ -480,7 +480,7 @@ def activation_matching(
         trace = trace_spec(model_a, _batch_input(first))
     traced = trace.spec
     mapping = _map_spec(spec, traced) if spec is not None else {p: p for p in traced.perms}
-    from merge.symmetry import _LeafTracer
+    from merge.symmetry.infer import _LeafTracer
 
     gm_a = trace.graph_module
     gm_b = torch.fx.GraphModule(model_b, _LeafTracer().trace(model_b))
