@@ -17,9 +17,9 @@ block starts as the identity), with two choices that matter for parameter graphs
 - ρ^{e→v} aggregates a node's *incoming* and *outgoing* edges separately (the graph is directed: a
   weight's input and output unit play different roles), by mean (default) or sum. Max is available
   but slow on CPU in torch 2.13 (``scatter_reduce`` regression, pytorch#183812).
-- φ^e's first linear layer is split by input, ``W[e; v_s; v_r; u] = W_e e + (W_s v)_s + (W_r v)_r +
-  W_u u``, so the node terms are projected once per node and gathered, instead of concatenating
-  ``3h`` features on every edge (the same function, a fraction of the edge work).
+- φ^e's first linear layer is split by input, ``W[e; v_s; v_r; u] = W_e e + (W_s v + W_u u)_s + (W_r v)_r``,
+  so the node (and global) terms are projected once per node and gathered, instead of concatenating
+  ``4h`` features on every edge (the same function, a fraction of the edge work).
 
 Everything the network sees is invariant or equivariant by construction: hidden nodes carry no index
 (only their type and layer), so permuting a model's hidden units with its spec permutes the graph's
@@ -113,8 +113,7 @@ class _Block(nn.Module):
         self.ln_e, self.ln_x, self.ln_u = nn.LayerNorm(h), nn.LayerNorm(h), nn.LayerNorm(h)
         # φ^e: the first layer split by input (W_e e + W_s x_src + W_r x_dst + W_u u), then SiLU, Linear
         self.e_self = nn.Linear(h, h)
-        self.e_src = nn.Linear(h, h, bias=False)
-        self.e_dst = nn.Linear(h, h, bias=False)
+        self.e_nodes = nn.Linear(h, 2 * h, bias=False)  # [W_s; W_r] on the nodes, gathered per edge
         self.e_glob = nn.Linear(h, h, bias=False)
         self.e_out = nn.Linear(h, h)
         nn.init.zeros_(self.e_out.weight)
@@ -128,9 +127,11 @@ class _Block(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         xs, us = self.ln_x(x), self.ln_u(u)
         # Eq. 1a: edge update
-        m = self.e_self(self.ln_e(e))
-        m = m + self.e_src(xs).index_select(0, gi.src) + self.e_dst(xs).index_select(0, gi.dst)
-        m = m + self.e_glob(us).index_select(0, gi.edge_graph)
+        h = x.shape[1]
+        sd = self.e_nodes(xs)
+        # the global term joins the source projection per node (one gather per edge instead of two)
+        ps = sd[:, :h] + self.e_glob(us).index_select(0, gi.node_graph)
+        m = self.e_self(self.ln_e(e)) + ps.index_select(0, gi.src) + sd[:, h:].index_select(0, gi.dst)
         e = e + self.drop(self.e_out(F.silu(m)))
         # Eq. 1b: node update from incoming and outgoing edges, aggregated separately
         a_in = _agg(e, gi.dst, gi.num_nodes, self.aggregation, gi.inv_in)
