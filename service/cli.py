@@ -10,72 +10,12 @@ from __future__ import annotations
 import gc
 import json
 import os
-import sys
 from collections import Counter
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Any
 
 import click
 
-from merge.errors import WeightsmithError
-
-
-def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except WeightsmithError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted; no output was written", err=True)
-            sys.exit(130)
-
-    return wrapper
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
-
-
-def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    from merge.checkpoint import parse_size
-
-    try:
-        return parse_size(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-
-
-def hub_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options that control how Hub references are resolved."""
-    for opt in reversed([
-        click.option("--token", envvar="HF_TOKEN", default=None, help="Hub token (default: $HF_TOKEN)."),
-        click.option("--endpoint", default=None, help="Hub endpoint URL (default: huggingface.co or $HF_ENDPOINT)."),
-        click.option("--offline", is_flag=True, envvar="HF_HUB_OFFLINE", help="Use only the local Hub cache."),
-        click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Hub cache folder."),
-    ]):
-        fn = opt(fn)
-    return fn
-
-
-def _resolver(token: str | None, endpoint: str | None, offline: bool, cache_dir: str | None,
-              revision: str | None = None) -> Any:
-    if not any((token, endpoint, offline, cache_dir, revision)):
-        from merge.engine import default_resolver
-
-        return default_resolver  # local paths need no Hub client; Hub ids get a default one
-    from merge import hub
-
-    return hub.HubResolver(token=token, endpoint=endpoint, offline=offline, cache_dir=cache_dir,
-                           revision=revision, progress=sys.stderr.isatty())
+from service.cli_common import _fail_cleanly, _human, _resolver, _size, hub_options  # noqa: E402,F401
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -212,6 +152,11 @@ from service.cli_service import remote, serve  # noqa: E402
 
 main.add_command(serve)
 main.add_command(remote)
+
+from service.cli_metanet import metanet, zoo  # noqa: E402
+
+main.add_command(zoo)
+main.add_command(metanet)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
