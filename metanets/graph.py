@@ -198,12 +198,67 @@ def _leaf_kind(name: str, state_names: set[str]) -> int:
     return _ET["vector"]
 
 
-def _module_layers(names: Sequence[str]) -> dict[str, int]:
-    """Layer index of every module: its rank in the state dict's own order (a torch ``state_dict`` lists
-    modules in registration order, which is execution order for sequential models), or in natural
-    order when the names come sorted (as read back from a safetensors file)."""
-    given = list(dict.fromkeys(n.rpartition(".")[0] for n in names))
-    mods = sorted(given, key=natural_key) if list(names) == sorted(names) else given
+def _weight_axes(name: str, shape: tuple[int, ...], axes: Sequence[str | None]) -> tuple[int, int] | None:
+    """``(out axis, in axis)`` of a weight-like tensor (2+ axes, not a token vector), else ``None``."""
+    perm_axes = [a for a, p in enumerate(axes) if p is not None]
+    if len(shape) < 2 or (len(perm_axes) == 1 and perm_axes[0] >= 2):
+        return None
+    if len(perm_axes) == 2:
+        return perm_axes[0], perm_axes[1]
+    if _EMBED.search(name) and len(shape) == 2:
+        return 1, 0
+    return 0, 1
+
+
+def _module_layers(names: Sequence[str], spec: PermutationSpec) -> dict[str, int]:
+    """Layer index of every module, independent of the order the tensors come in (safetensors files
+    return them in a random order): top-level module groups (``features``, ``classifier``, ``layer2``...)
+    ordered by their depth in the network (shortest path from the input units over the weights' unit
+    sets), natural order of names within a group and between groups of equal depth."""
+    edges: dict[str, set[str]] = {}
+    w_in: dict[str, str] = {}
+    vec: dict[str, str] = {}
+    for name in names:
+        shape, axes = spec.view_shape(name), spec.axes_to_perm[name]
+        wa = _weight_axes(name, shape, axes)
+        if wa is not None:
+            o, i = (
+                f"perm:{axes[a]}" if axes[a] is not None else f"{r}:{name}:{a}"
+                for a, r in zip(wa, ("output", "input"), strict=True)
+            )
+            edges.setdefault(i, set()).add(o)
+            w_in[name] = i
+        elif axes and any(p is not None for p in axes):
+            vec[name] = f"perm:{next(p for p in axes if p is not None)}"
+    depth: dict[str, int] = {k: 0 for k in edges if not k.startswith("perm:")}
+    frontier = sorted(depth)
+    while frontier:
+        nxt = []
+        for k in frontier:
+            for o in sorted(edges.get(k, ())):
+                if o not in depth:
+                    depth[o] = depth[k] + 1
+                    nxt.append(o)
+        frontier = nxt
+    group_depth: dict[str, int] = {}
+    for name in names:
+        g = name.split(".")[0] if "." in name else ""
+        if name in w_in:
+            d = depth.get(w_in[name], 0)
+        elif name in vec:
+            d = max(0, depth.get(vec[name], 1) - 1)
+        else:  # unpermuted vectors (an output bias) say nothing about depth
+            group_depth.setdefault(g, 1 << 30)
+            continue
+        group_depth[g] = min(group_depth.get(g, d), d)
+    mods = sorted(
+        {n.rpartition(".")[0] for n in names},
+        key=lambda m: (
+            group_depth[m.split(".")[0] if m else ""],
+            natural_key(m.split(".")[0] if m else ""),
+            natural_key(m),
+        ),
+    )
     return {m: i for i, m in enumerate(mods)}
 
 
@@ -211,7 +266,7 @@ def _plan(
     state: Mapping[str, torch.Tensor], spec: PermutationSpec, mode: str, kernel_grid: tuple[int, ...] | None
 ) -> tuple[list[_Plan], dict[str, NodeSet], list[str], tuple[int, ...], dict[str, str]]:
     names = [k for k in state if state[k].is_floating_point()]
-    layers = _module_layers(names)
+    layers = _module_layers(names, spec)
     names.sort(key=lambda k: (layers[k.rpartition(".")[0]], natural_key(k)))
     state_names = set(state)
     sets: dict[str, NodeSet] = {}
@@ -255,9 +310,10 @@ def _plan(
             raise RecipeError(
                 f"tensor '{name}': {len(perm_axes)} permuted axes; a parameter graph edge joins two units"
             )
-        if len(perm_axes) == 2:
-            out_ax, in_ax = perm_axes
-        elif len(perm_axes) == 1 and perm_axes[0] >= 2:
+        wa = _weight_axes(name, shape, axes)
+        if wa is not None:
+            out_ax, in_ax = wa
+        else:
             # a vector over units with positions (pos_embed (1, N, d), cls_token (1, 1, d))
             a = perm_axes[0]
             pl = _Plan(name, "token", _ET["token"], layer, shape, out_axis=a, n_edges=t.numel())
@@ -266,10 +322,6 @@ def _plan(
             pl.in_set = add_set(f"param:{name}", "param_token", 1, layer)
             plans.append(pl)
             continue
-        elif _EMBED.search(name) and nd == 2:
-            out_ax, in_ax = 1, 0
-        else:
-            out_ax, in_ax = 0, 1
         pos = tuple(i for i in range(nd) if i not in (out_ax, in_ax))
         if len(pos) > 3:
             raise RecipeError(f"tensor '{name}' of shape {list(shape)} has more than three position axes")

@@ -29,6 +29,7 @@ import random
 import shutil
 import socket
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -109,8 +110,10 @@ def regression_metrics(pred: Sequence[float], true: Sequence[float]) -> dict[str
     t = torch.tensor(list(true), dtype=torch.float64)
     ss_res = float(((p - t) ** 2).sum())
     ss_tot = float(((t - t.mean()) ** 2).sum())
-    tau = kendalltau(p.numpy(), t.numpy()).statistic
-    rho = spearmanr(p.numpy(), t.numpy()).statistic
+    with warnings.catch_warnings():  # a constant prediction has no rank correlation: reported as 0
+        warnings.simplefilter("ignore")
+        tau = kendalltau(p.numpy(), t.numpy()).statistic
+        rho = spearmanr(p.numpy(), t.numpy()).statistic
     return {
         "kendall_tau": float(tau) if tau == tau else 0.0,
         "spearman": float(rho) if rho == rho else 0.0,
@@ -341,7 +344,13 @@ def _train(
     y_of = dict(zip(idx, targets, strict=True))
     how = _loss_name(cfg, kind, targets)
     out_dim = len(classes) if kind == "classification" else 1
-    archs = len({zoo.records[i]["arch_id"] for i in idx})
+    # distinct weight spaces (architectures that differ only in activation share one)
+    archs = len(
+        {
+            json.dumps(zoo.spec(i).to_dict(), sort_keys=True)
+            for i in {zoo.records[j]["arch_id"]: j for j in idx}.values()
+        }
+    )
     device = torch.device(cfg.device)
 
     torch.manual_seed(cfg.seed)
@@ -385,8 +394,10 @@ def _train(
 
     def batches(ids: Sequence[int], bs: int) -> list[list[int]]:
         out = [list(ids[i : i + bs]) for i in range(0, len(ids), bs)]
-        if len(out) > 1 and len(out[-1]) < 8:  # a tiny last batch joins the previous one (every process
-            out[-2] += out.pop()  # of a data-parallel run then gets a share, for any world size <= 8)
+        # a short last batch joins the previous one (so every process of a data-parallel run gets a share)
+        if len(out) > 1 and len(out[-1]) < min(8, bs):
+            last = out.pop()
+            out[-1] += last
         return out
 
     def evaluate(ids: Sequence[int]) -> tuple[float, torch.Tensor]:
@@ -533,7 +544,12 @@ def load_metanet(path: str | Path, *, device: str = "cpu") -> tuple[Metanet, dic
         raise CheckpointError(f"metanet '{p}': metanet.safetensors is missing") from None
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"metanet '{p}': metanet.safetensors is unreadable ({e})") from None
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"metanet '{p}': weights do not fit its card ({str(e).splitlines()[1].strip()})"
+        ) from None
     if missing or unexpected:
         raise CheckpointError(
             f"metanet '{p}': weights do not fit its card (missing {missing[:3]}, unexpected {unexpected[:3]})"

@@ -547,16 +547,26 @@ class Zoo:
         subset: Iterable[int] | None = None,
     ) -> list[list[int]]:
         """Record indices split by **run** (all checkpoints of a run on one side), seeded."""
+        fractions = list(fractions)
         if abs(sum(fractions) - 1.0) > 1e-6 or any(f < 0 for f in fractions):
             raise RecipeError(f"split fractions must be non-negative and sum to 1, got {list(fractions)}")
         idx = list(range(len(self.records))) if subset is None else list(subset)
         runs = sorted({self.records[i]["run"] for i in idx})
         rng = random.Random(f"weightsmith-split:{seed}")
         rng.shuffle(runs)
-        bounds, acc = [], 0.0
-        for f in fractions:
-            acc += f
-            bounds.append(round(acc * len(runs)))
+        # runs per side by rounding, every side with a positive fraction getting at least one run
+        n = len(runs)
+        counts = [round(f * n) for f in fractions]
+        if n >= sum(1 for f in fractions if f > 0):
+            counts = [max(1, c) if f > 0 else 0 for c, f in zip(counts, fractions, strict=True)]
+        while sum(counts) > n:
+            counts[counts.index(max(counts))] -= 1
+        while sum(counts) < n:
+            counts[fractions.index(max(fractions))] += 1
+        bounds, acc = [], 0
+        for c in counts:
+            acc += c
+            bounds.append(acc)
         side: dict[int, int] = {}
         lo = 0
         for k, hi in enumerate(bounds):

@@ -199,3 +199,30 @@ def test_auto_spec_recognises_resnets_and_chains():
     resnet, _ = model_and_spec("resnet", torch.float32)
     assert any(p.startswith("P_stream") for p in auto_spec(resnet).perms)
     assert auto_spec(tiny_mlp()).perms == ["P_0"]
+
+
+@pytest.mark.parametrize("arch", ["cnn", "resnet", "transformer"])
+def test_graph_does_not_depend_on_the_order_of_the_tensors(arch):
+    """safetensors files hand tensors back in any order: the graph (layer indices included) must not care."""
+    state, spec = model_and_spec(arch, torch.float32)
+    g = build_graph(state, spec)
+    names = list(state)
+    for seed in range(3):
+        order = [names[i] for i in torch.randperm(len(names), generator=torch.Generator().manual_seed(seed))]
+        gs = build_graph({k: state[k] for k in order}, spec)
+        for f in (
+            "edge_index",
+            "edge_value",
+            "edge_type",
+            "edge_layer",
+            "edge_pos",
+            "node_type",
+            "node_layer",
+        ):
+            assert torch.equal(getattr(g, f), getattr(gs, f)), f
+    layers = {s.name: g.edge_layer[s.edge_start].item() for s in g.layout.slots}
+    if arch == "cnn":  # 'features' before 'classifier', whatever the alphabet says
+        assert layers["features.0.weight"] < layers["features.4.weight"] < layers["classifier.1.weight"]
+    if arch == "resnet":
+        chain = ["conv1.weight", "layer1.0.conv1.weight", "layer2.0.conv1.weight", "linear.weight"]
+        assert [layers[k] for k in chain] == sorted(layers[k] for k in chain)
