@@ -44,6 +44,7 @@ from merge.methods.lora import (
     combine_residuals,
     frobenius_cosine,
     linear_factors,
+    lowrank_svd,
     truncated_svd,
 )
 from merge.methods.runner import derive_seed
@@ -241,6 +242,10 @@ def merge_adapters(
             elif method == "linear":
                 f = linear_factors(parts, ws, what=what)
                 report.targets.append(TargetReport(m, f.rank))
+            elif method == "svd":  # the SVD of a sum of low-rank products, without the dense sum
+                tr = lowrank_svd(parts, ws, default_rank, clamp=clamp, what=what)
+                f = tr.factors
+                report.targets.append(TargetReport(m, f.rank, tr.energy, tr.rel_error))
             else:
                 deltas = [p.delta() for p in parts]
                 for d in deltas[1:]:

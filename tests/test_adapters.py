@@ -81,6 +81,19 @@ def test_truncated_svd_full_rank_is_exact_and_energy_is_eckart_young() -> None:
     torch.testing.assert_close(truncated_svd(low, 2).factors.delta(), low, rtol=1e-5, atol=1e-5)
 
 
+def test_lowrank_svd_equals_dense_svd_of_the_sum() -> None:
+    from merge.methods.lora import lowrank_svd
+
+    parts = [Factors(rnd(3, 9), rnd(11, 3), 2.0), Factors(rnd(4, 9), rnd(11, 4), 0.5)]
+    dense = 0.7 * parts[0].delta() - 0.2 * parts[1].delta()
+    for k in (2, 5, 7, 20):
+        lo, hi = lowrank_svd(parts, [0.7, -0.2], k), truncated_svd(dense, k)
+        assert lo.factors.rank == min(k, 7) and hi.factors.rank == min(k, 9)
+        torch.testing.assert_close(lo.factors.delta(), hi.factors.delta(), rtol=1e-5, atol=1e-5)
+        assert lo.energy == pytest.approx(hi.energy, rel=1e-7) and lo.rel_error == pytest.approx(hi.rel_error, abs=1e-6)
+    torch.testing.assert_close(lowrank_svd(parts, [0.7, -0.2], 7).factors.delta(), dense, rtol=1e-5, atol=1e-5)
+
+
 def test_ties_on_residuals_by_hand() -> None:
     d1 = torch.tensor([[3.0, -1.0, 0.5]])
     d2 = torch.tensor([[-1.0, -2.0, 0.25]])
@@ -513,3 +526,32 @@ def test_cli_inspect_merge_extract_check(tmp_path: Path) -> None:
         main, ["adapter", "fold", str(base), str(ads[0]), "-w", "1", "-w", "2", "-o", str(tmp_path / "x")]
     )
     assert r.exit_code == 2 and "1 adapters but 2 --weight values" in r.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub references: org/base+org/lora@rev
+# ---------------------------------------------------------------------------------------------
+pytest_plugins = ["tests.hub_server"]
+
+
+def test_hub_base_plus_hub_adapter(hub_server, tmp_path: Path) -> None:
+    from tests.conftest import llama_like
+
+    base = llama_like(0)
+    hub_server.publish_model("org/base", base, tmp_path / "src-base")
+    q = "model.layers.1.self_attn.q_proj"
+    A, B = rnd(4, 16), rnd(16, 4)
+    ad = _peft(tmp_path / "src-lora", {f"base_model.model.{q}.lora_A.weight": A,
+                                       f"base_model.model.{q}.lora_B.weight": B}, r=4, lora_alpha=8)
+    hub_server.create_repo("org/lora")
+    hub_server.upload_folder("org/lora", ad)
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "passthrough", "models": [{"model": "org/base+org/lora@main"}]}))
+    r = CliRunner().invoke(main, ["merge", str(recipe), "-o", str(tmp_path / "out"), "--json", "--endpoint",
+                                  hub_server.url, "--cache-dir", str(tmp_path / "cache")])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.stdout)["models"][0]
+    assert rec["repo_id"] == "org/base" and len(rec["adapters"][0]["commit"]) == 40
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    torch.testing.assert_close(got[f"{q}.weight"], base[f"{q}.weight"] + 2.0 * B @ A)
+    assert torch.equal(got["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])

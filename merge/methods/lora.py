@@ -141,6 +141,33 @@ def truncated_svd(delta: torch.Tensor, rank: int, *, clamp: float | None = None)
     return Truncation(Factors(A.float().contiguous(), B.float().contiguous(), 1.0), energy, rel, S.float())
 
 
+def lowrank_svd(parts: list[Factors], weights: list[float], rank: int, *, clamp: float | None = None,
+                what: str = "target") -> Truncation:
+    """The truncated SVD of ``ΔW = Σ_i w_i s_i B_i A_i`` without forming ``ΔW`` (same result as
+    :func:`truncated_svd` of the dense sum, to float rounding; singular vectors up to sign).
+
+    With ``B = [B_1 … B_n]`` (``out × R``), ``A = [w_1 s_1 A_1; …]`` (``R × in``), ``R = Σ r_i``: QR
+    ``B = Q_B R_B``, ``Aᵀ = Q_A R_A``, so ``ΔW = Q_B (R_B R_Aᵀ) Q_Aᵀ``; the SVD of the small ``R × R``
+    core ``U' Σ V'ᵀ`` gives ``ΔW = (Q_B U') Σ (Q_A V')ᵀ``. Cost O((out + in) R²) instead of
+    O(out · in · min(out, in)), in float64.
+    """
+    c = cat_factors(parts, weights, torch.float64, what=what)
+    qb, rb = torch.linalg.qr(c.B)
+    qa, ra = torch.linalg.qr(c.A.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    k = max(1, min(rank, s.numel()))
+    B = (qb @ u[:, :k]) * s[:k]
+    A = vh[:k] @ qa.T
+    if clamp is not None:
+        dense = truncated_svd(c.delta(torch.float64), rank, clamp=clamp)
+        return dense
+    total = float((s**2).sum())
+    kept = float((s[:k] ** 2).sum())
+    energy = kept / total if total > 0 else 1.0
+    rel = math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
+    return Truncation(Factors(A.float().contiguous(), B.float().contiguous(), 1.0), energy, rel, s.float())
+
+
 def combine_residuals(
     deltas: list[torch.Tensor],
     weights: list[float],
