@@ -14,30 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Any
 
 import click
 
-from merge.errors import WeightsmithError
-
-
-def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except WeightsmithError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted; no output was written", err=True)
-            sys.exit(130)
-
-    return wrapper
+from service.cli_common import _fail_cleanly
 
 
 def _fmt_energy(x: float | None) -> str:
