@@ -93,6 +93,9 @@ class ResolvedModel:
     repo_id: str | None = None
     revision: str | None = None
     commit: str | None = None
+    #: LoRA adapters folded into this model as it is read (``base+adapter`` references; merge.adapters)
+    adapters: tuple[ResolvedModel, ...] = ()
+    adapter_weights: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from merge.blockio import ALIGN, BLOCK_SIZE, WRITE_BLOCKS_MAX
-from merge.checkpoint import Checkpoint, CheckpointWriter, OutputTensor, ResolvedModel, open_checkpoint
+from merge.checkpoint import Checkpoint, CheckpointWriter, OutputTensor, ResolvedModel
 from merge.errors import (
     MergeCancelled,
     MissingTensorError,
@@ -243,8 +243,11 @@ class _Planner:
     def model(self, ref: str) -> int:
         if ref in self.refs:
             return self.refs.index(ref)
-        resolved = self.resolver(ref)
-        ckpt = open_checkpoint(resolved.path, allow_pickle=self.options.allow_pickle)
+        # ``base+adapter`` references (mergekit's syntax) fold LoRA adapters into the base as it is read
+        from merge.adapters import open_model, resolve_reference
+
+        resolved = resolve_reference(ref, self.resolver)
+        ckpt = open_model(resolved, allow_pickle=self.options.allow_pickle)
         self.refs.append(ref)
         self.models.append(resolved)
         self.ckpts.append(ckpt)
@@ -681,7 +684,10 @@ def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
         out_dir=str(out_dir), method=plan.method.name, n_tensors=plan.n_tensors, bytes_written=total_bytes,
         shards=writer.shard_names, seconds=round(time.perf_counter() - t0, 3),
         models=[{"ref": m.ref, "path": str(m.path), "repo_id": m.repo_id, "revision": m.revision,
-                 "commit": m.commit} for m in plan.models],
+                 "commit": m.commit,
+                 **({"adapters": [{"ref": a.ref, "path": str(a.path), "commit": a.commit, "weight": w}
+                                  for a, w in zip(m.adapters, m.adapter_weights, strict=True)]}
+                    if m.adapters else {})} for m in plan.models],
     )
     if progress:
         progress(Progress("done", plan.n_tensors, plan.n_tensors, total_bytes, total_bytes))

@@ -68,3 +68,11 @@ class HubUnavailableError(ModelNotFoundError):
     """The Hub cannot be reached (or offline mode is on) and the model is not in the local cache."""
 
     grpc_code = "UNAVAILABLE"
+
+
+class AdapterError(CheckpointError):
+    """A LoRA adapter is malformed, or does not fit the base model it is applied to."""
+
+
+class UnsupportedAdapterError(AdapterError):
+    """An adapter type or option weightsmith cannot apply exactly (DoRA, LoHa, LoKr, lora_bias...)."""

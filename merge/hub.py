@@ -202,7 +202,7 @@ class HubResolver:
     def _select(self, where: str, files: set[str], folder: Path) -> list[str]:
         """The files a merge needs: the weights (per the index, if any) and the aux files."""
         top = {f for f in files if "/" not in f}
-        aux = sorted(f for f in top if _AUX_RE.fullmatch(f))
+        aux = sorted(f for f in top if _AUX_RE.fullmatch(f) or f == "adapter_config.json")  # + PEFT adapters
         if INDEX_NAME in top:
             index = folder / INDEX_NAME
             try:

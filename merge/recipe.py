@@ -50,7 +50,7 @@ class InputModel(_Strict):
 
     @field_validator("model")
     @classmethod
-    def _no_lora(cls, v: str) -> str:
+    def _ref(cls, v: str) -> str:
         return _check_ref(v)
 
 
@@ -61,7 +61,7 @@ class InputSlice(_Strict):
 
     @field_validator("model")
     @classmethod
-    def _no_lora(cls, v: str) -> str:
+    def _ref(cls, v: str) -> str:
         return _check_ref(v)
 
     @field_validator("layer_range")
@@ -173,10 +173,8 @@ class Recipe(_Strict):
 def _check_ref(v: str) -> str:
     if not v or not v.strip():
         raise ValueError("empty model reference")
-    if "+" in v and not Path(v).exists():
-        raise ValueError(
-            f"model reference {v!r}: 'model+lora' references are not supported; merge the LoRA into the model first"
-        )
+    if "+" in v and not Path(v).exists() and any(not part.strip() for part in v.split("+")):
+        raise ValueError(f"model reference {v!r}: expected 'base+adapter' (LoRA folded in), each side non-empty")
     return v
 
 

@@ -158,5 +158,9 @@ from service.cli_metanet import metanet, zoo  # noqa: E402
 main.add_command(zoo)
 main.add_command(metanet)
 
+from service.cli_adapter import adapter  # noqa: E402  (LoRA adapters: issue 14)
+
+main.add_command(adapter)
+
 if __name__ == "__main__":  # pragma: no cover
     main()
