@@ -22,8 +22,8 @@ from metanets.zoo import Zoo
 
 @pytest.mark.slow
 def test_gmn_predicts_accuracy_well_above_chance_and_ignores_permutations(tmp_path: Path) -> None:
-    path = build(zoo_a(60, seed=5), tmp_path, workers=2)
-    r = train_one(path, "gmn", "test_acc", 1.0, epochs=15, out=tmp_path / "m", patience=15)
+    path = build(zoo_a(40, seed=5), tmp_path, workers=2)
+    r = train_one(path, "gmn", "test_acc", 1.0, epochs=12, out=tmp_path / "m", patience=12)
     tau = r["metrics"]["kendall_tau"]
     assert tau > 0.3, r["metrics"]
     zoo = Zoo(path)
