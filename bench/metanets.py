@@ -203,17 +203,18 @@ def digits_mlp(seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def gmn_table(rounds: int) -> list[dict[str, Any]]:
+def gmn_table(rounds: int, compiled: bool = False) -> list[dict[str, Any]]:
     from metanets.gmn import GMN
 
     rows = []
     torch.manual_seed(0)
-    net = GMN(hidden=32, layers=3)
-    one = net.featurize(digits_mlp(0))
+    eager = GMN(hidden=32, layers=3)
+    net = torch.compile(eager, dynamic=True) if compiled else eager
+    one = eager.featurize(digits_mlp(0))
     per = one.num_edges
     for target in (10**4, 10**5, 10**6):
         b = max(1, round(target / per))
-        batch = net.collate([net.featurize(digits_mlp(i)) for i in range(b)])
+        batch = eager.collate([eager.featurize(digits_mlp(i)) for i in range(b)])
         y = torch.rand(b, 1)
         opt = torch.optim.SGD(net.parameters(), lr=1e-3)
 
@@ -239,6 +240,7 @@ def gmn_table(rounds: int) -> list[dict[str, Any]]:
             ts_fwd.append(time.perf_counter() - t)
         e = batch.num_edges
         row = {
+            "compiled": compiled,
             "graphs": b,
             "edges": int(e),
             "fwd_bwd_s": statistics.median(ts_step),
@@ -249,7 +251,7 @@ def gmn_table(rounds: int) -> list[dict[str, Any]]:
         }
         rows.append(row)
         print(
-            f"[gmn] {e:>9,} edges ({b} graphs): fwd+bwd {row['fwd_bwd_s']:.3f} s = "
+            f"[gmn{' compiled' if compiled else ''}] {e:>9,} edges ({b} graphs): fwd+bwd {row['fwd_bwd_s']:.3f} s = "
             f"{row['us_per_edge_layer_fwd_bwd']:.3f} µs/edge/layer, fwd {row['us_per_edge_layer_fwd']:.3f}",
             flush=True,
         )
@@ -389,6 +391,7 @@ def main() -> None:
     ap.add_argument("--max-params", type=float, default=1e8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="also time the GMN under torch.compile (inductor)")
     ap.add_argument("--skip", default="", help="comma list of tables to skip: graph,gmn,unf,equivariance")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--arch", default="mlp", help=argparse.SUPPRESS)
@@ -405,6 +408,8 @@ def main() -> None:
         result["graph"] = graph_table(a.max_params, a.threads)
     if "gmn" not in skip:
         result["gmn"] = gmn_table(a.rounds)
+        if a.compile:
+            result["gmn"] += gmn_table(a.rounds, compiled=True)
     if "unf" not in skip:
         result["unf"] = unf_table(a.rounds)
     if "equivariance" not in skip:
@@ -425,10 +430,11 @@ def main() -> None:
     if "gmn" in result:
         print()
         print_table(
-            ["edges", "graphs", "fwd+bwd s", "µs/edge/layer fwd+bwd", "µs/edge/layer fwd", "graphs/s (train)"],
+            ["GMN", "edges", "graphs", "fwd+bwd s", "µs/edge/layer fwd+bwd", "µs/edge/layer fwd", "graphs/s (train)"],
             [
-                [f"{r['edges']:,}", r["graphs"], f"{r['fwd_bwd_s']:.3f}", f"{r['us_per_edge_layer_fwd_bwd']:.3f}",
-                 f"{r['us_per_edge_layer_fwd']:.3f}", f"{r['graphs_per_s_train']:.0f}"]
+                ["compiled" if r["compiled"] else "eager", f"{r['edges']:,}", r["graphs"], f"{r['fwd_bwd_s']:.3f}",
+                 f"{r['us_per_edge_layer_fwd_bwd']:.3f}", f"{r['us_per_edge_layer_fwd']:.3f}",
+                 f"{r['graphs_per_s_train']:.0f}"]
                 for r in result["gmn"]
             ],
         )  # fmt: skip

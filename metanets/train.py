@@ -81,11 +81,13 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     amp: str | None = None
+    compile: bool = False  # torch.compile the training forward (inductor; pays off on large zoos)
     model_args: dict[str, Any] = field(default_factory=dict)
 
     def digest(self) -> str:
         d = asdict(self)
         d.pop("device")
+        d.pop("compile")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -372,10 +374,12 @@ def _train(
     net.to(device)
 
     model: torch.nn.Module = net
+    if cfg.compile:
+        model = torch.compile(net, dynamic=True)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     partial = out.with_name(out.name + ".partial")

@@ -114,19 +114,20 @@ def _model_args(value: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1...")
 @click.option("--nproc", type=int, default=1, show_default=True, help="Data-parallel processes (torch DDP).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the forward pass (slow start, faster epochs).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the card's metrics as JSON.")
 @_fail_cleanly
 def metanet_train(zoo_dir: str, model: str, target: str, out_dir: str, epochs: int, batch_size: int, lr: float,
                   patience: int, train_fraction: float, where: tuple[str, ...], model_args: tuple[str, ...], seed: int,
-                  device: str, nproc: int, overwrite: bool, as_json: bool) -> None:  # fmt: skip
+                  device: str, nproc: int, compile_: bool, overwrite: bool, as_json: bool) -> None:  # fmt: skip
     """Train a metanet on ZOO to predict TARGET; resumable, early-stopped, written to OUT atomically."""
     from metanets.train import TrainConfig, train_metanet
 
     cfg = TrainConfig(
         model=model, target=target, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
         train_fraction=train_fraction, where=_model_args(where), seed=seed, device=device,
-        model_args=_model_args(model_args),
+        model_args=_model_args(model_args), compile=compile_,
     )  # fmt: skip
     r = train_metanet(zoo_dir, cfg, out_dir, nproc=nproc, overwrite=overwrite, progress=sys.stderr.isatty())
     assert r is not None
