@@ -1,0 +1,971 @@
+"""A living soup folder: Diffusion Soup's members can be added and removed after the fact.
+
+Biggs, Seshadri et al., "Diffusion Soup: Model Merging for Text-to-Image Diffusion Models"
+(arXiv:2406.08431): models fine-tuned from one pretrained checkpoint on separate data shards are
+averaged, θ_soup = Σ_i w_i θ_i / Σ_i w_i (§3, uniform w_i in the paper); adding a shard's model
+is continual learning, removing one unlearns its shard.
+
+A soup is a folder::
+
+    soup.json          manifest: members (path, weight, content hashes), base, dtype, history
+    state-<gen>/       float64 running sums Σ_i w_i θ_i of the components that differ between members
+    .lock              flock(2) target: one add/remove at a time, builds see a consistent state
+
+Members are checkpoints (a ``.safetensors`` file or a folder, sharded or not) or **diffusers
+folders** (``model_index.json`` and one sub-folder per component). Components whose weights
+differ between members are summed; identical ones (a frozen text encoder or VAE) are copied
+byte for byte at build time; config, scheduler and tokenizer files come from the first member.
+
+Exactness. ``add`` updates the running sum, ``S ← S + w·θ`` in float64; ``remove`` recomputes
+the sum from the remaining members (in their order), because subtraction does not undo a
+rounded addition exactly. Both follow the same sequence of float64 operations as souping the
+members from scratch (``init``), so removing a member gives exactly the bits of a soup built
+without it, and add-then-remove restores the previous soup bit for bit.
+
+Integrity and atomicity. Every member file's sha256 is recorded when it joins, and checked
+before the file is read again (a changed file is an :class:`~merge.errors.IntegrityError`
+naming it); the state's files are hashed too. An operation writes a new ``state-<gen>/`` and
+then replaces ``soup.json`` with one rename, so a failure or a kill at any point leaves the
+soup as it was (a leftover state folder is removed by the next ``add``/``remove``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merge.checkpoint import Checkpoint, CheckpointWriter, OutputTensor, open_checkpoint
+from merge.errors import (
+    CheckpointError,
+    IntegrityError,
+    MissingTensorError,
+    ModelNotFoundError,
+    NonFiniteError,
+    OutputExistsError,
+    ShapeMismatchError,
+    SoupError,
+)
+from merge.methods.runner import CHUNK_ELEMS, chunk_grid
+
+__all__ = ["Member", "Soup", "SoupLayout", "detect_layout"]
+
+MANIFEST = "soup.json"
+LOCK = ".lock"
+FORMAT = "weightsmith-soup"
+VERSION = 1
+BUILD_INFO = "weightsmith_soup.json"
+OUT_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+#: main (non-variant) weight files: ``model.safetensors``, ``diffusion_pytorch_model-00001-of-00002.safetensors``
+_MAIN_WEIGHTS = re.compile(r"^[^.]+(?:-\d{5}-of-\d{5})?\.safetensors$")
+_MAIN_INDEX = re.compile(r"^[^.]+\.safetensors\.index\.json$")
+_WEIGHT_LIKE = re.compile(
+    r".*\.(?:safetensors|bin|pt|pth|ckpt)$|.*\.safetensors\.index(?:\.[^.]+)?\.json$"
+    r"|.*\.bin\.index(?:\.[^.]+)?\.json$"
+)
+
+#: ``progress(event, done, total)``: events "hash", "sum", "write", "commit"
+Progress = Callable[[str, int, int], None]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _sha256(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: what a member is made of
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Component:
+    """One weight-bearing part of a member: the whole checkpoint (``name == ""``) or a diffusers
+    component folder (``unet``, ``text_encoder``, ``vae``...)."""
+
+    name: str
+    folder: str  # relative to the member root ("" for the root)
+    weights: tuple[str, ...]  # main weight files (and index), relative to the member root
+    weights_name: str  # how the built soup names its weights (model.safetensors, diffusion_pytorch_model...)
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.name}/" if self.name else ""
+
+
+@dataclass(frozen=True)
+class SoupLayout:
+    kind: str  # "checkpoint" | "diffusers"
+    root: Path  # the member's folder, or the .safetensors file itself
+    components: dict[str, Component]
+
+    def open(self, comp: str) -> Checkpoint:
+        c = self.components[comp]
+        if self.root.is_file():
+            return open_checkpoint(self.root)
+        index = [w for w in c.weights if w.endswith(".index.json")]
+        return open_checkpoint(self.root / c.folder if index else self.root / c.weights[0])
+
+    def files(self) -> list[str]:
+        """Every file of the member (relative paths, sorted); hidden files and folders are skipped."""
+        if self.root.is_file():
+            return [self.root.name]
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for f in filenames:
+                if not f.startswith("."):
+                    out.append(str((Path(dirpath) / f).relative_to(self.root)))
+        return sorted(out)
+
+    def path_of(self, rel: str) -> Path:
+        return self.root if self.root.is_file() else self.root / rel
+
+
+def _component(root: Path, folder: str, name: str) -> Component | None:
+    d = root / folder if folder else root
+    names = sorted(f.name for f in d.iterdir() if f.is_file())
+    index = [n for n in names if _MAIN_INDEX.fullmatch(n)]
+    if len(index) > 1:
+        raise CheckpointError(
+            f"{d}: several weight indexes ({', '.join(index)}); cannot tell which is the model"
+        )
+    if index:
+        data = _read_json(d / index[0])
+        shards = sorted(set(data.get("weight_map", {}).values())) if isinstance(data, dict) else []
+        if not shards:
+            raise CheckpointError(f"{d / index[0]}: malformed index (no weight_map)")
+        rel = [str(Path(folder) / s) if folder else s for s in shards]
+        stem = index[0].removesuffix(".index.json")
+        return Component(
+            name, folder, tuple([str(Path(folder) / index[0]) if folder else index[0], *rel]), stem
+        )
+    single = [n for n in names if _MAIN_WEIGHTS.fullmatch(n) and not re.search(r"-\d{5}-of-\d{5}", n)]
+    if len(single) > 1:
+        raise CheckpointError(
+            f"{d}: several weight files ({', '.join(single)}) and no index; cannot tell which is the model"
+        )
+    if single:
+        return Component(name, folder, (str(Path(folder) / single[0]) if folder else single[0],), single[0])
+    if any(_WEIGHT_LIKE.fullmatch(n) for n in names):
+        raise CheckpointError(
+            f"{d}: weights are not in safetensors format (pickle .bin/.pt files are refused); "
+            "convert them to safetensors"
+        )
+    return None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON: {e}") from None
+
+
+def detect_layout(path: str | Path) -> SoupLayout:
+    """What a member (or base) is: a plain checkpoint or a diffusers folder, and its weight components."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise ModelNotFoundError(f"{root}: no such file or folder")
+    if root.is_file():
+        if root.suffix != ".safetensors":
+            raise CheckpointError(f"{root}: not a safetensors checkpoint")
+        return SoupLayout("checkpoint", root, {"": Component("", "", (root.name,), "model.safetensors")})
+    index = root / "model_index.json"
+    if index.is_file():
+        data = _read_json(index)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{index}: not a JSON object")
+        comps: dict[str, Component] = {}
+        for key, value in sorted(data.items()):
+            if key.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
+                continue
+            if not (root / key).is_dir():
+                raise CheckpointError(f"{index}: component '{key}' has no folder {root / key}")
+            c = _component(root, key, key)
+            if c is not None:
+                comps[key] = c
+        if not comps:
+            raise CheckpointError(
+                f"{root}: a diffusers folder with no weight component in safetensors format"
+            )
+        return SoupLayout("diffusers", root, comps)
+    c = _component(root, "", "")
+    if c is None:
+        raise ModelNotFoundError(f"{root}: no checkpoint found (no .safetensors file)")
+    return SoupLayout("checkpoint", root, {"": c})
+
+
+# ---------------------------------------------------------------------------------------------
+# Members
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Member:
+    id: str
+    path: str
+    weight: float
+    files: dict[str, str]  # relative path -> sha256
+    components: dict[str, str]  # component -> digest of its weight files
+    added: str = ""
+
+    @property
+    def hash(self) -> str:
+        h = hashlib.sha256()
+        for rel, d in sorted(self.files.items()):
+            h.update(f"{rel}\0{d}\n".encode())
+        return h.hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "path": self.path,
+            "weight": self.weight,
+            "hash": self.hash,
+            "added": self.added,
+            "components": self.components,
+            "files": self.files,
+        }
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> Member:
+        return Member(
+            d["id"],
+            d["path"],
+            float(d["weight"]),
+            dict(d["files"]),
+            dict(d["components"]),
+            d.get("added", ""),
+        )
+
+
+def _component_digest(layout: SoupLayout, comp: Component, files: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for rel in comp.weights:
+        key = layout.root.name if layout.root.is_file() else rel
+        h.update(f"{Path(rel).name}\0{files[key]}\n".encode())
+    return h.hexdigest()
+
+
+def _new_member(path: Path, mid: str, weight: float, progress: Progress | None) -> tuple[Member, SoupLayout]:
+    layout = detect_layout(path)
+    rels = layout.files()
+    files = {}
+    for i, rel in enumerate(rels):
+        files[rel] = _sha256(layout.path_of(rel))
+        if progress:
+            progress("hash", i + 1, len(rels))
+    comps = {name: _component_digest(layout, c, files) for name, c in layout.components.items()}
+    return Member(mid, str(path.resolve()), weight, files, comps, _now()), layout
+
+
+class _Verifier:
+    """Checks member files against their recorded hashes, each file at most once per operation."""
+
+    def __init__(self) -> None:
+        self.done: set[tuple[str, str]] = set()
+
+    def trust(self, m: Member) -> None:
+        self.done |= {(m.id, rel) for rel in m.files}
+
+    def layout(self, m: Member) -> SoupLayout:
+        p = Path(m.path)
+        if not p.exists():
+            raise ModelNotFoundError(f"soup member '{m.id}': {p} is missing from disk")
+        return detect_layout(p)
+
+    def check(self, m: Member, layout: SoupLayout, rels: list[str]) -> None:
+        for rel in rels:
+            if (m.id, rel) in self.done:
+                continue
+            if rel not in m.files:
+                raise IntegrityError(
+                    f"soup member '{m.id}': {layout.path_of(rel)} was not part of the member when "
+                    "it was added (its layout changed)"
+                )
+            f = layout.path_of(rel)
+            if not f.exists():
+                raise IntegrityError(
+                    f"soup member '{m.id}': {f} is missing (recorded sha256 {m.files[rel][:12]}...)"
+                )
+            got = _sha256(f)
+            if got != m.files[rel]:
+                raise IntegrityError(
+                    f"soup member '{m.id}': {f} has changed since it was added "
+                    f"(sha256 {got[:12]}..., recorded {m.files[rel][:12]}...)"
+                )
+            self.done.add((m.id, rel))
+
+    def weights(self, m: Member, comp: str) -> SoupLayout:
+        layout = self.layout(m)
+        if comp not in layout.components:
+            raise IntegrityError(f"soup member '{m.id}': {m.path} no longer has component '{comp}'")
+        c = layout.components[comp]
+        self.check(m, layout, [layout.root.name] if layout.root.is_file() else list(c.weights))
+        return layout
+
+
+# ---------------------------------------------------------------------------------------------
+# Compatibility
+# ---------------------------------------------------------------------------------------------
+
+
+def _signature(layout: SoupLayout) -> dict[str, dict[str, tuple[tuple[int, ...], bool]]]:
+    """component -> tensor -> (shape, is floating): what members must agree on."""
+    out = {}
+    for name in layout.components:
+        ck = layout.open(name)
+        try:
+            out[name] = {t: (ck.shape(t), ck.dtype(t).is_floating_point) for t in ck}
+        finally:
+            ck.close()
+    return out
+
+
+def _check_same(ref: SoupLayout, ref_name: str, new: SoupLayout, new_name: str) -> None:
+    if ref.kind != new.kind:
+        raise CheckpointError(
+            f"{new.root}: {new_name} is a {new.kind} folder, but {ref_name} ({ref.root}) is a {ref.kind}"
+        )
+    if set(ref.components) != set(new.components):
+        missing = sorted(set(ref.components) - set(new.components))
+        extra = sorted(set(new.components) - set(ref.components))
+        raise CheckpointError(
+            f"{new.root}: {new_name} has weight components {sorted(new.components)}, expected "
+            f"{sorted(ref.components)} as in {ref_name}"
+            + (f" (missing: {', '.join(missing)})" if missing else "")
+            + (f" (extra: {', '.join(extra)})" if extra else "")
+        )
+    a, b = _signature(ref), _signature(new)
+    for comp in a:
+        where = f"{new.root / comp}" if comp else f"{new.root}"
+        for t, (shape, flt) in a[comp].items():
+            if t not in b[comp]:
+                raise MissingTensorError(
+                    f"{where}: tensor '{t}' is missing (present in {ref_name}); the models do "
+                    "not share an architecture"
+                )
+            if b[comp][t][0] != shape:
+                raise ShapeMismatchError(
+                    f"{where}: tensor '{t}' has shape {list(b[comp][t][0])}, expected "
+                    f"{list(shape)} as in {ref_name}"
+                )
+            if b[comp][t][1] != flt:
+                raise ShapeMismatchError(
+                    f"{where}: tensor '{t}' is {'' if b[comp][t][1] else 'not '}floating point, "
+                    f"unlike in {ref_name}"
+                )
+        extra = sorted(set(b[comp]) - set(a[comp]))
+        if extra:
+            raise MissingTensorError(
+                f"{where}: tensor '{extra[0]}' is not in {ref_name} ({len(extra)} such tensors); "
+                "the models do not share an architecture"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# The soup
+# ---------------------------------------------------------------------------------------------
+
+
+class Soup:
+    """A soup folder. Every operation re-reads ``soup.json`` under the folder's lock."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.manifest = self._read()
+
+    # -- manifest --------------------------------------------------------------------------------
+    def _read(self) -> dict[str, Any]:
+        f = self.path / MANIFEST
+        if not f.is_file():
+            if not self.path.exists():
+                raise ModelNotFoundError(f"{self.path}: no such soup folder")
+            raise SoupError(
+                f"{self.path}: not a soup folder (no {MANIFEST}; create one with 'weightsmith soup init')"
+            )
+        data = _read_json(f)
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise SoupError(f"{f}: not a weightsmith soup manifest")
+        if data.get("version") != VERSION:
+            raise SoupError(
+                f"{f}: soup format version {data.get('version')}, this weightsmith reads {VERSION}"
+            )
+        return data
+
+    @property
+    def members(self) -> list[Member]:
+        return [Member.from_json(m) for m in self.manifest["members"]]
+
+    @property
+    def soup_id(self) -> str:
+        return _soup_id(self.members)
+
+    @property
+    def total_weight(self) -> float:
+        return _total_weight(self.members)
+
+    @contextlib.contextmanager
+    def _locked(self, exclusive: bool) -> Iterator[None]:
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            self.manifest = self._read()
+            yield
+        finally:
+            os.close(fd)
+
+    # -- creating --------------------------------------------------------------------------------
+    @classmethod
+    def init(
+        cls,
+        path: str | Path,
+        members: list[str | Path] | None = None,
+        *,
+        ids: list[str] | None = None,
+        weights: list[float] | None = None,
+        base: str | Path | None = None,
+        dtype: str | None = None,
+        name: str | None = None,
+        progress: Progress | None = None,
+    ) -> Soup:
+        """Create a soup folder at ``path`` (which must not exist) with the given members, atomically."""
+        path = Path(path)
+        if path.exists():
+            raise OutputExistsError(f"{path}: already exists (a soup is created in a new folder)")
+        if dtype is not None and dtype not in OUT_DTYPES:
+            raise SoupError(f"dtype {dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
+        members = [Path(m) for m in members or []]
+        ids = list(ids) if ids is not None else [_default_id(m) for m in members]
+        weights = list(weights) if weights is not None else [1.0] * len(members)
+        if len(ids) != len(members) or len(weights) != len(members):
+            raise SoupError(f"{len(members)} members but {len(ids)} ids and {len(weights)} weights")
+        base_rec = None
+        ref: tuple[SoupLayout, str] | None = None
+        if base is not None:
+            bm, blayout = _new_member(Path(base), "base", 1.0, progress)
+            base_rec = {k: v for k, v in bm.to_json().items() if k not in ("id", "weight")}
+            ref = (blayout, f"the base {base}")
+        recs: list[Member] = []
+        for m, mid, w in zip(members, ids, weights, strict=True):
+            _check_id(mid, recs)
+            rec, layout = _new_member(m, mid, _check_weight(w, mid), progress)
+            if ref is None:
+                ref = (layout, f"member '{mid}'")
+            else:
+                _check_same(ref[0], ref[1], layout, f"member '{mid}'")
+            recs.append(rec)
+        tmp = path.parent / f"{path.name}.partial-{uuid.uuid4().hex[:12]}"
+        tmp.mkdir(parents=True)
+        try:
+            (tmp / LOCK).touch()
+            manifest = {
+                "format": FORMAT,
+                "version": VERSION,
+                "name": name or path.name,
+                "created": _now(),
+                "kind": ref[0].kind if ref else None,
+                "dtype": dtype,
+                "base": base_rec,
+                "generation": 1,
+                "members": [],
+                "state": None,
+                "history": [],
+            }
+            ver = _Verifier()
+            for r in recs:
+                ver.trust(r)
+            manifest["state"] = _write_state(tmp, 1, recs, None, None, ver, progress)
+            manifest["members"] = [r.to_json() for r in recs]
+            manifest["history"].append(_event("init", None, recs))
+            _write_manifest(tmp, manifest)
+            os.rename(tmp, path)
+            _fsync_dir(path.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls(path)
+
+    # -- membership ------------------------------------------------------------------------------
+    def add(
+        self,
+        member: str | Path,
+        *,
+        id: str | None = None,
+        weight: float = 1.0,
+        progress: Progress | None = None,
+    ) -> Soup:
+        """Add a member (continual learning: S ← S + w·θ). Atomic: on any error the soup is unchanged."""
+        member = Path(member)
+        with self._locked(exclusive=True):
+            self._cleanup()
+            members = self.members
+            mid = id or _default_id(member)
+            _check_id(mid, members)
+            rec, layout = _new_member(member, mid, _check_weight(weight, mid), progress)
+            ver = _Verifier()
+            ver.trust(rec)  # hashed a moment ago
+            if members:
+                ref = ver.layout(members[0])
+                _check_same(ref, f"member '{members[0].id}'", layout, f"member '{mid}'")
+            elif self.manifest.get("base"):
+                b = self.manifest["base"]
+                _check_same(detect_layout(b["path"]), f"the base {b['path']}", layout, f"member '{mid}'")
+            self._commit("add", mid, [*members, rec], (members, rec), ver, progress)
+        return self
+
+    def remove(self, member_id: str, *, progress: Progress | None = None) -> Soup:
+        """Remove a member (unlearning): the sums are recomputed from the remaining members, so the
+        result is exactly the soup of the others. Atomic: on any error the soup is unchanged."""
+        with self._locked(exclusive=True):
+            self._cleanup()
+            members = self.members
+            if member_id not in {m.id for m in members}:
+                known = ", ".join(m.id for m in members) or "none"
+                raise SoupError(f"{self.path}: '{member_id}' is not a member of the soup (members: {known})")
+            rest = [m for m in members if m.id != member_id]
+            self._commit("remove", member_id, rest, None, _Verifier(), progress)
+        return self
+
+    def _commit(
+        self,
+        op: str,
+        mid: str,
+        members: list[Member],
+        incremental: tuple[list[Member], Member] | None,
+        ver: _Verifier,
+        progress: Progress | None,
+    ) -> None:
+        old_state = self.manifest.get("state")
+        gen = int(self.manifest.get("generation", 1)) + 1
+        state = _write_state(self.path, gen, members, incremental, old_state, ver, progress)
+        try:
+            if progress:
+                progress("commit", 0, 1)
+            manifest = dict(self.manifest)
+            manifest["generation"] = gen
+            manifest["kind"] = manifest.get("kind") or (
+                detect_layout(members[0].path).kind if members else None
+            )
+            manifest["members"] = [m.to_json() for m in members]
+            manifest["state"] = state
+            manifest["history"] = [*manifest["history"], _event(op, mid, members)]
+            _write_manifest(self.path, manifest)
+        except BaseException:
+            if state is not None:
+                shutil.rmtree(self.path / state["dir"], ignore_errors=True)
+            raise
+        self.manifest = manifest
+        if old_state is not None and (state is None or old_state["dir"] != state["dir"]):
+            shutil.rmtree(self.path / old_state["dir"], ignore_errors=True)
+        if progress:
+            progress("commit", 1, 1)
+
+    def _cleanup(self) -> None:
+        """Remove what an interrupted operation left (unreferenced state folders, temp files)."""
+        for f in self._leftovers():
+            if f.is_dir():
+                shutil.rmtree(f, ignore_errors=True)
+            else:
+                f.unlink(missing_ok=True)
+
+    def _leftovers(self) -> list[Path]:
+        keep = (self.manifest.get("state") or {}).get("dir")
+        out = []
+        for f in sorted(self.path.iterdir()):
+            if f.name in (MANIFEST, LOCK) or f.name == keep:
+                continue
+            if f.name.startswith("state-") or f.name.startswith(f"{MANIFEST}.tmp-"):
+                out.append(f)
+        return out
+
+    # -- reading ---------------------------------------------------------------------------------
+    def show(self, *, verify: bool = False) -> dict[str, Any]:
+        """The manifest in brief; with ``verify``, every member file is hashed and checked."""
+        with self._locked(exclusive=False):
+            members = self.members
+            rows = []
+            for m in members:
+                row = {"id": m.id, "weight": m.weight, "path": m.path, "hash": m.hash, "added": m.added}
+                if verify:
+                    try:
+                        v = _Verifier()
+                        layout = v.layout(m)
+                        v.check(m, layout, sorted(m.files))
+                        row["status"] = "ok"
+                    except (ModelNotFoundError, IntegrityError) as e:
+                        row["status"] = f"error: {e}"
+                rows.append(row)
+            state = self.manifest.get("state")
+            return {
+                "path": str(self.path),
+                "name": self.manifest.get("name"),
+                "kind": self.manifest.get("kind"),
+                "dtype": self.manifest.get("dtype"),
+                "soup_id": _soup_id(members),
+                "members": rows,
+                "total_weight": _total_weight(members),
+                "summed": state["summed"] if state else [],
+                "copied": _copied(members),
+                "base": self.manifest.get("base"),
+                "history": self.manifest["history"],
+                "leftovers": [f.name for f in self._leftovers()],
+            }
+
+    def build(
+        self,
+        out: str | Path,
+        *,
+        overwrite: bool = False,
+        shard_size: int = 5 * 10**9,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """Write the soup Σ w_i θ_i / Σ w_i as a checkpoint (or diffusers) folder at ``out``, atomically."""
+        out = Path(out)
+        if out.exists() and not overwrite:
+            raise OutputExistsError(f"{out}: output already exists (pass --overwrite to replace it)")
+        with self._locked(exclusive=False):
+            members = self.members
+            if not members:
+                raise SoupError(f"{self.path}: the soup has no members; nothing to build")
+            state = self.manifest.get("state")
+            ver = _Verifier()
+            ref = members[0]
+            rlayout = ver.layout(ref)
+            summed = state["summed"] if state else []
+            sums = _open_state(self.path, state) if state else None
+            dtype = OUT_DTYPES.get(self.manifest.get("dtype") or "")
+            total = _total_weight(members)
+            tmp = out.parent / f"{out.name}.partial-{uuid.uuid4().hex[:12]}"
+            tree = tmp / "soup"  # built here, then renamed to ``out``
+            tmp.mkdir(parents=True)
+            try:
+                skip: set[str] = set()
+                for comp in summed:  # first: a root component's writer creates ``tree`` itself
+                    c = rlayout.components[comp]
+                    skip |= _weight_files_of(rlayout, c)
+                    ver.weights(ref, comp)
+                    _build_component(tree, rlayout, c, sums, total, dtype, shard_size, progress)
+                tree.mkdir(exist_ok=True)
+                copied = [rel for rel in rlayout.files() if rel not in skip and rel != BUILD_INFO]
+                for i, rel in enumerate(copied):
+                    dst = tree / (rlayout.components[""].weights_name if rlayout.root.is_file() else rel)
+                    _copy_verified(ref, rlayout, rel, dst)
+                    if progress:
+                        progress("write", i + 1, len(copied))
+                info = {
+                    "soup": str(self.path.resolve()),
+                    "soup_id": _soup_id(members),
+                    "kind": self.manifest["kind"],
+                    "total_weight": total,
+                    "summed": summed,
+                    "copied": _copied(members),
+                    "members": [
+                        {"id": m.id, "path": m.path, "weight": m.weight, "hash": m.hash} for m in members
+                    ],
+                    "paper": "Biggs, Seshadri et al., Diffusion Soup, arXiv:2406.08431",
+                }
+                (tree / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+                _fsync_tree(tree)
+                old = None
+                if out.exists():
+                    if not overwrite:
+                        raise OutputExistsError(f"{out}: output appeared while building; not replaced")
+                    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
+                    os.rename(out, old)
+                os.rename(tree, out)
+                _fsync_dir(out.parent)
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if sums is not None:
+                    sums.close()
+        return {"out": str(out), **info}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: ids, events, state
+# ---------------------------------------------------------------------------------------------
+
+
+def _default_id(path: Path) -> str:
+    return path.stem if path.suffix == ".safetensors" else path.resolve().name
+
+
+def _check_id(mid: str, members: list[Member]) -> None:
+    if not mid or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@+-]*", mid):
+        raise SoupError(f"member id {mid!r}: use letters, digits and . _ @ + - (pass --id)")
+    if mid in {m.id for m in members}:
+        raise SoupError(f"member id '{mid}' is already in the soup (pass another --id)")
+
+
+def _check_weight(w: float, mid: str) -> float:
+    w = float(w)
+    if not math.isfinite(w) or w <= 0:
+        raise SoupError(f"member '{mid}': weight must be a positive number, got {w}")
+    return w
+
+
+def _total_weight(members: list[Member]) -> float:
+    total = 0.0
+    for m in members:
+        total += m.weight
+    return total
+
+
+def _soup_id(members: list[Member]) -> str:
+    h = hashlib.sha256(json.dumps([[m.id, m.hash, m.weight] for m in members]).encode())
+    return h.hexdigest()[:16]
+
+
+def _event(op: str, mid: str | None, members: list[Member]) -> dict[str, Any]:
+    e: dict[str, Any] = {"op": op, "time": _now()}
+    if mid is not None:
+        e["member"] = mid
+    e["members"] = [m.id for m in members]
+    e["soup_id"] = _soup_id(members)
+    return e
+
+
+def _differing(members: list[Member]) -> list[str]:
+    """Components whose weights differ between members (these are summed; the rest is copied)."""
+    if not members:
+        return []
+    comps = members[0].components
+    return sorted(c for c in comps if len({m.components.get(c) for m in members}) > 1)
+
+
+def _copied(members: list[Member]) -> list[str]:
+    if not members:
+        return []
+    d = set(_differing(members))
+    return sorted(c for c in members[0].components if c not in d)
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    tmp = folder / f"{MANIFEST}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(manifest, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / MANIFEST)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(folder)
+
+
+def _state_name(comp: str, tensor: str) -> str:
+    return f"{comp}/{tensor}" if comp else tensor
+
+
+def _open_state(folder: Path, state: dict[str, Any]) -> Checkpoint:
+    d = folder / state["dir"]
+    for rel, digest in state["files"].items():
+        f = d / rel
+        if not f.is_file():
+            raise IntegrityError(f"{f}: the soup's running sum is missing (the soup folder was modified)")
+        got = _sha256(f)
+        if got != digest:
+            raise IntegrityError(
+                f"{f}: the soup's running sum has changed (sha256 {got[:12]}..., recorded {digest[:12]}...)"
+            )
+    return open_checkpoint(d)
+
+
+def _write_state(
+    folder: Path,
+    gen: int,
+    members: list[Member],
+    incremental: tuple[list[Member], Member] | None,
+    old_state: dict[str, Any] | None,
+    ver: _Verifier,
+    progress: Progress | None,
+) -> dict[str, Any] | None:
+    """Write ``state-<gen>/`` with Σ_i w_i θ_i (float64) for every component that differs between
+    ``members``. With ``incremental = (previous members, new member)``, components already summed
+    in ``old_state`` are updated as S + w·θ_new; everything else is summed from scratch, in member order."""
+    summed = _differing(members)
+    if not summed:
+        return None
+    old_summed = set(old_state["summed"]) if old_state else set()
+    ref = members[0]
+    rlayout = ver.layout(ref)
+    plans: list[tuple[str, str, tuple[int, ...]]] = []  # (component, tensor, shape)
+    for comp in summed:
+        ck = rlayout.open(comp)
+        try:
+            plans += [(comp, t, ck.shape(t)) for t in ck if ck.dtype(t).is_floating_point]
+        finally:
+            ck.close()
+    outputs = [OutputTensor(_state_name(c, t), s, torch.float64) for c, t, s in plans]
+    sums = _open_state(folder, old_state) if incremental is not None and old_state and old_summed else None
+    opened: dict[tuple[str, str], Checkpoint] = {}
+
+    def ckpt(m: Member, comp: str) -> Checkpoint:
+        key = (m.id, comp)
+        if key not in opened:
+            opened[key] = ver.weights(m, comp).open(comp)
+        return opened[key]
+
+    new_member = incremental[1] if incremental else None
+    dirname = f"state-{gen:06d}"
+    done = 0
+    try:
+        with CheckpointWriter(folder / dirname, outputs, metadata={"weightsmith": "soup running sum"}) as w:
+            for comp, t, shape in plans:
+                from_sum = sums is not None and comp in old_summed
+                contributors = [new_member] if from_sum else members
+                for r0, r1 in chunk_grid(shape, CHUNK_ELEMS):
+                    acc = sums.rows(_state_name(comp, t), r0, r1).clone() if from_sum else None
+                    for m in contributors:
+                        assert m is not None
+                        c = ckpt(m, comp)
+                        x = c.rows(t, r0, r1).to(torch.float64)
+                        if not bool(torch.isfinite(x).all()):
+                            raise NonFiniteError(
+                                f"{c.path}: tensor '{t}' contains NaN or Inf values (soup member '{m.id}')"
+                            )
+                        acc = _accumulate(acc, x, m.weight)
+                    assert acc is not None
+                    w.write_rows(_state_name(comp, t), r0, r1, acc)
+                done += 1
+                if progress:
+                    progress("sum", done, len(plans))
+    finally:
+        for c in opened.values():
+            c.close()
+        if sums is not None:
+            sums.close()
+    d = folder / dirname
+    files = {f.name: _sha256(f) for f in sorted(d.iterdir()) if f.is_file()}
+    return {"dir": dirname, "summed": summed, "files": files}
+
+
+def _accumulate(acc: torch.Tensor | None, x: torch.Tensor, weight: float) -> torch.Tensor:
+    """acc + w·x in float64, as two separately rounded operations (never a fused multiply-add), so
+    that an incremental sum and a from-scratch sum perform the same operations bit for bit."""
+    t = x * weight
+    return t if acc is None else acc.add_(t)
+
+
+def _weight_files_of(layout: SoupLayout, comp: Component) -> set[str]:
+    """Files a souped component replaces: its weights, and stale variants (``*.fp16.safetensors``...)."""
+    if layout.root.is_file():
+        return {layout.root.name}
+    out = set(comp.weights)
+    folder = layout.root / comp.folder if comp.folder else layout.root
+    for f in folder.iterdir():
+        if f.is_file() and _WEIGHT_LIKE.fullmatch(f.name):
+            out.add(str(Path(comp.folder) / f.name) if comp.folder else f.name)
+    return out
+
+
+def _build_component(
+    tree: Path,
+    rlayout: SoupLayout,
+    comp: Component,
+    sums: Checkpoint | None,
+    total: float,
+    dtype: torch.dtype | None,
+    shard_size: int,
+    progress: Progress | None,
+) -> None:
+    assert sums is not None
+    ref = rlayout.open(comp.name)
+    try:
+        names = list(ref.keys())
+        outputs = [
+            OutputTensor(
+                t,
+                ref.shape(t),
+                dtype if dtype is not None and ref.dtype(t).is_floating_point else ref.dtype(t),
+            )
+            for t in names
+        ]
+        target = tree / comp.folder if comp.folder else tree
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with CheckpointWriter(
+            target,
+            outputs,
+            shard_size=shard_size,
+            metadata={"weightsmith": "soup"},
+            weights_name=comp.weights_name,
+        ) as w:
+            for i, o in enumerate(outputs):
+                for r0, r1 in chunk_grid(o.shape, CHUNK_ELEMS):
+                    if ref.dtype(o.name).is_floating_point:
+                        x = sums.rows(_state_name(comp.name, o.name), r0, r1).div(total).to(o.dtype)
+                    else:
+                        x = ref.rows(o.name, r0, r1)
+                    w.write_rows(o.name, r0, r1, x)
+                if progress:
+                    progress("write", i + 1, len(outputs))
+    finally:
+        ref.close()
+
+
+def _copy_verified(m: Member, layout: SoupLayout, rel: str, dst: Path) -> None:
+    """Copy one member file, hashing it on the way; a file that changed since it was added is an error."""
+    src = layout.path_of(rel)
+    if rel not in m.files:
+        raise IntegrityError(f"soup member '{m.id}': {src} was not part of the member when it was added")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    try:
+        with open(src, "rb") as fi, open(dst, "wb") as fo:
+            while chunk := fi.read(1 << 22):
+                h.update(chunk)
+                fo.write(chunk)
+    except OSError as e:
+        raise CheckpointError(f"{src}: cannot copy: {e.strerror or e}") from None
+    if h.hexdigest() != m.files[rel]:
+        raise IntegrityError(
+            f"soup member '{m.id}': {src} has changed since it was added "
+            f"(sha256 {h.hexdigest()[:12]}..., recorded {m.files[rel][:12]}...)"
+        )
+
+
+def _fsync_tree(folder: Path) -> None:
+    for dirpath, _dirs, files in os.walk(folder):
+        for f in files:
+            with open(Path(dirpath) / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(dirpath))
