@@ -40,9 +40,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +48,28 @@ import torch
 
 from merge.checkpoint import Checkpoint, CheckpointWriter, OutputTensor, open_checkpoint
 from merge.errors import (
-    CheckpointError,
     IntegrityError,
-    MissingTensorError,
     ModelNotFoundError,
     NonFiniteError,
     OutputExistsError,
-    ShapeMismatchError,
     SoupError,
 )
 from merge.methods.runner import CHUNK_ELEMS, chunk_grid
+from merge.soup_members import (
+    Component,
+    Member,
+    Progress,
+    SoupLayout,
+    Verifier,
+    check_same,
+    copy_verified,
+    detect_layout,
+    new_member,
+    now_utc,
+    read_json,
+    sha256_file,
+    weight_files_of,
+)
 
 __all__ = ["Member", "Soup", "SoupLayout", "detect_layout"]
 
@@ -75,29 +85,6 @@ OUT_DTYPES = {
     "float64": torch.float64,
 }
 
-#: main (non-variant) weight files: ``model.safetensors``, ``diffusion_pytorch_model-00001-of-00002.safetensors``
-_MAIN_WEIGHTS = re.compile(r"^[^.]+(?:-\d{5}-of-\d{5})?\.safetensors$")
-_MAIN_INDEX = re.compile(r"^[^.]+\.safetensors\.index\.json$")
-_WEIGHT_LIKE = re.compile(
-    r".*\.(?:safetensors|bin|pt|pth|ckpt)$|.*\.safetensors\.index(?:\.[^.]+)?\.json$"
-    r"|.*\.bin\.index(?:\.[^.]+)?\.json$"
-)
-
-#: ``progress(event, done, total)``: events "hash", "sum", "write", "commit"
-Progress = Callable[[str, int, int], None]
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _sha256(path: Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
-
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -105,297 +92,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# ---------------------------------------------------------------------------------------------
-# Layout: what a member is made of
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Component:
-    """One weight-bearing part of a member: the whole checkpoint (``name == ""``) or a diffusers
-    component folder (``unet``, ``text_encoder``, ``vae``...)."""
-
-    name: str
-    folder: str  # relative to the member root ("" for the root)
-    weights: tuple[str, ...]  # main weight files (and index), relative to the member root
-    weights_name: str  # how the built soup names its weights (model.safetensors, diffusion_pytorch_model...)
-
-    @property
-    def prefix(self) -> str:
-        return f"{self.name}/" if self.name else ""
-
-
-@dataclass(frozen=True)
-class SoupLayout:
-    kind: str  # "checkpoint" | "diffusers"
-    root: Path  # the member's folder, or the .safetensors file itself
-    components: dict[str, Component]
-
-    def open(self, comp: str) -> Checkpoint:
-        c = self.components[comp]
-        if self.root.is_file():
-            return open_checkpoint(self.root)
-        index = [w for w in c.weights if w.endswith(".index.json")]
-        return open_checkpoint(self.root / c.folder if index else self.root / c.weights[0])
-
-    def files(self) -> list[str]:
-        """Every file of the member (relative paths, sorted); hidden files and folders are skipped."""
-        if self.root.is_file():
-            return [self.root.name]
-        out = []
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in filenames:
-                if not f.startswith("."):
-                    out.append(str((Path(dirpath) / f).relative_to(self.root)))
-        return sorted(out)
-
-    def path_of(self, rel: str) -> Path:
-        return self.root if self.root.is_file() else self.root / rel
-
-
-def _component(root: Path, folder: str, name: str) -> Component | None:
-    d = root / folder if folder else root
-    names = sorted(f.name for f in d.iterdir() if f.is_file())
-    index = [n for n in names if _MAIN_INDEX.fullmatch(n)]
-    if len(index) > 1:
-        raise CheckpointError(
-            f"{d}: several weight indexes ({', '.join(index)}); cannot tell which is the model"
-        )
-    if index:
-        data = _read_json(d / index[0])
-        shards = sorted(set(data.get("weight_map", {}).values())) if isinstance(data, dict) else []
-        if not shards:
-            raise CheckpointError(f"{d / index[0]}: malformed index (no weight_map)")
-        rel = [str(Path(folder) / s) if folder else s for s in shards]
-        stem = index[0].removesuffix(".index.json")
-        return Component(
-            name, folder, tuple([str(Path(folder) / index[0]) if folder else index[0], *rel]), stem
-        )
-    single = [n for n in names if _MAIN_WEIGHTS.fullmatch(n) and not re.search(r"-\d{5}-of-\d{5}", n)]
-    if len(single) > 1:
-        raise CheckpointError(
-            f"{d}: several weight files ({', '.join(single)}) and no index; cannot tell which is the model"
-        )
-    if single:
-        return Component(name, folder, (str(Path(folder) / single[0]) if folder else single[0],), single[0])
-    if any(_WEIGHT_LIKE.fullmatch(n) for n in names):
-        raise CheckpointError(
-            f"{d}: weights are not in safetensors format (pickle .bin/.pt files are refused); "
-            "convert them to safetensors"
-        )
-    return None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON: {e}") from None
-
-
-def detect_layout(path: str | Path) -> SoupLayout:
-    """What a member (or base) is: a plain checkpoint or a diffusers folder, and its weight components."""
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise ModelNotFoundError(f"{root}: no such file or folder")
-    if root.is_file():
-        if root.suffix != ".safetensors":
-            raise CheckpointError(f"{root}: not a safetensors checkpoint")
-        return SoupLayout("checkpoint", root, {"": Component("", "", (root.name,), "model.safetensors")})
-    index = root / "model_index.json"
-    if index.is_file():
-        data = _read_json(index)
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{index}: not a JSON object")
-        comps: dict[str, Component] = {}
-        for key, value in sorted(data.items()):
-            if key.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
-                continue
-            if not (root / key).is_dir():
-                raise CheckpointError(f"{index}: component '{key}' has no folder {root / key}")
-            c = _component(root, key, key)
-            if c is not None:
-                comps[key] = c
-        if not comps:
-            raise CheckpointError(
-                f"{root}: a diffusers folder with no weight component in safetensors format"
-            )
-        return SoupLayout("diffusers", root, comps)
-    c = _component(root, "", "")
-    if c is None:
-        raise ModelNotFoundError(f"{root}: no checkpoint found (no .safetensors file)")
-    return SoupLayout("checkpoint", root, {"": c})
-
-
-# ---------------------------------------------------------------------------------------------
-# Members
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Member:
-    id: str
-    path: str
-    weight: float
-    files: dict[str, str]  # relative path -> sha256
-    components: dict[str, str]  # component -> digest of its weight files
-    added: str = ""
-
-    @property
-    def hash(self) -> str:
-        h = hashlib.sha256()
-        for rel, d in sorted(self.files.items()):
-            h.update(f"{rel}\0{d}\n".encode())
-        return h.hexdigest()
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "path": self.path,
-            "weight": self.weight,
-            "hash": self.hash,
-            "added": self.added,
-            "components": self.components,
-            "files": self.files,
-        }
-
-    @staticmethod
-    def from_json(d: dict[str, Any]) -> Member:
-        return Member(
-            d["id"],
-            d["path"],
-            float(d["weight"]),
-            dict(d["files"]),
-            dict(d["components"]),
-            d.get("added", ""),
-        )
-
-
-def _component_digest(layout: SoupLayout, comp: Component, files: dict[str, str]) -> str:
-    h = hashlib.sha256()
-    for rel in comp.weights:
-        key = layout.root.name if layout.root.is_file() else rel
-        h.update(f"{Path(rel).name}\0{files[key]}\n".encode())
-    return h.hexdigest()
-
-
-def _new_member(path: Path, mid: str, weight: float, progress: Progress | None) -> tuple[Member, SoupLayout]:
-    layout = detect_layout(path)
-    rels = layout.files()
-    files = {}
-    for i, rel in enumerate(rels):
-        files[rel] = _sha256(layout.path_of(rel))
-        if progress:
-            progress("hash", i + 1, len(rels))
-    comps = {name: _component_digest(layout, c, files) for name, c in layout.components.items()}
-    return Member(mid, str(path.resolve()), weight, files, comps, _now()), layout
-
-
-class _Verifier:
-    """Checks member files against their recorded hashes, each file at most once per operation."""
-
-    def __init__(self) -> None:
-        self.done: set[tuple[str, str]] = set()
-
-    def trust(self, m: Member) -> None:
-        self.done |= {(m.id, rel) for rel in m.files}
-
-    def layout(self, m: Member) -> SoupLayout:
-        p = Path(m.path)
-        if not p.exists():
-            raise ModelNotFoundError(f"soup member '{m.id}': {p} is missing from disk")
-        return detect_layout(p)
-
-    def check(self, m: Member, layout: SoupLayout, rels: list[str]) -> None:
-        for rel in rels:
-            if (m.id, rel) in self.done:
-                continue
-            if rel not in m.files:
-                raise IntegrityError(
-                    f"soup member '{m.id}': {layout.path_of(rel)} was not part of the member when "
-                    "it was added (its layout changed)"
-                )
-            f = layout.path_of(rel)
-            if not f.exists():
-                raise IntegrityError(
-                    f"soup member '{m.id}': {f} is missing (recorded sha256 {m.files[rel][:12]}...)"
-                )
-            got = _sha256(f)
-            if got != m.files[rel]:
-                raise IntegrityError(
-                    f"soup member '{m.id}': {f} has changed since it was added "
-                    f"(sha256 {got[:12]}..., recorded {m.files[rel][:12]}...)"
-                )
-            self.done.add((m.id, rel))
-
-    def weights(self, m: Member, comp: str) -> SoupLayout:
-        layout = self.layout(m)
-        if comp not in layout.components:
-            raise IntegrityError(f"soup member '{m.id}': {m.path} no longer has component '{comp}'")
-        c = layout.components[comp]
-        self.check(m, layout, [layout.root.name] if layout.root.is_file() else list(c.weights))
-        return layout
-
-
-# ---------------------------------------------------------------------------------------------
-# Compatibility
-# ---------------------------------------------------------------------------------------------
-
-
-def _signature(layout: SoupLayout) -> dict[str, dict[str, tuple[tuple[int, ...], bool]]]:
-    """component -> tensor -> (shape, is floating): what members must agree on."""
-    out = {}
-    for name in layout.components:
-        ck = layout.open(name)
-        try:
-            out[name] = {t: (ck.shape(t), ck.dtype(t).is_floating_point) for t in ck}
-        finally:
-            ck.close()
-    return out
-
-
-def _check_same(ref: SoupLayout, ref_name: str, new: SoupLayout, new_name: str) -> None:
-    if ref.kind != new.kind:
-        raise CheckpointError(
-            f"{new.root}: {new_name} is a {new.kind} folder, but {ref_name} ({ref.root}) is a {ref.kind}"
-        )
-    if set(ref.components) != set(new.components):
-        missing = sorted(set(ref.components) - set(new.components))
-        extra = sorted(set(new.components) - set(ref.components))
-        raise CheckpointError(
-            f"{new.root}: {new_name} has weight components {sorted(new.components)}, expected "
-            f"{sorted(ref.components)} as in {ref_name}"
-            + (f" (missing: {', '.join(missing)})" if missing else "")
-            + (f" (extra: {', '.join(extra)})" if extra else "")
-        )
-    a, b = _signature(ref), _signature(new)
-    for comp in a:
-        where = f"{new.root / comp}" if comp else f"{new.root}"
-        for t, (shape, flt) in a[comp].items():
-            if t not in b[comp]:
-                raise MissingTensorError(
-                    f"{where}: tensor '{t}' is missing (present in {ref_name}); the models do "
-                    "not share an architecture"
-                )
-            if b[comp][t][0] != shape:
-                raise ShapeMismatchError(
-                    f"{where}: tensor '{t}' has shape {list(b[comp][t][0])}, expected "
-                    f"{list(shape)} as in {ref_name}"
-                )
-            if b[comp][t][1] != flt:
-                raise ShapeMismatchError(
-                    f"{where}: tensor '{t}' is {'' if b[comp][t][1] else 'not '}floating point, "
-                    f"unlike in {ref_name}"
-                )
-        extra = sorted(set(b[comp]) - set(a[comp]))
-        if extra:
-            raise MissingTensorError(
-                f"{where}: tensor '{extra[0]}' is not in {ref_name} ({len(extra)} such tensors); "
-                "the models do not share an architecture"
-            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,7 +115,7 @@ class Soup:
             raise SoupError(
                 f"{self.path}: not a soup folder (no {MANIFEST}; create one with 'weightsmith soup init')"
             )
-        data = _read_json(f)
+        data = read_json(f)
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise SoupError(f"{f}: not a weightsmith soup manifest")
         if data.get("version") != VERSION:
@@ -478,17 +174,17 @@ class Soup:
         base_rec = None
         ref: tuple[SoupLayout, str] | None = None
         if base is not None:
-            bm, blayout = _new_member(Path(base), "base", 1.0, progress)
+            bm, blayout = new_member(Path(base), "base", 1.0, progress)
             base_rec = {k: v for k, v in bm.to_json().items() if k not in ("id", "weight")}
             ref = (blayout, f"the base {base}")
         recs: list[Member] = []
         for m, mid, w in zip(members, ids, weights, strict=True):
             _check_id(mid, recs)
-            rec, layout = _new_member(m, mid, _check_weight(w, mid), progress)
+            rec, layout = new_member(m, mid, _check_weight(w, mid), progress)
             if ref is None:
                 ref = (layout, f"member '{mid}'")
             else:
-                _check_same(ref[0], ref[1], layout, f"member '{mid}'")
+                check_same(ref[0], ref[1], layout, f"member '{mid}'")
             recs.append(rec)
         tmp = path.parent / f"{path.name}.partial-{uuid.uuid4().hex[:12]}"
         tmp.mkdir(parents=True)
@@ -498,7 +194,7 @@ class Soup:
                 "format": FORMAT,
                 "version": VERSION,
                 "name": name or path.name,
-                "created": _now(),
+                "created": now_utc(),
                 "kind": ref[0].kind if ref else None,
                 "dtype": dtype,
                 "base": base_rec,
@@ -507,7 +203,7 @@ class Soup:
                 "state": None,
                 "history": [],
             }
-            ver = _Verifier()
+            ver = Verifier()
             for r in recs:
                 ver.trust(r)
             manifest["state"] = _write_state(tmp, 1, recs, None, None, ver, progress)
@@ -537,15 +233,15 @@ class Soup:
             members = self.members
             mid = id or _default_id(member)
             _check_id(mid, members)
-            rec, layout = _new_member(member, mid, _check_weight(weight, mid), progress)
-            ver = _Verifier()
+            rec, layout = new_member(member, mid, _check_weight(weight, mid), progress)
+            ver = Verifier()
             ver.trust(rec)  # hashed a moment ago
             if members:
                 ref = ver.layout(members[0])
-                _check_same(ref, f"member '{members[0].id}'", layout, f"member '{mid}'")
+                check_same(ref, f"member '{members[0].id}'", layout, f"member '{mid}'")
             elif self.manifest.get("base"):
                 b = self.manifest["base"]
-                _check_same(detect_layout(b["path"]), f"the base {b['path']}", layout, f"member '{mid}'")
+                check_same(detect_layout(b["path"]), f"the base {b['path']}", layout, f"member '{mid}'")
             self._commit("add", mid, [*members, rec], (members, rec), ver, progress)
         return self
 
@@ -559,7 +255,7 @@ class Soup:
                 known = ", ".join(m.id for m in members) or "none"
                 raise SoupError(f"{self.path}: '{member_id}' is not a member of the soup (members: {known})")
             rest = [m for m in members if m.id != member_id]
-            self._commit("remove", member_id, rest, None, _Verifier(), progress)
+            self._commit("remove", member_id, rest, None, Verifier(), progress)
         return self
 
     def _commit(
@@ -568,7 +264,7 @@ class Soup:
         mid: str,
         members: list[Member],
         incremental: tuple[list[Member], Member] | None,
-        ver: _Verifier,
+        ver: Verifier,
         progress: Progress | None,
     ) -> None:
         old_state = self.manifest.get("state")
@@ -624,7 +320,7 @@ class Soup:
                 row = {"id": m.id, "weight": m.weight, "path": m.path, "hash": m.hash, "added": m.added}
                 if verify:
                     try:
-                        v = _Verifier()
+                        v = Verifier()
                         layout = v.layout(m)
                         v.check(m, layout, sorted(m.files))
                         row["status"] = "ok"
@@ -664,7 +360,7 @@ class Soup:
             if not members:
                 raise SoupError(f"{self.path}: the soup has no members; nothing to build")
             state = self.manifest.get("state")
-            ver = _Verifier()
+            ver = Verifier()
             ref = members[0]
             rlayout = ver.layout(ref)
             summed = state["summed"] if state else []
@@ -678,14 +374,14 @@ class Soup:
                 skip: set[str] = set()
                 for comp in summed:  # first: a root component's writer creates ``tree`` itself
                     c = rlayout.components[comp]
-                    skip |= _weight_files_of(rlayout, c)
+                    skip |= weight_files_of(rlayout, c)
                     ver.weights(ref, comp)
                     _build_component(tree, rlayout, c, sums, total, dtype, shard_size, progress)
                 tree.mkdir(exist_ok=True)
                 copied = [rel for rel in rlayout.files() if rel not in skip and rel != BUILD_INFO]
                 for i, rel in enumerate(copied):
                     dst = tree / (rlayout.components[""].weights_name if rlayout.root.is_file() else rel)
-                    _copy_verified(ref, rlayout, rel, dst)
+                    copy_verified(ref, rlayout, rel, dst)
                     if progress:
                         progress("write", i + 1, len(copied))
                 info = {
@@ -755,7 +451,7 @@ def _soup_id(members: list[Member]) -> str:
 
 
 def _event(op: str, mid: str | None, members: list[Member]) -> dict[str, Any]:
-    e: dict[str, Any] = {"op": op, "time": _now()}
+    e: dict[str, Any] = {"op": op, "time": now_utc()}
     if mid is not None:
         e["member"] = mid
     e["members"] = [m.id for m in members]
@@ -802,7 +498,7 @@ def _open_state(folder: Path, state: dict[str, Any]) -> Checkpoint:
         f = d / rel
         if not f.is_file():
             raise IntegrityError(f"{f}: the soup's running sum is missing (the soup folder was modified)")
-        got = _sha256(f)
+        got = sha256_file(f)
         if got != digest:
             raise IntegrityError(
                 f"{f}: the soup's running sum has changed (sha256 {got[:12]}..., recorded {digest[:12]}...)"
@@ -816,7 +512,7 @@ def _write_state(
     members: list[Member],
     incremental: tuple[list[Member], Member] | None,
     old_state: dict[str, Any] | None,
-    ver: _Verifier,
+    ver: Verifier,
     progress: Progress | None,
 ) -> dict[str, Any] | None:
     """Write ``state-<gen>/`` with Σ_i w_i θ_i (float64) for every component that differs between
@@ -875,7 +571,7 @@ def _write_state(
         if sums is not None:
             sums.close()
     d = folder / dirname
-    files = {f.name: _sha256(f) for f in sorted(d.iterdir()) if f.is_file()}
+    files = {f.name: sha256_file(f) for f in sorted(d.iterdir()) if f.is_file()}
     return {"dir": dirname, "summed": summed, "files": files}
 
 
@@ -884,18 +580,6 @@ def _accumulate(acc: torch.Tensor | None, x: torch.Tensor, weight: float) -> tor
     that an incremental sum and a from-scratch sum perform the same operations bit for bit."""
     t = x * weight
     return t if acc is None else acc.add_(t)
-
-
-def _weight_files_of(layout: SoupLayout, comp: Component) -> set[str]:
-    """Files a souped component replaces: its weights, and stale variants (``*.fp16.safetensors``...)."""
-    if layout.root.is_file():
-        return {layout.root.name}
-    out = set(comp.weights)
-    folder = layout.root / comp.folder if comp.folder else layout.root
-    for f in folder.iterdir():
-        if f.is_file() and _WEIGHT_LIKE.fullmatch(f.name):
-            out.add(str(Path(comp.folder) / f.name) if comp.folder else f.name)
-    return out
 
 
 def _build_component(
@@ -940,27 +624,6 @@ def _build_component(
                     progress("write", i + 1, len(outputs))
     finally:
         ref.close()
-
-
-def _copy_verified(m: Member, layout: SoupLayout, rel: str, dst: Path) -> None:
-    """Copy one member file, hashing it on the way; a file that changed since it was added is an error."""
-    src = layout.path_of(rel)
-    if rel not in m.files:
-        raise IntegrityError(f"soup member '{m.id}': {src} was not part of the member when it was added")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256()
-    try:
-        with open(src, "rb") as fi, open(dst, "wb") as fo:
-            while chunk := fi.read(1 << 22):
-                h.update(chunk)
-                fo.write(chunk)
-    except OSError as e:
-        raise CheckpointError(f"{src}: cannot copy: {e.strerror or e}") from None
-    if h.hexdigest() != m.files[rel]:
-        raise IntegrityError(
-            f"soup member '{m.id}': {src} has changed since it was added "
-            f"(sha256 {h.hexdigest()[:12]}..., recorded {m.files[rel][:12]}...)"
-        )
 
 
 def _fsync_tree(folder: Path) -> None:

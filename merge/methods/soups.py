@@ -471,6 +471,7 @@ def sparse_model_soup(
     soup: Literal["uniform", "greedy"] = "uniform",
     recalibrate: Callable[[torch.nn.Module], Any] | None = None,
     metrics: Callable[[torch.nn.Module], Mapping[str, float]] | None = None,
+    on_ingredient: Callable[[int, int, torch.nn.Module], Any] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> SparseSoupResult:
     """Sparse Model Soups (Zimmer, Spiegel & Pokutta, ICLR 2024, Algorithm 1).
@@ -486,7 +487,8 @@ def sparse_model_soup(
 
     ``evaluate(module) -> float`` is the held-out score (greedy selection and the records);
     ``metrics(module) -> {name: value}`` optional extra numbers (e.g. test accuracy) recorded for
-    every ingredient and soup. ``model`` is not modified. Ingredient state dicts of one phase are
+    every ingredient and soup; ``on_ingredient(phase, j, module)`` is called with each retrained
+    ingredient (to save it, for instance). ``model`` is not modified. Ingredient state dicts of one phase are
     kept in memory (m models) while the soup is made.
     """
     if not variations:
@@ -532,6 +534,8 @@ def sparse_model_soup(
             rec = IngredientRecord(dict(var), float(evaluate(m)), extra(m), drift, time.perf_counter() - t0)
             ingredients.append(rec)
             states.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+            if on_ingredient is not None:
+                on_ingredient(phase, j, m)
             say(f"phase {phase}: ingredient {j} {dict(var)} score {rec.score:.4f}")
             del m
         greedy_log = None
