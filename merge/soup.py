@@ -68,6 +68,7 @@ from merge.soup_members import (
     now_utc,
     read_json,
     sha256_file,
+    signature,
     weight_files_of,
 )
 
@@ -172,19 +173,19 @@ class Soup:
         if len(ids) != len(members) or len(weights) != len(members):
             raise SoupError(f"{len(members)} members but {len(ids)} ids and {len(weights)} weights")
         base_rec = None
-        ref: tuple[SoupLayout, str] | None = None
+        ref: tuple[str, Any, str] | None = None  # kind, signature, what it is
         if base is not None:
             bm, blayout = new_member(Path(base), "base", 1.0, progress)
             base_rec = {k: v for k, v in bm.to_json().items() if k not in ("id", "weight")}
-            ref = (blayout, f"the base {base}")
+            ref = (blayout.kind, signature(blayout), "the base")
         recs: list[Member] = []
         for m, mid, w in zip(members, ids, weights, strict=True):
             _check_id(mid, recs)
             rec, layout = new_member(m, mid, _check_weight(w, mid), progress)
             if ref is None:
-                ref = (layout, f"member '{mid}'")
+                ref = (layout.kind, signature(layout), f"member '{mid}'")
             else:
-                check_same(ref[0], ref[1], layout, f"member '{mid}'")
+                check_same(ref[0], ref[1], ref[2], layout, f"member '{mid}'")
             recs.append(rec)
         tmp = path.parent / f"{path.name}.partial-{uuid.uuid4().hex[:12]}"
         tmp.mkdir(parents=True)
@@ -195,7 +196,9 @@ class Soup:
                 "version": VERSION,
                 "name": name or path.name,
                 "created": now_utc(),
-                "kind": ref[0].kind if ref else None,
+                "kind": ref[0] if ref else None,
+                "signature": ref[1] if ref else None,
+                "signature_from": ref[2] if ref else None,
                 "dtype": dtype,
                 "base": base_rec,
                 "generation": 1,
@@ -236,12 +239,18 @@ class Soup:
             rec, layout = new_member(member, mid, _check_weight(weight, mid), progress)
             ver = Verifier()
             ver.trust(rec)  # hashed a moment ago
-            if members:
-                ref = ver.layout(members[0])
-                check_same(ref, f"member '{members[0].id}'", layout, f"member '{mid}'")
-            elif self.manifest.get("base"):
-                b = self.manifest["base"]
-                check_same(detect_layout(b["path"]), f"the base {b['path']}", layout, f"member '{mid}'")
+            if self.manifest.get("signature") is None:  # the soup's first member (and no base)
+                self.manifest["kind"] = layout.kind
+                self.manifest["signature"] = signature(layout)
+                self.manifest["signature_from"] = f"member '{mid}'"
+            else:
+                check_same(
+                    self.manifest["kind"],
+                    self.manifest["signature"],
+                    self.manifest["signature_from"],
+                    layout,
+                    f"member '{mid}'",
+                )
             self._commit("add", mid, [*members, rec], (members, rec), ver, progress)
         return self
 
@@ -275,9 +284,6 @@ class Soup:
                 progress("commit", 0, 1)
             manifest = dict(self.manifest)
             manifest["generation"] = gen
-            manifest["kind"] = manifest.get("kind") or (
-                detect_layout(members[0].path).kind if members else None
-            )
             manifest["members"] = [m.to_json() for m in members]
             manifest["state"] = state
             manifest["history"] = [*manifest["history"], _event(op, mid, members)]
@@ -328,6 +334,15 @@ class Soup:
                         row["status"] = f"error: {e}"
                 rows.append(row)
             state = self.manifest.get("state")
+            base = self.manifest.get("base")
+            if verify and base:
+                bm = Member("base", base["path"], 1.0, base["files"], base["components"])
+                try:
+                    v = Verifier()
+                    v.check(bm, v.layout(bm), sorted(bm.files))
+                    base = {**base, "status": "ok"}
+                except (ModelNotFoundError, IntegrityError) as e:
+                    base = {**base, "status": f"error: {e}"}
             return {
                 "path": str(self.path),
                 "name": self.manifest.get("name"),
@@ -338,7 +353,7 @@ class Soup:
                 "total_weight": _total_weight(members),
                 "summed": state["summed"] if state else [],
                 "copied": _copied(members),
-                "base": self.manifest.get("base"),
+                "base": base,
                 "history": self.manifest["history"],
                 "leftovers": [f.name for f in self._leftovers()],
             }

@@ -30,6 +30,7 @@ from merge.errors import (
 
 __all__ = [
     "Component",
+    "Signature",
     "Member",
     "SoupLayout",
     "Verifier",
@@ -40,6 +41,7 @@ __all__ = [
     "now_utc",
     "read_json",
     "sha256_file",
+    "signature",
     "weight_files_of",
 ]
 
@@ -305,36 +307,41 @@ class Verifier:
 # ---------------------------------------------------------------------------------------------
 
 
-def _signature(layout: SoupLayout) -> dict[str, dict[str, tuple[tuple[int, ...], bool]]]:
-    """component -> tensor -> (shape, is floating): what members must agree on."""
-    out = {}
+#: component -> tensor -> [shape, is floating]: what members of one soup must agree on
+Signature = dict[str, dict[str, list[Any]]]
+
+
+def signature(layout: SoupLayout) -> Signature:
+    """The architecture of a member, from its safetensors headers: recorded in the soup manifest, so a
+    new member is checked against it without reading the other members."""
+    out: Signature = {}
     for name in layout.components:
         ck = layout.open(name)
         try:
-            out[name] = {t: (ck.shape(t), ck.dtype(t).is_floating_point) for t in ck}
+            out[name] = {t: [list(ck.shape(t)), ck.dtype(t).is_floating_point] for t in ck}
         finally:
             ck.close()
     return out
 
 
-def check_same(ref: SoupLayout, ref_name: str, new: SoupLayout, new_name: str) -> None:
-    if ref.kind != new.kind:
-        raise CheckpointError(
-            f"{new.root}: {new_name} is a {new.kind} folder, but {ref_name} ({ref.root}) is a {ref.kind}"
-        )
-    if set(ref.components) != set(new.components):
-        missing = sorted(set(ref.components) - set(new.components))
-        extra = sorted(set(new.components) - set(ref.components))
+def check_same(kind: str, ref: Signature, ref_name: str, new: SoupLayout, new_name: str) -> Signature:
+    """``new`` is a ``kind`` member with the tensors (names, shapes, float or not) of ``ref``; returns
+    its signature. Errors name the member's file and the first tensor that differs."""
+    if kind != new.kind:
+        raise CheckpointError(f"{new.root}: {new_name} is a {new.kind} folder, but {ref_name} is a {kind}")
+    if set(ref) != set(new.components):
+        missing = sorted(set(ref) - set(new.components))
+        extra = sorted(set(new.components) - set(ref))
         raise CheckpointError(
             f"{new.root}: {new_name} has weight components {sorted(new.components)}, expected "
-            f"{sorted(ref.components)} as in {ref_name}"
+            f"{sorted(ref)} as in {ref_name}"
             + (f" (missing: {', '.join(missing)})" if missing else "")
             + (f" (extra: {', '.join(extra)})" if extra else "")
         )
-    a, b = _signature(ref), _signature(new)
-    for comp in a:
+    b = signature(new)
+    for comp in ref:
         where = f"{new.root / comp}" if comp else f"{new.root}"
-        for t, (shape, flt) in a[comp].items():
+        for t, (shape, flt) in ref[comp].items():
             if t not in b[comp]:
                 raise MissingTensorError(
                     f"{where}: tensor '{t}' is missing (present in {ref_name}); the models do "
@@ -342,20 +349,20 @@ def check_same(ref: SoupLayout, ref_name: str, new: SoupLayout, new_name: str) -
                 )
             if b[comp][t][0] != shape:
                 raise ShapeMismatchError(
-                    f"{where}: tensor '{t}' has shape {list(b[comp][t][0])}, expected "
-                    f"{list(shape)} as in {ref_name}"
+                    f"{where}: tensor '{t}' has shape {b[comp][t][0]}, expected {shape} as in {ref_name}"
                 )
             if b[comp][t][1] != flt:
                 raise ShapeMismatchError(
                     f"{where}: tensor '{t}' is {'' if b[comp][t][1] else 'not '}floating point, "
                     f"unlike in {ref_name}"
                 )
-        extra = sorted(set(b[comp]) - set(a[comp]))
+        extra = sorted(set(b[comp]) - set(ref[comp]))
         if extra:
             raise MissingTensorError(
                 f"{where}: tensor '{extra[0]}' is not in {ref_name} ({len(extra)} such tensors); "
                 "the models do not share an architecture"
             )
+    return b
 
 
 def weight_files_of(layout: SoupLayout, comp: Component) -> set[str]:

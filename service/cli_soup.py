@@ -86,7 +86,8 @@ def _print_show(info: dict[str, Any]) -> None:
         f"soup id {info['soup_id']}"
     )
     if info["base"]:
-        click.echo(f"  base: {info['base']['path']} (sha256 {_short(info['base']['hash'])})")
+        status = f"  [{info['base']['status']}]" if "status" in info["base"] else ""
+        click.echo(f"  base: {info['base']['path']} (sha256 {_short(info['base']['hash'])}){status}")
     if info["members"]:
         width = max(len(m["id"]) for m in info["members"])
         for m in info["members"]:
@@ -263,7 +264,7 @@ def show_cmd(soup_dir: str, verify: bool, as_json: bool) -> None:
 
     info = Soup(soup_dir).show(verify=verify)
     click.echo(json.dumps(info, indent=2)) if as_json else _print_show(info)
-    if verify and any(m.get("status", "ok") != "ok" for m in info["members"]):
+    if verify and any(m.get("status", "ok") != "ok" for m in [*info["members"], info["base"] or {}]):
         sys.exit(2)
 
 

@@ -397,6 +397,9 @@ def test_init_build_and_open_errors(tmp_path: Path) -> None:
         s.add(wide)
     s.add(ms[1])
     assert s.show()["base"]["path"] == str(ms[0].resolve())
+    assert s.show(verify=True)["base"]["status"] == "ok"
+    (ms[0] / "config.json").write_text("{}")
+    assert "has changed" in s.show(verify=True)["base"]["status"]
 
 
 # ---------------------------------------------------------------------------------------------
