@@ -51,6 +51,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -226,7 +227,9 @@ def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     ma, mb = a.mean(0), b.mean(0)
     ca, cb = torch.cov(a.T), torch.cov(b.T)
-    root = scipy.linalg.sqrtm((ca @ cb).numpy())
+    with warnings.catch_warnings():  # rank-deficient covariances (dead ReLU features): the root is still fine
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        root = scipy.linalg.sqrtm((ca @ cb).numpy())
     return float(((ma - mb) ** 2).sum() + torch.trace(ca + cb) - 2 * np.trace(np.real(root)))
 
 

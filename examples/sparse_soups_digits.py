@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -297,8 +298,10 @@ def cli_check(cfg: Config, data: Data, folder: Path, library_soup: torch.nn.Modu
         if "running" not in k and "num_batches" not in k
     )
     zero = {k: float((sd[k] == 0).float().mean()) for k in prunable_weights(model)}
+    n_zero = sum(int((sd[k] == 0).sum()) for k in prunable_weights(model))
+    n_all = sum(sd[k].numel() for k in prunable_weights(model))
     # a soup of ingredients with *different* masks is refused, naming the tensor
-    bad = folder / "ingredient_other_mask"
+    bad = folder / "other_mask"
     bad.mkdir(exist_ok=True)
     other = load_file(ingredients[0] / "model.safetensors")
     w = other["0.weight"]
@@ -314,6 +317,7 @@ def cli_check(cfg: Config, data: Data, folder: Path, library_soup: torch.nn.Modu
         "identical_weights_to_library": weights_equal,
         "test_accuracy": accuracy(model, data.xte, data.yte),
         "zero_fraction_per_tensor": zero,
+        "sparsity": n_zero / n_all,
         "different_masks_exit_code": pb.returncode,
         "different_masks_error": pb.stderr.strip().splitlines()[-1] if pb.stderr.strip() else "",
         "different_masks_wrote_nothing": not (folder / "merged_bad").exists(),
@@ -468,6 +472,8 @@ def main(cfg: Config | None = None, *, verbose: bool = True) -> dict[str, Any]:
     try:
         for seed in cfg.seeds:
             save = cfg.out / "last_phase" if cfg.cli and seed == cfg.seeds[0] else None
+            if save is not None:
+                shutil.rmtree(save, ignore_errors=True)
             r = run_seed(cfg, data, seed, save)
             runs.append(r)
             if verbose:

@@ -34,7 +34,8 @@ def test_sparse_soups_digits_reduced(tmp_path: Path) -> None:
     cli = r["cli"]
     assert cli["identical_weights_to_library"]
     assert cli["test_accuracy"] == pytest.approx(r["runs"][0]["phases"][-1]["soup"])
-    assert all(abs(z - cfg.goal_sparsity) < 0.06 for z in cli["zero_fraction_per_tensor"].values())
+    assert abs(cli["sparsity"] - cfg.goal_sparsity) <= cfg.phases / n_weights  # global: over all matrices
+    assert all(0 < z < 1 for z in cli["zero_fraction_per_tensor"].values())
     assert cli["different_masks_exit_code"] == 2 and "different zero pattern" in cli["different_masks_error"]
     assert cli["different_masks_wrote_nothing"]
     assert set(r["claims"]) == {
