@@ -14,28 +14,13 @@ import importlib.util
 import json
 import sys
 from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
 
-from merge.errors import RecipeError, WeightsmithError
-
-
-def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except WeightsmithError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted; the soup is unchanged", err=True)
-            sys.exit(130)
-
-    return wrapper
+from merge.errors import RecipeError
+from service.cli_common import _fail_cleanly, _size
 
 
 class _Bar:
@@ -223,21 +208,18 @@ def remove_cmd(soup_dir: str, member_id: str, as_json: bool) -> None:
     "-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder."
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically).")
-@click.option("--shard-size", default="5GB", show_default=True, help="Max bytes per output shard.")
+@click.option(
+    "--shard-size", default="5GB", show_default=True, callback=_size, help="Max bytes per output shard."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @_fail_cleanly
-def build_cmd(soup_dir: str, out_dir: str, overwrite: bool, shard_size: str, as_json: bool) -> None:
+def build_cmd(soup_dir: str, out_dir: str, overwrite: bool, shard_size: int, as_json: bool) -> None:
     """Write the soup (the weighted average of its members) to OUT, in the members' layout."""
-    from merge.checkpoint import parse_size
     from merge.soup import Soup
 
-    try:
-        size = parse_size(shard_size)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--shard-size") from None
     bar = _Bar()
     try:
-        info = Soup(soup_dir).build(out_dir, overwrite=overwrite, shard_size=size, progress=bar)
+        info = Soup(soup_dir).build(out_dir, overwrite=overwrite, shard_size=shard_size, progress=bar)
     finally:
         bar.close()
     if as_json:
