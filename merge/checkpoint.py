@@ -257,6 +257,11 @@ class Checkpoint(Mapping[str, torch.Tensor]):
                 return []
             raise CheckpointError(f"{p}: not a checkpoint (expected .safetensors)")
         index = p / INDEX_NAME
+        if not index.exists():
+            # diffusers names its weights diffusion_pytorch_model*.safetensors: any one <name>.safetensors.index.json
+            others = sorted(p.glob("*.safetensors.index.json"))
+            if len(others) == 1:
+                index = others[0]
         if index.exists():
             try:
                 data = json.loads(index.read_text(), object_pairs_hook=_no_duplicates)
@@ -433,8 +438,14 @@ class CheckpointWriter:
 
     def __init__(self, out_dir: str | Path, tensors: Iterable[OutputTensor], *,
                  shard_size: int = 5 * 10**9, overwrite: bool = False,
-                 metadata: dict[str, str] | None = None, direct_io: bool = True) -> None:
+                 metadata: dict[str, str] | None = None, direct_io: bool = True,
+                 weights_name: str = "model.safetensors") -> None:
         self.out_dir = Path(out_dir)
+        if not weights_name.endswith(".safetensors") or "/" in weights_name:
+            raise ValueError(f"weights_name {weights_name!r} must be a file name ending in .safetensors")
+        #: ``model.safetensors`` (transformers), ``diffusion_pytorch_model.safetensors`` (diffusers): the one
+        #: file's name, the shards' stem (``<stem>-00001-of-00003.safetensors``) and ``<name>.index.json``
+        self.weights_name = weights_name
         if self.out_dir.exists() and not overwrite:
             raise OutputExistsError(f"{self.out_dir}: output already exists (pass --overwrite to replace it)")
         self.tensors = list(tensors)
@@ -460,9 +471,10 @@ class CheckpointWriter:
             size += t.nbytes
         n = len(shards)
         self._shards = shards
+        stem = self.weights_name.removesuffix(".safetensors")
         self._shard_names = (
-            ["model.safetensors"] if n == 1
-            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            [self.weights_name] if n == 1
+            else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         )
         self._headers: list[bytes] = []
         self._sizes: list[int] = []
@@ -533,7 +545,7 @@ class CheckpointWriter:
                 "metadata": {"total_size": self.total_bytes},
                 "weight_map": {t.name: self._shard_names[self._layout[t.name][0]] for t in self.tensors},
             }
-            (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            (self.tmp / f"{self.weights_name}.index.json").write_text(json.dumps(index, indent=2) + "\n")
         for f in self.tmp.iterdir():
             if f.suffix != ".safetensors":
                 with open(f, "rb") as fh:

@@ -76,3 +76,20 @@ class AdapterError(CheckpointError):
 
 class UnsupportedAdapterError(AdapterError):
     """An adapter type or option weightsmith cannot apply exactly (DoRA, LoHa, LoKr, lora_bias...)."""
+
+
+# -- soups (merge/soup.py, merge/methods/soups.py) ------------------------------------------------
+class SoupError(WeightsmithError):
+    """A soup folder operation is invalid (not a soup, unknown or duplicate member, empty soup...)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class IntegrityError(CheckpointError):
+    """A file no longer has the content hash recorded for it (a soup member changed on disk)."""
+
+    grpc_code = "DATA_LOSS"
+
+
+class MaskMismatchError(ShapeMismatchError):
+    """Sparse checkpoints that must share one sparsity mask (zero pattern) do not."""

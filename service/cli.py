@@ -162,5 +162,9 @@ from service.cli_adapter import adapter  # noqa: E402  (LoRA adapters: issue 14)
 
 main.add_command(adapter)
 
+from service.cli_soup import soup  # noqa: E402
+
+main.add_command(soup)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -72,7 +72,10 @@ def test_merge_digits_claims(tmp_path: Path) -> None:
     d = str(cfg.ties_densities[0])
     for lam in ("0.2", "0.3"):
         assert by["small"]["ties_sum"][d][lam]["test_per_task"] != by["small"]["ta"][lam]["test_per_task"]
-        assert by["small"]["ties_sum"][d][lam]["test_per_task"] != by["small"]["trim_only"][d][lam]["test_per_task"]
+        assert (
+            by["small"]["ties_sum"][d][lam]["test_per_task"]
+            != by["small"]["trim_only"][d][lam]["test_per_task"]
+        )
 
     # 4. DARE: at p = 0.9 small deltas survive, large ones break; the 1/(1-p) rescale is what works;
     #    at p = 0.99 even small deltas break (so entries really are dropped)
@@ -88,6 +91,13 @@ def test_merge_digits_claims(tmp_path: Path) -> None:
 
     # the example's own verdicts agree with the assertions above
     claims = result["claims"]
-    for name in ("ta_peaked_small", "merge_beats_singles_small", "merge_beats_singles_large", "ties_ge_ta_large",
-                 "dare_small_deltas_survive_p0.9", "dare_large_deltas_break_p0.9", "dare_rescale_matters_p0.9"):
+    for name in (
+        "ta_peaked_small",
+        "merge_beats_singles_small",
+        "merge_beats_singles_large",
+        "ties_ge_ta_large",
+        "dare_small_deltas_survive_p0.9",
+        "dare_large_deltas_break_p0.9",
+        "dare_rescale_matters_p0.9",
+    ):
         assert claims[name]["holds"], (name, claims[name])

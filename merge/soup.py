@@ -1,0 +1,649 @@
+"""A living soup folder: Diffusion Soup's members can be added and removed after the fact.
+
+Biggs, Seshadri et al., "Diffusion Soup: Model Merging for Text-to-Image Diffusion Models"
+(arXiv:2406.08431): models fine-tuned from one pretrained checkpoint on separate data shards are
+averaged, θ_soup = Σ_i w_i θ_i / Σ_i w_i (§3, uniform w_i in the paper); adding a shard's model
+is continual learning, removing one unlearns its shard.
+
+A soup is a folder::
+
+    soup.json          manifest: members (path, weight, content hashes), base, dtype, history
+    state-<gen>/       float64 running sums Σ_i w_i θ_i of the components that differ between members
+    .lock              flock(2) target: one add/remove at a time, builds see a consistent state
+
+Members are checkpoints (a ``.safetensors`` file or a folder, sharded or not) or **diffusers
+folders** (``model_index.json`` and one sub-folder per component). Components whose weights
+differ between members are summed; identical ones (a frozen text encoder or VAE) are copied
+byte for byte at build time; config, scheduler and tokenizer files come from the first member.
+
+Exactness. ``add`` updates the running sum, ``S ← S + w·θ`` in float64; ``remove`` recomputes
+the sum from the remaining members (in their order), because subtraction does not undo a
+rounded addition exactly. Both follow the same sequence of float64 operations as souping the
+members from scratch (``init``), so removing a member gives exactly the bits of a soup built
+without it, and add-then-remove restores the previous soup bit for bit.
+
+Integrity and atomicity. Every member file's sha256 is recorded when it joins, and checked
+before the file is read again (a changed file is an :class:`~merge.errors.IntegrityError`
+naming it); the state's files are hashed too. An operation writes a new ``state-<gen>/`` and
+then replaces ``soup.json`` with one rename, so a failure or a kill at any point leaves the
+soup as it was (a leftover state folder is removed by the next ``add``/``remove``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merge.checkpoint import Checkpoint, CheckpointWriter, OutputTensor, open_checkpoint
+from merge.errors import (
+    IntegrityError,
+    ModelNotFoundError,
+    NonFiniteError,
+    OutputExistsError,
+    SoupError,
+)
+from merge.methods.runner import CHUNK_ELEMS, chunk_grid
+from merge.soup_members import (
+    Component,
+    Member,
+    Progress,
+    SoupLayout,
+    Verifier,
+    check_same,
+    copy_verified,
+    detect_layout,
+    new_member,
+    now_utc,
+    read_json,
+    sha256_file,
+    signature,
+    weight_files_of,
+)
+
+__all__ = ["Member", "Soup", "SoupLayout", "detect_layout"]
+
+MANIFEST = "soup.json"
+LOCK = ".lock"
+FORMAT = "weightsmith-soup"
+VERSION = 1
+BUILD_INFO = "weightsmith_soup.json"
+OUT_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# The soup
+# ---------------------------------------------------------------------------------------------
+
+
+class Soup:
+    """A soup folder. Every operation re-reads ``soup.json`` under the folder's lock."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.manifest = self._read()
+
+    # -- manifest --------------------------------------------------------------------------------
+    def _read(self) -> dict[str, Any]:
+        f = self.path / MANIFEST
+        if not f.is_file():
+            if not self.path.exists():
+                raise ModelNotFoundError(f"{self.path}: no such soup folder")
+            raise SoupError(
+                f"{self.path}: not a soup folder (no {MANIFEST}; create one with 'weightsmith soup init')"
+            )
+        data = read_json(f)
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise SoupError(f"{f}: not a weightsmith soup manifest")
+        if data.get("version") != VERSION:
+            raise SoupError(
+                f"{f}: soup format version {data.get('version')}, this weightsmith reads {VERSION}"
+            )
+        return data
+
+    @property
+    def members(self) -> list[Member]:
+        return [Member.from_json(m) for m in self.manifest["members"]]
+
+    @property
+    def soup_id(self) -> str:
+        return _soup_id(self.members)
+
+    @property
+    def total_weight(self) -> float:
+        return _total_weight(self.members)
+
+    @contextlib.contextmanager
+    def _locked(self, exclusive: bool) -> Iterator[None]:
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            self.manifest = self._read()
+            yield
+        finally:
+            os.close(fd)
+
+    # -- creating --------------------------------------------------------------------------------
+    @classmethod
+    def init(
+        cls,
+        path: str | Path,
+        members: list[str | Path] | None = None,
+        *,
+        ids: list[str] | None = None,
+        weights: list[float] | None = None,
+        base: str | Path | None = None,
+        dtype: str | None = None,
+        name: str | None = None,
+        progress: Progress | None = None,
+    ) -> Soup:
+        """Create a soup folder at ``path`` (which must not exist) with the given members, atomically."""
+        path = Path(path)
+        if path.exists():
+            raise OutputExistsError(f"{path}: already exists (a soup is created in a new folder)")
+        if dtype is not None and dtype not in OUT_DTYPES:
+            raise SoupError(f"dtype {dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
+        members = [Path(m) for m in members or []]
+        ids = list(ids) if ids is not None else [_default_id(m) for m in members]
+        weights = list(weights) if weights is not None else [1.0] * len(members)
+        if len(ids) != len(members) or len(weights) != len(members):
+            raise SoupError(f"{len(members)} members but {len(ids)} ids and {len(weights)} weights")
+        base_rec = None
+        ref: tuple[str, Any, str] | None = None  # kind, signature, what it is
+        if base is not None:
+            bm, blayout = new_member(Path(base), "base", 1.0, progress)
+            base_rec = {k: v for k, v in bm.to_json().items() if k not in ("id", "weight")}
+            ref = (blayout.kind, signature(blayout), "the base")
+        recs: list[Member] = []
+        for m, mid, w in zip(members, ids, weights, strict=True):
+            _check_id(mid, recs)
+            rec, layout = new_member(m, mid, _check_weight(w, mid), progress)
+            if ref is None:
+                ref = (layout.kind, signature(layout), f"member '{mid}'")
+            else:
+                check_same(ref[0], ref[1], ref[2], layout, f"member '{mid}'")
+            recs.append(rec)
+        tmp = path.parent / f"{path.name}.partial-{uuid.uuid4().hex[:12]}"
+        tmp.mkdir(parents=True)
+        try:
+            (tmp / LOCK).touch()
+            manifest = {
+                "format": FORMAT,
+                "version": VERSION,
+                "name": name or path.name,
+                "created": now_utc(),
+                "kind": ref[0] if ref else None,
+                "signature": ref[1] if ref else None,
+                "signature_from": ref[2] if ref else None,
+                "dtype": dtype,
+                "base": base_rec,
+                "generation": 1,
+                "members": [],
+                "state": None,
+                "history": [],
+            }
+            ver = Verifier()
+            for r in recs:
+                ver.trust(r)
+            manifest["state"] = _write_state(tmp, 1, recs, None, None, ver, progress)
+            manifest["members"] = [r.to_json() for r in recs]
+            manifest["history"].append(_event("init", None, recs))
+            _write_manifest(tmp, manifest)
+            os.rename(tmp, path)
+            _fsync_dir(path.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls(path)
+
+    # -- membership ------------------------------------------------------------------------------
+    def add(
+        self,
+        member: str | Path,
+        *,
+        id: str | None = None,
+        weight: float = 1.0,
+        progress: Progress | None = None,
+    ) -> Soup:
+        """Add a member (continual learning: S ← S + w·θ). Atomic: on any error the soup is unchanged."""
+        member = Path(member)
+        with self._locked(exclusive=True):
+            self._cleanup()
+            members = self.members
+            mid = id or _default_id(member)
+            _check_id(mid, members)
+            rec, layout = new_member(member, mid, _check_weight(weight, mid), progress)
+            ver = Verifier()
+            ver.trust(rec)  # hashed a moment ago
+            if self.manifest.get("signature") is None:  # the soup's first member (and no base)
+                self.manifest["kind"] = layout.kind
+                self.manifest["signature"] = signature(layout)
+                self.manifest["signature_from"] = f"member '{mid}'"
+            else:
+                check_same(
+                    self.manifest["kind"],
+                    self.manifest["signature"],
+                    self.manifest["signature_from"],
+                    layout,
+                    f"member '{mid}'",
+                )
+            self._commit("add", mid, [*members, rec], (members, rec), ver, progress)
+        return self
+
+    def remove(self, member_id: str, *, progress: Progress | None = None) -> Soup:
+        """Remove a member (unlearning): the sums are recomputed from the remaining members, so the
+        result is exactly the soup of the others. Atomic: on any error the soup is unchanged."""
+        with self._locked(exclusive=True):
+            self._cleanup()
+            members = self.members
+            if member_id not in {m.id for m in members}:
+                known = ", ".join(m.id for m in members) or "none"
+                raise SoupError(f"{self.path}: '{member_id}' is not a member of the soup (members: {known})")
+            rest = [m for m in members if m.id != member_id]
+            self._commit("remove", member_id, rest, None, Verifier(), progress)
+        return self
+
+    def _commit(
+        self,
+        op: str,
+        mid: str,
+        members: list[Member],
+        incremental: tuple[list[Member], Member] | None,
+        ver: Verifier,
+        progress: Progress | None,
+    ) -> None:
+        old_state = self.manifest.get("state")
+        gen = int(self.manifest.get("generation", 1)) + 1
+        state = _write_state(self.path, gen, members, incremental, old_state, ver, progress)
+        try:
+            if progress:
+                progress("commit", 0, 1)
+            manifest = dict(self.manifest)
+            manifest["generation"] = gen
+            manifest["members"] = [m.to_json() for m in members]
+            manifest["state"] = state
+            manifest["history"] = [*manifest["history"], _event(op, mid, members)]
+            _write_manifest(self.path, manifest)
+        except BaseException:
+            if state is not None:
+                shutil.rmtree(self.path / state["dir"], ignore_errors=True)
+            raise
+        self.manifest = manifest
+        if old_state is not None and (state is None or old_state["dir"] != state["dir"]):
+            shutil.rmtree(self.path / old_state["dir"], ignore_errors=True)
+        if progress:
+            progress("commit", 1, 1)
+
+    def _cleanup(self) -> None:
+        """Remove what an interrupted operation left (unreferenced state folders, temp files)."""
+        for f in self._leftovers():
+            if f.is_dir():
+                shutil.rmtree(f, ignore_errors=True)
+            else:
+                f.unlink(missing_ok=True)
+
+    def _leftovers(self) -> list[Path]:
+        keep = (self.manifest.get("state") or {}).get("dir")
+        out = []
+        for f in sorted(self.path.iterdir()):
+            if f.name in (MANIFEST, LOCK) or f.name == keep:
+                continue
+            if f.name.startswith("state-") or f.name.startswith(f"{MANIFEST}.tmp-"):
+                out.append(f)
+        return out
+
+    # -- reading ---------------------------------------------------------------------------------
+    def show(self, *, verify: bool = False) -> dict[str, Any]:
+        """The manifest in brief; with ``verify``, every member file is hashed and checked."""
+        with self._locked(exclusive=False):
+            members = self.members
+            rows = []
+            for m in members:
+                row = {"id": m.id, "weight": m.weight, "path": m.path, "hash": m.hash, "added": m.added}
+                if verify:
+                    try:
+                        v = Verifier()
+                        layout = v.layout(m)
+                        v.check(m, layout, sorted(m.files))
+                        row["status"] = "ok"
+                    except (ModelNotFoundError, IntegrityError) as e:
+                        row["status"] = f"error: {e}"
+                rows.append(row)
+            state = self.manifest.get("state")
+            base = self.manifest.get("base")
+            if verify and base:
+                bm = Member("base", base["path"], 1.0, base["files"], base["components"])
+                try:
+                    v = Verifier()
+                    v.check(bm, v.layout(bm), sorted(bm.files))
+                    base = {**base, "status": "ok"}
+                except (ModelNotFoundError, IntegrityError) as e:
+                    base = {**base, "status": f"error: {e}"}
+            return {
+                "path": str(self.path),
+                "name": self.manifest.get("name"),
+                "kind": self.manifest.get("kind"),
+                "dtype": self.manifest.get("dtype"),
+                "soup_id": _soup_id(members),
+                "members": rows,
+                "total_weight": _total_weight(members),
+                "summed": state["summed"] if state else [],
+                "copied": _copied(members),
+                "base": base,
+                "history": self.manifest["history"],
+                "leftovers": [f.name for f in self._leftovers()],
+            }
+
+    def build(
+        self,
+        out: str | Path,
+        *,
+        overwrite: bool = False,
+        shard_size: int = 5 * 10**9,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """Write the soup Σ w_i θ_i / Σ w_i as a checkpoint (or diffusers) folder at ``out``, atomically."""
+        out = Path(out)
+        if out.exists() and not overwrite:
+            raise OutputExistsError(f"{out}: output already exists (pass --overwrite to replace it)")
+        with self._locked(exclusive=False):
+            members = self.members
+            if not members:
+                raise SoupError(f"{self.path}: the soup has no members; nothing to build")
+            state = self.manifest.get("state")
+            ver = Verifier()
+            ref = members[0]
+            rlayout = ver.layout(ref)
+            summed = state["summed"] if state else []
+            sums = _open_state(self.path, state) if state else None
+            dtype = OUT_DTYPES.get(self.manifest.get("dtype") or "")
+            total = _total_weight(members)
+            tmp = out.parent / f"{out.name}.partial-{uuid.uuid4().hex[:12]}"
+            tree = tmp / "soup"  # built here, then renamed to ``out``
+            tmp.mkdir(parents=True)
+            try:
+                skip: set[str] = set()
+                for comp in summed:  # first: a root component's writer creates ``tree`` itself
+                    c = rlayout.components[comp]
+                    skip |= weight_files_of(rlayout, c)
+                    ver.weights(ref, comp)
+                    _build_component(tree, rlayout, c, sums, total, dtype, shard_size, progress)
+                tree.mkdir(exist_ok=True)
+                copied = [rel for rel in rlayout.files() if rel not in skip and rel != BUILD_INFO]
+                for i, rel in enumerate(copied):
+                    dst = tree / (rlayout.components[""].weights_name if rlayout.root.is_file() else rel)
+                    copy_verified(ref, rlayout, rel, dst)
+                    if progress:
+                        progress("write", i + 1, len(copied))
+                info = {
+                    "soup": str(self.path.resolve()),
+                    "soup_id": _soup_id(members),
+                    "kind": self.manifest["kind"],
+                    "total_weight": total,
+                    "summed": summed,
+                    "copied": _copied(members),
+                    "members": [
+                        {"id": m.id, "path": m.path, "weight": m.weight, "hash": m.hash} for m in members
+                    ],
+                    "paper": "Biggs, Seshadri et al., Diffusion Soup, arXiv:2406.08431",
+                }
+                (tree / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+                _fsync_tree(tree)
+                old = None
+                if out.exists():
+                    if not overwrite:
+                        raise OutputExistsError(f"{out}: output appeared while building; not replaced")
+                    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
+                    os.rename(out, old)
+                os.rename(tree, out)
+                _fsync_dir(out.parent)
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if sums is not None:
+                    sums.close()
+        return {"out": str(out), **info}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: ids, events, state
+# ---------------------------------------------------------------------------------------------
+
+
+def _default_id(path: Path) -> str:
+    return path.stem if path.suffix == ".safetensors" else path.resolve().name
+
+
+def _check_id(mid: str, members: list[Member]) -> None:
+    if not mid or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@+-]*", mid):
+        raise SoupError(f"member id {mid!r}: use letters, digits and . _ @ + - (pass --id)")
+    if mid in {m.id for m in members}:
+        raise SoupError(f"member id '{mid}' is already in the soup (pass another --id)")
+
+
+def _check_weight(w: float, mid: str) -> float:
+    w = float(w)
+    if not math.isfinite(w) or w <= 0:
+        raise SoupError(f"member '{mid}': weight must be a positive number, got {w}")
+    return w
+
+
+def _total_weight(members: list[Member]) -> float:
+    total = 0.0
+    for m in members:
+        total += m.weight
+    return total
+
+
+def _soup_id(members: list[Member]) -> str:
+    h = hashlib.sha256(json.dumps([[m.id, m.hash, m.weight] for m in members]).encode())
+    return h.hexdigest()[:16]
+
+
+def _event(op: str, mid: str | None, members: list[Member]) -> dict[str, Any]:
+    e: dict[str, Any] = {"op": op, "time": now_utc()}
+    if mid is not None:
+        e["member"] = mid
+    e["members"] = [m.id for m in members]
+    e["soup_id"] = _soup_id(members)
+    return e
+
+
+def _differing(members: list[Member]) -> list[str]:
+    """Components whose weights differ between members (these are summed; the rest is copied)."""
+    if not members:
+        return []
+    comps = members[0].components
+    return sorted(c for c in comps if len({m.components.get(c) for m in members}) > 1)
+
+
+def _copied(members: list[Member]) -> list[str]:
+    if not members:
+        return []
+    d = set(_differing(members))
+    return sorted(c for c in members[0].components if c not in d)
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    tmp = folder / f"{MANIFEST}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(manifest, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / MANIFEST)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(folder)
+
+
+def _state_name(comp: str, tensor: str) -> str:
+    return f"{comp}/{tensor}" if comp else tensor
+
+
+def _open_state(folder: Path, state: dict[str, Any]) -> Checkpoint:
+    d = folder / state["dir"]
+    for rel, digest in state["files"].items():
+        f = d / rel
+        if not f.is_file():
+            raise IntegrityError(f"{f}: the soup's running sum is missing (the soup folder was modified)")
+        got = sha256_file(f)
+        if got != digest:
+            raise IntegrityError(
+                f"{f}: the soup's running sum has changed (sha256 {got[:12]}..., recorded {digest[:12]}...)"
+            )
+    return open_checkpoint(d)
+
+
+def _write_state(
+    folder: Path,
+    gen: int,
+    members: list[Member],
+    incremental: tuple[list[Member], Member] | None,
+    old_state: dict[str, Any] | None,
+    ver: Verifier,
+    progress: Progress | None,
+) -> dict[str, Any] | None:
+    """Write ``state-<gen>/`` with Σ_i w_i θ_i (float64) for every component that differs between
+    ``members``. With ``incremental = (previous members, new member)``, components already summed
+    in ``old_state`` are updated as S + w·θ_new; everything else is summed from scratch, in member order."""
+    summed = _differing(members)
+    if not summed:
+        return None
+    old_summed = set(old_state["summed"]) if old_state else set()
+    ref = members[0]
+    rlayout = ver.layout(ref)
+    plans: list[tuple[str, str, tuple[int, ...]]] = []  # (component, tensor, shape)
+    for comp in summed:
+        ck = rlayout.open(comp)
+        try:
+            plans += [(comp, t, ck.shape(t)) for t in ck if ck.dtype(t).is_floating_point]
+        finally:
+            ck.close()
+    outputs = [OutputTensor(_state_name(c, t), s, torch.float64) for c, t, s in plans]
+    sums = _open_state(folder, old_state) if incremental is not None and old_state and old_summed else None
+    opened: dict[tuple[str, str], Checkpoint] = {}
+
+    def ckpt(m: Member, comp: str) -> Checkpoint:
+        key = (m.id, comp)
+        if key not in opened:
+            opened[key] = ver.weights(m, comp).open(comp)
+        return opened[key]
+
+    new_member = incremental[1] if incremental else None
+    dirname = f"state-{gen:06d}"
+    done = 0
+    try:
+        with CheckpointWriter(folder / dirname, outputs, metadata={"weightsmith": "soup running sum"}) as w:
+            for comp, t, shape in plans:
+                from_sum = sums is not None and comp in old_summed
+                contributors = [new_member] if from_sum else members
+                for r0, r1 in chunk_grid(shape, CHUNK_ELEMS):
+                    acc = sums.rows(_state_name(comp, t), r0, r1).clone() if from_sum else None
+                    for m in contributors:
+                        assert m is not None
+                        c = ckpt(m, comp)
+                        x = c.rows(t, r0, r1).to(torch.float64)
+                        if not bool(torch.isfinite(x).all()):
+                            raise NonFiniteError(
+                                f"{c.path}: tensor '{t}' contains NaN or Inf values (soup member '{m.id}')"
+                            )
+                        acc = _accumulate(acc, x, m.weight)
+                    assert acc is not None
+                    w.write_rows(_state_name(comp, t), r0, r1, acc)
+                done += 1
+                if progress:
+                    progress("sum", done, len(plans))
+    finally:
+        for c in opened.values():
+            c.close()
+        if sums is not None:
+            sums.close()
+    d = folder / dirname
+    files = {f.name: sha256_file(f) for f in sorted(d.iterdir()) if f.is_file()}
+    return {"dir": dirname, "summed": summed, "files": files}
+
+
+def _accumulate(acc: torch.Tensor | None, x: torch.Tensor, weight: float) -> torch.Tensor:
+    """acc + w·x in float64, as two separately rounded operations (never a fused multiply-add), so
+    that an incremental sum and a from-scratch sum perform the same operations bit for bit."""
+    t = x * weight
+    return t if acc is None else acc.add_(t)
+
+
+def _build_component(
+    tree: Path,
+    rlayout: SoupLayout,
+    comp: Component,
+    sums: Checkpoint | None,
+    total: float,
+    dtype: torch.dtype | None,
+    shard_size: int,
+    progress: Progress | None,
+) -> None:
+    assert sums is not None
+    ref = rlayout.open(comp.name)
+    try:
+        names = list(ref.keys())
+        outputs = [
+            OutputTensor(
+                t,
+                ref.shape(t),
+                dtype if dtype is not None and ref.dtype(t).is_floating_point else ref.dtype(t),
+            )
+            for t in names
+        ]
+        target = tree / comp.folder if comp.folder else tree
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with CheckpointWriter(
+            target,
+            outputs,
+            shard_size=shard_size,
+            metadata={"weightsmith": "soup"},
+            weights_name=comp.weights_name,
+        ) as w:
+            for i, o in enumerate(outputs):
+                for r0, r1 in chunk_grid(o.shape, CHUNK_ELEMS):
+                    if ref.dtype(o.name).is_floating_point:
+                        x = sums.rows(_state_name(comp.name, o.name), r0, r1).div(total).to(o.dtype)
+                    else:
+                        x = ref.rows(o.name, r0, r1)
+                    w.write_rows(o.name, r0, r1, x)
+                if progress:
+                    progress("write", i + 1, len(outputs))
+    finally:
+        ref.close()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for dirpath, _dirs, files in os.walk(folder):
+        for f in files:
+            with open(Path(dirpath) / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(dirpath))
