@@ -40,13 +40,13 @@ MLP_A = {"kind": "mlp", "depth": 2, "width": 32, "activation": ["relu", "tanh"],
 
 
 def zoo_a(runs: int, seed: int = 0) -> dict[str, Any]:
-    return {"name": "A-homogeneous", "seed": seed, "runs": runs, "tasks": ["digits"],
+    return {"name": f"A-homogeneous-{runs}", "seed": seed, "runs": runs, "tasks": ["digits"],
             "checkpoints": [0, 1, 2, 5, 10, 20], "architectures": [MLP_A]}  # fmt: skip
 
 
 def zoo_b(runs: int, seed: int = 1) -> dict[str, Any]:
     return {
-        "name": "B-heterogeneous", "seed": seed, "runs": runs, "tasks": ["digits"], "checkpoints": [1, 3, 10],
+        "name": f"B-heterogeneous-{runs}", "seed": seed, "runs": runs, "tasks": ["digits"], "checkpoints": [1, 3, 10],
         "architectures": [
             {"kind": "mlp", "depth": [1, 2, 3], "width": [16, 32, 64], "norm": ["none", "layernorm", "batchnorm"],
              "activation": ["relu", "tanh", "gelu", "sigmoid", "leaky_relu"]},
@@ -59,7 +59,7 @@ def zoo_b(runs: int, seed: int = 1) -> dict[str, Any]:
 
 def zoo_c(runs: int, seed: int = 2) -> dict[str, Any]:
     return {
-        "name": "C-task-id", "seed": seed, "runs": runs,
+        "name": f"C-task-id-{runs}", "seed": seed, "runs": runs,
         "tasks": ["digits", "digits_permuted", "digits_relabel", "parity"], "checkpoints": [],
         "architectures": [{"kind": "mlp", "depth": 2, "width": 32, "activation": "relu", "norm": "none"}],
         "hparams": {"epochs": {"int": [5, 20]}, "label_noise": {"uniform": [0.0, 0.2]},
