@@ -1,0 +1,378 @@
+"""Benchmark: one optimisation step of Concrete TA / AdaMerging, ours vs. rebuilding a module every step.
+
+Two implementations of the same step (same relaxed-Bernoulli mask, same rescale, same entropy
+objective over T tasks with a batch of 16 each, same Adam update):
+
+- ``ours``: :func:`merge.methods.concrete.learn_concrete_task_arithmetic` /
+  :func:`~merge.methods.concrete.learn_adamerging` (``torch.func.functional_call`` on the merged
+  tensors; each task's forward/backward stops at the merged tensors, then one backward through the
+  merge; for Concrete TA the fixed Σ_t λ τ_t is computed once);
+- ``rebuild``: the way research code does it (AdaMerging's ``load_weights``, FusionBench's
+  ``merge_weights`` with a mask): every step sums θ_0 + Σ_t τ_t · (λ_t · m) tensor by tensor, deep-copies
+  the architecture and installs the merged tensors as its weights, runs all tasks and backpropagates
+  their summed loss once.
+
+Models: the example's backbone (``examples/concrete_merging.py``: MLP 64 → 1024 → 1024, 1.1 M
+parameters, 8 tasks) and one about 10× larger (64 → 3264 → 3264, 10.9 M). Weights are synthetic
+(θ_0 random, θ_t = θ_0 + noise): time and memory do not depend on their values.
+
+Each measurement runs in its own process: seconds per step (median of the steps after the first)
+and the peak resident memory of the learning call above what the caller already holds (θ_0 and
+the T fine-tuned state dicts), from ``VmHWM`` (reset with ``/proc/self/clear_refs`` before the
+call); on CUDA, ``torch.cuda.max_memory_allocated``. Both hold the T task vectors (T × model); what
+matters is the rest, reported in units of the model's float32 size. Implementations alternate in
+interleaved rounds; the table reports medians and same-round ratios.
+
+Run: ``.venv/bin/python bench/concrete.py [--rounds 3] [--steps 8] [--device cpu]`` → prints a
+table, writes ``bench/out/concrete.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, str(THREADS))
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "bench" / "out"
+
+SIZES = {"example": 1024, "10x": 3264}
+
+
+# ---------------------------------------------------------------------------------------------
+# the child: one implementation, one size
+# ---------------------------------------------------------------------------------------------
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _problem(hidden: int, n_tasks: int, device: str) -> tuple[Any, dict, list[dict]]:
+    from examples.concrete_merging import Backbone, CosineHead
+    from merge.methods.concrete import FusionProblem, FusionTask
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    base = {k: v.detach().clone() for k, v in Backbone(hidden).state_dict().items()}
+    models = [
+        {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(n_tasks)
+    ]
+    tasks = [
+        FusionTask(
+            f"t{i}",
+            torch.rand(256, 64, generator=g),
+            head=CosineHead(torch.randn(10, hidden, generator=g), 100.0),
+        )
+        for i in range(n_tasks)
+    ]
+    return FusionProblem(Backbone(hidden), tasks), base, models
+
+
+def _set_tensor(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    *path, leaf = name.split(".")
+    for p in path:
+        module = getattr(module, p)
+    delattr(module, leaf)
+    setattr(module, leaf, value)
+
+
+def rebuild_learn(
+    base: dict,
+    models: list[dict],
+    problem: Any,
+    *,
+    mode: str,
+    steps: int,
+    device: str,
+    progress: Any,
+    lam0: float = 0.3,
+    lr: float = 1e-2,
+    temperature: float = 0.5,
+    seed: int = 0,
+) -> None:
+    """The straightforward implementation: merge, deep-copy and load a module, every step."""
+    from merge.methods._fusion import entropy_loss, task_batches
+
+    dev = torch.device(device)
+    keys = list(base)
+    b = {k: base[k].to(dev) for k in keys}
+    tau = {k: [m[k].to(dev) - b[k] for m in models] for k in keys}  # per model, as research code keeps them
+    T = len(models)
+    template = problem.model.to(dev) if dev.type == "cpu" else copy.deepcopy(problem.model).to(dev)
+    heads = [copy.deepcopy(t.head).to(dev) for t in problem.tasks]
+    if mode == "concrete_ta":
+        logits = {k: torch.zeros_like(b[k], requires_grad=True) for k in keys}
+        params = list(logits.values())
+        gen = torch.Generator(device=dev).manual_seed(seed)
+    else:
+        lam = torch.full((T, len(keys)), lam0, device=dev, requires_grad=True)
+        params = [lam]
+    opt = torch.optim.Adam(params, lr=lr)
+    batches = task_batches(problem, 16, seed, dev)
+    for step in range(steps):
+        merged = {}
+        if mode == "concrete_ta":
+            mask = {}
+            for k in keys:
+                u = torch.rand(b[k].shape, generator=gen, device=dev).clamp(1e-6, 1 - 1e-6)
+                m = torch.sigmoid((logits[k] + u.log() - torch.log1p(-u)) / temperature)
+                mask[k] = m / m.mean()
+            for k in keys:
+                acc = b[k]
+                for t in range(T):
+                    acc = acc + tau[k][t] * (lam0 * mask[k])
+                merged[k] = acc
+        else:
+            for i, k in enumerate(keys):
+                acc = b[k]
+                for t in range(T):
+                    acc = acc + tau[k][t] * lam[t, i].clamp(0, 1)
+                merged[k] = acc
+        model = copy.deepcopy(template)
+        for k, v in merged.items():
+            _set_tensor(model, k, v)
+        loss = sum(entropy_loss(heads[t](model(next(batches[t])))) for t in range(T))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        progress("step", step + 1, steps, float(loss.detach()))
+
+
+def child_learn(
+    impl: str, mode: str, base: dict, models: list[dict], problem: Any, steps: int, device: str, progress: Any
+) -> None:
+    from merge.methods.concrete import learn_adamerging, learn_concrete_task_arithmetic
+
+    if impl == "ours":
+        if mode == "concrete_ta":
+            learn_concrete_task_arithmetic(
+                base, models, problem, steps=steps, lr=1e-2, device=device, progress=progress
+            )
+        else:
+            learn_adamerging(
+                base, models, problem, coefficients="layer", steps=steps, device=device, progress=progress
+            )
+    else:
+        rebuild_learn(base, models, problem, mode=mode, steps=steps, device=device, progress=progress)
+
+
+def child_run(
+    impl: str, mode: str, hidden: int, n_tasks: int, steps: int, device: str, progress: Any
+) -> None:
+    problem, base, models = _problem(hidden, n_tasks, device)
+    child_learn(impl, mode, base, models, problem, steps, device, progress)
+
+
+def child(impl: str, mode: str, hidden: int, n_tasks: int, steps: int, device: str) -> dict[str, Any]:
+    torch.set_num_threads(THREADS)
+    # warm up torch's lazily initialised state (autograd engine, optimiser, kernels) on a tiny problem,
+    # so the peak below is the learning call's own memory
+    child_run(impl, mode, 16, n_tasks, 2, device, lambda *_: None)
+    problem, base, models = _problem(hidden, n_tasks, device)
+    n_params = sum(v.numel() for v in base.values())
+    stamps: list[float] = []
+
+    def progress(_phase: str, _step: int, _steps: int, _loss: float) -> None:
+        stamps.append(time.perf_counter())
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        alloc0 = torch.cuda.memory_allocated()
+    rss0 = _rss_kb("VmRSS")
+    _reset_peak()
+    t0 = time.perf_counter()
+    child_learn(impl, mode, base, models, problem, steps, device, progress)
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - alloc0
+    else:
+        peak = (_rss_kb("VmHWM") - rss0) * 1024
+    per_step = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return {
+        "impl": impl,
+        "mode": mode,
+        "hidden": hidden,
+        "tasks": n_tasks,
+        "params": n_params,
+        "model_bytes": 4 * n_params,
+        "task_vector_bytes": 4 * n_params * n_tasks,
+        "seconds_per_step": statistics.median(per_step) if per_step else float("nan"),
+        "first_step_seconds": stamps[0] - t0 if stamps else float("nan"),
+        "peak_bytes": peak,
+        "device": device,
+        "threads": torch.get_num_threads(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the parent
+# ---------------------------------------------------------------------------------------------
+
+
+def run_child(impl: str, mode: str, hidden: int, n_tasks: int, steps: int, device: str) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        impl,
+        mode,
+        str(hidden),
+        str(n_tasks),
+        str(steps),
+        device,
+    ]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument(
+        "--scaling-tasks", type=int, nargs="*", default=[4, 16], help="extra task counts (example size)"
+    )
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument(
+        "--modes", nargs="+", default=["concrete_ta", "adamerging"], choices=["concrete_ta", "adamerging"]
+    )
+    ap.add_argument("--child", nargs=6, metavar=("IMPL", "MODE", "HIDDEN", "TASKS", "STEPS", "DEVICE"))
+    ap.add_argument("--json-out", type=Path, default=OUT / "concrete.json")
+    a = ap.parse_args()
+    if a.child:
+        impl, mode, hidden, tasks, steps, device = a.child
+        print(json.dumps(child(impl, mode, int(hidden), int(tasks), int(steps), device)))
+        return
+    from bench._common import machine_info, print_table
+
+    info = machine_info()
+    rows: list[dict[str, Any]] = []
+    # (size, tasks, rounds): the main comparison, then how the memory scales with the number of tasks
+    configs = [(size, a.tasks, a.rounds) for size in a.sizes]
+    configs += [("example", t, 1) for t in a.scaling_tasks if t != a.tasks and "example" in a.sizes]
+    for size, n_tasks, rounds in configs:
+        for mode in a.modes:
+            for r in range(rounds):
+                order = ("ours", "rebuild") if r % 2 == 0 else ("rebuild", "ours")
+                pair = {
+                    impl: run_child(impl, mode, SIZES[size], n_tasks, a.steps, a.device) for impl in order
+                }
+                for res in pair.values():
+                    rows.append({**res, "size": size, "round": r, "loadavg": os.getloadavg()[0]})
+                print(
+                    f"{size} T={n_tasks} {mode} round {r}: ours {pair['ours']['seconds_per_step']:.3f} s/step, "
+                    f"rebuild {pair['rebuild']['seconds_per_step']:.3f} s/step",
+                    flush=True,
+                )
+    table_rows, summary = [], []
+    for size, n_tasks, _ in configs:
+        for mode in a.modes:
+            got = {
+                impl: [
+                    x
+                    for x in rows
+                    if x["size"] == size and x["mode"] == mode and x["impl"] == impl and x["tasks"] == n_tasks
+                ]
+                for impl in ("ours", "rebuild")
+            }
+            ratios = [
+                rb["seconds_per_step"] / ou["seconds_per_step"]
+                for ou, rb in zip(got["ours"], got["rebuild"], strict=True)
+            ]
+            s: dict[str, Any] = {
+                "size": size,
+                "mode": mode,
+                "params": got["ours"][0]["params"],
+                "tasks": n_tasks,
+                "speedup_median": statistics.median(ratios),
+            }
+            mb = got["ours"][0]["model_bytes"]
+            tv = got["ours"][0]["task_vector_bytes"]
+            for impl in ("ours", "rebuild"):
+                s[f"{impl}_seconds_per_step"] = statistics.median(x["seconds_per_step"] for x in got[impl])
+                s[f"{impl}_peak_bytes"] = statistics.median(x["peak_bytes"] for x in got[impl])
+                s[f"{impl}_extra_models"] = (s[f"{impl}_peak_bytes"] - tv) / mb
+            summary.append(s)
+            table_rows.append(
+                [
+                    size,
+                    mode,
+                    f"{s['params'] / 1e6:.1f} M",
+                    n_tasks,
+                    f"{s['ours_seconds_per_step']:.3f}",
+                    f"{s['rebuild_seconds_per_step']:.3f}",
+                    f"{s['speedup_median']:.2f}x",
+                    f"{s['ours_peak_bytes'] / 2**20:.0f}",
+                    f"{s['rebuild_peak_bytes'] / 2**20:.0f}",
+                    f"{tv / 2**20:.0f}",
+                    f"{s['ours_extra_models']:.1f}",
+                    f"{s['rebuild_extra_models']:.1f}",
+                ]
+            )
+    print()
+    text = print_table(
+        [
+            "size",
+            "step",
+            "params",
+            "T",
+            "ours s/step",
+            "rebuild s/step",
+            "speed-up (same round)",
+            "ours peak MiB",
+            "rebuild peak MiB",
+            "task vectors MiB",
+            "ours extra (models)",
+            "rebuild extra (models)",
+        ],
+        table_rows,
+    )
+    a.json_out.parent.mkdir(parents=True, exist_ok=True)
+    a.json_out.write_text(
+        json.dumps(
+            {
+                "machine": info,
+                "config": {k: str(v) for k, v in vars(a).items()},
+                "summary": summary,
+                "runs": rows,
+                "table": text,
+            },
+            indent=2,
+        )
+    )
+    print(f"\nwrote {a.json_out} (load average at start {info['loadavg'][0]:.1f})")
+
+
+if __name__ == "__main__":
+    main()
