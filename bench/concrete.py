@@ -1,16 +1,18 @@
 """Benchmark: one optimisation step of Concrete TA / AdaMerging, ours vs. rebuilding a module every step.
 
-Two implementations of the same step (same relaxed-Bernoulli mask, same rescale, same entropy
+Three implementations of the same step (same relaxed-Bernoulli mask, same rescale, same entropy
 objective over T tasks with a batch of 16 each, same Adam update):
 
 - ``ours``: :func:`merge.methods.concrete.learn_concrete_task_arithmetic` /
   :func:`~merge.methods.concrete.learn_adamerging` (``torch.func.functional_call`` on the merged
-  tensors; each task's forward/backward stops at the merged tensors, then one backward through the
-  merge; for Concrete TA the fixed Σ_t λ τ_t is computed once);
-- ``rebuild``: the way research code does it (AdaMerging's ``load_weights``, FusionBench's
-  ``merge_weights`` with a mask): every step sums θ_0 + Σ_t τ_t · (λ_t · m) tensor by tensor, deep-copies
-  the architecture and installs the merged tensors as its weights, runs all tasks and backpropagates
-  their summed loss once.
+  tensors, the tasks' inputs concatenated into one forward, which stops at the merged tensors, then
+  one backward through the merge; for Concrete TA the fixed Σ_t λ τ_t is computed once);
+- ``rebuild_task``: the way the research code does it (AdaMerging's reference ``forward``, which merges and
+  ``load_weights`` into the module for every task's forward): for each task, sum θ_0 + Σ_t τ_t · (λ_t · m)
+  tensor by tensor, deep-copy the architecture, install the merged tensors as its weights and run the
+  task; backpropagate the summed loss once (so each task's merged weights stay alive for backward);
+- ``rebuild_step``: the same, with the merge and the module built once per step for all tasks (the
+  straightforward implementation with the per-task redundancy removed).
 
 Models: the example's backbone (``examples/concrete_merging.py``: MLP 64 → 1024 → 1024, 1.1 M
 parameters, 8 tasks) and one about 10× larger (64 → 3264 → 3264, 10.9 M). Weights are synthetic
@@ -19,8 +21,9 @@ parameters, 8 tasks) and one about 10× larger (64 → 3264 → 3264, 10.9 M). W
 Each measurement runs in its own process: seconds per step (median of the steps after the first)
 and the peak resident memory of the learning call above what the caller already holds (θ_0 and
 the T fine-tuned state dicts), from ``VmHWM`` (reset with ``/proc/self/clear_refs`` before the
-call); on CUDA, ``torch.cuda.max_memory_allocated``. Both hold the T task vectors (T × model); what
-matters is the rest, reported in units of the model's float32 size. Implementations alternate in
+call; glibc's mmap threshold is fixed so that freed blocks leave the resident set); on CUDA,
+``torch.cuda.max_memory_allocated``. All three hold the T task vectors (T × model); what
+matters is the rest, reported in units of the model's float32 size. Implementations rotate in
 interleaved rounds; the table reports medians and same-round ratios.
 
 Run: ``.venv/bin/python bench/concrete.py [--rounds 3] [--steps 8] [--device cpu]`` → prints a
@@ -114,8 +117,9 @@ def rebuild_learn(
     lr: float = 1e-2,
     temperature: float = 0.5,
     seed: int = 0,
+    per_task: bool = True,
 ) -> None:
-    """The straightforward implementation: merge, deep-copy and load a module, every step."""
+    """The straightforward implementation: merge, deep-copy and load a module for every task's forward."""
     from merge.methods._fusion import entropy_loss, task_batches
 
     dev = torch.device(device)
@@ -134,29 +138,34 @@ def rebuild_learn(
         params = [lam]
     opt = torch.optim.Adam(params, lr=lr)
     batches = task_batches(problem, 16, seed, dev)
-    for step in range(steps):
+
+    def merge_weights() -> dict[str, torch.Tensor]:
         merged = {}
+        for i, k in enumerate(keys):
+            acc = b[k]
+            for t in range(T):
+                w = lam0 * mask[k] if mode == "concrete_ta" else lam[t, i].clamp(0, 1)
+                acc = acc + tau[k][t] * w
+            merged[k] = acc
+        return merged
+
+    for step in range(steps):
+        mask = {}
         if mode == "concrete_ta":
-            mask = {}
             for k in keys:
                 u = torch.rand(b[k].shape, generator=gen, device=dev).clamp(1e-6, 1 - 1e-6)
                 m = torch.sigmoid((logits[k] + u.log() - torch.log1p(-u)) / temperature)
                 mask[k] = m / m.mean()
-            for k in keys:
-                acc = b[k]
-                for t in range(T):
-                    acc = acc + tau[k][t] * (lam0 * mask[k])
-                merged[k] = acc
-        else:
-            for i, k in enumerate(keys):
-                acc = b[k]
-                for t in range(T):
-                    acc = acc + tau[k][t] * lam[t, i].clamp(0, 1)
-                merged[k] = acc
-        model = copy.deepcopy(template)
-        for k, v in merged.items():
-            _set_tensor(model, k, v)
-        loss = sum(entropy_loss(heads[t](model(next(batches[t])))) for t in range(T))
+        # per task: as AdaMerging's reference forward, merge and load a module for every task's forward;
+        # per step: merge and load once, then run every task through it
+        loss = 0.0
+        model = None
+        for t in range(T):
+            if per_task or model is None:
+                model = copy.deepcopy(template)
+                for k, v in merge_weights().items():
+                    _set_tensor(model, k, v)
+            loss = loss + entropy_loss(heads[t](model(next(batches[t]))))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -178,7 +187,16 @@ def child_learn(
                 base, models, problem, coefficients="layer", steps=steps, device=device, progress=progress
             )
     else:
-        rebuild_learn(base, models, problem, mode=mode, steps=steps, device=device, progress=progress)
+        rebuild_learn(
+            base,
+            models,
+            problem,
+            mode=mode,
+            steps=steps,
+            device=device,
+            progress=progress,
+            per_task=impl == "rebuild_task",
+        )
 
 
 def child_run(
@@ -237,6 +255,9 @@ def child(impl: str, mode: str, hidden: int, n_tasks: int, steps: int, device: s
 
 
 def run_child(impl: str, mode: str, hidden: int, n_tasks: int, steps: int, device: str) -> dict[str, Any]:
+    # a fixed mmap threshold: glibc otherwise serves freed multi-MiB blocks from its heap and keeps
+    # them resident, so the peak RSS would count allocator retention instead of live tensors
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -248,7 +269,7 @@ def run_child(impl: str, mode: str, hidden: int, n_tasks: int, steps: int, devic
         str(steps),
         device,
     ]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {p.stderr[-2000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -277,6 +298,7 @@ def main() -> None:
     from bench._common import machine_info, print_table
 
     info = machine_info()
+    impls = ("ours", "rebuild_step", "rebuild_task")
     rows: list[dict[str, Any]] = []
     # (size, tasks, rounds): the main comparison, then how the memory scales with the number of tasks
     configs = [(size, a.tasks, a.rounds) for size in a.sizes]
@@ -284,61 +306,54 @@ def main() -> None:
     for size, n_tasks, rounds in configs:
         for mode in a.modes:
             for r in range(rounds):
-                order = ("ours", "rebuild") if r % 2 == 0 else ("rebuild", "ours")
-                pair = {
-                    impl: run_child(impl, mode, SIZES[size], n_tasks, a.steps, a.device) for impl in order
-                }
-                for res in pair.values():
+                order = impls[r % 3 :] + impls[: r % 3]  # rotate who runs first
+                got = {impl: run_child(impl, mode, SIZES[size], n_tasks, a.steps, a.device) for impl in order}
+                for res in got.values():
                     rows.append({**res, "size": size, "round": r, "loadavg": os.getloadavg()[0]})
                 print(
-                    f"{size} T={n_tasks} {mode} round {r}: ours {pair['ours']['seconds_per_step']:.3f} s/step, "
-                    f"rebuild {pair['rebuild']['seconds_per_step']:.3f} s/step",
+                    f"{size} T={n_tasks} {mode} round {r}: "
+                    + ", ".join(f"{i} {got[i]['seconds_per_step']:.3f} s/step" for i in impls),
                     flush=True,
                 )
     table_rows, summary = [], []
     for size, n_tasks, _ in configs:
         for mode in a.modes:
-            got = {
-                impl: [
-                    x
-                    for x in rows
-                    if x["size"] == size and x["mode"] == mode and x["impl"] == impl and x["tasks"] == n_tasks
-                ]
-                for impl in ("ours", "rebuild")
+            sel = {
+                impl: sorted(
+                    (
+                        x
+                        for x in rows
+                        if x["size"] == size
+                        and x["mode"] == mode
+                        and x["impl"] == impl
+                        and x["tasks"] == n_tasks
+                    ),
+                    key=lambda x: x["round"],
+                )
+                for impl in impls
             }
-            ratios = [
-                rb["seconds_per_step"] / ou["seconds_per_step"]
-                for ou, rb in zip(got["ours"], got["rebuild"], strict=True)
-            ]
-            s: dict[str, Any] = {
-                "size": size,
-                "mode": mode,
-                "params": got["ours"][0]["params"],
-                "tasks": n_tasks,
-                "speedup_median": statistics.median(ratios),
-            }
-            mb = got["ours"][0]["model_bytes"]
-            tv = got["ours"][0]["task_vector_bytes"]
-            for impl in ("ours", "rebuild"):
-                s[f"{impl}_seconds_per_step"] = statistics.median(x["seconds_per_step"] for x in got[impl])
-                s[f"{impl}_peak_bytes"] = statistics.median(x["peak_bytes"] for x in got[impl])
+            ours = sel["ours"]
+            mb, tv = ours[0]["model_bytes"], ours[0]["task_vector_bytes"]
+            s: dict[str, Any] = {"size": size, "mode": mode, "params": ours[0]["params"], "tasks": n_tasks}
+            for impl in impls:
+                s[f"{impl}_seconds_per_step"] = statistics.median(x["seconds_per_step"] for x in sel[impl])
+                s[f"{impl}_peak_bytes"] = statistics.median(x["peak_bytes"] for x in sel[impl])
                 s[f"{impl}_extra_models"] = (s[f"{impl}_peak_bytes"] - tv) / mb
+                if impl != "ours":  # same-round ratios, then their median
+                    s[f"{impl}_speedup"] = statistics.median(
+                        b["seconds_per_step"] / o["seconds_per_step"]
+                        for o, b in zip(ours, sel[impl], strict=True)
+                    )
             summary.append(s)
             table_rows.append(
-                [
-                    size,
-                    mode,
-                    f"{s['params'] / 1e6:.1f} M",
-                    n_tasks,
-                    f"{s['ours_seconds_per_step']:.3f}",
-                    f"{s['rebuild_seconds_per_step']:.3f}",
-                    f"{s['speedup_median']:.2f}x",
-                    f"{s['ours_peak_bytes'] / 2**20:.0f}",
-                    f"{s['rebuild_peak_bytes'] / 2**20:.0f}",
+                [size, mode, f"{s['params'] / 1e6:.1f} M", n_tasks]
+                + [f"{s[f'{i}_seconds_per_step']:.3f}" for i in impls]
+                + [
+                    f"{s['rebuild_step_speedup']:.2f}x",
+                    f"{s['rebuild_task_speedup']:.2f}x",
                     f"{tv / 2**20:.0f}",
-                    f"{s['ours_extra_models']:.1f}",
-                    f"{s['rebuild_extra_models']:.1f}",
                 ]
+                + [f"{s[f'{i}_extra_models']:.1f}" for i in impls]
             )
     print()
     text = print_table(
@@ -348,13 +363,14 @@ def main() -> None:
             "params",
             "T",
             "ours s/step",
-            "rebuild s/step",
-            "speed-up (same round)",
-            "ours peak MiB",
-            "rebuild peak MiB",
+            "rebuild/step s/step",
+            "rebuild/task s/step",
+            "speed-up vs rebuild/step",
+            "vs rebuild/task",
             "task vectors MiB",
             "ours extra (models)",
-            "rebuild extra (models)",
+            "rebuild/step extra",
+            "rebuild/task extra",
         ],
         table_rows,
     )
