@@ -21,7 +21,8 @@ parameters, 8 tasks) and one about 10× larger (64 → 3264 → 3264, 10.9 M). W
 Each measurement runs in its own process: seconds per step (median of the steps after the first)
 and the peak resident memory of the learning call above what the caller already holds (θ_0 and
 the T fine-tuned state dicts), from ``VmHWM`` (reset with ``/proc/self/clear_refs`` before the
-call; glibc's mmap threshold is fixed so that freed blocks leave the resident set); on CUDA,
+call; in a separate run with glibc's mmap threshold fixed, so that freed blocks leave the resident
+set; the timing runs use the default allocator); on CUDA,
 ``torch.cuda.max_memory_allocated``. All three hold the T task vectors (T × model); what
 matters is the rest, reported in units of the model's float32 size. Implementations rotate in
 interleaved rounds; the table reports medians and same-round ratios.
@@ -254,10 +255,13 @@ def child(impl: str, mode: str, hidden: int, n_tasks: int, steps: int, device: s
 # ---------------------------------------------------------------------------------------------
 
 
-def run_child(impl: str, mode: str, hidden: int, n_tasks: int, steps: int, device: str) -> dict[str, Any]:
-    # a fixed mmap threshold: glibc otherwise serves freed multi-MiB blocks from its heap and keeps
-    # them resident, so the peak RSS would count allocator retention instead of live tensors
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+def run_child(
+    impl: str, mode: str, hidden: int, n_tasks: int, steps: int, device: str, memory: bool = False
+) -> dict[str, Any]:
+    # memory runs fix glibc's mmap threshold: otherwise freed multi-MiB blocks are kept in its heap and
+    # stay resident, so the peak RSS would count allocator retention instead of live tensors. That
+    # makes every large allocation page-fault, so timing runs use the default allocator.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"} if memory else dict(os.environ)
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -308,7 +312,11 @@ def main() -> None:
             for r in range(rounds):
                 order = impls[r % 3 :] + impls[: r % 3]  # rotate who runs first
                 got = {impl: run_child(impl, mode, SIZES[size], n_tasks, a.steps, a.device) for impl in order}
-                for res in got.values():
+                for impl, res in got.items():
+                    if r == 0:  # one memory run per configuration (the peak barely varies)
+                        res["peak_bytes"] = run_child(impl, mode, SIZES[size], n_tasks, 3, a.device, True)[
+                            "peak_bytes"
+                        ]
                     rows.append({**res, "size": size, "round": r, "loadavg": os.getloadavg()[0]})
                 print(
                     f"{size} T={n_tasks} {mode} round {r}: "
@@ -337,7 +345,7 @@ def main() -> None:
             s: dict[str, Any] = {"size": size, "mode": mode, "params": ours[0]["params"], "tasks": n_tasks}
             for impl in impls:
                 s[f"{impl}_seconds_per_step"] = statistics.median(x["seconds_per_step"] for x in sel[impl])
-                s[f"{impl}_peak_bytes"] = statistics.median(x["peak_bytes"] for x in sel[impl])
+                s[f"{impl}_peak_bytes"] = sel[impl][0]["peak_bytes"]  # round 0: the memory run
                 s[f"{impl}_extra_models"] = (s[f"{impl}_peak_bytes"] - tv) / mb
                 if impl != "ours":  # same-round ratios, then their median
                     s[f"{impl}_speedup"] = statistics.median(
