@@ -536,6 +536,23 @@ class CheckpointWriter:
     def add_text(self, name: str, text: str) -> None:
         (self.tmp / name).write_text(text)
 
+    def add_bytes(self, rel: str, data: bytes) -> None:
+        """A file at ``rel`` (may be in a sub-folder, e.g. ``fusion_plan/plan.safetensors``), fsynced."""
+        path = (self.tmp / rel).resolve()
+        if not path.is_relative_to(self.tmp.resolve()):
+            raise ValueError(f"output file {rel!r} is outside the output folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if path.parent != self.tmp.resolve():
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
     def _finish(self) -> None:
         assert self._sink is not None
         self._sink.finish()  # every byte written exactly once, truncated, fsynced, closed
@@ -547,7 +564,7 @@ class CheckpointWriter:
             }
             (self.tmp / f"{self.weights_name}.index.json").write_text(json.dumps(index, indent=2) + "\n")
         for f in self.tmp.iterdir():
-            if f.suffix != ".safetensors":
+            if f.is_file() and f.suffix != ".safetensors":
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         dfd = os.open(self.tmp, os.O_RDONLY)

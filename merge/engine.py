@@ -17,6 +17,7 @@ where mergekit computes in bf16 when a recipe says ``dtype: bfloat16``); the out
 
 from __future__ import annotations
 
+import inspect
 import re
 import sys
 import threading
@@ -33,6 +34,7 @@ import torch
 from merge.blockio import ALIGN, BLOCK_SIZE, WRITE_BLOCKS_MAX
 from merge.checkpoint import Checkpoint, CheckpointWriter, OutputTensor, ResolvedModel
 from merge.errors import (
+    CodeRefusedError,
     MergeCancelled,
     MissingTensorError,
     ModelNotFoundError,
@@ -61,6 +63,7 @@ class MergeOptions:
     chunk_elems: int = CHUNK_ELEMS
     check_finite: bool = True
     direct_io: bool = True  # write the output with O_DIRECT where the file system allows (merge.blockio)
+    allow_code: bool = False  # run the Python entry points a recipe names (data-driven methods); never in the service
 
 
 @dataclass
@@ -273,6 +276,15 @@ class _Planner:
                     "set it under the top-level 'parameters'"
                 )
 
+    def _check_code(self, params: dict[str, Any] | None) -> None:
+        """Parameters that name Python code (``Code``) run it: only with ``allow_code``."""
+        for p in self.method.params.values():
+            if p.code and (params or {}).get(p.name) and not self.options.allow_code:
+                raise CodeRefusedError(
+                    f"method '{self.method.name}': parameter '{p.name}' = {params[p.name]!r} names Python code "
+                    "to import and run; allow it with --allow-code (MergeOptions.allow_code), or give a saved plan"
+                )
+
     def resolve_params(self, tensor: str, t: float, model_scopes: list[dict[str, Any] | None],
                        slice_scope: dict[str, Any] | None) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -305,6 +317,7 @@ class _Planner:
     def plan(self) -> MergePlan:
         r = self.recipe
         self._check_param_keys(r.parameters, "parameters", per_model=False)
+        self._check_code(r.parameters)
         base_idx = self.model(r.base_model) if r.base_model else None
         if r.models is not None:
             tasks, layers_out = self._plan_models(base_idx)
@@ -532,6 +545,10 @@ class _LazyModel:
         """Shape from the header, without reading the tensor."""
         return self._c.shape(name)
 
+    def dtype(self, name: str) -> torch.dtype:
+        """Dtype from the header, without reading the tensor."""
+        return self._c.dtype(name)
+
 
 def _config_update(text: str, plan: MergePlan) -> str:
     import json
@@ -589,6 +606,16 @@ def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
         inputs = [s.model for s in merged.sources] if merged else []  # recipe order
         base_i = merged.base.model if merged and merged.base else None
         params = _whole_model_params(plan)
+        accepts = inspect.signature(plan.method.fn).parameters
+        if "progress" in accepts:  # a long first pass (an optimisation) reports steps and can be cancelled
+
+            def step_report(line: str) -> None:
+                check_cancel()
+                report("planning", line)
+
+            params["progress"] = step_report
+        if "device" in accepts:
+            params["device"] = options.device
         whole_plan = plan.method.fn([_LazyModel(plan.checkpoints[i]) for i in inputs],
                                     _LazyModel(plan.checkpoints[base_i]) if base_i is not None else None,
                                     **params)
@@ -675,6 +702,9 @@ def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
             _run_tasks(plan.tasks, do_task, max(1, options.workers), check_cancel)
             check_cancel()
             _write_aux(plan, writer)
+            # a plan's own files (e.g. a learned mask and coefficients) travel with the output
+            for rel, data in (getattr(whole_plan, "artifacts", dict)() if whole_plan is not None else {}).items():
+                writer.add_bytes(rel, data)
             report("finalizing")
     finally:
         torch.set_num_threads(prev_threads)
@@ -784,6 +814,9 @@ class _Bar:
         self.n = n
 
     def update_to(self, p: Progress) -> None:
+        if p.phase == "planning" and p.current:  # a whole-model method's first pass (e.g. optimisation steps)
+            self.t.set_postfix_str(p.current, refresh=True)
+            return
         self.t.set_postfix_str(f"{p.tensors_done}/{self.n} tensors", refresh=False)
         self.t.update(p.bytes_done - self.t.n)
 

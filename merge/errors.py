@@ -38,6 +38,12 @@ class RecipeError(WeightsmithError):
     """The merge recipe is invalid (unknown method, bad parameter, bad model list...)."""
 
 
+class CodeRefusedError(RecipeError):
+    """A recipe names Python code to run (an entry point) and running code was not allowed."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
 class ShapeMismatchError(WeightsmithError):
     """Input tensors that must be merged together have different shapes."""
 

@@ -34,6 +34,8 @@ def main() -> None:
 @click.option("--workers", default=min(8, os.cpu_count() or 1), show_default="CPU count, at most 8",
               type=click.IntRange(1, 64), help="Merge threads (one torch thread each).")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin/.pt pickle inputs (loaded with weights_only=True).")
+@click.option("--allow-code", is_flag=True,
+              help="Run the Python entry point a data-driven method names (adamerging, concrete_*: entry_point).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically).")
 @click.option("--direct-io/--no-direct-io", default=True, show_default=True,
               help="Write the output with O_DIRECT where the file system allows it (else buffered).")
@@ -44,8 +46,9 @@ def main() -> None:
 @hub_options
 @_fail_cleanly
 def merge(recipe: str, out_dir: str, device: str, shard_size: int, compute_dtype: str | None, workers: int,
-          allow_pickle: bool, overwrite: bool, direct_io: bool, dry_run: bool, as_json: bool, push_repo: str | None,
-          private: bool, token: str | None, endpoint: str | None, offline: bool, cache_dir: str | None) -> None:
+          allow_pickle: bool, allow_code: bool, overwrite: bool, direct_io: bool, dry_run: bool, as_json: bool,
+          push_repo: str | None, private: bool, token: str | None, endpoint: str | None, offline: bool,
+          cache_dir: str | None) -> None:
     """Merge the models of RECIPE (YAML, mergekit's format) into OUT."""
     from merge.engine import MergeOptions, plan_merge, run_merge, tune_allocator
 
@@ -54,7 +57,8 @@ def merge(recipe: str, out_dir: str, device: str, shard_size: int, compute_dtype
     # freezing them keeps the collector's passes during the merge short (~10% of a linear merge).
     gc.freeze()
     options = MergeOptions(device=device, compute_dtype=compute_dtype, shard_size=shard_size,
-                           allow_pickle=allow_pickle, workers=workers, overwrite=overwrite, direct_io=direct_io)
+                           allow_pickle=allow_pickle, workers=workers, overwrite=overwrite, direct_io=direct_io,
+                           allow_code=allow_code)
     resolver = _resolver(token, endpoint, offline, cache_dir)
     if Path(out_dir).exists() and not overwrite:
         from merge.errors import OutputExistsError

@@ -16,6 +16,10 @@ engine and are not parameters:
     randomised methods (DARE).
 ``name``
     the output tensor name.
+``progress``, ``device`` (whole-model methods)
+    a callable that reports one line of progress of a long first pass (an optimisation step and
+    its loss; it raises ``MergeCancelled`` once the merge is cancelled), and the engine's
+    compute device (``MergeOptions.device``).
 ``chunk``
     the index of the current row chunk (0 for a whole tensor). Chunks split dim 0 on a grid that
     depends only on the tensor's shape, so a ``stats`` function may return per-chunk data (for
@@ -43,7 +47,7 @@ import torch
 
 from merge.errors import RecipeError
 
-INJECTED = frozenset({"stats", "generator", "name", "chunk"})
+INJECTED = frozenset({"stats", "generator", "name", "chunk", "progress", "device"})
 
 
 class _PerModelMarker:
@@ -52,6 +56,18 @@ class _PerModelMarker:
 
 
 PER_MODEL = _PerModelMarker()
+
+
+class _CodeMarker:
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        return "CODE"
+
+
+CODE = _CodeMarker()
+#: A parameter that names Python code to import and run (``package.module:function``). The engine
+#: refuses a recipe that sets one unless ``MergeOptions.allow_code`` (the CLI's ``--allow-code``);
+#: the service never sets it.
+Code = Annotated[str, CODE]
 
 
 class PerModel:
@@ -80,6 +96,7 @@ class ParamInfo:
     type: Any  # the value type (inner type for PerModel)
     default: Any  # inspect.Parameter.empty when required
     per_model: bool
+    code: bool = False  # names Python code to run (see Code)
 
     @property
     def required(self) -> bool:
@@ -155,6 +172,7 @@ class MethodSpec:
                     "per_model": p.per_model,
                     "required": p.required,
                     "default": None if p.required else p.default,
+                    **({"code": True} if p.code else {}),
                 }
                 for p in self.params.values()
             ],
@@ -206,14 +224,17 @@ def _param_infos(fn: Callable[..., Any]) -> dict[str, ParamInfo]:
         if p.kind is not inspect.Parameter.KEYWORD_ONLY or arg in INJECTED:
             continue
         hint = hints.get(arg, Any)
-        per_model = False
+        per_model = code = False
         if typing.get_origin(hint) is Annotated:
             base_t, *meta = typing.get_args(hint)
             if any(m is PER_MODEL for m in meta):
                 per_model = True
                 hint = base_t
+            if any(m is CODE for m in meta):
+                code = True
+                hint = base_t
         public = arg[:-1] if arg.endswith("_") else arg
-        out[public] = ParamInfo(public, arg, hint, p.default, per_model)
+        out[public] = ParamInfo(public, arg, hint, p.default, per_model, code)
     return out
 
 
@@ -307,6 +328,7 @@ def whole(tensors: list[torch.Tensor], base: torch.Tensor | None) -> ChunkSource
 
 __all__ = [
     "ChunkSource",
+    "Code",
     "Mapping",
     "MethodSpec",
     "ModelPlan",
