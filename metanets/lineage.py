@@ -164,6 +164,9 @@ class _Scored:
 
 
 def _geo_mean(values: Mapping[str, float], weights: Mapping[str, float]) -> float:
+    """Weighted geometric mean of per-tensor distances, each floored at ``Q_FLOOR`` (exactly 0 if all are)."""
+    if values and all(v == 0 for v in values.values()):
+        return 0.0
     num = sum(weights[k] * math.log(max(v, Q_FLOOR)) for k, v in values.items())
     den = sum(weights[k] for k in values)
     return math.exp(num / den) if den > 0 else math.inf
@@ -557,6 +560,8 @@ def _decide(
         return result
     best = scored[0]
     result.margin = math.log(scored[1].score / best.score) if len(scored) > 1 and best.score > 0 else None
+    if method == "learned":
+        return _decide_learned(result, scored)
     if best.score > family_threshold:
         hint = " (hidden units may have been permuted: try method 'aligned')" if method == "weights" else ""
         result.reason = (
@@ -637,6 +642,33 @@ def _decide(
     result.tree += [TreeEdge(a, b, d) for a, b, d in edges if frozenset((a, b)) not in on_chain]
     # the drawing is a tree: drop family edges that would close a cycle with the chain
     result.tree = _acyclic(result.tree)
+    return result
+
+
+def _decide_learned(result: LineageResult, scored: list[_Scored]) -> LineageResult:
+    """The detector's own open set: the most probable candidate, unless "no parent" is more probable."""
+    best = scored[0]
+    p_none = float(best.extra.get("p_none", 0.0))
+    p_best = 1.0 - best.score
+    result.thresholds = {
+        "rule": "softmax of the detector over the candidates and 'no parent': the most probable candidate is the "
+        "parent if it is more probable than 'no parent'; score = 1 - p(candidate)",
+        "p_none": round(p_none, 6),
+    }
+    for cs, s in zip(result.candidates, scored, strict=True):
+        cs.related = 1.0 - s.score > p_none
+    p_second = 1.0 - scored[1].score if len(scored) > 1 else 0.0
+    result.margin = math.log(p_best / p_second) if p_second > 0 and p_best > 0 else None
+    if p_best <= p_none:
+        result.reason = (
+            f"the detector finds 'no parent' most probable (p = {p_none:.3g}; best candidate "
+            f"{best.model.name} at p = {p_best:.3g})"
+        )
+        return result
+    result.parent = best.model.name
+    result.chain = [best.model.name]
+    result.reason = f"the detector gives {best.model.name} p = {p_best:.3g} ('no parent' p = {p_none:.3g})"
+    result.tree = [TreeEdge(result.child, best.model.name, best.score, "chain")]
     return result
 
 
