@@ -41,12 +41,12 @@ along a lineage) and ≈0 when B is a side branch, e.g. a sibling of the child's
 the weighted median over tensors, minimised over B', must be at least ``path_threshold`` (0.15).
 Otherwise the answer is ``None`` ("no parent among the candidates"), with the reason.
 
-The chain of ancestors follows the reconstructed family tree (a minimum spanning tree of the
-related candidates, pairwise distances on the child's yardstick) from the parent upwards; at a
-fork it continues only towards a side that holds most of the remaining family (ancestors connect
-the rest of a family; a fine-tune's own children hang off it). Direction is not identifiable from
-symmetric distances alone; this rule assumes the candidates include more of a family's
-descendants than of a chain's dead ends.
+The chain of ancestors starts at the parent; from each link L it moves to L's nearest remaining
+relative A if most other remaining relatives lie behind A as seen from L (an ancestor connects the
+rest of the family; L's own siblings and children hang off L), with the stricter threshold 0.5,
+and stops when no relative qualifies. Direction is not identifiable from symmetric distances: when
+a root's fine-tunes share a common update (siblings cluster away from their root), the root looks
+like one more sibling and the chain stops early rather than guess (see ``bench/lineage.py``).
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ ModelRef = str | Path | Mapping[str, torch.Tensor]
 Progress = Callable[[str, int, int], None]
 Q_FLOOR = 1e-4
 VECTOR_WEIGHT = 0.1
+#: ``behind`` a chain step needs (stricter than the path test: a wrong ancestor is worse than a short chain)
+CHAIN_THRESHOLD = 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,6 +536,9 @@ def _decide(
             "path_rule": "seen from each relative B' of the best candidate B, the child must lie behind B: "
             "weighted median over tensors of (N(C-B')^p - N(C-B)^p) / N(B-B')^p >= this "
             "(p = 1 nuclear, 2 Frobenius)",
+            "chain": CHAIN_THRESHOLD,
+            "chain_rule": "the next ancestor of a link L is its nearest remaining relative A such that most other "
+            "remaining relatives lie behind A as seen from L (the same statistic >= this)",
         }
     cands = []
     for rank, s in enumerate(scored, 1):
@@ -634,7 +639,7 @@ def _decide(
     else:
         test = "; path test not applicable (no relative of it among the candidates)"
     result.reason = f"{name} is the nearest related candidate (score {best.score:.3g}{runner}){test}"
-    result.chain = _chain(name, family, dist, behind, path_threshold)
+    result.chain = _chain(name, family, dist, behind, CHAIN_THRESHOLD)
     links = list(zip(result.chain, result.chain[1:], strict=False))
     on_chain = {frozenset(e) for e in links}
     result.tree = [TreeEdge(c.name, name, best.score, "chain")]
