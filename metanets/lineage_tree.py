@@ -69,8 +69,10 @@ def render(result: LineageResult, path: Path, *, fmt: str, title: str | None = N
     pos, outside = _layout(result)
     scores = {c.name: c.score for c in result.candidates}
     skipped = {s.name for s in result.skipped}
-    width = max([p[0] for p in pos.values()] + [len(outside) - 1, 1]) + 1
-    height = max([-p[1] for p in pos.values()] + [0]) + 1 + (1.2 if outside else 0)
+    per_row = max(6, int(max([p[0] for p in pos.values()] + [0])) + 1)
+    rows = [outside[i : i + per_row] for i in range(0, len(outside), per_row)]
+    width = max([p[0] for p in pos.values()] + [min(len(outside), per_row) - 1, 1]) + 1
+    height = max([-p[1] for p in pos.values()] + [0]) + 1 + (0.5 + 0.8 * len(rows) if outside else 0)
     fig = Figure(figsize=(max(5.0, 1.9 * width), max(3.0, 1.25 * height + 0.8)))
     ax = fig.add_subplot()
     ax.set_axis_off()
@@ -120,15 +122,24 @@ def render(result: LineageResult, path: Path, *, fmt: str, title: str | None = N
         colour = "#f5b041" if name == result.child else "#82e0aa" if name == result.parent else "#d6eaf8"
         node(name, xy, colour)
     if outside:
-        y = -height + 0.6
+        y0 = -(max([-p[1] for p in pos.values()] + [0]) + 1.2)
         ax.text(
-            -0.45, y + 0.55, "not related to the child (or skipped):", fontsize=8, color="#555555", ha="left"
+            -0.45, y0 + 0.45, "not related to the child (or skipped):", fontsize=8, color="#555555", ha="left"
         )
-        for i, name in enumerate(outside):
-            node(name, (float(i), y), "#eeeeee", "#555555")
+        for r, row in enumerate(rows):
+            for i, name in enumerate(row):
+                node(name, (float(i), y0 - 0.8 * r), "#eeeeee", "#555555")
     answer = f"parent: {result.parent}" if result.parent else "no parent among the candidates"
+    fig.text(
+        0.01,
+        0.01,
+        "bold green: the child and its chain of ancestors; grey: nearest-relative edges among "
+        "related candidates (undirected); dashed red: nearest relative when no parent qualifies",
+        fontsize=7,
+        color="#555555",
+    )
     ax.set_title(title or f"lineage of {result.child} ({result.method}): {answer}", fontsize=10)
     ax.set_xlim(-0.8, width - 0.2)
-    ax.set_ylim(-height - 0.1 + (0.6 if outside else 0.0) - 0.5, 0.6)
+    ax.set_ylim(-height - 0.2, 0.6)
     fig.tight_layout()
     fig.savefig(path, format=fmt, dpi=130)
