@@ -170,5 +170,10 @@ from service.cli_soup import soup  # noqa: E402
 
 main.add_command(soup)
 
+# weightsmith lineage (issue 11)
+from service.cli_lineage import lineage  # noqa: E402
+
+main.add_command(lineage)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

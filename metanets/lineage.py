@@ -1,0 +1,744 @@
+"""Lineage detection: which candidate a checkpoint was fine-tuned from, and its ancestors.
+
+The task of Yu & Wang, "Neural Lineage", CVPR 2024 (arXiv:2406.11129): given a child model and
+candidate parents, name the parent, or say that none of them is. :func:`detect_lineage` takes
+paths, Hub ids (``org/name@rev``) or state dicts, reads checkpoints lazily through
+:mod:`merge.checkpoint` and answers with a :class:`~metanets.lineage_result.LineageResult`.
+
+Methods
+-------
+``weights`` (data-free, streaming)
+    Per-tensor distances ``q_k = N(θ_c − θ_p)_k / N(θ_c)_k`` over the tensors child and candidate
+    share with the same shape (heads, resized and one-sided tensors excluded and reported), in the
+    nuclear norm for matrices (on a fixed block of at most ``spectral_max_dim`` rows and columns)
+    and the Frobenius norm for vectors (:mod:`metanets.lineage_stats` explains why low-rank fine-tuning makes the
+    nuclear norm the sharper one). The score is the weighted geometric mean
+    ``exp(Σ w_k log q_k / Σ w_k)`` (matrices weigh 1, vectors 0.1; ``q`` floored at 1e-4 so one
+    bit-identical tensor cannot outvote the rest), i.e. the typical relative distance: 0 for the
+    child itself, about 1–1.4 for an unrelated model of any architecture.
+``aligned`` (permutation-robust)
+    Every candidate is first aligned to the child by Git Re-Basin weight matching (Ainsworth et
+    al., ICLR 2023, Algorithm 1; :func:`merge.methods.rebasin.weight_matching`) under a
+    :class:`~merge.symmetry.PermutationSpec` (given, by ``architecture``, or built from the child's
+    tensor names), then scored like ``weights``. ``fixed_fraction`` is the share of hidden units the
+    matching left in place (≈1 for an unpermuted relative); a related candidate with a low one is
+    reported ``permuted``.
+``probe`` (a probe batch and a ``model_fn``)
+    :mod:`metanets.lineage_probe`: representation L2, linear CKA, the paper's first-order
+    fine-tuning approximation and the full linearised distance (``torch.func.jvp``); the candidates
+    are ranked by ``probe_metric``.
+``learned``
+    A detector trained on a lineage zoo (:mod:`metanets.lineage_learned`), loaded from ``detector``.
+
+The answer (open set)
+---------------------
+The best candidate is the parent if (1) it is related: score ≤ ``family_threshold`` (default 0.8;
+unrelated models score ≈1 or more), and (2) for ``weights``/``aligned``, it passes the *path test*:
+seen from each relative B' of the best candidate B (another related candidate), the child must lie
+behind B. Per tensor, ``ρ = (N(C−B')ᵖ − N(C−B)ᵖ) / N(B−B')ᵖ`` (p = 1 for nuclear, 2 for Frobenius
+tensors) is ≈1 when the path from the child to B' runs through B (fine-tuning updates add up
+along a lineage) and ≈0 when B is a side branch, e.g. a sibling of the child's missing parent;
+the weighted median over tensors, minimised over B', must be at least ``path_threshold`` (0.15).
+Otherwise the answer is ``None`` ("no parent among the candidates"), with the reason.
+
+The chain of ancestors starts at the parent; from each link L it moves to L's nearest remaining
+relative A if most other remaining relatives lie behind A as seen from L (an ancestor connects the
+rest of the family; L's own siblings and children hang off L), with the stricter threshold 0.5,
+and stops when no relative qualifies. Direction is not identifiable from symmetric distances: when
+a root's fine-tunes share a common update (siblings cluster away from their root), the root looks
+like one more sibling and the chain stops early rather than guess (see ``bench/lineage.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merge.errors import RecipeError, WeightsmithError
+from metanets.lineage_result import CandidateScore, LayerEvidence, LineageResult, Skipped, TreeEdge
+from metanets.lineage_stats import (
+    NUCLEAR,
+    CheckpointSource,
+    Pairing,
+    StateSource,
+    TensorNorms,
+    TensorSource,
+    head_tensors,
+    is_constant,
+    pair_norms,
+    pair_tensors,
+    single_torch_thread,
+    stream_distances,
+)
+
+__all__ = ["METHODS", "LineageResult", "detect_lineage"]
+
+METHODS = ("weights", "aligned", "probe", "learned")
+ModelRef = str | Path | Mapping[str, torch.Tensor]
+Progress = Callable[[str, int, int], None]
+Q_FLOOR = 1e-4
+VECTOR_WEIGHT = 0.1
+#: ``behind`` a chain step needs (stricter than the path test: a wrong ancestor is worse than a short chain)
+CHAIN_THRESHOLD = 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening models
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Model:
+    name: str
+    ref: str
+    source: TensorSource
+    path: Path | None = None
+    index: int = -1
+
+
+def _names(candidates: Sequence[ModelRef] | Mapping[str, ModelRef]) -> list[tuple[str, ModelRef]]:
+    if isinstance(candidates, Mapping) and not all(isinstance(v, torch.Tensor) for v in candidates.values()):
+        items = [(str(k), v) for k, v in candidates.items()]
+    elif isinstance(candidates, str | Path) or isinstance(candidates, Mapping):
+        raise RecipeError("detect_lineage: candidates must be a list of models (or a {name: model} mapping)")
+    else:
+        items = []
+        for i, c in enumerate(candidates):
+            items.append((str(c) if isinstance(c, str | Path) else f"candidate{i}", c))
+    seen: dict[str, int] = {}
+    out = []
+    for n, c in items:
+        if n in seen:
+            seen[n] += 1
+            n = f"{n}#{seen[n]}"
+        else:
+            seen[n] = 0
+        out.append((n, c))
+    return out
+
+
+def _open(name: str, ref: ModelRef, resolver: Callable[[str], Any], allow_pickle: bool) -> _Model:
+    if isinstance(ref, Mapping):
+        bad = [k for k, v in ref.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise RecipeError(f"model '{name}': entry '{bad[0]}' of the state dict is not a tensor")
+        return _Model(name, name, StateSource(ref))
+    from merge.checkpoint import open_checkpoint
+
+    resolved = resolver(str(ref))
+    ckpt = open_checkpoint(resolved.path, allow_pickle=allow_pickle)
+    shown = str(ref) + (f" ({resolved.commit[:12]})" if getattr(resolved, "commit", None) else "")
+    return _Model(name, shown, CheckpointSource(ckpt), Path(resolved.path))
+
+
+def _default_resolver() -> Callable[[str], Any]:
+    from merge.engine import default_resolver
+
+    return default_resolver
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring from per-tensor norms (weights, aligned)
+# ---------------------------------------------------------------------------------------------
+
+
+def _weight(shape: tuple[int, ...]) -> float:
+    return 1.0 if len(shape) >= 2 else VECTOR_WEIGHT
+
+
+@dataclass
+class _Scored:
+    model: _Model
+    score: float
+    q: dict[str, float]
+    layers: list[LayerEvidence]
+    pairing: Pairing
+    coverage: float
+    votes: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _geo_mean(values: Mapping[str, float], weights: Mapping[str, float]) -> float:
+    """Weighted geometric mean of per-tensor distances, each floored at ``Q_FLOOR`` (exactly 0 if all are)."""
+    if values and all(v == 0 for v in values.values()):
+        return 0.0
+    num = sum(weights[k] * math.log(max(v, Q_FLOOR)) for k, v in values.items())
+    den = sum(weights[k] for k in values)
+    return math.exp(num / den) if den > 0 else math.inf
+
+
+def _score_norms(
+    child: _Model, models: list[_Model], pairings: dict[int, Pairing], norms: dict[str, TensorNorms]
+) -> list[_Scored]:
+    shapes = {n: child.source.shape(n) for n in norms}
+    weights = {n: _weight(shapes[n]) for n in norms}
+    total = sum(
+        math.prod(child.source.shape(n))
+        for n in child.source.keys()
+        if child.source.dtype(n).is_floating_point
+    )
+    best_q: dict[str, float] = {}
+    for n, tn in norms.items():
+        if tn.child > 0 and tn.diff:
+            best_q[n] = min(tn.diff.values()) / tn.child
+    out = []
+    for m in models:
+        q: dict[str, float] = {}
+        layers: list[LayerEvidence] = []
+        votes = 0.0
+        for n in pairings[m.index].shared:
+            tn = norms.get(n)
+            if tn is None or tn.child <= 0 or m.index not in tn.diff:
+                continue
+            q[n] = tn.diff[m.index] / tn.child
+            nearest = q[n] <= best_q[n] * (1 + 1e-12)
+            votes += weights[n] if nearest else 0.0
+            layers.append(LayerEvidence(n, tn.kind, q[n], tn.fro_rel[m.index], nearest))
+        wsum = sum(weights[n] for n in q)
+        covered = sum(norms[n].numel for n in q)
+        out.append(
+            _Scored(
+                m,
+                _geo_mean(q, weights),
+                q,
+                layers,
+                pairings[m.index],
+                covered / total if total else 0.0,
+                votes / wsum if wsum else 0.0,
+            )
+        )
+    return out
+
+
+def _pair_distance(
+    a: _Scored,
+    b: _Scored,
+    norms: dict[str, TensorNorms],
+    cache: dict[tuple[int, int], dict[str, float]],
+    max_dim: int | None,
+) -> tuple[float, dict[str, float]]:
+    """Distance between two candidates on the child's yardstick: geometric mean of ``N(a−b)_k / N(c)_k``."""
+    key = (min(a.model.index, b.model.index), max(a.model.index, b.model.index))
+    if key not in cache:
+        names = [n for n in a.q if n in b.q]
+        kinds = {n: norms[n].kind for n in names}
+        res = pair_norms(
+            a.model.source,
+            b.model.source,
+            names,
+            kinds,
+            frob_from=norms,
+            ia=a.model.index,
+            ib=b.model.index,
+            max_dim=max_dim,
+        )
+        cache[key] = res
+    diffs = cache[key]
+    q = {n: d / norms[n].child for n, d in diffs.items() if norms[n].child > 0}
+    weights = {n: _weight(tuple(a.model.source.shape(n))) for n in q}
+    return _geo_mean(q, weights), diffs
+
+
+def _weighted_median(values: list[tuple[float, float]]) -> float:
+    values = sorted(values)
+    total = sum(w for _, w in values)
+    acc = 0.0
+    for v, w in values:
+        acc += w
+        if acc >= total / 2:
+            return v
+    return values[-1][0] if values else math.nan
+
+
+def _mst(nodes: list[str], dist: Callable[[str, str], float]) -> list[tuple[str, str, float]]:
+    """Prim's minimum spanning tree."""
+    if len(nodes) < 2:
+        return []
+    inside = {nodes[0]}
+    edges = []
+    best = {n: (dist(nodes[0], n), nodes[0]) for n in nodes[1:]}
+    while best:
+        n = min(best, key=lambda k: best[k][0])
+        d, via = best.pop(n)
+        edges.append((via, n, d))
+        inside.add(n)
+        for m in best:
+            dm = dist(n, m)
+            if dm < best[m][0]:
+                best[m] = (dm, n)
+    return edges
+
+
+def _chain(
+    parent: str,
+    family: list[str],
+    dist: Callable[[str, str], float],
+    behind: Callable[[str, str, str], float],
+    threshold: float,
+) -> list[str]:
+    """Ancestors from the parent upwards (module docstring): at each link ``cur``, the next one is the
+    nearest remaining relative ``A`` behind which most of the other remaining relatives lie, as seen
+    from ``cur`` (``behind(cur, A, B) >= threshold``); relatives that branch off before ``A`` are
+    dropped. A single remaining relative is taken (a pure chain)."""
+    chain = [parent]
+    left = [m for m in family if m != parent]
+    cur = parent
+    while left:
+        step = None
+        for a in sorted(left, key=lambda m: (dist(cur, m), m)):
+            others = [b for b in left if b != a]
+            back = [b for b in others if behind(cur, a, b) >= threshold]
+            if 2 * len(back) > len(others) or not others:
+                step = (a, back)
+                break
+        if step is None:
+            break
+        chain.append(step[0])
+        left = step[1]
+        cur = step[0]
+    return chain
+
+
+# ---------------------------------------------------------------------------------------------
+# The library call
+# ---------------------------------------------------------------------------------------------
+
+
+def _single_thread(fn: Callable[..., LineageResult]) -> Callable[..., LineageResult]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> LineageResult:
+        with single_torch_thread():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_single_thread
+def detect_lineage(
+    child: ModelRef,
+    candidates: Sequence[ModelRef] | Mapping[str, ModelRef],
+    *,
+    method: str = "weights",
+    probe: Any = None,
+    model_fn: Callable[[Mapping[str, torch.Tensor]], torch.nn.Module] | None = None,
+    detector: str | Path | None = None,
+    heads: str | Sequence[str] | None = "auto",
+    exclude: Sequence[str] = (),
+    spectral: bool | str = "auto",
+    spectral_max_dim: int = 256,
+    family_threshold: float = 0.8,
+    path_threshold: float = 0.15,
+    spec: Any = None,
+    architecture: str | None = None,
+    n_heads: int = 0,
+    probe_metric: str = "linearized",
+    alpha: float = 1.0,
+    max_family: int = 6,
+    child_name: str | None = None,
+    resolver: Callable[[str], Any] | None = None,
+    allow_pickle: bool = False,
+    workers: int = 2,
+    progress: Progress | None = None,
+) -> LineageResult:
+    """Rank ``candidates`` as the parent of ``child`` and answer which one is, or that none is.
+
+    ``child`` and each candidate are a local path (file or folder), a Hub id (``org/name@rev``,
+    resolved by ``resolver``, by default :func:`merge.engine.default_resolver`) or a state dict;
+    ``candidates`` is a list or a ``{name: model}`` mapping. A candidate that cannot be read, shares
+    no comparable tensor with the child or does not fit the alignment spec is skipped with its
+    reason (``result.skipped``); the others are still ranked. Errors about the child itself raise.
+
+    See the module docstring for the methods, the score, the open-set answer (``family_threshold``,
+    ``path_threshold``) and the chain of ancestors. ``heads``: ``"auto"`` excludes classifier heads
+    found by name or as the last layer of a plain chain, a list of regexes names them, ``None``
+    keeps them; ``exclude`` adds regexes of tensors to leave out. ``spectral``: ``"auto"`` (nuclear
+    norm of every matrix on a block of at most ``spectral_max_dim`` rows and columns), ``True``
+    (nuclear norm of the whole matrix: exact, ``O(n³)``) or ``False`` (Frobenius only). ``progress(stage,
+    done, total)`` is called as work proceeds.
+    """
+    t0 = time.perf_counter()
+    if method not in METHODS:
+        raise RecipeError(f"detect_lineage: unknown method '{method}' (known: {', '.join(METHODS)})")
+    if not (0 < family_threshold) or not math.isfinite(path_threshold):
+        raise RecipeError("detect_lineage: family_threshold must be > 0 and path_threshold finite")
+    resolver = resolver or _default_resolver()
+    cname = child_name or (str(child) if isinstance(child, str | Path) else "child")
+    c = _open(cname, child, resolver, allow_pickle)
+    models: list[_Model] = []
+    skipped: list[Skipped] = []
+    for i, (name, ref) in enumerate(_names(candidates)):
+        try:
+            m = _open(name, ref, resolver, allow_pickle)
+        except WeightsmithError as e:
+            skipped.append(Skipped(name, str(ref) if not isinstance(ref, Mapping) else name, str(e)))
+            continue
+        except OSError as e:
+            skipped.append(Skipped(name, str(ref), f"cannot read: {e}"))
+            continue
+        m.index = i
+        models.append(m)
+    if not models and not skipped:
+        raise RecipeError("detect_lineage: no candidates given")
+
+    child_shapes = {n: c.source.shape(n) for n in c.source.keys()}
+    if heads == "auto":
+        head_set = head_tensors(list(child_shapes), child_shapes)
+    elif heads is None:
+        head_set = set()
+    else:
+        head_set = head_tensors(
+            list(child_shapes), child_shapes, list([heads] if isinstance(heads, str) else heads)
+        )
+    constant = {
+        n for n in child_shapes if c.source.dtype(n).is_floating_point and _small_constant(c.source, n)
+    }
+    pairings: dict[int, Pairing] = {}
+    comparable: list[_Model] = []
+    for m in models:
+        pr = pair_tensors(c.source, m.source, heads=head_set, exclude=exclude, constant=constant)
+        if not pr.shared:
+            reasons = sorted(set(pr.excluded.values()))
+            skipped.append(
+                Skipped(
+                    m.name,
+                    m.ref,
+                    "no comparable tensors shared with the child"
+                    + (f" ({'; '.join(reasons[:3])})" if reasons else ""),
+                )
+            )
+            continue
+        pairings[m.index] = pr
+        comparable.append(m)
+
+    params: dict[str, Any] = {"spectral": spectral, "spectral_max_dim": spectral_max_dim}
+    norms: dict[str, TensorNorms] = {}
+    scored: list[_Scored]
+    if method in ("weights", "aligned"):
+        extra: dict[int, dict[str, Any]] = {}
+        sources: dict[int, TensorSource] = {m.index: m.source for m in comparable}
+        if method == "aligned":
+            from metanets.lineage_align import align_candidates
+
+            sources, extra, bad, spec_used = align_candidates(
+                c,
+                comparable,
+                pairings,
+                spec=spec,
+                architecture=architecture,
+                n_heads=n_heads,
+                progress=progress,
+            )
+            params["spec"] = repr(spec_used)
+            for idx, why in bad.items():
+                m = next(x for x in comparable if x.index == idx)
+                skipped.append(Skipped(m.name, m.ref, why))
+            comparable = [m for m in comparable if m.index not in bad]
+            for m in comparable:
+                m.source = sources[m.index]
+        norms = stream_distances(
+            c.source,
+            {m.index: m.source for m in comparable},
+            {m.index: pairings[m.index] for m in comparable},
+            spectral=spectral,
+            spectral_max_dim=spectral_max_dim,
+            workers=workers,
+            progress=(lambda d, t: progress("reading tensors", d, t)) if progress else None,
+        )
+        scored = _score_norms(c, comparable, pairings, norms)
+        for s in scored:
+            s.extra = extra.get(s.model.index, {})
+    elif method == "probe":
+        from metanets.lineage_probe import PROBE_METRICS
+
+        if probe is None or model_fn is None:
+            raise RecipeError(
+                "method 'probe' needs probe (a batch of inputs) and model_fn (state dict -> module)"
+            )
+        if probe_metric not in PROBE_METRICS:
+            raise RecipeError(f"probe_metric must be one of {', '.join(PROBE_METRICS)}, got {probe_metric!r}")
+        scored = _score_probe(
+            c, comparable, pairings, probe, model_fn, probe_metric, alpha, skipped, progress
+        )
+        params |= {"probe_metric": probe_metric, "alpha": alpha}
+    else:
+        from metanets.lineage_learned import score_learned
+
+        if detector is None:
+            raise RecipeError("method 'learned' needs detector (a file written by metanets.lineage_learned)")
+        scored = score_learned(c, comparable, pairings, detector, skipped, progress)
+        params["detector"] = str(detector)
+
+    scored = [s for s in scored if math.isfinite(s.score)]
+    scored.sort(key=lambda s: (s.score, s.model.index))
+    result = _decide(
+        c,
+        scored,
+        norms,
+        method,
+        family_threshold,
+        path_threshold,
+        max_family,
+        None if spectral is True else spectral_max_dim,
+    )
+    result.skipped = skipped
+    result.params = params
+    result.bytes_read = _bytes_read(c, comparable, pairings) if method in ("weights", "aligned") else 0
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _small_constant(src: TensorSource, name: str) -> bool:
+    shape = src.shape(name)
+    if math.prod(shape) > 1 << 16:  # large tensors are not read here; a constant one is rare
+        return False
+    return is_constant(src.get(name))
+
+
+def _bytes_read(c: _Model, models: list[_Model], pairings: dict[int, Pairing]) -> int:
+    names: set[str] = set()
+    total = 0
+    for m in models:
+        for n in pairings[m.index].shared:
+            b = math.prod(m.source.shape(n)) * torch.empty((), dtype=m.source.dtype(n)).element_size()
+            total += b
+            names.add(n)
+    for n in names:
+        total += math.prod(c.source.shape(n)) * torch.empty((), dtype=c.source.dtype(n)).element_size()
+    return total
+
+
+def _decide(
+    c: _Model,
+    scored: list[_Scored],
+    norms: dict[str, TensorNorms],
+    method: str,
+    family_threshold: float,
+    path_threshold: float,
+    max_family: int,
+    max_dim: int | None = 256,
+) -> LineageResult:
+    thresholds: dict[str, Any] = {
+        "family": family_threshold,
+        "family_rule": "the parent must score at most this (0 = the child itself; unrelated models score about 1 "
+        "or more)",
+    }
+    path_ok = method in ("weights", "aligned")
+    if path_ok:
+        thresholds |= {
+            "path": path_threshold,
+            "path_rule": "seen from each relative B' of the best candidate B, the child must lie behind B: "
+            "weighted median over tensors of (N(C-B')^p - N(C-B)^p) / N(B-B')^p >= this "
+            "(p = 1 nuclear, 2 Frobenius)",
+            "chain": CHAIN_THRESHOLD,
+            "chain_rule": "the next ancestor of a link L is its nearest remaining relative A such that most other "
+            "remaining relatives lie behind A as seen from L (the same statistic >= this)",
+        }
+    cands = []
+    for rank, s in enumerate(scored, 1):
+        cs = CandidateScore(
+            s.model.name,
+            s.model.ref,
+            rank,
+            s.score,
+            s.score <= family_threshold,
+            s.votes,
+            s.coverage,
+            len(s.q),
+            s.layers,
+            dict(s.pairing.excluded),
+        )
+        if "fixed_fraction" in s.extra:
+            cs.fixed_fraction = s.extra["fixed_fraction"]
+            cs.permuted = cs.related and cs.fixed_fraction < 0.5
+        cs.metrics = dict(s.extra.get("metrics", {}))
+        cands.append(cs)
+    result = LineageResult(c.name, method, cands, None, "", thresholds)
+    if not scored:
+        result.reason = "no candidate could be scored (see skipped)"
+        return result
+    best = scored[0]
+    result.margin = math.log(scored[1].score / best.score) if len(scored) > 1 and best.score > 0 else None
+    if method == "learned":
+        return _decide_learned(result, scored)
+    if best.score > family_threshold:
+        hint = " (hidden units may have been permuted: try method 'aligned')" if method == "weights" else ""
+        result.reason = (
+            f"no candidate is related: the nearest, {best.model.name}, scores {best.score:.3g} > the "
+            f"family threshold {family_threshold:g}{hint}"
+        )
+        return result
+    runner = (
+        f"; runner-up {scored[1].model.name} at {scored[1].score:.3g}, margin {result.margin:.3g}"
+        if len(scored) > 1 and result.margin is not None
+        else ""
+    )
+    if not path_ok:
+        result.parent = best.model.name
+        result.chain = [best.model.name]
+        result.reason = f"{best.model.name} is the nearest related candidate (score {best.score:.3g}{runner})"
+        result.tree = [TreeEdge(c.name, best.model.name, best.score, "chain")]
+        return result
+
+    related = [s for s in scored if s.score <= family_threshold][: max(2, max_family)]
+    by_name = {s.model.name: s for s in related}
+    pair_cache: dict[tuple[int, int], dict[str, float]] = {}
+
+    def diffs(a: str, b: str) -> dict[str, float]:
+        if c.name in (a, b):
+            o = by_name[b if a == c.name else a]
+            return {n: norms[n].diff[o.model.index] for n in o.q}
+        return _pair_distance(by_name[a], by_name[b], norms, pair_cache, max_dim)[1]
+
+    def dist(a: str, b: str) -> float:
+        if c.name in (a, b):
+            return by_name[b if a == c.name else a].score
+        return _pair_distance(by_name[a], by_name[b], norms, pair_cache, max_dim)[0]
+
+    def behind(cur: str, a: str, b: str) -> float:
+        """Does the path from ``cur`` to ``b`` run through ``a``? (~1 yes, ~0 ``a`` is a side branch)."""
+        da, db, dab = diffs(cur, a), diffs(cur, b), diffs(a, b)
+        vals = []
+        for n, d in dab.items():
+            if d <= 0 or n not in da or n not in db:
+                continue
+            p = 1.0 if norms[n].kind == NUCLEAR else 2.0
+            vals.append(((db[n] ** p - da[n] ** p) / d**p, _weight(tuple(c.source.shape(n)))))
+        return _weighted_median(vals) if vals else math.nan
+
+    name = best.model.name
+    path_val, path_from = math.nan, None
+    for other in related[1:]:
+        if dist(name, other.model.name) > family_threshold:
+            continue
+        rho = behind(c.name, name, other.model.name)
+        if math.isfinite(rho) and (not math.isfinite(path_val) or rho < path_val):
+            path_val, path_from = rho, other.model.name
+    cands[0].path = path_val if math.isfinite(path_val) else None
+    family = [s.model.name for s in related]
+    edges = _mst(family, dist)
+    if math.isfinite(path_val) and path_val < path_threshold:
+        result.reason = (
+            f"{name} is related (score {best.score:.3g}) but not an ancestor: seen from its relative "
+            f"{path_from}, the child does not lie behind it (path {path_val:.3g} < {path_threshold:g}); "
+            "the parent is probably not among the candidates"
+        )
+        result.tree = [TreeEdge(c.name, name, best.score, "guess")] + [TreeEdge(a, b, d) for a, b, d in edges]
+        return result
+    result.parent = name
+    if math.isfinite(path_val):
+        test = (
+            f"; the child lies behind it as seen from {path_from} (path {path_val:.3g} >= {path_threshold:g})"
+        )
+    else:
+        test = "; path test not applicable (no relative of it among the candidates)"
+    result.reason = f"{name} is the nearest related candidate (score {best.score:.3g}{runner}){test}"
+    result.chain = _chain(name, family, dist, behind, CHAIN_THRESHOLD)
+    links = list(zip(result.chain, result.chain[1:], strict=False))
+    on_chain = {frozenset(e) for e in links}
+    result.tree = [TreeEdge(c.name, name, best.score, "chain")]
+    result.tree += [TreeEdge(a, b, dist(a, b), "chain") for a, b in links]
+    result.tree += [TreeEdge(a, b, d) for a, b, d in edges if frozenset((a, b)) not in on_chain]
+    # the drawing is a tree: drop family edges that would close a cycle with the chain
+    result.tree = _acyclic(result.tree)
+    return result
+
+
+def _decide_learned(result: LineageResult, scored: list[_Scored]) -> LineageResult:
+    """The detector's own open set: the most probable candidate, unless "no parent" is more probable."""
+    best = scored[0]
+    p_none = float(best.extra.get("p_none", 0.0))
+    p_best = 1.0 - best.score
+    result.thresholds = {
+        "rule": "softmax of the detector over the candidates and 'no parent': the most probable candidate is the "
+        "parent if it is more probable than 'no parent'; score = 1 - p(candidate)",
+        "p_none": round(p_none, 6),
+    }
+    for cs, s in zip(result.candidates, scored, strict=True):
+        cs.related = 1.0 - s.score > p_none
+    p_second = 1.0 - scored[1].score if len(scored) > 1 else 0.0
+    result.margin = math.log(p_best / p_second) if p_second > 0 and p_best > 0 else None
+    if p_best <= p_none:
+        result.reason = (
+            f"the detector finds 'no parent' most probable (p = {p_none:.3g}; best candidate "
+            f"{best.model.name} at p = {p_best:.3g})"
+        )
+        return result
+    result.parent = best.model.name
+    result.chain = [best.model.name]
+    result.reason = f"the detector gives {best.model.name} p = {p_best:.3g} ('no parent' p = {p_none:.3g})"
+    result.tree = [TreeEdge(result.child, best.model.name, best.score, "chain")]
+    return result
+
+
+def _acyclic(edges: list[TreeEdge]) -> list[TreeEdge]:
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    out = []
+    for e in edges:  # chain edges come first and are always kept
+        ra, rb = find(e.a), find(e.b)
+        if ra != rb:
+            parent[ra] = rb
+            out.append(e)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# probe
+# ---------------------------------------------------------------------------------------------
+
+
+def _full_state(src: TensorSource) -> dict[str, torch.Tensor]:
+    return {k: src.get(k) for k in src.keys()}
+
+
+def _score_probe(
+    c: _Model,
+    models: list[_Model],
+    pairings: dict[int, Pairing],
+    probe: Any,
+    model_fn: Callable[[Mapping[str, torch.Tensor]], torch.nn.Module],
+    metric: str,
+    alpha: float,
+    skipped: list[Skipped],
+    progress: Progress | None,
+) -> list[_Scored]:
+    from metanets.lineage_probe import _features, probe_distances
+
+    child_state = _full_state(c.source)
+    try:
+        with torch.no_grad():
+            f_c = _features(model_fn(child_state).eval(), probe)
+    except WeightsmithError:
+        raise
+    except Exception as e:  # noqa: BLE001 - user code
+        raise RecipeError(f"probe: model_fn failed on the child: {type(e).__name__}: {e}") from None
+    out = []
+    for i, m in enumerate(models):
+        if progress is not None:
+            progress("probing candidates", i, len(models))
+        try:
+            metrics = probe_distances(
+                child_state, _full_state(m.source), model_fn, probe, alpha=alpha, child_features=f_c
+            )
+        except WeightsmithError as e:
+            skipped.append(Skipped(m.name, m.ref, str(e)))
+            continue
+        except Exception as e:  # noqa: BLE001 - user code (model_fn) may raise anything
+            skipped.append(Skipped(m.name, m.ref, f"model_fn failed: {type(e).__name__}: {e}"))
+            continue
+        out.append(_Scored(m, metrics[metric], {}, [], pairings[m.index], 1.0, 0.0, {"metrics": metrics}))
+    if progress is not None:
+        progress("probing candidates", len(models), len(models))
+    return out
