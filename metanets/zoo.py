@@ -39,7 +39,7 @@ from merge.errors import CheckpointError, RecipeError
 from merge.symmetry import PermutationSpec
 from metanets.zoo_models import TASKS, arch_id, build_model
 
-__all__ = ["Zoo", "ZooConfig", "build_zoo", "load_zoo_config", "plan_runs"]
+__all__ = ["Zoo", "ZooConfig", "ZooDataset", "build_zoo", "load_zoo_config", "plan_runs"]
 
 FORMAT = "weightsmith.zoo"
 Sampler = Any  # a scalar, a list (choice) or {"uniform"|"log_uniform"|"int": [lo, hi]}
@@ -600,3 +600,30 @@ class Zoo:
             },
             "sha256": self.digest,
         }
+
+
+class ZooDataset(torch.utils.data.Dataset):
+    """A ``torch`` Dataset over (a subset of) a zoo's records, read lazily.
+
+    Item ``k`` is ``(state_dict, spec, record)`` for record ``indices[k]``, or ``transform(state, spec,
+    record)`` (for example ``metanet.featurize``-based) when a transform is given. Tensors are loaded and
+    hash-checked on access, so a zoo larger than memory can be iterated.
+    """
+
+    def __init__(
+        self,
+        zoo: Zoo | str | Path,
+        indices: Sequence[int] | None = None,
+        transform: Callable[[dict[str, torch.Tensor], PermutationSpec, dict[str, Any]], Any] | None = None,
+    ) -> None:
+        self.zoo = zoo if isinstance(zoo, Zoo) else Zoo(zoo)
+        self.indices = list(range(len(self.zoo))) if indices is None else list(indices)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> Any:
+        i = self.indices[k]
+        state, spec, rec = self.zoo.state_dict(i), self.zoo.spec(i), self.zoo.records[i]
+        return self.transform(state, spec, rec) if self.transform is not None else (state, spec, rec)

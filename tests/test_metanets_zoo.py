@@ -91,6 +91,23 @@ def test_zoo_records_metadata_lineage_and_lazy_tensors(tiny_zoo):
     assert z.summary()["models"] == len(z)
 
 
+def test_torch_dataset_reads_lazily(tiny_zoo):
+    from torch.utils.data import DataLoader
+
+    from metanets.zoo import ZooDataset
+
+    z = Zoo(tiny_zoo)
+    train, _val, _test = z.split((0.5, 0.25, 0.25))
+    ds = ZooDataset(
+        z, train, transform=lambda state, spec, rec: (sum(v.numel() for v in state.values()), rec["test_acc"])
+    )
+    assert len(ds) == len(train)
+    batches = list(DataLoader(ds, batch_size=3, collate_fn=list))
+    assert sum(len(b) for b in batches) == len(train)
+    state, spec, rec = ZooDataset(z)[0]
+    assert rec["id"] == z.records[0]["id"] and set(spec.axes_to_perm) <= set(state)
+
+
 def test_splits_never_put_one_run_on_two_sides(tiny_zoo):
     z = Zoo(tiny_zoo)
     for seed in range(5):
