@@ -365,6 +365,7 @@ class _Planner:
             params: dict[str, Any] = {}
         else:
             params = self.resolve_params(out_name, t, model_scopes, slice_scope)
+            self.method.check_params(params, f"tensor '{out_name}': ")
         return TensorTask(out_name, shape, out_dtype, sources, base, params)
 
     def _plan_models(self, base_idx: int | None) -> tuple[list[TensorTask], int | None]:
