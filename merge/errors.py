@@ -68,3 +68,7 @@ class HubUnavailableError(ModelNotFoundError):
     """The Hub cannot be reached (or offline mode is on) and the model is not in the local cache."""
 
     grpc_code = "UNAVAILABLE"
+
+
+class TokenizerError(WeightsmithError):
+    """Tokenizers cannot be loaded, merged into one vocabulary, or matched to the embeddings."""
