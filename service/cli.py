@@ -213,5 +213,9 @@ from service.cli_service import remote, serve  # noqa: E402
 main.add_command(serve)
 main.add_command(remote)
 
+from service.cli_moe import moe  # noqa: E402
+
+main.add_command(moe)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

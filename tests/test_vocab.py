@@ -41,9 +41,15 @@ def _bpe(corpus: list[str], folder: Path, size: int) -> int:
 def _model(folder: Path, vocab: int, seed: int, base: dict | None = None) -> Path:
     sd = llama_like(seed, vocab=vocab)
     if base is not None:  # a fine-tune of `base` in every non-vocabulary tensor
-        sd = {k: (base[k] + 0.01 * torch.randn_like(base[k]) if base[k].shape == v.shape else v) for k, v in sd.items()}
-    return write_checkpoint(folder, sd, config={"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 3,
-                                                "vocab_size": vocab})
+        sd = {
+            k: (base[k] + 0.01 * torch.randn_like(base[k]) if base[k].shape == v.shape else v)
+            for k, v in sd.items()
+        }
+    return write_checkpoint(
+        folder,
+        sd,
+        config={"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 3, "vocab_size": vocab},
+    )
 
 
 @pytest.fixture
@@ -63,8 +69,13 @@ def _row(folder: Path, tensor: str, token: str) -> torch.Tensor | None:
 @pytest.mark.parametrize("key", ["tokenizer_source", "tokenizer"])
 def test_union_encodes_both_vocabularies_and_merges_shared_rows(two_vocabs, tmp_path: Path, key: str) -> None:
     a, b = two_vocabs
-    rec = {"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": 1.0}},
-                                                {"model": str(b), "parameters": {"weight": 3.0}}]}
+    rec = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(a), "parameters": {"weight": 1.0}},
+            {"model": str(b), "parameters": {"weight": 3.0}},
+        ],
+    }
     rec |= {"tokenizer_source": "union"} if key == "tokenizer_source" else {"tokenizer": {"source": "union"}}
     out = tmp_path / "out"
     run_merge(rec, out)
@@ -89,8 +100,10 @@ def test_union_encodes_both_vocabularies_and_merges_shared_rows(two_vocabs, tmp_
                 exp = ra if ra is not None else rb
             torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-7)
     # every other tensor is the plain merge; the inputs are untouched
-    assert torch.allclose(ckpt["model.norm.weight"],
-                          (open_checkpoint(a)["model.norm.weight"] + 3 * open_checkpoint(b)["model.norm.weight"]) / 4)
+    assert torch.allclose(
+        ckpt["model.norm.weight"],
+        (open_checkpoint(a)["model.norm.weight"] + 3 * open_checkpoint(b)["model.norm.weight"]) / 4,
+    )
 
 
 def test_union_with_a_base_uses_the_base_row_for_tokens_others_lack(tmp_path: Path) -> None:
@@ -102,28 +115,45 @@ def test_union_with_a_base_uses_the_base_row_for_tokens_others_lack(tmp_path: Pa
     ft1 = _model(tmp_path / "ft1", vf, 1, b0)
     _wordlevel(base_words, tmp_path / "ft2")
     ft2 = _model(tmp_path / "ft2", vb, 2, b0)
-    rec = {"merge_method": "task_arithmetic", "base_model": str(base), "tokenizer": {"source": "union"},
-           "models": [{"model": str(ft1), "parameters": {"weight": 0.5}}, {"model": str(ft2), "parameters": {"weight": 0.5}}]}
+    rec = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "tokenizer": {"source": "union"},
+        "models": [
+            {"model": str(ft1), "parameters": {"weight": 0.5}},
+            {"model": str(ft2), "parameters": {"weight": 0.5}},
+        ],
+    }
     run_merge(rec, tmp_path / "out")
     out = open_checkpoint(tmp_path / "out")
     cid = AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab()["cherry"]
     # "cherry" is only in ft1: every model (base and ft2 too) takes ft1's row, so the task vectors vanish there
     torch.testing.assert_close(out[EMB][cid], _row(ft1, EMB, "cherry"))
     aid = AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab()["apple"]
-    exp = _row(base, EMB, "apple") + 0.5 * (_row(ft1, EMB, "apple") - _row(base, EMB, "apple")) \
+    exp = (
+        _row(base, EMB, "apple")
+        + 0.5 * (_row(ft1, EMB, "apple") - _row(base, EMB, "apple"))
         + 0.5 * (_row(ft2, EMB, "apple") - _row(base, EMB, "apple"))
+    )
     torch.testing.assert_close(out[EMB][aid], exp)
 
 
 def test_token_overrides_and_padding(two_vocabs, tmp_path: Path) -> None:
     a, b = two_vocabs
-    rec = {"merge_method": "linear", "models": [{"model": str(a)}, {"model": str(b)}],
-           "tokenizer": {"source": "union", "pad_to_multiple_of": 8, "tokens": {
-               "cherry": {"source": str(b), "force": True},  # b's row in every model
-               "apple": {"source": {"kind": "zero"}, "force": True},
-               "fig": {"source": {"kind": "model_token", "model": str(b), "token": "kiwi"}},
-               "newword": {"source": {"kind": "model_token", "model": str(a), "token_id": 2}},
-           }}}
+    rec = {
+        "merge_method": "linear",
+        "models": [{"model": str(a)}, {"model": str(b)}],
+        "tokenizer": {
+            "source": "union",
+            "pad_to_multiple_of": 8,
+            "tokens": {
+                "cherry": {"source": str(b), "force": True},  # b's row in every model
+                "apple": {"source": {"kind": "zero"}, "force": True},
+                "fig": {"source": {"kind": "model_token", "model": str(b), "token": "kiwi"}},
+                "newword": {"source": {"kind": "model_token", "model": str(a), "token_id": 2}},
+            },
+        },
+    }
     out = tmp_path / "out"
     run_merge(rec, out)
     tok = AutoTokenizer.from_pretrained(out)
@@ -148,8 +178,14 @@ def test_bpe_union_encodes_words_of_both_corpora(tmp_path: Path) -> None:
     vb = _bpe(cb, tmp_path / "b", 60)
     a = _model(tmp_path / "a", va, 0)
     b = _model(tmp_path / "b", vb, 1)
-    run_merge({"merge_method": "linear", "models": [{"model": str(a)}, {"model": str(b)}],
-               "tokenizer_source": "union"}, tmp_path / "out")
+    run_merge(
+        {
+            "merge_method": "linear",
+            "models": [{"model": str(a)}, {"model": str(b)}],
+            "tokenizer_source": "union",
+        },
+        tmp_path / "out",
+    )
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
     vocab = tok.get_vocab()
     for folder, text in ((tmp_path / "a", ca[0]), (tmp_path / "b", cb[0])):
@@ -164,8 +200,15 @@ def test_bpe_union_encodes_words_of_both_corpora(tmp_path: Path) -> None:
 
 def test_source_base_reindexes_to_the_base_vocabulary(two_vocabs, tmp_path: Path) -> None:
     a, b = two_vocabs
-    run_merge({"merge_method": "linear", "base_model": str(a), "models": [{"model": str(a)}, {"model": str(b)}],
-               "tokenizer": {"source": "base"}}, tmp_path / "out")
+    run_merge(
+        {
+            "merge_method": "linear",
+            "base_model": str(a),
+            "models": [{"model": str(a)}, {"model": str(b)}],
+            "tokenizer": {"source": "base"},
+        },
+        tmp_path / "out",
+    )
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert tok.get_vocab() == AutoTokenizer.from_pretrained(a).get_vocab()
     e = open_checkpoint(tmp_path / "out")[EMB]
@@ -177,7 +220,11 @@ def test_vocabularies_that_cannot_be_unioned_fail_before_writing(tmp_path: Path)
     va = _wordlevel(A_WORDS, tmp_path / "a")
     vb = _bpe(["some other words here"] * 5, tmp_path / "b", 40)
     a, b = _model(tmp_path / "a", va, 0), _model(tmp_path / "b", vb, 1)
-    rec = {"merge_method": "linear", "models": [{"model": str(a)}, {"model": str(b)}], "tokenizer_source": "union"}
+    rec = {
+        "merge_method": "linear",
+        "models": [{"model": str(a)}, {"model": str(b)}],
+        "tokenizer_source": "union",
+    }
     with pytest.raises(TokenizerError, match="WordLevel tokenizer and .* BPE one"):
         run_merge(rec, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -192,14 +239,19 @@ def test_vocabularies_that_cannot_be_unioned_fail_before_writing(tmp_path: Path)
 
 def test_bad_token_overrides(two_vocabs) -> None:
     a, b = two_vocabs
-    rec = {"merge_method": "linear", "models": [{"model": str(a)}, {"model": str(b)}],
-           "tokenizer": {"source": "union", "tokens": {"apple": {"source": {"kind": "magic"}}}}}
+    rec = {
+        "merge_method": "linear",
+        "models": [{"model": str(a)}, {"model": str(b)}],
+        "tokenizer": {"source": "union", "tokens": {"apple": {"source": {"kind": "magic"}}}},
+    }
     with pytest.raises(RecipeError, match=r"tokenizer.tokens\['apple'\]"):
         plan_merge(rec)
     rec["tokenizer"]["tokens"] = {"apple": {"source": "/no/such/model"}}
     with pytest.raises(RecipeError, match="is not one of the merged models"):
         plan_merge(rec)
-    rec["tokenizer"]["tokens"] = {"apple": {"source": {"kind": "model_token", "model": str(a), "token": "zzz"}}}
+    rec["tokenizer"]["tokens"] = {
+        "apple": {"source": {"kind": "model_token", "model": str(a), "token": "zzz"}}
+    }
     with pytest.raises(RecipeError, match="'zzz' is not in model"):
         plan_merge(rec)
     rec["tokenizer"]["tokens"] = {"grape": {"source": str(a)}}  # a has no "grape"
@@ -211,6 +263,7 @@ def test_identical_vocabularies_need_no_reindexing(make_models, tmp_path: Path) 
     paths = make_models(2)
     for p in paths:
         _wordlevel([f"w{i}" for i in range(38)], p)  # 40 tokens = the models' 40 rows
-    plan = plan_merge({"merge_method": "linear", "models": [{"model": str(p)} for p in paths],
-                       "tokenizer_source": "union"})
+    plan = plan_merge(
+        {"merge_method": "linear", "models": [{"model": str(p)} for p in paths], "tokenizer_source": "union"}
+    )
     assert plan.vocab is None  # the tokenizer files are copied as they are
