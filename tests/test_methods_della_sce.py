@@ -197,3 +197,13 @@ def test_chunked_equals_whole(name: str, params: dict, n: int) -> None:
         whole = spec.fn(ms, base, **params)
         for ce in (5, 16, 50):
             assert torch.equal(merge_tensors(spec, ms, base, params, chunk_elems=ce), whole), (shape, ce)
+
+
+def test_sce_variance_is_bit_identical_to_torch_var() -> None:
+    from merge.methods.sce import _variance
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 5):
+        xs = [torch.randn(5000, generator=g) * 0.01 for _ in range(n)]
+        for v in (xs, [x.bfloat16().float() for x in xs]):
+            assert torch.equal(_variance(v), torch.var(torch.stack(v), dim=0, unbiased=False))

@@ -19,8 +19,8 @@ ranked whole). The L1 rescale needs the whole tensor's kept mass, which depends 
 masks, so the statistics pass draws the masks (with the same per-chunk generators the method gets,
 seeded from the recipe seed, the tensor name and the chunk index), sums ‖τ‖₁ and ‖m ⊙ τ‖₁, and
 keeps each chunk's mask as packed bits (n/8 bytes per model); the merge pass then applies them
-without ranking or drawing again. The ranking is one stable radix sort per chunk of int64 keys
-``row << 32 | bits(|τ|)`` (ties ranked by index).
+without ranking or drawing again. The ranking is one sort per row of the unique int64 keys
+``bits(|τ|) << 32 | column`` (ties ranked by column, whatever sort runs).
 """
 
 from __future__ import annotations
@@ -74,19 +74,24 @@ def keep_probabilities(width: int, density: float, epsilon: float) -> torch.Tens
 def magprune_probs(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """Per-entry keep probabilities (float32, shape of ``delta``) from the magnitude ranks in each row.
 
-    Rank by a stable radix sort of int64 keys ``row << 32 | bits(|τ|)`` (ties ranked by index).
+    Ranks come from sorting, per row, the int64 keys ``bits(|τ|) << 32 | column``: unique keys, so any sort
+    gives the same order (ties ranked by column) and numpy's vectorised sort can be used (~30x faster
+    here than ``torch.sort`` of the same keys).
     """
     mags = _rows(delta.abs())
     rows, width = mags.shape
     ramp = keep_probabilities(width, density, epsilon).to(delta.device)
     if width <= 1:
         return _unrows(ramp.expand(rows, 1), delta).clone()
-    key = mags.float().contiguous().view(torch.int32).to(torch.int64)
-    key.add_(torch.arange(rows, dtype=torch.int64, device=delta.device).unsqueeze(1) << 32)
-    order = torch.sort(key.view(-1), stable=True).indices
+    key = mags.float().contiguous().view(torch.int32).to(torch.int64).bitwise_left_shift_(32)
+    key.bitwise_or_(torch.arange(width, dtype=torch.int64, device=delta.device))
+    if key.device.type == "cpu":
+        order = torch.from_numpy(np.sort(key.numpy(), axis=1)).bitwise_and_(0xFFFFFFFF)
+    else:
+        order = torch.sort(key, dim=1).values.bitwise_and_(0xFFFFFFFF)
     del key
-    probs = torch.empty(rows * width, dtype=torch.float32, device=delta.device)
-    probs[order] = ramp.expand(rows, width).reshape(-1)
+    probs = torch.empty((rows, width), dtype=torch.float32, device=delta.device)
+    probs.scatter_(1, order, ramp.expand(rows, width))
     return _unrows(probs, delta)
 
 
