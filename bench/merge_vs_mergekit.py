@@ -7,7 +7,11 @@ write them:
 - ``linear``: ft1..ft3, weight 1 each (normalized: the mean);
 - ``task_arithmetic``: base + ft1..ft3, weight 0.5;
 - ``ties``: base + ft1..ft3, weight 1, density 0.5 (normalize, mergekit's default);
-- ``dare_ties``: base + ft1..ft3, weight 1, density 0.5.
+- ``dare_ties``: base + ft1..ft3, weight 1, density 0.5;
+- the methods added for issue 15 (``--methods della,...``): ``della`` / ``della_linear`` (base + 3, density
+  0.5, epsilon 0.15), ``sce`` (base + 3, select_topk 0.5), ``karcher`` (ft1..ft3), ``multislerp`` (base + 3,
+  weight 1), ``nuslerp`` (base + ft1, ft2), ``nearswap`` (base + ft1, t 0.001), ``arcee_fusion`` (base + ft1),
+  ``ram`` / ``ramplus_tl`` (base + 3, epsilon 0.002).
 
 Cases, run in turn (interleaved round-robin, tool order rotated every round) ``--repeats`` times:
 

@@ -263,7 +263,11 @@ def explain_sce_diffs(ws_dir: Path, mk_dir: Path, recipe: dict[str, Any], rtol: 
         out["n_on_tied_cuts"] += int(tied.sum())
         out["n_diff"] += int(diff.sum())
         out["n_tied_cut"] += int((diff & tied).sum())
-        out["n_unexplained"] += int((diff & ~tied).sum())
+        un = diff & ~tied
+        out["n_unexplained"] += int(un.sum())
+        if bool(un.any()):  # the knock-on of a different tie pick on the whole-tensor mean-square weights
+            rel = ((ws - mk).abs() / mk.abs().clamp(min=1e-30)).reshape(-1)[un]
+            out["max_rel_unexplained"] = max(out.get("max_rel_unexplained", 0.0), float(rel.max()))
     return out
 
 

@@ -25,6 +25,7 @@ import torch
 
 from merge.methods._select import TopK, select_top
 from merge.methods.registry import ChunkSource, merge_method, whole
+from merge.methods.slerp import RowSums
 from merge.methods.task_arithmetic import _deltas
 
 
@@ -84,20 +85,20 @@ def _sce_stats(chunks: ChunkSource, *, select_topk: float = 1.0) -> SceStats:
         if select is not None and select.k == 0:
             select, select_none = None, True
     partial = SceStats(select, select_none, ())
-    sq: list[list[torch.Tensor]] = []
+    sq: list[RowSums] = []
     numel = 0
     for ci, (tensors, base) in enumerate(chunks()):
         deltas = _deltas(tensors, base, "sce")
         mask = _mask(partial, deltas, ci)
         if not sq:
-            sq = [[] for _ in deltas]
+            sq = [RowSums() for _ in deltas]
         numel += deltas[0].numel()
         for t, d in enumerate(deltas):
             if mask is not None:
                 d = d * mask
             rows = d.shape[0] if d.dim() > 0 else 1
-            sq[t].append(d.reshape(rows, -1).square().sum(1).double() if d.numel() else torch.zeros(rows))
-    means = [float(torch.cat(p).sum()) / numel if numel else float("nan") for p in sq]
+            sq[t].add(d.reshape(rows, -1).square().sum(1) if d.numel() else torch.zeros(rows))
+    means = [p.total() / numel if numel else float("nan") for p in sq]
     total = sum(means)
     if abs(total) < 1e-6:
         weights = tuple(1.0 / len(means) for _ in means)

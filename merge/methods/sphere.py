@@ -28,22 +28,22 @@ import torch
 
 from merge.errors import RecipeError
 from merge.methods.registry import ChunkSource, PerModel, broadcast_per_model, merge_method, whole
-from merge.methods.slerp import row_dots
+from merge.methods.slerp import RowSums, row_dots
 
 
 def gram(chunks: ChunkSource, vectors) -> torch.Tensor:  # noqa: ANN001 - a small adapter
     """Whole-tensor Gram matrix (float64) of ``vectors(tensors, base) -> list[Tensor]`` over chunks."""
-    parts: dict[tuple[int, int], list[torch.Tensor]] = {}
+    parts: dict[tuple[int, int], RowSums] = {}
     n = 0
     for tensors, base in chunks():
         xs = vectors(tensors, base)
         n = len(xs)
         for i in range(n):
             for j in range(i, n):
-                parts.setdefault((i, j), []).append(row_dots(xs[i], xs[j]))
+                parts.setdefault((i, j), RowSums()).add(row_dots(xs[i], xs[j]))
     g = torch.zeros((n, n), dtype=torch.float64)
     for (i, j), p in parts.items():
-        g[i, j] = g[j, i] = torch.cat(p).sum()
+        g[i, j] = g[j, i] = p.total()
     return g
 
 
@@ -293,20 +293,25 @@ def _pair(tensors: list[torch.Tensor], base: torch.Tensor | None) -> tuple[torch
 def _nuslerp_stats(
     chunks: ChunkSource, *, nuslerp_row_wise: bool = False, nuslerp_flatten: bool = True
 ) -> NuSlerpStats:
-    acc: list[list[torch.Tensor]] = [[], [], []]
+    acc = [RowSums(), RowSums(), RowSums()]
+    cols: tuple[int, ...] | None = None
     for tensors, base in chunks():
         v0, v1 = _pair(tensors, base)
         if _local(nuslerp_flatten, nuslerp_row_wise, v0.dim()):
             return NuSlerpStats(None, None, None)
         if nuslerp_flatten or v0.dim() <= 1:
-            acc[0].append(row_dots(v0, v0))
-            acc[1].append(row_dots(v1, v1))
-            acc[2].append(row_dots(v0, v1))
-        else:  # row-wise: one vector per column (dim 0 runs across chunks)
-            acc[0].append((v0 * v0).sum(0, dtype=torch.float64).unsqueeze(0))
-            acc[1].append((v1 * v1).sum(0, dtype=torch.float64).unsqueeze(0))
-            acc[2].append((v0 * v1).sum(0, dtype=torch.float64).unsqueeze(0))
-    s = [torch.cat(a).sum(0) if a else torch.zeros((), dtype=torch.float64) for a in acc]
+            acc[0].add(row_dots(v0, v0))
+            acc[1].add(row_dots(v1, v1))
+            acc[2].add(row_dots(v0, v1))
+        else:  # row-wise: one vector per column (dim 0 runs across chunks); per-chunk float64 column sums
+            cols = tuple(v0.shape[1:])
+            acc[0].add((v0 * v0).sum(0, dtype=torch.float64))
+            acc[1].add((v1 * v1).sum(0, dtype=torch.float64))
+            acc[2].add((v0 * v1).sum(0, dtype=torch.float64))
+    if cols is not None:
+        s = [a.columns(cols) for a in acc]
+    else:
+        s = [torch.tensor(a.total(), dtype=torch.float64) for a in acc]
     return NuSlerpStats(s[0], s[1], s[2])
 
 
