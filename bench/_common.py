@@ -347,6 +347,9 @@ class CompareResult:
     only_b: list[str] = field(default_factory=list)
     ss_delta_a: float = 0.0  # Σ (a - ref)² over all compared tensors, when a reference model is given
     ss_delta_b: float = 0.0
+    same_a: int = 0  # elements where a == ref exactly (a dropped or unchanged entry), when a reference is given
+    same_b: int = 0
+    n_ref: int = 0  # elements compared against the reference
 
     @property
     def n_compared(self) -> int:
@@ -378,6 +381,11 @@ class CompareResult:
     def delta_norm_ratio(self) -> float | None:
         """‖a − ref‖ / ‖b − ref‖ over the whole model (≈ 1 when both moved as far from the reference)."""
         return (self.ss_delta_a / self.ss_delta_b) ** 0.5 if self.ss_delta_b else None
+
+    @property
+    def unchanged_fractions(self) -> tuple[float, float] | None:
+        """Fractions of elements equal to the reference in a and in b (kept-fraction check of random drops)."""
+        return (self.same_a / self.n_ref, self.same_b / self.n_ref) if self.n_ref else None
 
     def worst(self, k: int = 3) -> list[TensorDiff]:
         return sorted(self.tensors, key=lambda t: -t.max_abs)[:k]
@@ -418,6 +426,9 @@ def compare_checkpoints(a_dir: str | Path, b_dir: str | Path, *, rtol: float = 1
             if r.shape == a.shape:
                 res.ss_delta_a += float(((a.double() - r) ** 2).sum())
                 res.ss_delta_b += float(((b.double() - r) ** 2).sum())
+                res.same_a += int((a.double() == r).sum())
+                res.same_b += int((b.double() == r).sum())
+                res.n_ref += r.numel()
         if a.shape != b.shape:
             res.tensors.append(TensorDiff(name, list(a.shape), str(a.dtype), str(b.dtype), float("inf"),
                                           a.numel(), a.numel(), False))

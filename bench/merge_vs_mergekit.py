@@ -7,7 +7,11 @@ write them:
 - ``linear``: ft1..ft3, weight 1 each (normalized: the mean);
 - ``task_arithmetic``: base + ft1..ft3, weight 0.5;
 - ``ties``: base + ft1..ft3, weight 1, density 0.5 (normalize, mergekit's default);
-- ``dare_ties``: base + ft1..ft3, weight 1, density 0.5.
+- ``dare_ties``: base + ft1..ft3, weight 1, density 0.5;
+- the methods added for issue 15 (``--methods della,...``): ``della`` / ``della_linear`` (base + 3, density
+  0.5, epsilon 0.15), ``sce`` (base + 3, select_topk 0.5), ``karcher`` (ft1..ft3), ``multislerp`` (base + 3,
+  weight 1), ``nuslerp`` (base + ft1, ft2), ``nearswap`` (base + ft1, t 0.001), ``arcee_fusion`` (base + ft1),
+  ``ram`` / ``ramplus_tl`` (base + 3, epsilon 0.002).
 
 Cases, run in turn (interleaved round-robin, tool order rotated every round) ``--repeats`` times:
 
@@ -68,6 +72,10 @@ from _common import (  # noqa: E402
 from make_models import ensure_models  # noqa: E402
 
 METHODS = ["linear", "task_arithmetic", "ties", "dare_ties"]
+# the methods added for issue 15 (mergekit 0.1.5 has them too)
+NEW_METHODS = ["della", "della_linear", "sce", "karcher", "multislerp", "nuslerp", "nearswap", "arcee_fusion", "ram",
+               "ramplus_tl"]
+ALL_METHODS = METHODS + NEW_METHODS
 TOOL_CASES = ["mk", "mk500", "ws", "ws-bf16"]
 FLOOR_CASES = ["cat", "floor"]
 EXTRA_CASES = ["mk-import", "ws-import"]
@@ -81,6 +89,8 @@ def recipe_for(method: str, m: dict[str, Path], dtype: str = "bfloat16") -> dict
         return {"merge_method": "linear",
                 "models": [{"model": f, "parameters": {"weight": 1.0}} for f in fts],
                 "parameters": {"normalize": True}, "dtype": dtype}
+    if method in NEW_METHODS:
+        return _new_recipe(method, m, fts, dtype)
     per_model = {"task_arithmetic": {"weight": 0.5},
                  "ties": {"weight": 1.0, "density": 0.5},
                  "dare_ties": {"weight": 1.0, "density": 0.5}}[method]
@@ -91,15 +101,42 @@ def recipe_for(method: str, m: dict[str, Path], dtype: str = "bfloat16") -> dict
     return r
 
 
+def _new_recipe(method: str, m: dict[str, Path], fts: list[str], dtype: str) -> dict[str, Any]:
+    base = str(m["base"])
+    per = [{"model": f} for f in fts]
+    r: dict[str, Any] = {"merge_method": method, "base_model": base, "models": per, "dtype": dtype}
+    if method in ("della", "della_linear"):
+        r["models"] = [{"model": f, "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.15}} for f in fts]
+    elif method == "sce":
+        r["parameters"] = {"select_topk": 0.5}
+    elif method == "karcher":
+        del r["base_model"]
+    elif method == "multislerp":
+        r["models"] = [{"model": f, "parameters": {"weight": 1.0}} for f in fts]
+    elif method == "nuslerp":
+        r["models"] = [{"model": f, "parameters": {"weight": 1.0}} for f in fts[:2]]
+    elif method == "nearswap":
+        r["models"] = per[:1]
+        r["parameters"] = {"t": 0.001}
+    elif method == "arcee_fusion":
+        r["models"] = per[:1]
+    elif method in ("ram", "ramplus_tl"):
+        r["parameters"] = {"epsilon": 0.002}
+    return r
+
+
 def input_set(method: str) -> str:
-    return "3 models" if method == "linear" else "base+3"
+    if method in ("linear", "karcher"):
+        return "3 models"
+    return {"nuslerp": "base+2", "nearswap": "base+1", "arcee_fusion": "base+1"}.get(method, "base+3")
 
 
 def inputs_for(method: str, m: dict[str, Path]) -> tuple[str, list[Path]]:
-    """(input-set key, model folders): linear reads ft1..3, the others base + ft1..3."""
-    if method == "linear":
-        return input_set(method), [m["ft1"], m["ft2"], m["ft3"]]
-    return input_set(method), [m["base"], m["ft1"], m["ft2"], m["ft3"]]
+    """(input-set key, model folders): linear and karcher read ft1..3, the others the base + some fine-tunes."""
+    key = input_set(method)
+    if key == "3 models":
+        return key, [m["ft1"], m["ft2"], m["ft3"]]
+    return key, [m["base"], m["ft1"], m["ft2"], m["ft3"]][: 2 + "123".index(key[-1])]
 
 
 def case_cmd(case: str, method: str, recipe: Path, out: Path, models: list[Path]) -> list[str]:
@@ -107,7 +144,7 @@ def case_cmd(case: str, method: str, recipe: Path, out: Path, models: list[Path]
     if case == "cat":
         return ["sh", "-c", 'exec cat "$@" > /dev/null', "cat", *files]
     if case == "floor":
-        mode = "sum" if method == "linear" else "task"
+        mode = "sum" if input_set(method) == "3 models" else "task"
         return [project_python(), str(BENCH / "floor_stream.py"), "--mode", mode, "--out", str(out),
                 *[str(d) for d in models]]
     if case == "mk":
@@ -247,7 +284,7 @@ def _yn(x: Any) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["big", "tiny"], default="big")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {','.join(METHODS)}")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {','.join(ALL_METHODS)}")
     ap.add_argument("--cases", default=",".join(DEFAULT_CASES),
                     help=f"comma list from {','.join(DEFAULT_CASES + EXTRA_CASES)} "
                          "(default: all but *-import)")
@@ -260,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in a.methods.split(",") if m]
     cases = [c for c in a.cases.split(",") if c]
     for m in methods:
-        if m not in METHODS:
+        if m not in ALL_METHODS:
             ap.error(f"unknown method {m!r}")
     for c in cases:
         if c not in DEFAULT_CASES + EXTRA_CASES:

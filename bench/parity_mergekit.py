@@ -62,8 +62,16 @@ from make_models import ensure_models  # noqa: E402
 
 DETERMINISTIC = ["linear", "slerp", "task_arithmetic", "ties", "breadcrumbs", "model_stock"]
 RANDOM = ["dare_linear", "dare_ties"]
+# the methods added for issue 15 (``nuslerp:rows`` is nuslerp with per-row vectors)
+NEW_DETERMINISTIC = ["sce", "karcher", "multislerp", "nuslerp", "nuslerp:rows", "nearswap", "arcee_fusion", "ram",
+                     "ramplus_tl"]
+NEW_RANDOM = ["della", "della_linear"]
+DETERMINISTIC += NEW_DETERMINISTIC
+RANDOM += NEW_RANDOM
 METHODS = DETERMINISTIC + RANDOM
 EXTRA_METHODS = ["breadcrumbs_ties"]
+#: mergekit 0.1.5's arcee_fusion takes its quantiles from a random sample of 1M entries above this size
+ARCEE_SAMPLE = 1_000_000
 VARIANTS = {  # name -> (checkpoint dtype, recipe dtype)
     "fp32": ("float32", "float32"),
     "bf16in": ("bfloat16", "float32"),
@@ -110,6 +118,36 @@ def recipe_for(method: str, m: dict[str, Path], dtype: str) -> dict[str, Any]:
         r = {"base_model": b, "models": models([{"weight": 1.0, "density": 0.5},
                                                  {"weight": 0.8, "density": 0.6},
                                                  {"weight": 0.6, "density": 0.4}])}
+    elif method == "della":
+        r = {"base_model": b, "models": models([{"weight": 1.0, "density": 0.5, "epsilon": 0.1},
+                                                 {"weight": 0.8, "density": 0.4, "epsilon": 0.15},
+                                                 {"weight": 0.6, "density": 0.6, "epsilon": 0.2}]),
+             "parameters": {"lambda": 0.9}}
+    elif method == "della_linear":
+        r = {"base_model": b, "models": models([{"weight": 0.5, "density": 0.5, "epsilon": 0.1},
+                                                 {"weight": 0.3, "density": 0.6, "epsilon": 0.1},
+                                                 {"weight": 0.7, "density": 0.4, "epsilon": 0.15}])}
+    elif method == "sce":
+        r = {"base_model": b, "models": [{"model": f} for f in (f1, f2, f3)], "parameters": {"select_topk": 0.5}}
+    elif method == "karcher":
+        r = {"models": [{"model": f} for f in (f1, f2, f3)], "parameters": {"max_iter": 10, "tol": 1e-5}}
+    elif method == "multislerp":
+        r = {"base_model": b, "models": models([{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}])}
+    elif method in ("nuslerp", "nuslerp:rows"):
+        r = {"base_model": b, "models": [{"model": f1, "parameters": {"weight": 0.3}},
+                                          {"model": f2, "parameters": {"weight": 0.7}}]}
+        if method == "nuslerp:rows":
+            r["parameters"] = {"nuslerp_flatten": False}
+        method = "nuslerp"
+    elif method == "nearswap":
+        r = {"base_model": b, "models": [{"model": f1}], "parameters": {"t": 0.001}}
+    elif method == "arcee_fusion":
+        r = {"base_model": b, "models": [{"model": f1}]}
+    elif method == "ram":
+        r = {"base_model": b, "models": [{"model": f} for f in (f1, f2, f3)], "parameters": {"epsilon": 0.002}}
+    elif method == "ramplus_tl":
+        r = {"base_model": b, "models": [{"model": f} for f in (f1, f2, f3)],
+             "parameters": {"epsilon": 0.002, "r": 0.1, "alpha": 0.2}}
     else:
         raise ValueError(method)
     return {"merge_method": method, **r, "dtype": dtype}
@@ -189,10 +227,121 @@ def explain_topk_diffs(ws_dir: Path, mk_dir: Path, recipe: dict[str, Any], rtol:
     return out
 
 
+REFERENCE_METHODS = ("karcher", "multislerp")
+
+
+def explain_sce_diffs(ws_dir: Path, mk_dir: Path, recipe: dict[str, Any], rtol: float, atol: float,
+                      tensors: list[str]) -> dict[str, int]:
+    """SCE keeps the top ``select_topk`` of the task vectors' variance: count differing elements tied at that cut.
+
+    mergekit's ``torch.topk`` picks arbitrarily among equal variances at the cut, weightsmith by flat index;
+    a different pick changes those elements (and the mean-square weights very slightly).
+    """
+    base_dir = Path(recipe["base_model"])
+    models = [Path(m["model"]) for m in recipe["models"]]
+    s = float(recipe["parameters"]["select_topk"])
+    idx = {d: tensor_index(d) for d in [ws_dir, mk_dir, base_dir, *models]}
+
+    def get(d: Path, name: str) -> torch.Tensor:
+        with safe_open(str(idx[d][name]), framework="pt") as h:
+            return h.get_tensor(name)
+
+    out = {"n_diff": 0, "n_tied_cut": 0, "n_unexplained": 0, "n_elems": 0, "n_on_tied_cuts": 0}
+    for name in tensors:
+        ws, mk = get(ws_dir, name).double(), get(mk_dir, name).double()
+        diff = ((ws - mk).abs() > atol + rtol * mk.abs()).reshape(-1)
+        if not bool(diff.any()):
+            continue
+        base = get(base_dir, name).float()
+        var = torch.var(torch.stack([get(m, name).float() - base for m in models]), dim=0, unbiased=False).reshape(-1)
+        k = int(torch.count_nonzero(var) * s)
+        srt = torch.sort(var, descending=True).values
+        tied = torch.zeros_like(diff)
+        if 0 < k < var.numel() and srt[k - 1] == srt[k]:
+            tied = var == srt[k]
+        out["n_elems"] += diff.numel()
+        out["n_on_tied_cuts"] += int(tied.sum())
+        out["n_diff"] += int(diff.sum())
+        out["n_tied_cut"] += int((diff & tied).sum())
+        un = diff & ~tied
+        out["n_unexplained"] += int(un.sum())
+        if bool(un.any()):  # the knock-on of a different tie pick on the whole-tensor mean-square weights
+            rel = ((ws - mk).abs() / mk.abs().clamp(min=1e-30)).reshape(-1)[un]
+            out["max_rel_unexplained"] = max(out.get("max_rel_unexplained", 0.0), float(rel.max()))
+    return out
+
+
+def _karcher64(xs: list[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
+    """mergekit's Karcher iteration written out on whole float64 tensors (an independent reference)."""
+    norms = [x.norm() for x in xs]
+    us = [x / n for x, n in zip(xs, norms, strict=True)]
+    a = 1.0 / len(xs)
+    mean = sum(a * u for u in us)
+    mean = mean / mean.norm()
+    for _ in range(max_iter):
+        t = torch.zeros_like(mean)
+        for u in us:
+            d = torch.clamp((mean * u).sum(), -1, 1)
+            th = torch.arccos(d)
+            if th < tol:
+                continue
+            t += a * th / torch.sin(th) * (u - d * mean)
+        tn = t.norm()
+        if tn < tol:
+            break
+        mean = torch.cos(tn) * mean + torch.sin(tn) * t / tn
+        mean = mean / mean.norm()
+    return sum(norms) / len(xs) * mean
+
+
+def _multislerp64(xs: list[torch.Tensor], weights: list[float], base: torch.Tensor) -> torch.Tensor:
+    xs = [x - base for x in xs]
+    w = torch.tensor(weights, dtype=torch.float64)
+    w = w / w.sum()
+    norms = torch.stack([x.norm() for x in xs])
+    us = [x / (n + 1e-8) for x, n in zip(xs, norms, strict=True)]
+    m = sum(wi * u for wi, u in zip(w, us, strict=True))
+    m = m / m.norm()
+    tang = sum(wi * (u - (u * m).sum() * m) for wi, u in zip(w, us, strict=True))
+    tn = tang.norm() + 1e-8
+    return (m * torch.cos(tn) + tang * torch.sin(tn) / tn) * (norms * w).sum() + base
+
+
+def explain_by_reference(ws_dir: Path, mk_dir: Path, recipe: dict[str, Any], rtol: float, atol: float,
+                         tensors: list[str]) -> dict[str, Any]:
+    """For tensors where the tools differ, which one is within tolerance of a float64 computation?"""
+    models = [Path(m["model"]) for m in recipe["models"]]
+    base = Path(recipe["base_model"]) if recipe.get("base_model") else None
+    dirs = [ws_dir, mk_dir, *models] + ([base] if base else [])
+    idx = {d: tensor_index(d) for d in dirs}
+
+    def get(d: Path, name: str) -> torch.Tensor:
+        with safe_open(str(idx[d][name]), framework="pt") as h:
+            return h.get_tensor(name).double()
+
+    out: dict[str, Any] = {"tensors": [], "ws_matches_ref": True}
+    for name in tensors:
+        xs = [get(m, name) for m in models]
+        if recipe["merge_method"] == "karcher":
+            ref = _karcher64(xs, int(recipe["parameters"]["max_iter"]), float(recipe["parameters"]["tol"]))
+        else:
+            ref = _multislerp64(xs, [float(m["parameters"]["weight"]) for m in recipe["models"]], get(base, name))
+        rel = {}
+        for tool, d in (("ws", ws_dir), ("mk", mk_dir)):
+            o = get(d, name)
+            rel[tool] = float((o - ref).norm() / ref.norm())
+            rel[tool + "_close"] = bool(torch.allclose(o, ref, rtol=rtol, atol=atol))
+        out["tensors"].append({"name": name, **rel})
+        out["ws_matches_ref"] &= rel["ws_close"]
+    return out
+
+
 def note_for(variant: str, method: str) -> str:
     if method in RANDOM:
         return "random masks: report only"
-    if variant == "bf16in" and method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+    if method == "arcee_fusion":
+        return f"required on tensors <= {ARCEE_SAMPLE:,} elem.; above, mergekit samples its quantiles"
+    if variant == "bf16in" and method in ("ties", "breadcrumbs", "breadcrumbs_ties", "sce"):
         return "bf16 deltas: tied magnitudes at the cut"
     if variant == "bf16" and method not in ("linear", "slerp"):
         return "mergekit computes in bf16, ws in fp32"
@@ -241,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt_dtype, recipe_dtype = VARIANTS[v]
         models = ensure_models(a.size, dtype=ckpt_dtype)
         for m in methods:
-            work = OUT / "parity" / v / m
+            work = OUT / "parity" / v / m.replace(":", "-")
             recipe = write_yaml(work / "recipe.yml", recipe_for(m, models, recipe_dtype))
             mk_out, ws_out = work / "mergekit", work / "weightsmith"
             remove_output(mk_out)
@@ -261,28 +410,46 @@ def main(argv: list[str] | None = None) -> int:
                     verdict = "DIFFERS (tensor names)"
                 elif m in RANDOM:
                     verdict = "random: " + ("close" if c.all_close else "differs (expected)")
+                elif m == "arcee_fusion" and not c.all_close:
+                    big = [t for t in c.tensors if t.numel > ARCEE_SAMPLE]
+                    bad_small = [t.name for t in c.tensors if not t.allclose and t.numel <= ARCEE_SAMPLE]
+                    frac_big = sum(t.n_beyond for t in big) / max(1, sum(t.numel for t in big))
+                    rec["sampled_tensors"] = {"n": len(big), "frac_beyond": frac_big}
+                    verdict = (f"match on {c.n_compared - len(big)} tensors <= 1M" if not bad_small
+                               else "DIFFERS" if rec["required"] else "differs")
                 elif c.all_close:
                     verdict = "match (bit-exact)" if c.max_abs == 0 else "match"
                 else:
                     verdict = "DIFFERS" if rec["required"] else "differs"
-                    if m in TOPK_METHODS and recipe_dtype == "float32":
+                    if (m in TOPK_METHODS or m == "sce") and recipe_dtype == "float32":
                         rdict = recipe_for(m, models, recipe_dtype)
-                        ex = explain_topk_diffs(ws_out, mk_out, rdict, a.rtol, a.atol,
-                                                [t.name for t in c.tensors if not t.allclose])
+                        explain = explain_sce_diffs if m == "sce" else explain_topk_diffs
+                        ex = explain(ws_out, mk_out, rdict, a.rtol, a.atol,
+                                     [t.name for t in c.tensors if not t.allclose])
                         rec["tie_analysis"] = ex
                         if ex["n_unexplained"] == 0:
                             verdict = f"match except {ex['n_diff']} tied-cut elem."
+                    if m in REFERENCE_METHODS and recipe_dtype == "float32":
+                        ex = explain_by_reference(ws_out, mk_out, recipe_for(m, models, recipe_dtype), a.rtol, a.atol,
+                                                  [t.name for t in c.tensors if not t.allclose])
+                        rec["reference_analysis"] = ex
+                        if ex["ws_matches_ref"]:
+                            worst_mk = max(t["mk"] for t in ex["tensors"])
+                            verdict = f"match; mk off fp64 on {len(ex['tensors'])} tensors"
+                            rec["note"] = (f"ws within tol of a float64 reference on every differing tensor; "
+                                           f"mk's float32 sums are off by up to {worst_mk:.1e} (rel. L2)")
                 rec.update(
                     verdict=verdict, n_compared=c.n_compared, max_abs=c.max_abs, frac_beyond=c.frac_beyond,
                     n_allclose=c.n_allclose, only_ws=c.only_a, only_mk=c.only_b, dtypes_match=c.dtypes_match,
-                    delta_norm_ratio=c.delta_norm_ratio,
+                    delta_norm_ratio=c.delta_norm_ratio, unchanged=c.unchanged_fractions,
                     worst=[{"name": t.name, "max_abs": t.max_abs, "frac_beyond": t.n_beyond / t.numel}
                            for t in c.worst(3)])
             rec["ok"] = not rec["required"] or rec["verdict"].startswith("match")
             if rec.get("tie_analysis"):
                 ta = rec["tie_analysis"]
                 cover = 100 * ta["n_on_tied_cuts"] / ta["n_elems"]
-                rec["note"] = (f"{ta['n_tied_cut']} of {ta['n_diff']} differing elem. have a magnitude "
+                what = "a variance" if m == "sce" else "a magnitude"
+                rec["note"] = (f"{ta['n_tied_cut']} of {ta['n_diff']} differing elem. have {what} "
                                f"tied at a cut ({cover:.2g}% of those tensors' elem. do)")
             if "failed" in rec["verdict"]:
                 rec["ok"] = False
@@ -298,14 +465,16 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for r in results:
+        unchanged = r.get("unchanged")
         rows.append([r["variant"], r["method"], str(r.get("n_compared", "—")), fmt(r.get("max_abs"), 3),
                      fmt(r.get("frac_beyond"), 4),
                      f"{r['n_allclose']}/{r['n_compared']}" if "n_allclose" in r else "—",
-                     fmt(r.get("delta_norm_ratio"), 4), r["verdict"] + (" *" if r["required"] else ""),
-                     r.get("error") or r["note"]])
+                     fmt(r.get("delta_norm_ratio"), 4),
+                     f"{unchanged[0]:.4f} / {unchanged[1]:.4f}" if unchanged else "—",
+                     r["verdict"] + (" *" if r["required"] else ""), r.get("error") or r["note"]])
     print()
     data["report"] = print_table(["variant", "method", "tensors compared", "max abs diff", "frac beyond tol",
-                                  "allclose", "‖ws−base‖/‖mk−base‖", "verdict", "note"], rows)
+                                  "allclose", "‖ws−base‖/‖mk−base‖", "= base (ws / mk)", "verdict", "note"], rows)
     print(f"\n* required to match (deterministic method, float32 checkpoints). tolerance: rtol={a.rtol} "
           f"atol={a.atol}; 'frac beyond tol' = elements with |ws-mk| > atol + rtol*|mk|.")
     failed = [r for r in results if not r["ok"]]

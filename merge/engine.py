@@ -107,6 +107,7 @@ class TensorTask:
     base: Source | None
     params: dict[str, Any]  # python argument name -> value (per-model ones as lists)
     copy: bool = False  # non-float tensor, or a single-source passthrough: copy sources[0]
+    vocab: Any = None  # merge.vocab.VocabRows: rows re-indexed to the output vocabulary
 
     @property
     def nbytes(self) -> int:
@@ -125,6 +126,7 @@ class MergePlan:
     num_layers_out: int | None
     options: MergeOptions
     whole_model_plan: Any = None
+    vocab: Any = None  # merge.vocab.VocabularyPlan when the inputs' vocabularies are re-indexed
 
     @property
     def n_tensors(self) -> int:
@@ -163,6 +165,7 @@ class MergePlan:
             "bytes_out": self.bytes_out,
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
             "peak_bytes_estimate": self.peak_bytes_estimate,
+            **({"vocabulary": self.vocab.summary()} if self.vocab is not None else {}),
         }
 
 
@@ -319,18 +322,48 @@ class _Planner:
         self._check_param_keys(r.parameters, "parameters", per_model=False)
         self._check_code(r.parameters)
         base_idx = self.model(r.base_model) if r.base_model else None
+        self.vocab = self._plan_vocabulary(base_idx)
         if r.models is not None:
             tasks, layers_out = self._plan_models(base_idx)
         else:
             tasks, layers_out = self._plan_slices(base_idx)
         aux = self._aux_source(base_idx, tasks)
         plan = MergePlan(r, self.method, self.models, self.ckpts, tasks, aux, self.compute_dtype,
-                         layers_out, self.options)
+                         layers_out, self.options, vocab=self.vocab)
         return plan
+
+    def _plan_vocabulary(self, base_idx: int | None) -> Any:
+        """Tokenizer source / union (``merge.vocab``): None when no input needs re-indexing."""
+        r = self.recipe
+        source = r.tokenizer.source if r.tokenizer is not None else r.tokenizer_source
+        if source is None and r.tokenizer is None:
+            return None
+        source = source or "union"  # mergekit's default for a `tokenizer:` block
+        from merge import vocab
+
+        if r.models is not None:
+            inputs = [m.model for m in r.models]
+        else:
+            inputs = [ref for s in r.slices or [] for ref in [s.base_model] + [x.model for x in s.sources] if ref]
+        refs = list(dict.fromkeys(([r.base_model] if r.base_model else []) + inputs))
+        idxs = [self.model(ref) for ref in refs]
+        source_model = self.model(source) if source not in ("union", "base") else None
+        if self.method.kind == "whole_model":
+            raise RecipeError(f"method '{self.method.name}' cannot be combined with a tokenizer source or union")
+        ref_model = base_idx if base_idx is not None else idxs[0]
+        models = [(i, ref, self.ckpts[i]) for i, ref in zip(idxs, refs, strict=True)]
+        if source_model is not None and source_model not in idxs:
+            models.append((source_model, source, self.ckpts[source_model]))
+        return vocab.plan_vocabulary(
+            source=source, tokens=r.tokenizer.tokens if r.tokenizer else None,
+            pad_to_multiple_of=r.tokenizer.pad_to_multiple_of if r.tokenizer else None,
+            models=models, base=base_idx, source_model=source_model, tensor_models=idxs,
+            names=list(self.ckpts[ref_model].keys()),
+        )
 
     def _aux_source(self, base_idx: int | None, tasks: list[TensorTask]) -> int | None:
         src = self.recipe.tokenizer_from
-        if src and src != "base":
+        if src and src not in ("base", "union"):
             return self.model(src)
         if base_idx is not None:
             return base_idx
@@ -375,13 +408,33 @@ class _Planner:
             c = self.ckpts[have[0].model]
             return TensorTask(out_name, c.shape(have[0].name), c.dtype(have[0].name), [have[0]], None, {},
                               copy=True)
-        shape, dtype = self._check_tensor(out_name, all_srcs)
+        rows = None
+        if self.vocab is not None and all(self.vocab.is_vocab_tensor(s.name) for s in all_srcs):
+            shape, dtype = self._check_vocab_tensor(out_name, all_srcs)
+            rows = self.vocab.rows_for([(s.model, self.ckpts[s.model], s.name) for s in all_srcs],
+                                       base.model if base else None, self.compute_dtype)
+        else:
+            shape, dtype = self._check_tensor(out_name, all_srcs)
         out_dtype = self.out_dtype or dtype
         if self.method.kind == "whole_model":
             params: dict[str, Any] = {}
         else:
             params = self.resolve_params(out_name, t, model_scopes, slice_scope)
-        return TensorTask(out_name, shape, out_dtype, sources, base, params)
+            self.method.check_params(params, f"tensor '{out_name}': ")
+        return TensorTask(out_name, shape, out_dtype, sources, base, params, vocab=rows)
+
+    def _check_vocab_tensor(self, tensor: str, srcs: list[Source]) -> tuple[tuple[int, ...], torch.dtype]:
+        """A vocabulary-indexed tensor: rows re-indexed to the output vocabulary, other dims must match."""
+        c0 = self.ckpts[srcs[0].model]
+        rest = c0.shape(srcs[0].name)[1:]
+        for s in srcs[1:]:
+            c = self.ckpts[s.model]
+            if c.shape(s.name)[1:] != rest:
+                raise ShapeMismatchError(
+                    f"tensor '{s.name}': {c.path} has shape {list(c.shape(s.name))}, expected [vocabulary, "
+                    f"{', '.join(map(str, rest))}] as in {c0.path}"
+                )
+        return (self.vocab.size, *rest), c0.dtype(srcs[0].name)
 
     def _plan_models(self, base_idx: int | None) -> tuple[list[TensorTask], int | None]:
         r = self.recipe
@@ -568,6 +621,10 @@ def _config_update(text: str, plan: MergePlan) -> str:
         for key in ("torch_dtype", "dtype"):
             if key in cfg:
                 cfg[key] = out_dtype
+    if plan.vocab is not None:  # the re-indexed vocabulary
+        for c in (cfg, cfg.get("text_config")):
+            if isinstance(c, dict) and "vocab_size" in c:
+                c["vocab_size"] = plan.vocab.size
     return json.dumps(cfg, indent=2) + "\n"
 
 
@@ -640,7 +697,7 @@ def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
 
         def read(r0: int, r1: int) -> torch.Tensor:
             check_cancel()
-            x = ckpt.rows(src.name, r0, r1)
+            x = task.vocab.rows(src.model, r0, r1) if task.vocab is not None else ckpt.rows(src.name, r0, r1)
             if task.copy or not x.is_floating_point():
                 return x
             x = x.to(device=device, dtype=plan.compute_dtype)
@@ -793,7 +850,13 @@ def _write_aux(plan: MergePlan, writer: CheckpointWriter) -> None:
         for f in plan.checkpoints[plan.aux_from].aux_files():
             if f.name == "config.json":
                 writer.add_text("config.json", _config_update(f.read_text(), plan))
-            else:
+            elif plan.vocab is None or not _is_tokenizer_file(f.name):
+                writer.add_file(f)
+    if plan.vocab is not None:  # the merged / re-indexed vocabulary's tokenizer replaces the inputs'
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            for f in plan.vocab.save_tokenizer(Path(d)):
                 writer.add_file(f)
     writer.add_text("weightsmith_recipe.yml", plan.recipe.to_yaml())
     from merge.card import render_model_card
@@ -803,6 +866,12 @@ def _write_aux(plan: MergePlan, writer: CheckpointWriter) -> None:
         base = plan.models[[m.ref for m in plan.models].index(plan.recipe.base_model)]
     others = [m for m in plan.models if base is None or m.ref != base.ref]
     writer.add_text("README.md", render_model_card(plan.recipe.to_yaml(), plan.method, others, base))
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    from merge.vocab import TOKENIZER_FILES
+
+    return TOKENIZER_FILES.fullmatch(name) is not None
 
 
 class _Bar:

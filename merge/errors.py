@@ -99,3 +99,6 @@ class IntegrityError(CheckpointError):
 
 class MaskMismatchError(ShapeMismatchError):
     """Sparse checkpoints that must share one sparsity mask (zero pattern) do not."""
+
+class TokenizerError(WeightsmithError):
+    """Tokenizers cannot be loaded, merged into one vocabulary, or matched to the embeddings."""

@@ -2,7 +2,8 @@
 
 Accepted (as mergekit 0.1.5 writes it): ``merge_method``, ``base_model``, ``models: [{model,
 parameters}]`` or ``slices: [{sources: [{model, layer_range, parameters}], parameters}]``, global
-``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source`` / ``tokenizer: {source}``,
+``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source`` / ``tokenizer: {source, tokens,
+pad_to_multiple_of}`` (vocabulary merging: ``merge.vocab``),
 ``chat_template``, ``name``; plus weightsmith's own ``seed``.
 
 A parameter value may be a scalar, a *gradient* (a list of numbers interpolated over layer depth,
@@ -135,13 +136,8 @@ class Recipe(_Strict):
             raise ValueError("'models' is empty")
         if self.slices is not None and not self.slices:
             raise ValueError("'slices' is empty")
-        src = self.tokenizer.source if self.tokenizer else self.tokenizer_source
-        if src is not None and src == "union":
-            raise ValueError(
-                "tokenizer source 'union' (vocabulary merging) is not supported; use 'base' or a model reference"
-            )
-        if self.tokenizer and self.tokenizer.tokens:
-            raise ValueError("per-token embedding overrides ('tokenizer.tokens') are not supported")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give 'tokenizer' or 'tokenizer_source', not both")
         return self
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -161,7 +157,7 @@ class Recipe(_Strict):
                 refs.append(s.base_model)
             refs += [src.model for src in s.sources]
         src = self.tokenizer_from
-        if src and src not in ("base",):
+        if src and src not in ("base", "union"):
             refs.append(src)
         return list(dict.fromkeys(refs))
 

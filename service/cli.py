@@ -175,5 +175,9 @@ from service.cli_lineage import lineage  # noqa: E402
 
 main.add_command(lineage)
 
+from service.cli_moe import moe  # noqa: E402
+
+main.add_command(moe)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -58,14 +58,16 @@ def test_chunked_equals_whole(name: str, params: dict[str, Any], shape: tuple[in
 
 
 def test_stats_methods_declare_stats_and_elementwise_ones_do_not() -> None:
-    for name in ("ties", "breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock"):
+    for name in ("ties", "breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock", "della", "della_linear", "sce",
+                 "karcher", "multislerp", "nuslerp", "arcee_fusion", "ramplus_tl"):
         spec = get_method(name)
         assert spec.stats is not None and not spec.elementwise
-    for name in ("task_arithmetic", "dare_linear", "dare_ties", "passthrough"):
+    for name in ("task_arithmetic", "dare_linear", "dare_ties", "passthrough", "nearswap", "ram"):
         spec = get_method(name)
         assert spec.elementwise and spec.stats is None
     assert get_method("dare_ties").randomized and get_method("dare_linear").randomized
     assert not get_method("ties").randomized
+    assert get_method("della").randomized and get_method("della_linear").randomized
 
 
 # mergekit 0.1.5's parameter names and defaults for these methods (mergekit's `weight` is required;
@@ -86,13 +88,31 @@ MERGEKIT_PARAMS = {
     "model_stock": {"filter_wise": False},
     "slerp": {"t": None},
     "passthrough": {"scale": None},
+    # the methods added for issue 15 (mergekit's `weight` of multislerp / nuslerp is required, as here)
+    "della": {"int8_mask": False, "normalize": True, "rescale": True, "lambda": 1.0, "weight": 1.0,
+              "density": 1.0, "epsilon": 0.15},
+    "della_linear": {"int8_mask": False, "normalize": False, "rescale": True, "lambda": 1.0, "weight": 1.0,
+                     "density": 1.0, "epsilon": 0.15},
+    "sce": {"int8_mask": False, "select_topk": 1.0},
+    "karcher": {"max_iter": 10, "tol": 1e-5},
+    "multislerp": {"weight": None, "normalize_weights": True, "eps": 1e-8},
+    "nuslerp": {"weight": None, "nuslerp_row_wise": False, "nuslerp_flatten": True},
+    "nearswap": {"t": None},
+    "arcee_fusion": {},
+    "ram": {"epsilon": 1e-5},
+    "ramplus_tl": {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
 }
 PER_MODEL = {"weight", "density", "gamma", "scale"}
+PER_MODEL_OF = {"della": PER_MODEL | {"epsilon"}, "della_linear": PER_MODEL | {"epsilon"}}
 INPUTS = {  # base policy, min models, max models (besides the base)
     "task_arithmetic": ("required", 1, None), "ties": ("required", 1, None),
     "dare_linear": ("required", 1, None), "dare_ties": ("required", 1, None),
     "breadcrumbs": ("required", 1, None), "breadcrumbs_ties": ("required", 1, None),
     "model_stock": ("required", 2, None), "slerp": ("required", 1, 1), "passthrough": ("ignored", 1, 1),
+    "della": ("required", 1, None), "della_linear": ("required", 1, None), "sce": ("required", 1, None),
+    "karcher": ("ignored", 1, None), "multislerp": ("optional", 1, None), "nuslerp": ("optional", 2, 2),
+    "nearswap": ("required", 1, 1), "arcee_fusion": ("required", 1, 1), "ram": ("required", 1, None),
+    "ramplus_tl": ("required", 1, None),
 }
 
 
@@ -101,7 +121,7 @@ def test_parameters_match_mergekit(name: str) -> None:
     spec = get_method(name)
     got = {p.name: (None if p.required else p.default) for p in spec.params.values()}
     assert got == MERGEKIT_PARAMS[name]
-    assert {p.name for p in spec.params.values() if p.per_model} == PER_MODEL & set(got)
+    assert {p.name for p in spec.params.values() if p.per_model} == PER_MODEL_OF.get(name, PER_MODEL) & set(got)
     assert (spec.base, spec.min_models, spec.max_models) == INPUTS[name]
     assert spec.paper and spec.url.startswith("https://")
     spec.json_schema()  # the pydantic schema builds

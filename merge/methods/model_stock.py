@@ -20,7 +20,7 @@ import torch
 
 from merge.errors import RecipeError
 from merge.methods.registry import ChunkSource, merge_method, whole
-from merge.methods.slerp import row_dots
+from merge.methods.slerp import RowSums, row_dots
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def _local(filter_wise: bool, base: torch.Tensor) -> bool:
 
 
 def _model_stock_stats(chunks: ChunkSource, *, filter_wise: bool = False) -> StockStats:
-    parts: dict[tuple[int, int], list[torch.Tensor]] = {}
+    parts: dict[tuple[int, int], RowSums] = {}
     for tensors, base in chunks():
         base = _check(tensors, base)
         if _local(filter_wise, base):
@@ -53,11 +53,11 @@ def _model_stock_stats(chunks: ChunkSource, *, filter_wise: bool = False) -> Sto
         offsets = [t - base for t in tensors]
         for i, a in enumerate(offsets):
             for j in range(i, len(offsets)):
-                parts.setdefault((i, j), []).append(row_dots(a, offsets[j]))
+                parts.setdefault((i, j), RowSums()).add(row_dots(a, offsets[j]))
     n = max(j for _, j in parts) + 1 if parts else 0
     gram = torch.zeros((n, n), dtype=torch.float64)
     for (i, j), p in parts.items():
-        gram[i, j] = gram[j, i] = torch.cat(p).sum()
+        gram[i, j] = gram[j, i] = p.total()
     return StockStats(gram)
 
 

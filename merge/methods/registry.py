@@ -25,6 +25,14 @@ engine and are not parameters:
     depends only on the tensor's shape, so a ``stats`` function may return per-chunk data (for
     example how many tied elements earlier chunks keep) and the function picks its entry.
 
+A ``stats`` function may also take ``generators``: a function of the chunk index returning a fresh
+``torch.Generator`` seeded exactly like the one the method gets for that chunk, so a randomised
+method can draw its masks in the statistics pass (and keep what it needs, e.g. packed bits).
+
+``check(params, where)`` (optional) validates one tensor's resolved parameters together (e.g.
+DELLA's ``density ± epsilon`` in (0, 1)); the engine calls it while planning, before any tensor
+is read, and raises its ``RecipeError``.
+
 Two kinds of method (DESIGN.md, "Method contract"):
 
 * ``per_tensor``: ``fn(tensors, base, **params) -> Tensor``; ``tensors`` are the non-base inputs in
@@ -121,6 +129,7 @@ class MethodSpec:
     stats: Callable[..., Any] | None
     randomized: bool
     propagates_nonfinite: bool = False
+    check: Callable[[dict[str, Any], str], None] | None = None
     params: dict[str, ParamInfo] = field(default_factory=dict)
     summary: str = ""
 
@@ -209,6 +218,11 @@ class MethodSpec:
                 f"got {n_models}"
             )
 
+    def check_params(self, params: dict[str, Any], where: str = "") -> None:
+        """Cross-parameter checks of one tensor's resolved parameters (python argument names)."""
+        if self.check is not None:
+            self.check(params, where)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
 
@@ -250,6 +264,7 @@ def merge_method(
     elementwise: bool = False,
     stats: Callable[..., Any] | None = None,
     propagates_nonfinite: bool = False,
+    check: Callable[[dict[str, Any], str], None] | None = None,
 ) -> Callable[[Callable[..., Any]], MethodSpec]:
     """Register a merge method.
 
@@ -284,6 +299,7 @@ def merge_method(
             stats=stats,
             randomized="generator" in sig.parameters,
             propagates_nonfinite=propagates_nonfinite,
+            check=check,
             params=params,
             summary=doc.split("\n\n", 1)[0].replace("\n", " "),
         )

@@ -88,8 +88,16 @@ def merge_chunks(
     kwargs = dict(params)
     if "name" in accepts:
         kwargs["name"] = name
+    def generator_for(i: int) -> torch.Generator:
+        g = torch.Generator(device=device)
+        g.manual_seed(derive_seed(seed, name, i))
+        return g
+
     if spec.stats is not None:
-        stats_kwargs = {k: v for k, v in kwargs.items() if k in set(inspect.signature(spec.stats).parameters)}
+        stats_accepts = set(inspect.signature(spec.stats).parameters)
+        stats_kwargs = {k: v for k, v in kwargs.items() if k in stats_accepts}
+        if "generators" in stats_accepts:
+            stats_kwargs["generators"] = generator_for
         kwargs["stats"] = spec.stats(chunks, **stats_kwargs)
     for i, (r0, r1) in enumerate(grid):
         tensors, base = chunk_at(r0, r1)
@@ -97,9 +105,7 @@ def merge_chunks(
         if "chunk" in accepts:
             call["chunk"] = i
         if "generator" in accepts:
-            g = torch.Generator(device=device)
-            g.manual_seed(derive_seed(seed, name, i))
-            call["generator"] = g
+            call["generator"] = generator_for(i)
         out = spec.fn(tensors, base, **call)
         if shape and out.shape != torch.Size((r1 - r0, *shape[1:])):
             raise RuntimeError(
