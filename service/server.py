@@ -373,26 +373,26 @@ class MergeServicer(mpb_grpc.MergeServiceServicer):
 
     @handle_errors("name")
     async def GetMergeJob(self, request: mpb.GetMergeJobRequest, context: Any) -> mpb.GetMergeJobResponse:
-        return mpb.GetMergeJobResponse(job=job_pb(self.m.get(request.name)))
+        return mpb.GetMergeJobResponse(job=job_pb(self.m.get(request.name, "merge")))
 
     @handle_stream_errors("name")
     async def WatchMergeJob(
         self, request: mpb.WatchMergeJobRequest, context: Any
     ) -> AsyncIterator[mpb.WatchMergeJobResponse]:
-        async for ev, rec in self.m.watch(request.name, request.from_sequence):
+        async for ev, rec in self.m.watch(request.name, request.from_sequence, "merge"):
             yield mpb.WatchMergeJobResponse(sequence=ev.seq, time=_ts(ev.time), job=job_pb(rec, ev))
 
     @handle_errors("name")
     async def CancelMergeJob(
         self, request: mpb.CancelMergeJobRequest, context: Any
     ) -> mpb.CancelMergeJobResponse:
-        return mpb.CancelMergeJobResponse(job=job_pb(await self.m.cancel(request.name)))
+        return mpb.CancelMergeJobResponse(job=job_pb(await self.m.cancel(request.name, "merge")))
 
     @handle_errors("name")
     async def RetryMergeJob(
         self, request: mpb.RetryMergeJobRequest, context: Any
     ) -> mpb.RetryMergeJobResponse:
-        return mpb.RetryMergeJobResponse(job=job_pb(await self.m.retry(request.name)))
+        return mpb.RetryMergeJobResponse(job=job_pb(await self.m.retry(request.name, "merge")))
 
     @handle_errors("states")
     async def ListMergeJobs(
@@ -403,7 +403,7 @@ class MergeServicer(mpb_grpc.MergeServiceServicer):
             if s not in STATE_NAMES:
                 raise ServiceError("INVALID_ARGUMENT", f"states: {s} is not a job state", "states")
             states.append(STATE_NAMES[s])
-        recs, token = self.m.list(states, request.page_size, request.page_token)
+        recs, token = self.m.list(states, request.page_size, request.page_token, ["merge"])
         return mpb.ListMergeJobsResponse(jobs=[job_pb(r) for r in recs], next_page_token=token)
 
     @handle_errors()
