@@ -18,16 +18,20 @@ import hashlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
+from service._proto.weightsmith.v1 import alignment_service_pb2 as apb
+from service._proto.weightsmith.v1 import alignment_service_pb2_grpc as apb_grpc
 from service._proto.weightsmith.v1 import checkpoint_service_pb2 as cpb
 from service._proto.weightsmith.v1 import checkpoint_service_pb2_grpc as cpb_grpc
 from service._proto.weightsmith.v1 import job_pb2
+from service._proto.weightsmith.v1 import job_service_pb2 as jpb
+from service._proto.weightsmith.v1 import job_service_pb2_grpc as jpb_grpc
 from service._proto.weightsmith.v1 import merge_service_pb2 as mpb
 from service._proto.weightsmith.v1 import merge_service_pb2_grpc as mpb_grpc
 from service.auth import channel_credentials
@@ -112,6 +116,8 @@ class Client:
             self.channel = grpc.insecure_channel(target, options=options)
         self.merge = mpb_grpc.MergeServiceStub(self.channel)
         self.checkpoints = cpb_grpc.CheckpointServiceStub(self.channel)
+        self.jobs = jpb_grpc.JobServiceStub(self.channel)
+        self.alignment = apb_grpc.AlignmentServiceStub(self.channel)
 
     # -- plumbing ---------------------------------------------------------------------------------
     def close(self) -> None:
@@ -226,18 +232,36 @@ class Client:
         ``timeout`` bounds the whole watch (TimeoutError); ``max_reconnect_s`` how long the server
         may stay unreachable before the error is raised.
         """
+        return self._watch(
+            lambda seq, remaining: self.merge.WatchMergeJob(
+                mpb.WatchMergeJobRequest(name=_job_name(name), from_sequence=seq),
+                metadata=self.metadata,
+                timeout=remaining,
+            ),
+            name,
+            from_sequence,
+            reconnect=reconnect,
+            max_reconnect_s=max_reconnect_s,
+            timeout=timeout,
+        )
+
+    def _watch(
+        self,
+        open_stream: Callable[[int, float | None], Any],
+        name: str,
+        from_sequence: int,
+        *,
+        reconnect: bool,
+        max_reconnect_s: float,
+        timeout: float | None,
+    ) -> Iterator[Any]:
         seq = from_sequence
         deadline = None if timeout is None else time.monotonic() + timeout
         down_since: float | None = None
         while True:
             remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
             try:
-                stream = self.merge.WatchMergeJob(
-                    mpb.WatchMergeJobRequest(name=_job_name(name), from_sequence=seq),
-                    metadata=self.metadata,
-                    timeout=remaining,
-                )
-                for ev in stream:
+                for ev in open_stream(seq, remaining):
                     down_since = None
                     seq = ev.sequence
                     yield ev
@@ -262,6 +286,86 @@ class Client:
             if ev.job.state == job_pb2.JOB_STATE_INTERRUPTED:
                 break
         return self.get_job(name)
+
+    # -- jobs of every kind (JobService) ------------------------------------------------------------
+    def get_any_job(self, name: str) -> jpb.Job:
+        return self._call(self.jobs.GetJob, jpb.GetJobRequest(name=_job_name(name))).job
+
+    def cancel_any_job(self, name: str) -> jpb.Job:
+        return self._call(self.jobs.CancelJob, jpb.CancelJobRequest(name=_job_name(name))).job
+
+    def retry_any_job(self, name: str) -> jpb.Job:
+        return self._call(self.jobs.RetryJob, jpb.RetryJobRequest(name=_job_name(name))).job
+
+    def list_any_jobs(
+        self,
+        kinds: list[str] | None = None,
+        states: list[str] | None = None,
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> tuple[list[jpb.Job], str]:
+        st = [job_pb2.JobState.Value(f"JOB_STATE_{s.upper()}") for s in states or []]
+        resp = self._call(
+            self.jobs.ListJobs,
+            jpb.ListJobsRequest(page_size=page_size, page_token=page_token, states=st, kinds=kinds or []),
+        )
+        return list(resp.jobs), resp.next_page_token
+
+    def list_job_kinds(self) -> list[jpb.JobKind]:
+        return list(self._call(self.jobs.ListJobKinds, jpb.ListJobKindsRequest()).kinds)
+
+    def watch_any(
+        self,
+        name: str,
+        from_sequence: int = 0,
+        *,
+        reconnect: bool = True,
+        max_reconnect_s: float = 60.0,
+        timeout: float | None = None,
+    ) -> Iterator[jpb.WatchJobResponse]:
+        """Events of a job of any kind until it ends (reconnects and resumes like :meth:`watch`)."""
+        return self._watch(
+            lambda seq, remaining: self.jobs.WatchJob(
+                jpb.WatchJobRequest(name=_job_name(name), from_sequence=seq),
+                metadata=self.metadata,
+                timeout=remaining,
+            ),
+            name,
+            from_sequence,
+            reconnect=reconnect,
+            max_reconnect_s=max_reconnect_s,
+            timeout=timeout,
+        )
+
+    def wait_any(self, name: str, timeout: float | None = None) -> jpb.Job:
+        """Block until a job of any kind ends or is INTERRUPTED; return it."""
+        job = self.get_any_job(name)
+        if job.state in TERMINAL_STATES or job.state == job_pb2.JOB_STATE_INTERRUPTED:
+            return job
+        for ev in self.watch_any(name, from_sequence=job.last_sequence, timeout=timeout):
+            if ev.job.state == job_pb2.JOB_STATE_INTERRUPTED:
+                break
+        return self.get_any_job(name)
+
+    @staticmethod
+    def job_result(job: jpb.Job) -> Any:
+        """A finished job's result message (MergeResult, AlignResult...), unpacked; None before."""
+        if not job.HasField("result"):
+            return None
+        cls = {"merge": mpb.MergeResult, "align": apb.AlignResult}[job.kind]
+        out = cls()
+        job.result.Unpack(out)
+        return out
+
+    # -- alignment (AlignmentService) ---------------------------------------------------------------
+    def create_align_job(self, model_a: str, model_b: str, **fields: Any) -> jpb.Job:
+        """Queue ``align B to A`` (fields of CreateAlignJobRequest: architecture or spec_ref,
+        n_heads, rope, max_iter, n_restarts, seed, output_path, overwrite, request_id)."""
+        req = apb.CreateAlignJobRequest(model_a=model_a, model_b=model_b, **fields)
+        return self._call(self.alignment.CreateAlignJob, req).job
+
+    def list_alignment_methods(self) -> apb.ListAlignmentMethodsResponse:
+        return self._call(self.alignment.ListAlignmentMethods, apb.ListAlignmentMethodsRequest())
 
     def list_methods(self) -> list[mpb.MethodInfo]:
         return list(self._call(self.merge.ListMethods, mpb.ListMethodsRequest()).methods)

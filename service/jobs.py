@@ -584,6 +584,20 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
 
 
 @dataclass
+class Submission:
+    """A checked request of a kind other than "merge", ready to be queued (:meth:`JobManager.submit`)."""
+
+    kind: str
+    spec: dict[str, Any]  # the normalized request, stored with the job and handed to the worker
+    summary: str  # a few words for listings ("weight matching")
+    output_path: Path
+    overwrite: bool = False
+    est_bytes: int = 0  # working memory beyond the fixed worker overhead
+    progress: dict[str, Any] = field(default_factory=dict)  # the first progress report
+    job_refs: dict[str, str] = field(default_factory=dict)  # job://<id> inputs -> their output folders
+
+
+@dataclass
 class JobManagerConfig:
     data_dir: Path
     roots: list[Path]
@@ -987,6 +1001,96 @@ class JobManager:
         self._event(job_id, QUEUED, rec.progress)
         await self._schedule()
         return self.get(job_id), plan_summary
+
+    def previous_request(self, request_id: str, request: Any) -> tuple[JobRecord | None, str]:
+        """Idempotency: the job an earlier request with this ``request_id`` created (None if none) and
+        the request's hash; ALREADY_EXISTS when the id was used for a different request."""
+        req_hash = hashlib.sha256(_canonical(request).encode()).hexdigest()
+        if not request_id:
+            return None, req_hash
+        if len(request_id) > 200:
+            raise ServiceError("INVALID_ARGUMENT", "request_id: longer than 200 characters", "request_id")
+        prev = self.store.by_request_id(request_id)
+        if prev is not None and prev.request_hash != req_hash:
+            raise ServiceError(
+                "ALREADY_EXISTS",
+                f"request_id '{request_id}' was used by {prev.name} for a different request",
+                "request_id",
+            )
+        return prev, req_hash
+
+    def output_folder(self, output_path: str, overwrite: bool, job_id: str, inputs: list[Path]) -> Path:
+        """The folder a new job writes: inside a root (or ``data-dir/outputs/<job>``), not existing
+        unless ``overwrite``, overlapping no input and no other active job's output."""
+        if not self.accepting:
+            raise ServiceError("UNAVAILABLE", "the server is shutting down and takes no new jobs")
+        if output_path:
+            out = self.roots.resolve_output(output_path, "output_path")
+            if overlaps(out, self.config.data_dir.resolve()):
+                raise InvalidPathError(f"output_path: {out} is inside the server's data folder")
+        else:
+            out = self.config.outputs_dir / job_id
+        if out.exists() and not overwrite:
+            raise OutputExistsError(f"output_path: {out} already exists (set overwrite to replace it)")
+        for p in inputs:
+            if overlaps(Path(p).resolve(), out):
+                raise InvalidPathError(f"output_path: {out} overlaps input {p}")
+        self._check_output_free(out)
+        return out
+
+    async def submit(self, job_id: str, sub: Submission, request_id: str, request_hash: str) -> JobRecord:
+        """Queue a checked job of any kind (the shared half of every Create RPC)."""
+        est = self.config.worker_overhead_bytes + int(sub.est_bytes)
+        if est > self.config.memory_budget:
+            raise ServiceError(
+                "RESOURCE_EXHAUSTED",
+                f"the job needs about {est:,} bytes of memory, more than this server's budget "
+                f"of {self.config.memory_budget:,} bytes",
+            )
+        if self.store.count(QUEUED) >= self.config.max_queued:
+            raise ServiceError(
+                "RESOURCE_EXHAUSTED",
+                f"the job queue is full ({self.config.max_queued} queued jobs); retry later",
+            )
+        if not self.accepting:
+            raise ServiceError("UNAVAILABLE", "the server is shutting down and takes no new jobs")
+        if request_id:
+            prev = self.store.by_request_id(request_id)  # a concurrent twin may have won meanwhile
+            if prev is not None:
+                return prev
+        self._check_output_free(sub.output_path)
+        rec = JobRecord(
+            id=job_id,
+            rowid=0,
+            state=QUEUED,
+            recipe_yaml="",
+            method=sub.summary,
+            output_path=str(sub.output_path),
+            overwrite=sub.overwrite,
+            options={},
+            request_id=request_id,
+            request_hash=request_hash,
+            est_bytes=est,
+            attempt=1,
+            cancel_requested=False,
+            worker_pid=None,
+            create_time=time.time(),
+            start_time=None,
+            end_time=None,
+            progress={"phase": "queued", **sub.progress},
+            error_code=None,
+            error_message=None,
+            result=None,
+            job_refs=sub.job_refs,
+            last_seq=0,
+            kind=sub.kind,
+            spec=sub.spec,
+        )
+        (self.config.jobs_dir / job_id).mkdir(parents=True, exist_ok=False)
+        self.store.insert(rec)
+        self._event(job_id, QUEUED, rec.progress)
+        await self._schedule()
+        return self.get(job_id)
 
     def _check_output_free(self, out: Path, exclude: str | None = None) -> None:
         for other in self.store.in_states(ACTIVE):

@@ -59,15 +59,18 @@ class WorkerContext:
     cancel: threading.Event
     send: Callable[[dict[str, Any]], None]
     _last: dict[str, Any] = field(default_factory=lambda: {"t": 0.0, "phase": None})
+    _state: dict[str, Any] = field(default_factory=dict)
 
     def progress(self, force: bool = False, **fields: Any) -> None:
-        """Report progress (``phase``, ``tensors_done``..., ``steps_done``, ``metrics``...); at most one
-        message per 50 ms unless the phase changes or ``force``."""
+        """Report progress (``phase``, ``tensors_done``..., ``steps_done``, ``metrics``...): the fields
+        update the job's last report; at most one message per 50 ms unless the phase changes or
+        ``force``."""
         now = time.monotonic()
-        phase = fields.get("phase")
+        phase = fields.get("phase", self._last["phase"])
+        self._state.update(fields)
         if force or phase != self._last["phase"] or now - self._last["t"] >= 0.05:
             self._last["t"], self._last["phase"] = now, phase
-            self.send({"type": "progress", "progress": fields})
+            self.send({"type": "progress", "progress": dict(self._state)})
 
     def check_cancel(self) -> None:
         """Raise :class:`MergeCancelled` once the job is cancelled (or its server went away)."""
@@ -113,7 +116,7 @@ class JobKind:
 
 
 _KINDS: dict[str, JobKind] = {}
-_BUILTIN = ("service.kind_merge",)
+_BUILTIN = ("service.kind_merge", "service.kind_align")
 
 
 def register(kind: JobKind) -> JobKind:

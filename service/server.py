@@ -244,6 +244,10 @@ def _progress_pb(p: dict[str, Any]) -> job_pb2.JobProgress:
         bytes_done=int(p.get("bytes_done", 0)),
         bytes_total=int(p.get("bytes_total", 0)),
         current=str(p.get("current", "")),
+        steps_done=int(p.get("steps_done", 0)),
+        steps_total=int(p.get("steps_total", 0)),
+        unit=str(p.get("unit", "")),
+        metrics={k: float(v) for k, v in (p.get("metrics") or {}).items()},
     )
 
 
@@ -707,15 +711,18 @@ class Server:
         cpb_grpc.add_CheckpointServiceServicer_to_server(
             CheckpointServicer(self.manager, cfg.max_upload_bytes), self.server
         )
+        from service.server_jobs import add_servicers
+
+        services = [MERGE_SERVICE, CHECKPOINT_SERVICE, *add_servicers(self.manager, self.server)]
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        for name in ("", MERGE_SERVICE, CHECKPOINT_SERVICE):
+        for name in ("", *services):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if cfg.reflection:
             from grpc_reflection.v1alpha import reflection
 
             reflection.enable_server_reflection(
-                (MERGE_SERVICE, CHECKPOINT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+                (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
             )
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert:

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from service._proto.weightsmith.v1 import job_service_pb2 as weightsmith_dot_v1_dot_job__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&weightsmith/v1/alignment_service.proto\x12\x0eweightsmith.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a weightsmith/v1/job_service.proto\"\xad\x03\n\x15\x43reateAlignJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07model_a\x18\x02 \x01(\t\x12\x0f\n\x07model_b\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x16\n\x0c\x61rchitecture\x18\x05 \x01(\tH\x00\x12\x12\n\x08spec_ref\x18\x06 \x01(\tH\x00\x12\x14\n\ninfer_spec\x18\x07 \x01(\x08H\x00\x12\x0f\n\x07n_heads\x18\x08 \x01(\x05\x12\x0c\n\x04rope\x18\t \x01(\x08\x12\x10\n\x08max_iter\x18\n \x01(\x05\x12\x12\n\nn_restarts\x18\x0b \x01(\x05\x12\x0c\n\x04seed\x18\x0c \x01(\x03\x12\x34\n\x13module_architecture\x18\r \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08\x64\x61ta_ref\x18\x0e \x01(\t\x12\x11\n\tdata_task\x18\x0f \x01(\t\x12\x12\n\nbatch_size\x18\x10 \x01(\x05\x12\x13\n\x0bmax_batches\x18\x11 \x01(\x05\x12\x13\n\x0boutput_path\x18\x12 \x01(\t\x12\x11\n\toverwrite\x18\x13 \x01(\x08\x42\r\n\x0bspec_source\":\n\x16\x43reateAlignJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.weightsmith.v1.Job\"*\n\x0bPermutation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07indices\x18\x02 \x03(\x03\"\xdf\x02\n\x0b\x41lignResult\x12\x13\n\x0boutput_path\x18\x01 \x01(\t\x12\x12\n\noutput_ref\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x11\n\tobjective\x18\x04 \x01(\x01\x12\x12\n\niterations\x18\x05 \x01(\x05\x12\x10\n\x08restarts\x18\x06 \x03(\x01\x12\x31\n\x0cpermutations\x18\x07 \x03(\x0b\x32\x1b.weightsmith.v1.Permutation\x12\x1b\n\x13permutations_inline\x18\x08 \x01(\x08\x12%\n\x04spec\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rtensors_total\x18\n \x01(\x03\x12\x15\n\rbytes_written\x18\x0b \x01(\x03\x12\x13\n\x0bunits_fixed\x18\x0c \x01(\x03\x12\x13\n\x0bunits_total\x18\r \x01(\x03\x12\x0f\n\x07seconds\x18\x0e \x01(\x01\"\x1d\n\x1bListAlignmentMethodsRequest\"D\n\x0f\x41lignmentMethod\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x12\n\nneeds_data\x18\x03 \x01(\x08\"\x97\x01\n\x1cListAlignmentMethodsResponse\x12\x30\n\x07methods\x18\x01 \x03(\x0b\x32\x1f.weightsmith.v1.AlignmentMethod\x12\x15\n\rarchitectures\x18\x02 \x03(\t\x12\x12\n\ndata_tasks\x18\x03 \x03(\t\x12\r\n\x05paper\x18\x04 \x01(\t\x12\x0b\n\x03url\x18\x05 \x01(\t2\xe6\x01\n\x10\x41lignmentService\x12_\n\x0e\x43reateAlignJob\x12%.weightsmith.v1.CreateAlignJobRequest\x1a&.weightsmith.v1.CreateAlignJobResponse\x12q\n\x14ListAlignmentMethods\x12+.weightsmith.v1.ListAlignmentMethodsRequest\x1a,.weightsmith.v1.ListAlignmentMethodsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&weightsmith/v1/alignment_service.proto\x12\x0eweightsmith.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a weightsmith/v1/job_service.proto\"\x93\x02\n\x15\x43reateAlignJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07model_a\x18\x02 \x01(\t\x12\x0f\n\x07model_b\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x16\n\x0c\x61rchitecture\x18\x05 \x01(\tH\x00\x12\x12\n\x08spec_ref\x18\x06 \x01(\tH\x00\x12\x0f\n\x07n_heads\x18\x07 \x01(\x05\x12\x0c\n\x04rope\x18\x08 \x01(\x08\x12\x10\n\x08max_iter\x18\t \x01(\x05\x12\x12\n\nn_restarts\x18\n \x01(\x05\x12\x0c\n\x04seed\x18\x0b \x01(\x03\x12\x13\n\x0boutput_path\x18\x0c \x01(\t\x12\x11\n\toverwrite\x18\r \x01(\x08\x42\r\n\x0bspec_source\":\n\x16\x43reateAlignJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.weightsmith.v1.Job\"*\n\x0bPermutation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07indices\x18\x02 \x03(\x03\"\xdf\x02\n\x0b\x41lignResult\x12\x13\n\x0boutput_path\x18\x01 \x01(\t\x12\x12\n\noutput_ref\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x11\n\tobjective\x18\x04 \x01(\x01\x12\x12\n\niterations\x18\x05 \x01(\x05\x12\x10\n\x08restarts\x18\x06 \x03(\x01\x12\x31\n\x0cpermutations\x18\x07 \x03(\x0b\x32\x1b.weightsmith.v1.Permutation\x12\x1b\n\x13permutations_inline\x18\x08 \x01(\x08\x12%\n\x04spec\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rtensors_total\x18\n \x01(\x03\x12\x15\n\rbytes_written\x18\x0b \x01(\x03\x12\x13\n\x0bunits_fixed\x18\x0c \x01(\x03\x12\x13\n\x0bunits_total\x18\r \x01(\x03\x12\x0f\n\x07seconds\x18\x0e \x01(\x01\"\x1d\n\x1bListAlignmentMethodsRequest\"0\n\x0f\x41lignmentMethod\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\"\x83\x01\n\x1cListAlignmentMethodsResponse\x12\x30\n\x07methods\x18\x01 \x03(\x0b\x32\x1f.weightsmith.v1.AlignmentMethod\x12\x15\n\rarchitectures\x18\x02 \x03(\t\x12\r\n\x05paper\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t2\xe6\x01\n\x10\x41lignmentService\x12_\n\x0e\x43reateAlignJob\x12%.weightsmith.v1.CreateAlignJobRequest\x1a&.weightsmith.v1.CreateAlignJobResponse\x12q\n\x14ListAlignmentMethods\x12+.weightsmith.v1.ListAlignmentMethodsRequest\x1a,.weightsmith.v1.ListAlignmentMethodsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'weightsmith.v1.alignment_se
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CREATEALIGNJOBREQUEST']._serialized_start=123
-  _globals['_CREATEALIGNJOBREQUEST']._serialized_end=552
-  _globals['_CREATEALIGNJOBRESPONSE']._serialized_start=554
-  _globals['_CREATEALIGNJOBRESPONSE']._serialized_end=612
-  _globals['_PERMUTATION']._serialized_start=614
-  _globals['_PERMUTATION']._serialized_end=656
-  _globals['_ALIGNRESULT']._serialized_start=659
-  _globals['_ALIGNRESULT']._serialized_end=1010
-  _globals['_LISTALIGNMENTMETHODSREQUEST']._serialized_start=1012
-  _globals['_LISTALIGNMENTMETHODSREQUEST']._serialized_end=1041
-  _globals['_ALIGNMENTMETHOD']._serialized_start=1043
-  _globals['_ALIGNMENTMETHOD']._serialized_end=1111
-  _globals['_LISTALIGNMENTMETHODSRESPONSE']._serialized_start=1114
-  _globals['_LISTALIGNMENTMETHODSRESPONSE']._serialized_end=1265
-  _globals['_ALIGNMENTSERVICE']._serialized_start=1268
-  _globals['_ALIGNMENTSERVICE']._serialized_end=1498
+  _globals['_CREATEALIGNJOBREQUEST']._serialized_end=398
+  _globals['_CREATEALIGNJOBRESPONSE']._serialized_start=400
+  _globals['_CREATEALIGNJOBRESPONSE']._serialized_end=458
+  _globals['_PERMUTATION']._serialized_start=460
+  _globals['_PERMUTATION']._serialized_end=502
+  _globals['_ALIGNRESULT']._serialized_start=505
+  _globals['_ALIGNRESULT']._serialized_end=856
+  _globals['_LISTALIGNMENTMETHODSREQUEST']._serialized_start=858
+  _globals['_LISTALIGNMENTMETHODSREQUEST']._serialized_end=887
+  _globals['_ALIGNMENTMETHOD']._serialized_start=889
+  _globals['_ALIGNMENTMETHOD']._serialized_end=937
+  _globals['_LISTALIGNMENTMETHODSRESPONSE']._serialized_start=940
+  _globals['_LISTALIGNMENTMETHODSRESPONSE']._serialized_end=1071
+  _globals['_ALIGNMENTSERVICE']._serialized_start=1074
+  _globals['_ALIGNMENTSERVICE']._serialized_end=1304
 # @@protoc_insertion_point(module_scope)

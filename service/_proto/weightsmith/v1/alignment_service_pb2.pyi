@@ -9,24 +9,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateAlignJobRequest(_message.Message):
-    __slots__ = ("request_id", "model_a", "model_b", "method", "architecture", "spec_ref", "infer_spec", "n_heads", "rope", "max_iter", "n_restarts", "seed", "module_architecture", "data_ref", "data_task", "batch_size", "max_batches", "output_path", "overwrite")
+    __slots__ = ("request_id", "model_a", "model_b", "method", "architecture", "spec_ref", "n_heads", "rope", "max_iter", "n_restarts", "seed", "output_path", "overwrite")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_A_FIELD_NUMBER: _ClassVar[int]
     MODEL_B_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     SPEC_REF_FIELD_NUMBER: _ClassVar[int]
-    INFER_SPEC_FIELD_NUMBER: _ClassVar[int]
     N_HEADS_FIELD_NUMBER: _ClassVar[int]
     ROPE_FIELD_NUMBER: _ClassVar[int]
     MAX_ITER_FIELD_NUMBER: _ClassVar[int]
     N_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
-    MODULE_ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
-    DATA_REF_FIELD_NUMBER: _ClassVar[int]
-    DATA_TASK_FIELD_NUMBER: _ClassVar[int]
-    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
-    MAX_BATCHES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_PATH_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
@@ -35,20 +29,14 @@ class CreateAlignJobRequest(_message.Message):
     method: str
     architecture: str
     spec_ref: str
-    infer_spec: bool
     n_heads: int
     rope: bool
     max_iter: int
     n_restarts: int
     seed: int
-    module_architecture: _struct_pb2.Struct
-    data_ref: str
-    data_task: str
-    batch_size: int
-    max_batches: int
     output_path: str
     overwrite: bool
-    def __init__(self, request_id: _Optional[str] = ..., model_a: _Optional[str] = ..., model_b: _Optional[str] = ..., method: _Optional[str] = ..., architecture: _Optional[str] = ..., spec_ref: _Optional[str] = ..., infer_spec: _Optional[bool] = ..., n_heads: _Optional[int] = ..., rope: _Optional[bool] = ..., max_iter: _Optional[int] = ..., n_restarts: _Optional[int] = ..., seed: _Optional[int] = ..., module_architecture: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., data_ref: _Optional[str] = ..., data_task: _Optional[str] = ..., batch_size: _Optional[int] = ..., max_batches: _Optional[int] = ..., output_path: _Optional[str] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model_a: _Optional[str] = ..., model_b: _Optional[str] = ..., method: _Optional[str] = ..., architecture: _Optional[str] = ..., spec_ref: _Optional[str] = ..., n_heads: _Optional[int] = ..., rope: _Optional[bool] = ..., max_iter: _Optional[int] = ..., n_restarts: _Optional[int] = ..., seed: _Optional[int] = ..., output_path: _Optional[str] = ..., overwrite: _Optional[bool] = ...) -> None: ...
 
 class CreateAlignJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -101,25 +89,21 @@ class ListAlignmentMethodsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AlignmentMethod(_message.Message):
-    __slots__ = ("name", "summary", "needs_data")
+    __slots__ = ("name", "summary")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
-    NEEDS_DATA_FIELD_NUMBER: _ClassVar[int]
     name: str
     summary: str
-    needs_data: bool
-    def __init__(self, name: _Optional[str] = ..., summary: _Optional[str] = ..., needs_data: _Optional[bool] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., summary: _Optional[str] = ...) -> None: ...
 
 class ListAlignmentMethodsResponse(_message.Message):
-    __slots__ = ("methods", "architectures", "data_tasks", "paper", "url")
+    __slots__ = ("methods", "architectures", "paper", "url")
     METHODS_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURES_FIELD_NUMBER: _ClassVar[int]
-    DATA_TASKS_FIELD_NUMBER: _ClassVar[int]
     PAPER_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
     methods: _containers.RepeatedCompositeFieldContainer[AlignmentMethod]
     architectures: _containers.RepeatedScalarFieldContainer[str]
-    data_tasks: _containers.RepeatedScalarFieldContainer[str]
     paper: str
     url: str
-    def __init__(self, methods: _Optional[_Iterable[_Union[AlignmentMethod, _Mapping]]] = ..., architectures: _Optional[_Iterable[str]] = ..., data_tasks: _Optional[_Iterable[str]] = ..., paper: _Optional[str] = ..., url: _Optional[str] = ...) -> None: ...
+    def __init__(self, methods: _Optional[_Iterable[_Union[AlignmentMethod, _Mapping]]] = ..., architectures: _Optional[_Iterable[str]] = ..., paper: _Optional[str] = ..., url: _Optional[str] = ...) -> None: ...

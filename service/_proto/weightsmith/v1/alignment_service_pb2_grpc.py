@@ -60,8 +60,8 @@ class AlignmentServiceServicer:
     """
 
     def CreateAlignJob(self, request, context):
-        """CreateAlignJob checks the request (references, spec, shapes) and queues the alignment.
-        Errors: INVALID_ARGUMENT (no or two spec sources, unknown architecture or method, a spec that
+        """CreateAlignJob checks the request (references, spec, shapes; from headers) and queues the
+        alignment. Errors: INVALID_ARGUMENT (no spec source, unknown architecture or method, a spec that
         does not fit the models' shapes, malformed checkpoint), NOT_FOUND, PERMISSION_DENIED (a path
         outside the roots), FAILED_PRECONDITION (pickle input), ALREADY_EXISTS (output exists),
         RESOURCE_EXHAUSTED (queue full, memory budget), UNAVAILABLE (shutting down).
@@ -71,7 +71,7 @@ class AlignmentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAlignmentMethods(self, request, context):
-        """ListAlignmentMethods lists the matching methods, the ready architectures and the data tasks.
+        """ListAlignmentMethods lists the matching methods and the ready architectures.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
