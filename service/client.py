@@ -32,6 +32,8 @@ from service._proto.weightsmith.v1 import checkpoint_service_pb2_grpc as cpb_grp
 from service._proto.weightsmith.v1 import job_pb2
 from service._proto.weightsmith.v1 import job_service_pb2 as jpb
 from service._proto.weightsmith.v1 import job_service_pb2_grpc as jpb_grpc
+from service._proto.weightsmith.v1 import lineage_service_pb2 as lpb
+from service._proto.weightsmith.v1 import lineage_service_pb2_grpc as lpb_grpc
 from service._proto.weightsmith.v1 import merge_service_pb2 as mpb
 from service._proto.weightsmith.v1 import merge_service_pb2_grpc as mpb_grpc
 from service.auth import channel_credentials
@@ -118,6 +120,7 @@ class Client:
         self.checkpoints = cpb_grpc.CheckpointServiceStub(self.channel)
         self.jobs = jpb_grpc.JobServiceStub(self.channel)
         self.alignment = apb_grpc.AlignmentServiceStub(self.channel)
+        self.lineage = lpb_grpc.LineageServiceStub(self.channel)
 
     # -- plumbing ---------------------------------------------------------------------------------
     def close(self) -> None:
@@ -366,6 +369,46 @@ class Client:
 
     def list_alignment_methods(self) -> apb.ListAlignmentMethodsResponse:
         return self._call(self.alignment.ListAlignmentMethods, apb.ListAlignmentMethodsRequest())
+
+    # -- lineage (LineageService) -------------------------------------------------------------------
+    def detect_lineage(
+        self,
+        child: str,
+        candidates: list[str] | dict[str, str],
+        *,
+        timeout: float | None = 600.0,
+        **fields: Any,
+    ) -> Iterator[lpb.DetectLineageResponse]:
+        """Stream ``DetectLineage``: progress reports, the ranked candidates, then the answer.
+        ``candidates``: references, or ``{name: reference}``; ``fields``: of DetectLineageRequest."""
+        items = candidates.items() if isinstance(candidates, dict) else [("", c) for c in candidates]
+        req = lpb.DetectLineageRequest(
+            child=child, candidates=[lpb.LineageCandidate(name=n, model=m) for n, m in items], **fields
+        )
+        try:
+            yield from self.lineage.DetectLineage(req, timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise RemoteError.from_rpc(e) from None
+
+    def lineage_answer(
+        self, child: str, candidates: list[str] | dict[str, str], **fields: Any
+    ) -> tuple[list[lpb.CandidateScore], lpb.LineageAnswer, list[lpb.LineageProgress]]:
+        """``DetectLineage`` collected: (ranked candidates, answer, progress reports)."""
+        cands, progress, answer = [], [], None
+        for ev in self.detect_lineage(child, candidates, **fields):
+            which = ev.WhichOneof("event")
+            if which == "candidate":
+                cands.append(ev.candidate)
+            elif which == "progress":
+                progress.append(ev.progress)
+            else:
+                answer = ev.answer
+        if answer is None:
+            raise RemoteError("INTERNAL", "DetectLineage ended without an answer")
+        return cands, answer, progress
+
+    def list_lineage_methods(self) -> list[lpb.LineageMethod]:
+        return list(self._call(self.lineage.ListLineageMethods, lpb.ListLineageMethodsRequest()).methods)
 
     def list_methods(self) -> list[mpb.MethodInfo]:
         return list(self._call(self.merge.ListMethods, mpb.ListMethodsRequest()).methods)

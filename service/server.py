@@ -711,9 +711,11 @@ class Server:
         cpb_grpc.add_CheckpointServiceServicer_to_server(
             CheckpointServicer(self.manager, cfg.max_upload_bytes), self.server
         )
-        from service.server_jobs import add_servicers
+        from service import server_jobs, server_lineage
 
-        services = [MERGE_SERVICE, CHECKPOINT_SERVICE, *add_servicers(self.manager, self.server)]
+        services = [MERGE_SERVICE, CHECKPOINT_SERVICE]
+        for mod in (server_jobs, server_lineage):  # one module per service group
+            services += mod.add_servicers(self.manager, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for name in ("", *services):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$weightsmith/v1/lineage_service.proto\x12\x0eweightsmith.v1\x1a\x1cgoogle/protobuf/struct.proto\"/\n\x10LineageCandidate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\xde\x03\n\x14\x44\x65tectLineageRequest\x12\r\n\x05\x63hild\x18\x01 \x01(\t\x12\x34\n\ncandidates\x18\x02 \x03(\x0b\x32 .weightsmith.v1.LineageCandidate\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x1d\n\x10\x66\x61mily_threshold\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0epath_threshold\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08spectral\x18\x06 \x01(\t\x12\x18\n\x10spectral_max_dim\x18\x07 \x01(\x05\x12\x0f\n\x07\x65xclude\x18\x08 \x03(\t\x12\x12\n\nkeep_heads\x18\t \x01(\x08\x12\x14\n\x0c\x61rchitecture\x18\n \x01(\t\x12\x0f\n\x07n_heads\x18\x0b \x01(\x05\x12\x10\n\x08spec_ref\x18\x0c \x01(\t\x12\x11\n\tprobe_ref\x18\r \x01(\t\x12\x14\n\x0cprobe_metric\x18\x0e \x01(\t\x12\x34\n\x13module_architecture\x18\x0f \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0c\x64\x65tector_ref\x18\x10 \x01(\t\x12\x0e\n\x06layers\x18\x11 \x01(\x08\x42\x13\n\x11_family_thresholdB\x11\n\x0f_path_threshold\"=\n\x0fLineageProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\"\x83\x03\n\x0e\x43\x61ndidateScore\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x0f\n\x07related\x18\x05 \x01(\x08\x12\r\n\x05votes\x18\x06 \x01(\x01\x12\x10\n\x08\x63overage\x18\x07 \x01(\x01\x12\x11\n\tn_tensors\x18\x08 \x01(\x05\x12\x1b\n\x0e\x66ixed_fraction\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08permuted\x18\n \x01(\x08\x12\x11\n\x04path\x18\x0b \x01(\x01H\x01\x88\x01\x01\x12<\n\x07metrics\x18\x0c \x03(\x0b\x32+.weightsmith.v1.CandidateScore.MetricsEntry\x12(\n\x07\x64\x65tails\x18\r \x01(\x0b\x32\x17.google.protobuf.Struct\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x11\n\x0f_fixed_fractionB\x07\n\x05_path\";\n\x0eLineageSkipped\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x8c\x02\n\rLineageAnswer\x12\r\n\x05\x63hild\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x13\n\x06margin\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05\x63hain\x18\x07 \x03(\t\x12/\n\x07skipped\x18\x08 \x03(\x0b\x32\x1e.weightsmith.v1.LineageSkipped\x12\x0f\n\x07seconds\x18\t \x01(\x01\x12\x12\n\nbytes_read\x18\n \x01(\x03\x12\'\n\x06result\x18\x0b \x01(\x0b\x32\x17.google.protobuf.StructB\t\n\x07_margin\"\xbb\x01\n\x15\x44\x65tectLineageResponse\x12\x33\n\x08progress\x18\x01 \x01(\x0b\x32\x1f.weightsmith.v1.LineageProgressH\x00\x12\x33\n\tcandidate\x18\x02 \x01(\x0b\x32\x1e.weightsmith.v1.CandidateScoreH\x00\x12/\n\x06\x61nswer\x18\x03 \x01(\x0b\x32\x1d.weightsmith.v1.LineageAnswerH\x00\x42\x07\n\x05\x65vent\"\x1b\n\x19ListLineageMethodsRequest\"=\n\rLineageMethod\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\r\n\x05needs\x18\x03 \x03(\t\"c\n\x1aListLineageMethodsResponse\x12.\n\x07methods\x18\x01 \x03(\x0b\x32\x1d.weightsmith.v1.LineageMethod\x12\x15\n\rprobe_metrics\x18\x02 \x03(\t2\xdd\x01\n\x0eLineageService\x12^\n\rDetectLineage\x12$.weightsmith.v1.DetectLineageRequest\x1a%.weightsmith.v1.DetectLineageResponse0\x01\x12k\n\x12ListLineageMethods\x12).weightsmith.v1.ListLineageMethodsRequest\x1a*.weightsmith.v1.ListLineageMethodsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$weightsmith/v1/lineage_service.proto\x12\x0eweightsmith.v1\x1a\x1cgoogle/protobuf/struct.proto\"/\n\x10LineageCandidate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\xff\x02\n\x14\x44\x65tectLineageRequest\x12\r\n\x05\x63hild\x18\x01 \x01(\t\x12\x34\n\ncandidates\x18\x02 \x03(\x0b\x32 .weightsmith.v1.LineageCandidate\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x1d\n\x10\x66\x61mily_threshold\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0epath_threshold\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08spectral\x18\x06 \x01(\t\x12\x18\n\x10spectral_max_dim\x18\x07 \x01(\x05\x12\x0f\n\x07\x65xclude\x18\x08 \x03(\t\x12\x12\n\nkeep_heads\x18\t \x01(\x08\x12\x14\n\x0c\x61rchitecture\x18\n \x01(\t\x12\x0f\n\x07n_heads\x18\x0b \x01(\x05\x12\x10\n\x08spec_ref\x18\x0c \x01(\t\x12\x14\n\x0c\x64\x65tector_ref\x18\r \x01(\t\x12\x0e\n\x06layers\x18\x0e \x01(\x08\x42\x13\n\x11_family_thresholdB\x11\n\x0f_path_threshold\"=\n\x0fLineageProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\"\x83\x03\n\x0e\x43\x61ndidateScore\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x0f\n\x07related\x18\x05 \x01(\x08\x12\r\n\x05votes\x18\x06 \x01(\x01\x12\x10\n\x08\x63overage\x18\x07 \x01(\x01\x12\x11\n\tn_tensors\x18\x08 \x01(\x05\x12\x1b\n\x0e\x66ixed_fraction\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08permuted\x18\n \x01(\x08\x12\x11\n\x04path\x18\x0b \x01(\x01H\x01\x88\x01\x01\x12<\n\x07metrics\x18\x0c \x03(\x0b\x32+.weightsmith.v1.CandidateScore.MetricsEntry\x12(\n\x07\x64\x65tails\x18\r \x01(\x0b\x32\x17.google.protobuf.Struct\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x11\n\x0f_fixed_fractionB\x07\n\x05_path\";\n\x0eLineageSkipped\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x8c\x02\n\rLineageAnswer\x12\r\n\x05\x63hild\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x13\n\x06margin\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05\x63hain\x18\x07 \x03(\t\x12/\n\x07skipped\x18\x08 \x03(\x0b\x32\x1e.weightsmith.v1.LineageSkipped\x12\x0f\n\x07seconds\x18\t \x01(\x01\x12\x12\n\nbytes_read\x18\n \x01(\x03\x12\'\n\x06result\x18\x0b \x01(\x0b\x32\x17.google.protobuf.StructB\t\n\x07_margin\"\xbb\x01\n\x15\x44\x65tectLineageResponse\x12\x33\n\x08progress\x18\x01 \x01(\x0b\x32\x1f.weightsmith.v1.LineageProgressH\x00\x12\x33\n\tcandidate\x18\x02 \x01(\x0b\x32\x1e.weightsmith.v1.CandidateScoreH\x00\x12/\n\x06\x61nswer\x18\x03 \x01(\x0b\x32\x1d.weightsmith.v1.LineageAnswerH\x00\x42\x07\n\x05\x65vent\"\x1b\n\x19ListLineageMethodsRequest\"=\n\rLineageMethod\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\r\n\x05needs\x18\x03 \x03(\t\"L\n\x1aListLineageMethodsResponse\x12.\n\x07methods\x18\x01 \x03(\x0b\x32\x1d.weightsmith.v1.LineageMethod2\xdd\x01\n\x0eLineageService\x12^\n\rDetectLineage\x12$.weightsmith.v1.DetectLineageRequest\x1a%.weightsmith.v1.DetectLineageResponse0\x01\x12k\n\x12ListLineageMethods\x12).weightsmith.v1.ListLineageMethodsRequest\x1a*.weightsmith.v1.ListLineageMethodsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,25 +37,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LINEAGECANDIDATE']._serialized_start=86
   _globals['_LINEAGECANDIDATE']._serialized_end=133
   _globals['_DETECTLINEAGEREQUEST']._serialized_start=136
-  _globals['_DETECTLINEAGEREQUEST']._serialized_end=614
-  _globals['_LINEAGEPROGRESS']._serialized_start=616
-  _globals['_LINEAGEPROGRESS']._serialized_end=677
-  _globals['_CANDIDATESCORE']._serialized_start=680
-  _globals['_CANDIDATESCORE']._serialized_end=1067
-  _globals['_CANDIDATESCORE_METRICSENTRY']._serialized_start=993
-  _globals['_CANDIDATESCORE_METRICSENTRY']._serialized_end=1039
-  _globals['_LINEAGESKIPPED']._serialized_start=1069
-  _globals['_LINEAGESKIPPED']._serialized_end=1128
-  _globals['_LINEAGEANSWER']._serialized_start=1131
-  _globals['_LINEAGEANSWER']._serialized_end=1399
-  _globals['_DETECTLINEAGERESPONSE']._serialized_start=1402
-  _globals['_DETECTLINEAGERESPONSE']._serialized_end=1589
-  _globals['_LISTLINEAGEMETHODSREQUEST']._serialized_start=1591
-  _globals['_LISTLINEAGEMETHODSREQUEST']._serialized_end=1618
-  _globals['_LINEAGEMETHOD']._serialized_start=1620
-  _globals['_LINEAGEMETHOD']._serialized_end=1681
-  _globals['_LISTLINEAGEMETHODSRESPONSE']._serialized_start=1683
-  _globals['_LISTLINEAGEMETHODSRESPONSE']._serialized_end=1782
-  _globals['_LINEAGESERVICE']._serialized_start=1785
-  _globals['_LINEAGESERVICE']._serialized_end=2006
+  _globals['_DETECTLINEAGEREQUEST']._serialized_end=519
+  _globals['_LINEAGEPROGRESS']._serialized_start=521
+  _globals['_LINEAGEPROGRESS']._serialized_end=582
+  _globals['_CANDIDATESCORE']._serialized_start=585
+  _globals['_CANDIDATESCORE']._serialized_end=972
+  _globals['_CANDIDATESCORE_METRICSENTRY']._serialized_start=898
+  _globals['_CANDIDATESCORE_METRICSENTRY']._serialized_end=944
+  _globals['_LINEAGESKIPPED']._serialized_start=974
+  _globals['_LINEAGESKIPPED']._serialized_end=1033
+  _globals['_LINEAGEANSWER']._serialized_start=1036
+  _globals['_LINEAGEANSWER']._serialized_end=1304
+  _globals['_DETECTLINEAGERESPONSE']._serialized_start=1307
+  _globals['_DETECTLINEAGERESPONSE']._serialized_end=1494
+  _globals['_LISTLINEAGEMETHODSREQUEST']._serialized_start=1496
+  _globals['_LISTLINEAGEMETHODSREQUEST']._serialized_end=1523
+  _globals['_LINEAGEMETHOD']._serialized_start=1525
+  _globals['_LINEAGEMETHOD']._serialized_end=1586
+  _globals['_LISTLINEAGEMETHODSRESPONSE']._serialized_start=1588
+  _globals['_LISTLINEAGEMETHODSRESPONSE']._serialized_end=1664
+  _globals['_LINEAGESERVICE']._serialized_start=1667
+  _globals['_LINEAGESERVICE']._serialized_end=1888
 # @@protoc_insertion_point(module_scope)

@@ -16,7 +16,7 @@ class LineageCandidate(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class DetectLineageRequest(_message.Message):
-    __slots__ = ("child", "candidates", "method", "family_threshold", "path_threshold", "spectral", "spectral_max_dim", "exclude", "keep_heads", "architecture", "n_heads", "spec_ref", "probe_ref", "probe_metric", "module_architecture", "detector_ref", "layers")
+    __slots__ = ("child", "candidates", "method", "family_threshold", "path_threshold", "spectral", "spectral_max_dim", "exclude", "keep_heads", "architecture", "n_heads", "spec_ref", "detector_ref", "layers")
     CHILD_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -29,9 +29,6 @@ class DetectLineageRequest(_message.Message):
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     N_HEADS_FIELD_NUMBER: _ClassVar[int]
     SPEC_REF_FIELD_NUMBER: _ClassVar[int]
-    PROBE_REF_FIELD_NUMBER: _ClassVar[int]
-    PROBE_METRIC_FIELD_NUMBER: _ClassVar[int]
-    MODULE_ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DETECTOR_REF_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     child: str
@@ -46,12 +43,9 @@ class DetectLineageRequest(_message.Message):
     architecture: str
     n_heads: int
     spec_ref: str
-    probe_ref: str
-    probe_metric: str
-    module_architecture: _struct_pb2.Struct
     detector_ref: str
     layers: bool
-    def __init__(self, child: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[LineageCandidate, _Mapping]]] = ..., method: _Optional[str] = ..., family_threshold: _Optional[float] = ..., path_threshold: _Optional[float] = ..., spectral: _Optional[str] = ..., spectral_max_dim: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., keep_heads: _Optional[bool] = ..., architecture: _Optional[str] = ..., n_heads: _Optional[int] = ..., spec_ref: _Optional[str] = ..., probe_ref: _Optional[str] = ..., probe_metric: _Optional[str] = ..., module_architecture: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., detector_ref: _Optional[str] = ..., layers: _Optional[bool] = ...) -> None: ...
+    def __init__(self, child: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[LineageCandidate, _Mapping]]] = ..., method: _Optional[str] = ..., family_threshold: _Optional[float] = ..., path_threshold: _Optional[float] = ..., spectral: _Optional[str] = ..., spectral_max_dim: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., keep_heads: _Optional[bool] = ..., architecture: _Optional[str] = ..., n_heads: _Optional[int] = ..., spec_ref: _Optional[str] = ..., detector_ref: _Optional[str] = ..., layers: _Optional[bool] = ...) -> None: ...
 
 class LineageProgress(_message.Message):
     __slots__ = ("stage", "done", "total")
@@ -161,9 +155,7 @@ class LineageMethod(_message.Message):
     def __init__(self, name: _Optional[str] = ..., summary: _Optional[str] = ..., needs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListLineageMethodsResponse(_message.Message):
-    __slots__ = ("methods", "probe_metrics")
+    __slots__ = ("methods",)
     METHODS_FIELD_NUMBER: _ClassVar[int]
-    PROBE_METRICS_FIELD_NUMBER: _ClassVar[int]
     methods: _containers.RepeatedCompositeFieldContainer[LineageMethod]
-    probe_metrics: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, methods: _Optional[_Iterable[_Union[LineageMethod, _Mapping]]] = ..., probe_metrics: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, methods: _Optional[_Iterable[_Union[LineageMethod, _Mapping]]] = ...) -> None: ...

@@ -57,7 +57,7 @@ class LineageServiceServicer:
 
     def DetectLineage(self, request, context):
         """DetectLineage streams the library's progress while it works, then every ranked candidate
-        (best first, one message each), then the answer: the parent or "none" with the reason, and the
+        (best first, one message each, once the library has ranked them all), then the answer: the parent or "none" with the reason, and the
         chain of ancestors. Candidates that cannot be read are skipped with their reason, as in the
         library; references outside the roots are refused (PERMISSION_DENIED). Cancelling the call
         stops the computation.
