@@ -15,6 +15,7 @@ named (from the ``google.rpc.BadRequest`` detail).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 import uuid
@@ -36,6 +37,8 @@ from service._proto.weightsmith.v1 import lineage_service_pb2 as lpb
 from service._proto.weightsmith.v1 import lineage_service_pb2_grpc as lpb_grpc
 from service._proto.weightsmith.v1 import merge_service_pb2 as mpb
 from service._proto.weightsmith.v1 import merge_service_pb2_grpc as mpb_grpc
+from service._proto.weightsmith.v1 import metanet_service_pb2 as npb
+from service._proto.weightsmith.v1 import metanet_service_pb2_grpc as npb_grpc
 from service.auth import channel_credentials
 
 CHUNK = 1 << 20
@@ -121,6 +124,7 @@ class Client:
         self.jobs = jpb_grpc.JobServiceStub(self.channel)
         self.alignment = apb_grpc.AlignmentServiceStub(self.channel)
         self.lineage = lpb_grpc.LineageServiceStub(self.channel)
+        self.metanets = npb_grpc.MetanetServiceStub(self.channel)
 
     # -- plumbing ---------------------------------------------------------------------------------
     def close(self) -> None:
@@ -355,7 +359,12 @@ class Client:
         """A finished job's result message (MergeResult, AlignResult...), unpacked; None before."""
         if not job.HasField("result"):
             return None
-        cls = {"merge": mpb.MergeResult, "align": apb.AlignResult}[job.kind]
+        cls = {
+            "merge": mpb.MergeResult,
+            "align": apb.AlignResult,
+            "zoo": npb.ZooResult,
+            "train": npb.TrainResult,
+        }[job.kind]
         out = cls()
         job.result.Unpack(out)
         return out
@@ -409,6 +418,45 @@ class Client:
 
     def list_lineage_methods(self) -> list[lpb.LineageMethod]:
         return list(self._call(self.lineage.ListLineageMethods, lpb.ListLineageMethodsRequest()).methods)
+
+    # -- metanetworks (MetanetService) ---------------------------------------------------------------
+    def create_zoo_job(
+        self, config: dict[str, Any] | str, output_path: str = "", *, workers: int = 0, request_id: str = ""
+    ) -> jpb.Job:
+        """Queue a zoo build (``config``: a ZooConfig as a dict, or YAML/JSON text)."""
+        req = npb.CreateZooJobRequest(output_path=output_path, workers=workers, request_id=request_id)
+        # as JSON text (YAML's subset): a Struct would turn every integer into a double
+        req.config_yaml = config if isinstance(config, str) else json.dumps(config)
+        return self._call(self.metanets.CreateZooJob, req).job
+
+    def create_train_job(self, zoo: str, **fields: Any) -> jpb.Job:
+        """Queue a metanet training on ``zoo`` (fields of CreateTrainJobRequest; ``where`` and
+        ``model_args`` as dicts)."""
+        structs = {k: fields.pop(k) for k in ("where", "model_args") if k in fields}
+        req = npb.CreateTrainJobRequest(zoo=zoo, **fields)
+        for k, v in structs.items():
+            getattr(req, k).update(v)
+        return self._call(self.metanets.CreateTrainJob, req).job
+
+    def list_metanets(self, page_size: int = 50, page_token: str = "") -> npb.ListMetanetsResponse:
+        return self._call(
+            self.metanets.ListMetanets, npb.ListMetanetsRequest(page_size=page_size, page_token=page_token)
+        )
+
+    def get_metanet(self, name: str) -> npb.Metanet:
+        return self._call(self.metanets.GetMetanet, npb.GetMetanetRequest(name=name)).metanet
+
+    def predict(self, metanet: str, checkpoints: list[str], spec_ref: str = "") -> npb.PredictResponse:
+        req = npb.PredictRequest(metanet=metanet, checkpoints=checkpoints, spec_ref=spec_ref)
+        return self._call(self.metanets.Predict, req, timeout=max(self.timeout, 600.0))
+
+    def embed(self, metanet: str, checkpoints: list[str], spec_ref: str = "") -> npb.EmbedResponse:
+        req = npb.EmbedRequest(metanet=metanet, checkpoints=checkpoints, spec_ref=spec_ref)
+        return self._call(self.metanets.Embed, req, timeout=max(self.timeout, 600.0))
+
+    def get_zoo(self, zoo: str) -> dict[str, Any]:
+        resp = self._call(self.metanets.GetZoo, npb.GetZooRequest(zoo=zoo))
+        return json_format.MessageToDict(resp.summary)
 
     def list_methods(self) -> list[mpb.MethodInfo]:
         return list(self._call(self.merge.ListMethods, mpb.ListMethodsRequest()).methods)

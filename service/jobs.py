@@ -637,6 +637,14 @@ class _Running:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+def _left_behind(rec: JobRecord) -> str:
+    """What an interrupted attempt leaves, for its error message."""
+    retry = "RetryMergeJob" if rec.kind == "merge" else "JobService.RetryJob"
+    if get_kind(rec.kind).resumable:
+        return f"what it did is kept (retry the job with {retry} to resume)"
+    return f"no output was written (retry the job with {retry})"
+
+
 def cleanup_partial_outputs(out: Path) -> list[Path]:
     """Remove ``<out>.partial-*`` leftovers of a killed writer; restore an ``.old-`` copy if
     the writer died between moving the previous output aside and renaming the new one in."""
@@ -734,8 +742,7 @@ class JobManager:
                 self._finish(rec.id, SUCCEEDED, result=result)
                 continue
             msg = (
-                f"the server stopped while attempt {rec.attempt} ran; no output was written "
-                "(retry the job with RetryMergeJob)"
+                f"the server stopped while attempt {rec.attempt} ran; {_left_behind(rec)}"
             )
             self._finish(
                 rec.id,
@@ -1271,8 +1278,7 @@ class JobManager:
                     INTERRUPTED,
                     error=(
                         "ABORTED",
-                        f"the server shut down before attempt {rec.attempt} finished; no output was written "
-                        "(retry the job with RetryMergeJob)",
+                        f"the server shut down before attempt {rec.attempt} finished; {_left_behind(rec)}",
                     ),
                 )
             elif rec.cancel_requested or kind == "cancelled":
@@ -1339,7 +1345,7 @@ class JobManager:
         if not self.accepting:
             raise ServiceError("UNAVAILABLE", "the server is shutting down and takes no new jobs")
         out = Path(rec.output_path)
-        if out.exists() and not rec.overwrite:
+        if out.exists() and not rec.overwrite and not get_kind(rec.kind).resumable:
             raise OutputExistsError(f"output_path: {out} exists now; cannot retry {rec.name}")
         self._check_output_free(out, exclude=rec.id)
         if self.store.count(QUEUED) >= self.config.max_queued:

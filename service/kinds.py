@@ -113,10 +113,13 @@ class JobKind:
     #: ``recover(rec)``: after a crash, the result of an attempt whose output is complete but whose
     #: result.json was never written; None when it did not finish
     recover: Callable[[JobRecord], dict[str, Any] | None] = lambda rec: None
+    #: an interrupted attempt keeps what it did, in its output folder (which may therefore exist), and
+    #: a retry resumes from it (zoo builds, trainings)
+    resumable: bool = False
 
 
 _KINDS: dict[str, JobKind] = {}
-_BUILTIN = ("service.kind_merge", "service.kind_align")
+_BUILTIN = ("service.kind_merge", "service.kind_align", "service.kind_metanet")
 
 
 def register(kind: JobKind) -> JobKind:
