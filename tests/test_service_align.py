@@ -157,3 +157,28 @@ def test_align_cancel_leaves_nothing_and_idempotent_create(env: dict) -> None:
     with pytest.raises(RemoteError) as e:
         c.cancel_any_job(job.name)
     assert e.value.code == "FAILED_PRECONDITION"
+
+
+def test_cli_remote_align_and_job_commands(env: dict) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from service.cli import main
+    from tests.service_helpers import TOKEN
+
+    conn = ["--server", env["srv"].target, "--token", TOKEN]
+    a, b = str(env["a"]), str(env["b"])
+    r = CliRunner().invoke(
+        main, ["remote", "align", a, b, "--architecture", "mlp", "-o", "out/cli", "--json", *conn]
+    )
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["job"]["kind"] == "align" and out["result"]["output_path"].endswith("out/cli")
+    assert out["result"]["permutations_inline"] and int(out["result"]["units_total"]) == 32
+    r = CliRunner().invoke(main, ["remote", "job", "list", "--kind", "align", *conn])
+    assert r.exit_code == 0 and out["job"]["name"][5:] in r.stdout and "SUCCEEDED" in r.stdout
+    r = CliRunner().invoke(main, ["remote", "align", a, b, "--architecture", "mlp", "-o", "out/cli", *conn])
+    assert r.exit_code == 2 and "error: ALREADY_EXISTS" in r.output
+    r = CliRunner().invoke(main, ["remote", "job", "cancel", out["job"]["name"], *conn])
+    assert r.exit_code == 2 and "FAILED_PRECONDITION" in r.output

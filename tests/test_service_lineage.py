@@ -123,3 +123,25 @@ def test_lineage_bad_input_gets_the_right_code_and_writes_nothing(env: dict) -> 
         assert (e.value.code, text in e.value.message) == (code, True), (cands, kw, e.value.message)
         assert "Traceback" not in e.value.message
     assert tree_digest(root) == before
+
+
+def test_cli_remote_lineage(env: dict) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from service.cli import main
+    from tests.service_helpers import TOKEN
+
+    conn = ["--server", env["client"].target, "--token", TOKEN]
+    p = env["paths"]
+    args = ["remote", "lineage", str(p["child"]), str(p["p0"]), str(p["p1"]), str(p["stranger"]), *conn]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert f"parent: {p['p0']}" in r.stdout and "unrelated" in r.stdout
+    r = CliRunner().invoke(main, [*args, "--json"])
+    assert json.loads(r.stdout)["answer"]["parent"] == str(p["p0"])
+    r = CliRunner().invoke(
+        main, ["remote", "lineage", str(p["child"]), str(env["outside"] / "secret"), *conn]
+    )
+    assert r.exit_code == 2 and "error: PERMISSION_DENIED" in r.output

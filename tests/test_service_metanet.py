@@ -192,3 +192,32 @@ def test_training_interrupted_by_a_server_kill_resumes_to_the_same_metanet(tmp_p
     got_w, want = _weights(root / "mn"), _weights(lib.path)
     assert all(torch.equal(got_w[k], want[k]) for k in want)
     assert not (root / "mn.partial").exists()
+
+
+def test_cli_remote_metanet_commands(env: dict) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from service.cli import main
+    from tests.service_helpers import TOKEN
+
+    c, root = env["client"], env["root"]
+    conn = ["--server", env["srv"].target, "--token", TOKEN]
+    zoo_ref = c.job_result(env["zoo_job"]).output_ref
+    args = ["remote", "train", zoo_ref, "--epochs", "1", "--batch-size", "6", "--model", "statnn",
+            "--name", "cli", "--json", *conn]  # fmt: skip
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    name = json.loads(r.stdout)["result"]["metanet"]["name"]
+    r = CliRunner().invoke(main, ["remote", "metanets", *conn])
+    assert r.exit_code == 0 and name in r.stdout and "cli" in r.stdout
+    files = [str(root / "zoo" / rec["file"]) for rec in Zoo(root / "zoo").records[:2]]
+    r = CliRunner().invoke(main, ["remote", "predict", name, *files, "--json", *conn])
+    assert r.exit_code == 0, r.output
+    got = [p["number"] for p in json.loads(r.stdout)["predictions"]]
+    assert got == pytest.approx([p.number for p in c.predict(name, files).predictions])
+    r = CliRunner().invoke(main, ["remote", "embed", name, *files, *conn])
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 2
+    r = CliRunner().invoke(main, ["remote", "predict", "metanets/" + "0" * 32, *files, *conn])
+    assert r.exit_code == 2 and "error: NOT_FOUND" in r.output
