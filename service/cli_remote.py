@@ -320,3 +320,107 @@ def remote_job_retry(job: str, detach: bool, **kw: Any) -> None:
 def remote_job_watch(job: str, as_json: bool, **kw: Any) -> None:
     with _conn(kw) as client:
         _follow(client, client.get_any_job(job), False, as_json)
+
+
+# -- soups ------------------------------------------------------------------------------------------
+@remote.group("soup")
+def remote_soup() -> None:
+    """Living soups on the server (Diffusion Soup; merge.soup): create, add, remove, build, show."""
+
+
+def _member_arg(text: str) -> dict[str, Any]:
+    """``MODEL``, ``MODEL:WEIGHT`` or ``ID=MODEL[:WEIGHT]``."""
+    mid, _, rest = text.partition("=") if "=" in text else ("", "", text)
+    model, weight = rest, 0.0
+    head, _, tail = rest.rpartition(":")
+    if head:
+        try:
+            model, weight = head, float(tail)
+        except ValueError:
+            pass
+    return {"model": model, "id": mid, "weight": weight}
+
+
+@remote_soup.command("create")
+@click.argument("members", nargs=-1)
+@click.option(
+    "-o", "--soup", "soup", default="", help="Soup folder under a root (default: kept as job://<id>)."
+)
+@click.option("--base", default="", help="A base model the members must match.")
+@click.option("--dtype", default="", help="Dtype of built soups (default: the members').")
+@click.option("--name", "display_name", default="")
+@click.option("--detach", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_soup_create(members: tuple[str, ...], soup: str, base: str, dtype: str, display_name: str,
+                       detach: bool, as_json: bool, **kw: Any) -> None:  # fmt: skip
+    """Create a soup with MEMBERS (MODEL, MODEL:WEIGHT or ID=MODEL[:WEIGHT])."""
+    with _conn(kw) as client:
+        job = client.create_soup(soup, [_member_arg(m) for m in members], base=base, dtype=dtype,
+                                 display_name=display_name)  # fmt: skip
+        _follow(client, job, detach, as_json)
+
+
+@remote_soup.command("add")
+@click.argument("soup")
+@click.argument("member")
+@click.option("--detach", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_soup_add(soup: str, member: str, detach: bool, as_json: bool, **kw: Any) -> None:
+    """Add MEMBER (MODEL, MODEL:WEIGHT or ID=MODEL[:WEIGHT]) to SOUP (a path or job://<id>)."""
+    with _conn(kw) as client:
+        _follow(client, client.add_soup_member(soup, _member_arg(member)), detach, as_json)
+
+
+@remote_soup.command("remove")
+@click.argument("soup")
+@click.argument("member_id")
+@click.option("--detach", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_soup_remove(soup: str, member_id: str, detach: bool, as_json: bool, **kw: Any) -> None:
+    """Remove MEMBER_ID from SOUP, exactly (the soup that never had it)."""
+    with _conn(kw) as client:
+        _follow(client, client.remove_soup_member(soup, member_id), detach, as_json)
+
+
+@remote_soup.command("build")
+@click.argument("soup")
+@click.option(
+    "-o", "--output", "output_path", default="", help="Output folder under a root (default: job://)."
+)
+@click.option("--overwrite", is_flag=True)
+@click.option("--detach", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_soup_build(
+    soup: str, output_path: str, overwrite: bool, detach: bool, as_json: bool, **kw: Any
+) -> None:
+    """Write SOUP's weighted mean as a checkpoint folder on the server."""
+    with _conn(kw) as client:
+        _follow(client, client.build_soup(soup, output_path, overwrite=overwrite), detach, as_json)
+
+
+@remote_soup.command("show")
+@click.argument("soup")
+@click.option("--verify", is_flag=True, help="Hash every member file.")
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_soup_show(soup: str, verify: bool, as_json: bool, **kw: Any) -> None:
+    """Show SOUP's manifest: members, weights, history."""
+    with _conn(kw) as client:
+        s = client.get_soup(soup, verify=verify)
+    if as_json:
+        click.echo(json.dumps(_json(s), indent=2))
+        return
+    click.echo(f"{s.path}  ({s.kind or 'empty'}, soup id {s.soup_id[:12]}, total weight {s.total_weight:g})")
+    for m in s.members:
+        click.echo(f"  {m.id:<16} w={m.weight:<6g} {m.path}  {m.status}".rstrip())
+    for e in s.history:
+        click.echo(f"  {e.time}  {e.op:<6} {e.member}")

@@ -39,6 +39,8 @@ from service._proto.weightsmith.v1 import merge_service_pb2 as mpb
 from service._proto.weightsmith.v1 import merge_service_pb2_grpc as mpb_grpc
 from service._proto.weightsmith.v1 import metanet_service_pb2 as npb
 from service._proto.weightsmith.v1 import metanet_service_pb2_grpc as npb_grpc
+from service._proto.weightsmith.v1 import soup_service_pb2 as spb
+from service._proto.weightsmith.v1 import soup_service_pb2_grpc as spb_grpc
 from service.auth import channel_credentials
 
 CHUNK = 1 << 20
@@ -125,6 +127,7 @@ class Client:
         self.alignment = apb_grpc.AlignmentServiceStub(self.channel)
         self.lineage = lpb_grpc.LineageServiceStub(self.channel)
         self.metanets = npb_grpc.MetanetServiceStub(self.channel)
+        self.soups = spb_grpc.SoupServiceStub(self.channel)
 
     # -- plumbing ---------------------------------------------------------------------------------
     def close(self) -> None:
@@ -364,6 +367,7 @@ class Client:
             "align": apb.AlignResult,
             "zoo": npb.ZooResult,
             "train": npb.TrainResult,
+            "soup": spb.SoupResult,
         }[job.kind]
         out = cls()
         job.result.Unpack(out)
@@ -457,6 +461,34 @@ class Client:
     def get_zoo(self, zoo: str) -> dict[str, Any]:
         resp = self._call(self.metanets.GetZoo, npb.GetZooRequest(zoo=zoo))
         return json_format.MessageToDict(resp.summary)
+
+    # -- soups (SoupService) ------------------------------------------------------------------------
+    @staticmethod
+    def _member(m: str | dict[str, Any]) -> spb.SoupMemberSpec:
+        return spb.SoupMemberSpec(model=m) if isinstance(m, str) else spb.SoupMemberSpec(**m)
+
+    def create_soup(
+        self, soup: str = "", members: list[str | dict[str, Any]] | None = None, **fields: Any
+    ) -> jpb.Job:
+        """Queue the creation of a soup folder (``soup``: under a root; empty: kept as job://<id>);
+        members are references or ``{"model", "id", "weight"}``; fields: base, dtype, display_name."""
+        req = spb.CreateSoupRequest(soup=soup, members=[self._member(m) for m in members or []], **fields)
+        return self._call(self.soups.CreateSoup, req).job
+
+    def add_soup_member(self, soup: str, member: str | dict[str, Any], request_id: str = "") -> jpb.Job:
+        req = spb.AddSoupMemberRequest(soup=soup, member=self._member(member), request_id=request_id)
+        return self._call(self.soups.AddSoupMember, req).job
+
+    def remove_soup_member(self, soup: str, member_id: str, request_id: str = "") -> jpb.Job:
+        req = spb.RemoveSoupMemberRequest(soup=soup, member_id=member_id, request_id=request_id)
+        return self._call(self.soups.RemoveSoupMember, req).job
+
+    def build_soup(self, soup: str, output_path: str = "", **fields: Any) -> jpb.Job:
+        req = spb.BuildSoupRequest(soup=soup, output_path=output_path, **fields)
+        return self._call(self.soups.BuildSoup, req).job
+
+    def get_soup(self, soup: str, verify: bool = False) -> spb.Soup:
+        return self._call(self.soups.GetSoup, spb.GetSoupRequest(soup=soup, verify=verify)).soup
 
     def list_methods(self) -> list[mpb.MethodInfo]:
         return list(self._call(self.merge.ListMethods, mpb.ListMethodsRequest()).methods)

@@ -595,6 +595,7 @@ class Submission:
     est_bytes: int = 0  # working memory beyond the fixed worker overhead
     progress: dict[str, Any] = field(default_factory=dict)  # the first progress report
     job_refs: dict[str, str] = field(default_factory=dict)  # job://<id> inputs -> their output folders
+    serial_key: str | None = None  # what JobKind.serial_key will say of the job (checked at submission)
 
 
 @dataclass
@@ -1026,7 +1027,9 @@ class JobManager:
             )
         return prev, req_hash
 
-    def output_folder(self, output_path: str, overwrite: bool, job_id: str, inputs: list[Path]) -> Path:
+    def output_folder(
+        self, output_path: str, overwrite: bool, job_id: str, inputs: list[Path], serial_key: str | None = None
+    ) -> Path:
         """The folder a new job writes: inside a root (or ``data-dir/outputs/<job>``), not existing
         unless ``overwrite``, overlapping no input and no other active job's output."""
         if not self.accepting:
@@ -1042,7 +1045,7 @@ class JobManager:
         for p in inputs:
             if overlaps(Path(p).resolve(), out):
                 raise InvalidPathError(f"output_path: {out} overlaps input {p}")
-        self._check_output_free(out)
+        self._check_output_free(out, serial_key=serial_key)
         return out
 
     async def submit(self, job_id: str, sub: Submission, request_id: str, request_hash: str) -> JobRecord:
@@ -1065,7 +1068,7 @@ class JobManager:
             prev = self.store.by_request_id(request_id)  # a concurrent twin may have won meanwhile
             if prev is not None:
                 return prev
-        self._check_output_free(sub.output_path)
+        self._check_output_free(sub.output_path, serial_key=sub.serial_key)
         rec = JobRecord(
             id=job_id,
             rowid=0,
@@ -1099,8 +1102,12 @@ class JobManager:
         await self._schedule()
         return self.get(job_id)
 
-    def _check_output_free(self, out: Path, exclude: str | None = None) -> None:
+    def _check_output_free(self, out: Path, exclude: str | None = None, serial_key: str | None = None) -> None:
+        """No other active job writes where ``out`` is, but jobs with the same ``serial_key`` (they run one
+        after the other, in order: operations on one soup)."""
         for other in self.store.in_states(ACTIVE):
+            if serial_key is not None and get_kind(other.kind).serial_key(other) == serial_key:
+                continue
             if other.id != exclude and overlaps(Path(other.output_path), out):
                 raise ServiceError(
                     "ALREADY_EXISTS",
@@ -1154,6 +1161,12 @@ class JobManager:
                 if not queued:
                     return
                 rec = queued[0]
+                key = get_kind(rec.kind).serial_key(rec)
+                if key is not None and any(
+                    (o := self.store.get(jid)) is not None and get_kind(o.kind).serial_key(o) == key
+                    for jid in self._running
+                ):
+                    return  # first in, first out: it waits for the job before it on the same resource
                 used = sum(r.est_bytes for r in self._running.values())
                 if self._running and used + rec.est_bytes > self.config.memory_budget:
                     return
@@ -1347,7 +1360,7 @@ class JobManager:
         out = Path(rec.output_path)
         if out.exists() and not rec.overwrite and not get_kind(rec.kind).resumable:
             raise OutputExistsError(f"output_path: {out} exists now; cannot retry {rec.name}")
-        self._check_output_free(out, exclude=rec.id)
+        self._check_output_free(out, exclude=rec.id, serial_key=get_kind(rec.kind).serial_key(rec))
         if self.store.count(QUEUED) >= self.config.max_queued:
             raise ServiceError(
                 "RESOURCE_EXHAUSTED", f"the job queue is full ({self.config.max_queued} queued jobs)"

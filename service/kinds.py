@@ -116,10 +116,13 @@ class JobKind:
     #: an interrupted attempt keeps what it did, in its output folder (which may therefore exist), and
     #: a retry resumes from it (zoo builds, trainings)
     resumable: bool = False
+    #: jobs with the same key run one at a time, in the order they were created, and may write into
+    #: the same folder (operations on one soup); None: no such constraint
+    serial_key: Callable[[JobRecord], str | None] = lambda rec: None
 
 
 _KINDS: dict[str, JobKind] = {}
-_BUILTIN = ("service.kind_merge", "service.kind_align", "service.kind_metanet")
+_BUILTIN = ("service.kind_merge", "service.kind_align", "service.kind_metanet", "service.kind_soup")
 
 
 def register(kind: JobKind) -> JobKind:

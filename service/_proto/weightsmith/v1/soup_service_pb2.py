@@ -22,61 +22,46 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from service._proto.weightsmith.v1 import job_service_pb2 as weightsmith_dot_v1_dot_job__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!weightsmith/v1/soup_service.proto\x12\x0eweightsmith.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a weightsmith/v1/job_service.proto\";\n\x0eSoupMemberSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"\x99\x01\n\x11\x43reateSoupRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04soup\x18\x02 \x01(\t\x12/\n\x07members\x18\x03 \x03(\x0b\x32\x1e.weightsmith.v1.SoupMemberSpec\x12\x0c\n\x04\x62\x61se\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x06 \x01(\t\"6\n\x12\x43reateSoupResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.weightsmith.v1.Job\"h\n\x14\x41\x64\x64SoupMemberRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04soup\x18\x02 \x01(\t\x12.\n\x06member\x18\x03 \x01(\x0b\x32\x1e.weightsmith.v1.SoupMemberSpec\"9\n\x15\x41\x64\x64SoupMemberResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.weightsmith.v1.Job\"N\n\x17RemoveSoupMemberRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04soup\x18\x02 \x01(\t\x12\x11\n\tmember_id\x18\x03 \x01(\t\"<\n\x18RemoveSoupMemberResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.weightsmith.v1.Job\"p\n\x10\x42uildSoupRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04soup\x18\x02 \x01(\t\x12\x13\n\x0boutput_path\x18\x03 \x01(\t\x12\x11\n\toverwrite\x18\x04 \x01(\x08\x12\x12\n\nshard_size\x18\x05 \x01(\x03\"5\n\x11\x42uildSoupResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.weightsmith.v1.Job\".\n\x0eGetSoupRequest\x12\x0c\n\x04soup\x18\x01 \x01(\t\x12\x0e\n\x06verify\x18\x02 \x01(\x08\"5\n\x0fGetSoupResponse\x12\"\n\x04soup\x18\x01 \x01(\x0b\x32\x14.weightsmith.v1.Soup\"c\n\nSoupMember\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0c\n\x04hash\x18\x04 \x01(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x05 \x01(\t\x12\x0e\n\x06status\x18\x06 \x01(\t\"W\n\tSoupEvent\x12\x0c\n\x04time\x18\x01 \x01(\t\x12\n\n\x02op\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\t\x12\x0f\n\x07members\x18\x04 \x03(\t\x12\x0f\n\x07soup_id\x18\x05 \x01(\t\"\xb1\x02\n\x04Soup\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0f\n\x07soup_id\x18\x06 \x01(\t\x12+\n\x07members\x18\x07 \x03(\x0b\x32\x1a.weightsmith.v1.SoupMember\x12\x14\n\x0ctotal_weight\x18\x08 \x01(\x01\x12\x0e\n\x06summed\x18\t \x03(\t\x12\x0e\n\x06\x63opied\x18\n \x03(\t\x12(\n\x04\x62\x61se\x18\x0b \x01(\x0b\x32\x1a.weightsmith.v1.SoupMember\x12*\n\x07history\x18\x0c \x03(\x0b\x32\x19.weightsmith.v1.SoupEvent\x12\x11\n\tleftovers\x18\r \x03(\t\"}\n\nSoupResult\x12\x11\n\toperation\x18\x01 \x01(\t\x12\"\n\x04soup\x18\x02 \x01(\x0b\x32\x14.weightsmith.v1.Soup\x12\x13\n\x0boutput_path\x18\x03 \x01(\t\x12\x12\n\noutput_ref\x18\x04 \x01(\t\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\"i\n\x10GreedySoupScorer\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x34\n\x13module_architecture\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tdata_seed\x18\x03 \x01(\x03\"\xaa\x01\n\x1a\x43reateGreedySoupJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06models\x18\x02 \x03(\t\x12\x30\n\x06scorer\x18\x03 \x01(\x0b\x32 .weightsmith.v1.GreedySoupScorer\x12\x0e\n\x06strict\x18\x04 \x01(\x08\x12\x13\n\x0boutput_path\x18\x05 \x01(\t\x12\x11\n\toverwrite\x18\x06 \x01(\x08\"?\n\x1b\x43reateGreedySoupJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.weightsmith.v1.Job\"g\n\x0eGreedySoupStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nindividual\x18\x02 \x01(\x01\x12\x12\n\nsoup_score\x18\x03 \x01(\x01\x12\x0c\n\x04kept\x18\x04 \x01(\x08\x12\x11\n\tsoup_size\x18\x05 \x01(\x05\"\xaa\x02\n\x10GreedySoupResult\x12\x0c\n\x04kept\x18\x01 \x03(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x17\n\x0f\x62\x65st_individual\x18\x03 \x01(\x01\x12\x44\n\nindividual\x18\x04 \x03(\x0b\x32\x30.weightsmith.v1.GreedySoupResult.IndividualEntry\x12-\n\x05steps\x18\x05 \x03(\x0b\x32\x1e.weightsmith.v1.GreedySoupStep\x12\x13\n\x0boutput_path\x18\x06 \x01(\t\x12\x12\n\noutput_ref\x18\x07 \x01(\t\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x1a\x31\n\x0fIndividualEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xb5\x04\n\x0bSoupService\x12S\n\nCreateSoup\x12!.weightsmith.v1.CreateSoupRequest\x1a\".weightsmith.v1.CreateSoupResponse\x12\\\n\rAddSoupMember\x12$.weightsmith.v1.AddSoupMemberRequest\x1a%.weightsmith.v1.AddSoupMemberResponse\x12\x65\n\x10RemoveSoupMember\x12\'.weightsmith.v1.RemoveSoupMemberRequest\x1a(.weightsmith.v1.RemoveSoupMemberResponse\x12P\n\tBuildSoup\x12 .weightsmith.v1.BuildSoupRequest\x1a!.weightsmith.v1.BuildSoupResponse\x12J\n\x07GetSoup\x12\x1e.weightsmith.v1.GetSoupRequest\x1a\x1f.weightsmith.v1.GetSoupResponse\x12n\n\x13\x43reateGreedySoupJob\x12*.weightsmith.v1.CreateGreedySoupJobRequest\x1a+.weightsmith.v1.CreateGreedySoupJobResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!weightsmith/v1/soup_service.proto\x12\x0eweightsmith.v1\x1a weightsmith/v1/job_service.proto\";\n\x0eSoupMemberSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"\x99\x01\n\x11\x43reateSoupRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04soup\x18\x02 \x01(\t\x12/\n\x07members\x18\x03 \x03(\x0b\x32\x1e.weightsmith.v1.SoupMemberSpec\x12\x0c\n\x04\x62\x61se\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x06 \x01(\t\"6\n\x12\x43reateSoupResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.weightsmith.v1.Job\"h\n\x14\x41\x64\x64SoupMemberRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04soup\x18\x02 \x01(\t\x12.\n\x06member\x18\x03 \x01(\x0b\x32\x1e.weightsmith.v1.SoupMemberSpec\"9\n\x15\x41\x64\x64SoupMemberResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.weightsmith.v1.Job\"N\n\x17RemoveSoupMemberRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04soup\x18\x02 \x01(\t\x12\x11\n\tmember_id\x18\x03 \x01(\t\"<\n\x18RemoveSoupMemberResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.weightsmith.v1.Job\"p\n\x10\x42uildSoupRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04soup\x18\x02 \x01(\t\x12\x13\n\x0boutput_path\x18\x03 \x01(\t\x12\x11\n\toverwrite\x18\x04 \x01(\x08\x12\x12\n\nshard_size\x18\x05 \x01(\x03\"5\n\x11\x42uildSoupResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.weightsmith.v1.Job\".\n\x0eGetSoupRequest\x12\x0c\n\x04soup\x18\x01 \x01(\t\x12\x0e\n\x06verify\x18\x02 \x01(\x08\"5\n\x0fGetSoupResponse\x12\"\n\x04soup\x18\x01 \x01(\x0b\x32\x14.weightsmith.v1.Soup\"c\n\nSoupMember\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0c\n\x04hash\x18\x04 \x01(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x05 \x01(\t\x12\x0e\n\x06status\x18\x06 \x01(\t\"W\n\tSoupEvent\x12\x0c\n\x04time\x18\x01 \x01(\t\x12\n\n\x02op\x18\x02 \x01(\t\x12\x0e\n\x06member\x18\x03 \x01(\t\x12\x0f\n\x07members\x18\x04 \x03(\t\x12\x0f\n\x07soup_id\x18\x05 \x01(\t\"\xb1\x02\n\x04Soup\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0f\n\x07soup_id\x18\x06 \x01(\t\x12+\n\x07members\x18\x07 \x03(\x0b\x32\x1a.weightsmith.v1.SoupMember\x12\x14\n\x0ctotal_weight\x18\x08 \x01(\x01\x12\x0e\n\x06summed\x18\t \x03(\t\x12\x0e\n\x06\x63opied\x18\n \x03(\t\x12(\n\x04\x62\x61se\x18\x0b \x01(\x0b\x32\x1a.weightsmith.v1.SoupMember\x12*\n\x07history\x18\x0c \x03(\x0b\x32\x19.weightsmith.v1.SoupEvent\x12\x11\n\tleftovers\x18\r \x03(\t\"}\n\nSoupResult\x12\x11\n\toperation\x18\x01 \x01(\t\x12\"\n\x04soup\x18\x02 \x01(\x0b\x32\x14.weightsmith.v1.Soup\x12\x13\n\x0boutput_path\x18\x03 \x01(\t\x12\x12\n\noutput_ref\x18\x04 \x01(\t\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x32\xc5\x03\n\x0bSoupService\x12S\n\nCreateSoup\x12!.weightsmith.v1.CreateSoupRequest\x1a\".weightsmith.v1.CreateSoupResponse\x12\\\n\rAddSoupMember\x12$.weightsmith.v1.AddSoupMemberRequest\x1a%.weightsmith.v1.AddSoupMemberResponse\x12\x65\n\x10RemoveSoupMember\x12\'.weightsmith.v1.RemoveSoupMemberRequest\x1a(.weightsmith.v1.RemoveSoupMemberResponse\x12P\n\tBuildSoup\x12 .weightsmith.v1.BuildSoupRequest\x1a!.weightsmith.v1.BuildSoupResponse\x12J\n\x07GetSoup\x12\x1e.weightsmith.v1.GetSoupRequest\x1a\x1f.weightsmith.v1.GetSoupResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'weightsmith.v1.soup_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GREEDYSOUPRESULT_INDIVIDUALENTRY']._loaded_options = None
-  _globals['_GREEDYSOUPRESULT_INDIVIDUALENTRY']._serialized_options = b'8\001'
-  _globals['_SOUPMEMBERSPEC']._serialized_start=117
-  _globals['_SOUPMEMBERSPEC']._serialized_end=176
-  _globals['_CREATESOUPREQUEST']._serialized_start=179
-  _globals['_CREATESOUPREQUEST']._serialized_end=332
-  _globals['_CREATESOUPRESPONSE']._serialized_start=334
-  _globals['_CREATESOUPRESPONSE']._serialized_end=388
-  _globals['_ADDSOUPMEMBERREQUEST']._serialized_start=390
-  _globals['_ADDSOUPMEMBERREQUEST']._serialized_end=494
-  _globals['_ADDSOUPMEMBERRESPONSE']._serialized_start=496
-  _globals['_ADDSOUPMEMBERRESPONSE']._serialized_end=553
-  _globals['_REMOVESOUPMEMBERREQUEST']._serialized_start=555
-  _globals['_REMOVESOUPMEMBERREQUEST']._serialized_end=633
-  _globals['_REMOVESOUPMEMBERRESPONSE']._serialized_start=635
-  _globals['_REMOVESOUPMEMBERRESPONSE']._serialized_end=695
-  _globals['_BUILDSOUPREQUEST']._serialized_start=697
-  _globals['_BUILDSOUPREQUEST']._serialized_end=809
-  _globals['_BUILDSOUPRESPONSE']._serialized_start=811
-  _globals['_BUILDSOUPRESPONSE']._serialized_end=864
-  _globals['_GETSOUPREQUEST']._serialized_start=866
-  _globals['_GETSOUPREQUEST']._serialized_end=912
-  _globals['_GETSOUPRESPONSE']._serialized_start=914
-  _globals['_GETSOUPRESPONSE']._serialized_end=967
-  _globals['_SOUPMEMBER']._serialized_start=969
-  _globals['_SOUPMEMBER']._serialized_end=1068
-  _globals['_SOUPEVENT']._serialized_start=1070
-  _globals['_SOUPEVENT']._serialized_end=1157
-  _globals['_SOUP']._serialized_start=1160
-  _globals['_SOUP']._serialized_end=1465
-  _globals['_SOUPRESULT']._serialized_start=1467
-  _globals['_SOUPRESULT']._serialized_end=1592
-  _globals['_GREEDYSOUPSCORER']._serialized_start=1594
-  _globals['_GREEDYSOUPSCORER']._serialized_end=1699
-  _globals['_CREATEGREEDYSOUPJOBREQUEST']._serialized_start=1702
-  _globals['_CREATEGREEDYSOUPJOBREQUEST']._serialized_end=1872
-  _globals['_CREATEGREEDYSOUPJOBRESPONSE']._serialized_start=1874
-  _globals['_CREATEGREEDYSOUPJOBRESPONSE']._serialized_end=1937
-  _globals['_GREEDYSOUPSTEP']._serialized_start=1939
-  _globals['_GREEDYSOUPSTEP']._serialized_end=2042
-  _globals['_GREEDYSOUPRESULT']._serialized_start=2045
-  _globals['_GREEDYSOUPRESULT']._serialized_end=2343
-  _globals['_GREEDYSOUPRESULT_INDIVIDUALENTRY']._serialized_start=2294
-  _globals['_GREEDYSOUPRESULT_INDIVIDUALENTRY']._serialized_end=2343
-  _globals['_SOUPSERVICE']._serialized_start=2346
-  _globals['_SOUPSERVICE']._serialized_end=2911
+  _globals['_SOUPMEMBERSPEC']._serialized_start=87
+  _globals['_SOUPMEMBERSPEC']._serialized_end=146
+  _globals['_CREATESOUPREQUEST']._serialized_start=149
+  _globals['_CREATESOUPREQUEST']._serialized_end=302
+  _globals['_CREATESOUPRESPONSE']._serialized_start=304
+  _globals['_CREATESOUPRESPONSE']._serialized_end=358
+  _globals['_ADDSOUPMEMBERREQUEST']._serialized_start=360
+  _globals['_ADDSOUPMEMBERREQUEST']._serialized_end=464
+  _globals['_ADDSOUPMEMBERRESPONSE']._serialized_start=466
+  _globals['_ADDSOUPMEMBERRESPONSE']._serialized_end=523
+  _globals['_REMOVESOUPMEMBERREQUEST']._serialized_start=525
+  _globals['_REMOVESOUPMEMBERREQUEST']._serialized_end=603
+  _globals['_REMOVESOUPMEMBERRESPONSE']._serialized_start=605
+  _globals['_REMOVESOUPMEMBERRESPONSE']._serialized_end=665
+  _globals['_BUILDSOUPREQUEST']._serialized_start=667
+  _globals['_BUILDSOUPREQUEST']._serialized_end=779
+  _globals['_BUILDSOUPRESPONSE']._serialized_start=781
+  _globals['_BUILDSOUPRESPONSE']._serialized_end=834
+  _globals['_GETSOUPREQUEST']._serialized_start=836
+  _globals['_GETSOUPREQUEST']._serialized_end=882
+  _globals['_GETSOUPRESPONSE']._serialized_start=884
+  _globals['_GETSOUPRESPONSE']._serialized_end=937
+  _globals['_SOUPMEMBER']._serialized_start=939
+  _globals['_SOUPMEMBER']._serialized_end=1038
+  _globals['_SOUPEVENT']._serialized_start=1040
+  _globals['_SOUPEVENT']._serialized_end=1127
+  _globals['_SOUP']._serialized_start=1130
+  _globals['_SOUP']._serialized_end=1435
+  _globals['_SOUPRESULT']._serialized_start=1437
+  _globals['_SOUPRESULT']._serialized_end=1562
+  _globals['_SOUPSERVICE']._serialized_start=1565
+  _globals['_SOUPSERVICE']._serialized_end=2018
 # @@protoc_insertion_point(module_scope)

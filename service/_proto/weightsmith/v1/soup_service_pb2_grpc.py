@@ -70,11 +70,6 @@ class SoupServiceStub:
                 request_serializer=weightsmith_dot_v1_dot_soup__service__pb2.GetSoupRequest.SerializeToString,
                 response_deserializer=weightsmith_dot_v1_dot_soup__service__pb2.GetSoupResponse.FromString,
                 _registered_method=True)
-        self.CreateGreedySoupJob = channel.unary_unary(
-                '/weightsmith.v1.SoupService/CreateGreedySoupJob',
-                request_serializer=weightsmith_dot_v1_dot_soup__service__pb2.CreateGreedySoupJobRequest.SerializeToString,
-                response_deserializer=weightsmith_dot_v1_dot_soup__service__pb2.CreateGreedySoupJobResponse.FromString,
-                _registered_method=True)
 
 
 class SoupServiceServicer:
@@ -126,15 +121,6 @@ class SoupServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def CreateGreedySoupJob(self, request, context):
-        """CreateGreedySoupJob runs a greedy soup search (Wortsman et al., "Model soups", ICML 2022,
-        Recipe 1) scored by held-out accuracy on a model-zoo task, and writes the soup (kind
-        "greedy_soup"). The scorer is built in: the service runs no client code.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_SoupServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,11 +148,6 @@ def add_SoupServiceServicer_to_server(servicer, server):
                     servicer.GetSoup,
                     request_deserializer=weightsmith_dot_v1_dot_soup__service__pb2.GetSoupRequest.FromString,
                     response_serializer=weightsmith_dot_v1_dot_soup__service__pb2.GetSoupResponse.SerializeToString,
-            ),
-            'CreateGreedySoupJob': grpc.unary_unary_rpc_method_handler(
-                    servicer.CreateGreedySoupJob,
-                    request_deserializer=weightsmith_dot_v1_dot_soup__service__pb2.CreateGreedySoupJobRequest.FromString,
-                    response_serializer=weightsmith_dot_v1_dot_soup__service__pb2.CreateGreedySoupJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -315,33 +296,6 @@ class SoupService:
             '/weightsmith.v1.SoupService/GetSoup',
             weightsmith_dot_v1_dot_soup__service__pb2.GetSoupRequest.SerializeToString,
             weightsmith_dot_v1_dot_soup__service__pb2.GetSoupResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def CreateGreedySoupJob(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/weightsmith.v1.SoupService/CreateGreedySoupJob',
-            weightsmith_dot_v1_dot_soup__service__pb2.CreateGreedySoupJobRequest.SerializeToString,
-            weightsmith_dot_v1_dot_soup__service__pb2.CreateGreedySoupJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
