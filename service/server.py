@@ -430,7 +430,11 @@ class MergeServicer(mpb_grpc.MergeServiceServicer):
             )
             for p in d["params"]:
                 mp = mpb.MethodParameter(
-                    name=p["name"], type=p["type"], per_model=p["per_model"], required=p["required"]
+                    name=p["name"],
+                    type=p["type"],
+                    per_model=p["per_model"],
+                    required=p["required"],
+                    path=bool(p.get("path")),
                 )
                 json_format.ParseDict(_json_safe(p["default"]), mp.default_value)
                 info.parameters.append(mp)

@@ -89,6 +89,11 @@ def test_align_job_equals_the_library_call(env: dict) -> None:
     assert {k.name for k in c.list_job_kinds()} >= {"merge", "align"}
     methods = c.list_alignment_methods()
     assert "mlp" in methods.architectures and [m.name for m in methods.methods] == ["weight"]
+    rebasin_params = {p.name: p for m in c.list_methods() if m.name == "git_rebasin" for p in m.parameters}
+    assert rebasin_params["spec"].path and not rebasin_params["architecture"].path
+    assert all(
+        c.health(s) == "SERVING" for s in ("weightsmith.v1.JobService", "weightsmith.v1.AlignmentService")
+    )
     # the aligned output is a reference other jobs take: re-aligning pi(B) to A finds the identity
     again = c.wait_any(c.create_align_job(str(a), res.output_ref, architecture="mlp").name, timeout=120)
     assert state_name(again.state) == "SUCCEEDED", again.error.message
