@@ -135,6 +135,17 @@ CONVERT["zoo"] = (_zoo_spec, _zoo_result)
 CONVERT["train"] = (_train_spec, lambda rec: npb.TrainResult(metanet=metanet_pb(rec)))
 
 
+def _checkpoint_bytes(path: Path) -> int:
+    """Tensor bytes of a checkpoint, from its headers (a malformed one raises, naming the file)."""
+    from merge.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(path)
+    try:
+        return ck.total_bytes
+    finally:
+        ck.close()
+
+
 class MetanetServicer(npb_grpc.MetanetServiceServicer):
     def __init__(self, manager: JobManager) -> None:
         self.m = manager
@@ -242,7 +253,15 @@ class MetanetServicer(npb_grpc.MetanetServiceServicer):
                     f"checkpoints[{i}]: {ref!r}: give server paths, upload:// or job:// references",
                     "checkpoints",
                 )
-            resolver(ref, f"checkpoints[{i}]")  # roots, pickles, existence: before any work
+            res = resolver(ref, f"checkpoints[{i}]")  # roots, pickles, existence: before any work
+            size = _checkpoint_bytes(Path(res.path))
+            if size > self.m.config.memory_budget:
+                raise ServiceError(
+                    "RESOURCE_EXHAUSTED",
+                    f"checkpoints[{i}]: {ref!r} holds {size:,} bytes of tensors, more than this server's memory "
+                    f"budget of {self.m.config.memory_budget:,} bytes (Predict loads one checkpoint at a time)",
+                    "checkpoints",
+                )
         spec = None
         if spec_ref:
             from merge.symmetry import PermutationSpec

@@ -11,6 +11,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from merge.methods.rebasin import rebasin
+from metanets.lineage_stats import single_torch_thread
 from service.client import RemoteError, state_name
 from tests.service_helpers import ServerProcess, partials, tree_digest, wait_for, write_model
 
@@ -42,7 +43,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
     write_model(root / "narrow", _mlp(3, (6, 8, 16, 3)))
     (root / "garbage").mkdir()
     (root / "garbage" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
-    srv = ServerProcess(base / "data", [root], args=["--slow-down", "0.3", "--max-running", "2"])
+    srv = ServerProcess(
+        base / "data", [root], args=["--slow-down", "0.3", "--max-running", "2", "--job-threads", "1"]
+    )
     srv.start()
     client = srv.client()
     client.wait_ready()
@@ -60,12 +63,13 @@ def test_align_job_equals_the_library_call(env: dict) -> None:
     assert state_name(done.state) == "SUCCEEDED", done.error.message
     assert {"matching", "writing"} <= set(phases)
     res = c.job_result(done)
-    lib = rebasin(
-        load_file(a / "model.safetensors"),
-        load_file(b / "model.safetensors"),
-        architecture="mlp",
-        n_restarts=2,
-    )
+    with single_torch_thread():  # as the server's workers (--job-threads 1): cost sums depend on threads
+        lib = rebasin(
+            load_file(a / "model.safetensors"),
+            load_file(b / "model.safetensors"),
+            architecture="mlp",
+            n_restarts=2,
+        )
     assert res.permutations_inline and {p.id: list(p.indices) for p in res.permutations} == {
         k: v.tolist() for k, v in lib.perms.items()
     }

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from metanets.lineage_stats import single_torch_thread
 from metanets.train import TrainConfig, embed, predict, train_metanet
 from metanets.zoo import Zoo, build_zoo
 from service.client import RemoteError, state_name
@@ -39,13 +40,14 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root, outside = base / "root", base / "outside"
     root.mkdir()
     outside.mkdir()
-    srv = ServerProcess(base / "data", [root], args=["--slow-down", "0.3"])
+    srv = ServerProcess(base / "data", [root], args=["--slow-down", "0.3", "--job-threads", "1"])
     srv.start()
     client = srv.client()
     client.wait_ready()
     zoo_job = client.create_zoo_job(CONFIG, "zoo")
     lib_zoo = base / "lib-zoo"
-    build_zoo(CONFIG, lib_zoo, workers=1, progress=False)
+    with single_torch_thread():  # as the server's workers (--job-threads 1)
+        build_zoo(CONFIG, lib_zoo, workers=1, progress=False)
     done = client.wait_any(zoo_job.name, timeout=300)
     assert state_name(done.state) == "SUCCEEDED", done.error.message
     yield {"base": base, "root": root, "outside": outside, "srv": srv, "client": client, "zoo_job": done,
@@ -73,7 +75,8 @@ def test_train_predict_embed_equal_the_library(env: dict) -> None:
     mn = c.job_result(done).metanet
     assert mn.name == f"metanets/{job.name[5:]}" and mn.display_name == "acc" and mn.model == "gmn"
     assert [h.epoch for h in mn.history] == [1, 2, 3] and "kendall_tau" in mn.metrics
-    lib = train_metanet(root / "zoo", _cfg(), env["base"] / "lib-mn", progress=False)
+    with single_torch_thread():  # as the server's workers (--job-threads 1): float sums depend on threads
+        lib = train_metanet(root / "zoo", _cfg(), env["base"] / "lib-mn", progress=False)
     got, want = _weights(Path(mn.path)), _weights(lib.path)
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
     assert mn.name in [m.name for m in c.list_metanets().metanets]
@@ -81,13 +84,15 @@ def test_train_predict_embed_equal_the_library(env: dict) -> None:
     assert "gmn" in c.list_metanets().models
     files = [str(root / "zoo" / r["file"]) for r in Zoo(root / "zoo").records[:4]]
     pred = c.predict(mn.name, files)
-    lib_pred = predict(lib.path, files)
+    with single_torch_thread():
+        lib_pred = predict(lib.path, files)
     assert [p.checkpoint for p in pred.predictions] == files and pred.device == "cpu"
     assert [p.number for p in pred.predictions] == pytest.approx(
         [r["prediction"] for r in lib_pred], abs=1e-6
     )
     emb = c.embed(mn.name[len("metanets/") :], files)
-    lib_emb = embed(lib.path, files)
+    with single_torch_thread():
+        lib_emb = embed(lib.path, files)
     for e, le in zip(emb.embeddings, lib_emb, strict=True):
         assert list(e.values) == pytest.approx(le["embedding"], abs=1e-6)
     # a metanet folder under a root is accepted by path too; the server's own store is not a root
@@ -163,7 +168,7 @@ def test_training_interrupted_by_a_server_kill_resumes_to_the_same_metanet(tmp_p
     root = tmp_path / "root"
     build_zoo(CONFIG, root / "zoo", workers=1, progress=False)
     cfg = dict(TRAIN, epochs=5)
-    srv = ServerProcess(tmp_path / "data", [root], args=["--slow-down", "0.5"]).start()
+    srv = ServerProcess(tmp_path / "data", [root], args=["--slow-down", "0.5", "--job-threads", "1"]).start()
     try:
         c = srv.client()
         job = c.create_train_job(str(root / "zoo"), model_args=MODEL_ARGS, output_path="mn", **cfg)
@@ -174,7 +179,7 @@ def test_training_interrupted_by_a_server_kill_resumes_to_the_same_metanet(tmp_p
     finally:
         srv.kill()
     assert not (root / "mn").exists()  # never a half-written metanet
-    srv = ServerProcess(tmp_path / "data", [root]).start()
+    srv = ServerProcess(tmp_path / "data", [root], args=["--job-threads", "1"]).start()
     try:
         c = srv.client()
         got = c.get_any_job(job.name)
@@ -188,7 +193,8 @@ def test_training_interrupted_by_a_server_kill_resumes_to_the_same_metanet(tmp_p
         c.close()
     finally:
         srv.stop()
-    lib = train_metanet(root / "zoo", _cfg(epochs=5), tmp_path / "lib", progress=False)
+    with single_torch_thread():  # as the server's workers (--job-threads 1)
+        lib = train_metanet(root / "zoo", _cfg(epochs=5), tmp_path / "lib", progress=False)
     got_w, want = _weights(root / "mn"), _weights(lib.path)
     assert all(torch.equal(got_w[k], want[k]) for k in want)
     assert not (root / "mn.partial").exists()
