@@ -40,7 +40,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root, outside = base / "root", base / "outside"
     root.mkdir()
     outside.mkdir()
-    srv = ServerProcess(base / "data", [root], args=["--slow-down", "0.3", "--job-threads", "1"])
+    srv = ServerProcess(
+        base / "data", [root], args=["--slow-down", "0.3", "--job-threads", "1", "--memory-budget", "1GB"]
+    )
     srv.start()
     client = srv.client()
     client.wait_ready()
@@ -115,6 +117,15 @@ def test_metanet_bad_input_gets_the_right_code_and_writes_nothing(env: dict) -> 
     save_file({"w": torch.randn(2, 3, 4)}, str(root / "odd.safetensors"))
     (root / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
     write_model(outside / "secret", {"0.weight": torch.randn(4, 4)})
+    # a checkpoint larger than the server's 1 GB budget (a sparse file: its header claims 1.2 GB)
+    hdr = b'{"w":{"dtype":"F32","shape":[300000000],"data_offsets":[0,1200000000]}}'
+    with open(root / "huge.safetensors", "wb") as fh:
+        fh.write(len(hdr).to_bytes(8, "little") + hdr)
+        fh.truncate(8 + len(hdr) + 1_200_000_000)
+    with pytest.raises(RemoteError) as e:
+        c.predict(name, [good, str(root / "huge.safetensors")])
+    assert e.value.code == "RESOURCE_EXHAUSTED" and "memory budget" in e.value.message
+    (root / "huge.safetensors").unlink()
     cases = [
         (lambda: c.predict("metanets/" + "0" * 32, [good]), "NOT_FOUND", "not found"),
         (lambda: c.predict("metanets/nope", [good]), "NOT_FOUND", "not found"),
