@@ -715,10 +715,16 @@ class Server:
         cpb_grpc.add_CheckpointServiceServicer_to_server(
             CheckpointServicer(self.manager, cfg.max_upload_bytes), self.server
         )
-        from service import server_jobs, server_lineage, server_metanet, server_soup
+        from service import server_align, server_jobs, server_lineage, server_metanet, server_soup
 
         services = [MERGE_SERVICE, CHECKPOINT_SERVICE]
-        for mod in (server_jobs, server_lineage, server_metanet, server_soup):  # one module per service group
+        for mod in (
+            server_jobs,
+            server_align,
+            server_lineage,
+            server_metanet,
+            server_soup,
+        ):  # one per service
             services += mod.add_servicers(self.manager, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
