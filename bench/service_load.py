@@ -276,6 +276,13 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--timeout", type=float, default=600.0, help="bound on the whole run (s)")
     ap.add_argument("--out", type=Path, default=OUT / "service_load.json")
+    ap.add_argument("--mixed-clients", type=int, default=3, help="clients in the mixed phase (0: skip it)")
+    ap.add_argument(
+        "--mixed-rounds", type=int, default=3, help="rounds of (merge, predict, lineage) per client"
+    )
+    ap.add_argument(
+        "--only-mixed", action="store_true", help="run only the mixed phase (writes service_mixed.json)"
+    )
     args = ap.parse_args()
     n_load = args.clients * args.jobs
     if n_load + args.seq > MAX_JOBS:
@@ -301,7 +308,16 @@ def main() -> int:
     )
 
     srv = Server(work, root, args.max_running, max_queued=n_load + args.seq + 8)
+    if args.only_mixed:
+        try:
+            mixed = mixed_phase(srv, root, recipes, ref, args, deadline)
+        finally:
+            srv.stop()
+        return report_mixed(
+            mixed, args, OUT / "service_mixed.json" if args.out == OUT / "service_load.json" else args.out
+        )
     submitted: list[dict] = []
+    mixed = None
     try:
         from service.client import Client
 
@@ -335,6 +351,8 @@ def main() -> int:
         submitted += load_rows
         hwm_mb = srv.vm_hwm_kb() / 1024
         tree_mb = srv.peak_tree_anon_kb / 1024
+        if args.mixed_clients > 0:
+            mixed = mixed_phase(srv, root, recipes, ref, args, deadline)
         # every job accounted for, every output right
         with Client(srv.target, token=TOKEN) as c:
             on_server = {j.name: j for j in c.iter_jobs()}
@@ -459,7 +477,59 @@ def main() -> int:
         },
     )
     print(f"\nwrote {args.out}")
-    return 0 if not (failed or lost or wrong) else 1
+    rc = 0 if not (failed or lost or wrong) else 1
+    if mixed is not None:
+        rc |= report_mixed(mixed, args, OUT / "service_mixed.json")
+    return rc
+
+
+def mixed_phase(
+    srv: Server, root: Path, recipes: list[str], ref: dict[int, str], args: Any, deadline: float
+) -> dict:
+    """Phase 4: merges, Predict and DetectLineage from several clients at once (bench/_service_mixed.py)."""
+    import _service_mixed as mx
+
+    from service.client import Client
+
+    with Client(srv.target, token=TOKEN, timeout=120) as c:
+        c.wait_ready()
+        ctx = mx.prepare(root, c, recipes, ref)
+    rows, wall = mx.run_mixed(
+        srv.target, TOKEN, ctx, args.mixed_clients, args.mixed_rounds, root / "out" / "mixed", deadline
+    )
+    return {"rows": rows, "wall": wall, "n_predict": len(ctx["files"]), "hwm_mb": srv.vm_hwm_kb() / 1024}
+
+
+def report_mixed(mixed: dict, args: Any, out: Path) -> int:
+    rows = mixed["rows"]
+    table_rows = []
+    for rpc in ("merge", "predict", "lineage"):
+        xs = [r for r in rows if r["rpc"] == rpc]
+        ok = [r["s"] for r in xs if r["ok"]]
+        table_rows.append(
+            [
+                rpc,
+                len(xs),
+                len(xs) - len(ok),
+                1000 * pct(ok, 0.5),
+                1000 * pct(ok, 0.99),
+                len(xs) / mixed["wall"],
+            ]
+        )
+    expected = args.mixed_clients * args.mixed_rounds * 3
+    lost = expected - len(rows)
+    print(f"\nmixed load: {args.mixed_clients} clients x {args.mixed_rounds} rounds of (merge, predict of "
+          f"{mixed['n_predict']} checkpoints, lineage of 5 candidates), wall {mixed['wall']:.1f} s")  # fmt: skip
+    table = print_table(["rpc", "calls", "failed or wrong", "p50 ms", "p99 ms", "calls/s"], table_rows)
+    for r in [r for r in rows if not r["ok"]][:5]:
+        print("failed:", r, file=sys.stderr)
+    write_json(
+        out,
+        {"machine": machine_info(), "args": vars(args) | {"out": str(args.out)}, "table": table, "rows": rows,
+         "wall_s": mixed["wall"], "lost": lost, "server_peak_rss_mb": mixed["hwm_mb"]},
+    )  # fmt: skip
+    print(f"wrote {out}")
+    return 0 if lost == 0 and all(r["ok"] for r in rows) else 1
 
 
 def _matches(row: dict, ref: dict[int, str]) -> bool:

@@ -64,6 +64,9 @@ class MergeOptions:
     check_finite: bool = True
     direct_io: bool = True  # write the output with O_DIRECT where the file system allows (merge.blockio)
     allow_code: bool = False  # run the Python entry points a recipe names (data-driven methods); never in the service
+    # ``FilePath`` parameters (a spec JSON, a saved plan) go through this hook, ``(value, field) -> path``,
+    # before a method opens them: the service confines them to its roots (and raises for others).
+    path_resolver: Callable[[str, str], str] | None = None
 
 
 @dataclass
@@ -288,6 +291,13 @@ class _Planner:
                     "to import and run; allow it with --allow-code (MergeOptions.allow_code), or give a saved plan"
                 )
 
+    def _check_paths(self, params: dict[str, Any] | None) -> None:
+        """``FilePath`` parameters given globally: confined by ``MergeOptions.path_resolver`` at plan time."""
+        for p in self.method.params.values():
+            v = (params or {}).get(p.name)
+            if p.path and isinstance(v, str) and v:
+                _confine_path(self.options, p.name, v)
+
     def resolve_params(self, tensor: str, t: float, model_scopes: list[dict[str, Any] | None],
                        slice_scope: dict[str, Any] | None) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -303,7 +313,8 @@ class _Planner:
                             raise RecipeError(f"{where}: method '{self.method.name}' needs parameter "
                                               f"'{p.name}' for every model")
                         v = p.default
-                    vals.append(self.method.validate_value(p.name, v, f"{where}: "))
+                    v = self.method.validate_value(p.name, v, f"{where}: ")
+                    vals.append(_confine_path(self.options, p.name, v) if p.path and v else v)
                 out[p.arg] = vals
             else:
                 v = self._param(p.name, tensor, t, [slice_scope, glob])
@@ -313,7 +324,8 @@ class _Planner:
                     if p.required:
                         raise RecipeError(f"method '{self.method.name}' needs parameter '{p.name}'")
                     v = p.default
-                out[p.arg] = self.method.validate_value(p.name, v, f"{where}: ")
+                v = self.method.validate_value(p.name, v, f"{where}: ")
+                out[p.arg] = _confine_path(self.options, p.name, v) if p.path and v else v
         return out
 
     # plan ---------------------------------------------------------------------------------------
@@ -321,6 +333,7 @@ class _Planner:
         r = self.recipe
         self._check_param_keys(r.parameters, "parameters", per_model=False)
         self._check_code(r.parameters)
+        self._check_paths(r.parameters)
         base_idx = self.model(r.base_model) if r.base_model else None
         self.vocab = self._plan_vocabulary(base_idx)
         if r.models is not None:
@@ -815,8 +828,17 @@ def _whole_model_params(plan: MergePlan) -> dict[str, Any]:
             v = p.default
         else:
             v = plan.method.validate_value(p.name, v)
+            if p.path and isinstance(v, str) and v:
+                v = _confine_path(plan.options, p.name, v)
         planner_params[p.arg] = v if not p.per_model else broadcast_per_model(v, 1)
     return planner_params
+
+
+def _confine_path(options: MergeOptions, name: str, value: str) -> str:
+    """A ``FilePath`` parameter's value through the options' ``path_resolver`` (unchanged without one)."""
+    if options.path_resolver is None:
+        return value
+    return str(options.path_resolver(value, f"parameters.{name}"))
 
 
 def _run_tasks(tasks: list[TensorTask], fn: Callable[[TensorTask], None], workers: int,

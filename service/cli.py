@@ -179,5 +179,8 @@ from service.cli_moe import moe  # noqa: E402
 
 main.add_command(moe)
 
+# weightsmith remote align | lineage | predict | embed | zoo | train | metanets | job (issue 16)
+import service.cli_remote  # noqa: E402,F401  (adds its commands to the remote group)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

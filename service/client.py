@@ -15,21 +15,32 @@ named (from the ``google.rpc.BadRequest`` detail).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
+from service._proto.weightsmith.v1 import alignment_service_pb2 as apb
+from service._proto.weightsmith.v1 import alignment_service_pb2_grpc as apb_grpc
 from service._proto.weightsmith.v1 import checkpoint_service_pb2 as cpb
 from service._proto.weightsmith.v1 import checkpoint_service_pb2_grpc as cpb_grpc
 from service._proto.weightsmith.v1 import job_pb2
+from service._proto.weightsmith.v1 import job_service_pb2 as jpb
+from service._proto.weightsmith.v1 import job_service_pb2_grpc as jpb_grpc
+from service._proto.weightsmith.v1 import lineage_service_pb2 as lpb
+from service._proto.weightsmith.v1 import lineage_service_pb2_grpc as lpb_grpc
 from service._proto.weightsmith.v1 import merge_service_pb2 as mpb
 from service._proto.weightsmith.v1 import merge_service_pb2_grpc as mpb_grpc
+from service._proto.weightsmith.v1 import metanet_service_pb2 as npb
+from service._proto.weightsmith.v1 import metanet_service_pb2_grpc as npb_grpc
+from service._proto.weightsmith.v1 import soup_service_pb2 as spb
+from service._proto.weightsmith.v1 import soup_service_pb2_grpc as spb_grpc
 from service.auth import channel_credentials
 
 CHUNK = 1 << 20
@@ -112,6 +123,11 @@ class Client:
             self.channel = grpc.insecure_channel(target, options=options)
         self.merge = mpb_grpc.MergeServiceStub(self.channel)
         self.checkpoints = cpb_grpc.CheckpointServiceStub(self.channel)
+        self.jobs = jpb_grpc.JobServiceStub(self.channel)
+        self.alignment = apb_grpc.AlignmentServiceStub(self.channel)
+        self.lineage = lpb_grpc.LineageServiceStub(self.channel)
+        self.metanets = npb_grpc.MetanetServiceStub(self.channel)
+        self.soups = spb_grpc.SoupServiceStub(self.channel)
 
     # -- plumbing ---------------------------------------------------------------------------------
     def close(self) -> None:
@@ -226,18 +242,36 @@ class Client:
         ``timeout`` bounds the whole watch (TimeoutError); ``max_reconnect_s`` how long the server
         may stay unreachable before the error is raised.
         """
+        return self._watch(
+            lambda seq, remaining: self.merge.WatchMergeJob(
+                mpb.WatchMergeJobRequest(name=_job_name(name), from_sequence=seq),
+                metadata=self.metadata,
+                timeout=remaining,
+            ),
+            name,
+            from_sequence,
+            reconnect=reconnect,
+            max_reconnect_s=max_reconnect_s,
+            timeout=timeout,
+        )
+
+    def _watch(
+        self,
+        open_stream: Callable[[int, float | None], Any],
+        name: str,
+        from_sequence: int,
+        *,
+        reconnect: bool,
+        max_reconnect_s: float,
+        timeout: float | None,
+    ) -> Iterator[Any]:
         seq = from_sequence
         deadline = None if timeout is None else time.monotonic() + timeout
         down_since: float | None = None
         while True:
             remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
             try:
-                stream = self.merge.WatchMergeJob(
-                    mpb.WatchMergeJobRequest(name=_job_name(name), from_sequence=seq),
-                    metadata=self.metadata,
-                    timeout=remaining,
-                )
-                for ev in stream:
+                for ev in open_stream(seq, remaining):
                     down_since = None
                     seq = ev.sequence
                     yield ev
@@ -262,6 +296,199 @@ class Client:
             if ev.job.state == job_pb2.JOB_STATE_INTERRUPTED:
                 break
         return self.get_job(name)
+
+    # -- jobs of every kind (JobService) ------------------------------------------------------------
+    def get_any_job(self, name: str) -> jpb.Job:
+        return self._call(self.jobs.GetJob, jpb.GetJobRequest(name=_job_name(name))).job
+
+    def cancel_any_job(self, name: str) -> jpb.Job:
+        return self._call(self.jobs.CancelJob, jpb.CancelJobRequest(name=_job_name(name))).job
+
+    def retry_any_job(self, name: str) -> jpb.Job:
+        return self._call(self.jobs.RetryJob, jpb.RetryJobRequest(name=_job_name(name))).job
+
+    def list_any_jobs(
+        self,
+        kinds: list[str] | None = None,
+        states: list[str] | None = None,
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> tuple[list[jpb.Job], str]:
+        st = [job_pb2.JobState.Value(f"JOB_STATE_{s.upper()}") for s in states or []]
+        resp = self._call(
+            self.jobs.ListJobs,
+            jpb.ListJobsRequest(page_size=page_size, page_token=page_token, states=st, kinds=kinds or []),
+        )
+        return list(resp.jobs), resp.next_page_token
+
+    def list_job_kinds(self) -> list[jpb.JobKind]:
+        return list(self._call(self.jobs.ListJobKinds, jpb.ListJobKindsRequest()).kinds)
+
+    def watch_any(
+        self,
+        name: str,
+        from_sequence: int = 0,
+        *,
+        reconnect: bool = True,
+        max_reconnect_s: float = 60.0,
+        timeout: float | None = None,
+    ) -> Iterator[jpb.WatchJobResponse]:
+        """Events of a job of any kind until it ends (reconnects and resumes like :meth:`watch`)."""
+        return self._watch(
+            lambda seq, remaining: self.jobs.WatchJob(
+                jpb.WatchJobRequest(name=_job_name(name), from_sequence=seq),
+                metadata=self.metadata,
+                timeout=remaining,
+            ),
+            name,
+            from_sequence,
+            reconnect=reconnect,
+            max_reconnect_s=max_reconnect_s,
+            timeout=timeout,
+        )
+
+    def wait_any(self, name: str, timeout: float | None = None) -> jpb.Job:
+        """Block until a job of any kind ends or is INTERRUPTED; return it."""
+        job = self.get_any_job(name)
+        if job.state in TERMINAL_STATES or job.state == job_pb2.JOB_STATE_INTERRUPTED:
+            return job
+        for ev in self.watch_any(name, from_sequence=job.last_sequence, timeout=timeout):
+            if ev.job.state == job_pb2.JOB_STATE_INTERRUPTED:
+                break
+        return self.get_any_job(name)
+
+    @staticmethod
+    def job_result(job: jpb.Job) -> Any:
+        """A finished job's result message (MergeResult, AlignResult...), unpacked; None before."""
+        if not job.HasField("result"):
+            return None
+        cls = {
+            "merge": mpb.MergeResult,
+            "align": apb.AlignResult,
+            "zoo": npb.ZooResult,
+            "train": npb.TrainResult,
+            "soup": spb.SoupResult,
+        }[job.kind]
+        out = cls()
+        job.result.Unpack(out)
+        return out
+
+    # -- alignment (AlignmentService) ---------------------------------------------------------------
+    def create_align_job(self, model_a: str, model_b: str, **fields: Any) -> jpb.Job:
+        """Queue ``align B to A`` (fields of CreateAlignJobRequest: architecture or spec_ref,
+        n_heads, rope, max_iter, n_restarts, seed, output_path, overwrite, request_id)."""
+        req = apb.CreateAlignJobRequest(model_a=model_a, model_b=model_b, **fields)
+        return self._call(self.alignment.CreateAlignJob, req).job
+
+    def list_alignment_methods(self) -> apb.ListAlignmentMethodsResponse:
+        return self._call(self.alignment.ListAlignmentMethods, apb.ListAlignmentMethodsRequest())
+
+    # -- lineage (LineageService) -------------------------------------------------------------------
+    def detect_lineage(
+        self,
+        child: str,
+        candidates: list[str] | dict[str, str],
+        *,
+        timeout: float | None = 600.0,
+        **fields: Any,
+    ) -> Iterator[lpb.DetectLineageResponse]:
+        """Stream ``DetectLineage``: progress reports, the ranked candidates, then the answer.
+        ``candidates``: references, or ``{name: reference}``; ``fields``: of DetectLineageRequest."""
+        items = candidates.items() if isinstance(candidates, dict) else [("", c) for c in candidates]
+        req = lpb.DetectLineageRequest(
+            child=child, candidates=[lpb.LineageCandidate(name=n, model=m) for n, m in items], **fields
+        )
+        try:
+            yield from self.lineage.DetectLineage(req, timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise RemoteError.from_rpc(e) from None
+
+    def lineage_answer(
+        self, child: str, candidates: list[str] | dict[str, str], **fields: Any
+    ) -> tuple[list[lpb.CandidateScore], lpb.LineageAnswer, list[lpb.LineageProgress]]:
+        """``DetectLineage`` collected: (ranked candidates, answer, progress reports)."""
+        cands, progress, answer = [], [], None
+        for ev in self.detect_lineage(child, candidates, **fields):
+            which = ev.WhichOneof("event")
+            if which == "candidate":
+                cands.append(ev.candidate)
+            elif which == "progress":
+                progress.append(ev.progress)
+            else:
+                answer = ev.answer
+        if answer is None:
+            raise RemoteError("INTERNAL", "DetectLineage ended without an answer")
+        return cands, answer, progress
+
+    def list_lineage_methods(self) -> list[lpb.LineageMethod]:
+        return list(self._call(self.lineage.ListLineageMethods, lpb.ListLineageMethodsRequest()).methods)
+
+    # -- metanetworks (MetanetService) ---------------------------------------------------------------
+    def create_zoo_job(
+        self, config: dict[str, Any] | str, output_path: str = "", *, workers: int = 0, request_id: str = ""
+    ) -> jpb.Job:
+        """Queue a zoo build (``config``: a ZooConfig as a dict, or YAML/JSON text)."""
+        req = npb.CreateZooJobRequest(output_path=output_path, workers=workers, request_id=request_id)
+        # as JSON text (YAML's subset): a Struct would turn every integer into a double
+        req.config_yaml = config if isinstance(config, str) else json.dumps(config)
+        return self._call(self.metanets.CreateZooJob, req).job
+
+    def create_train_job(self, zoo: str, **fields: Any) -> jpb.Job:
+        """Queue a metanet training on ``zoo`` (fields of CreateTrainJobRequest; ``where`` and
+        ``model_args`` as dicts)."""
+        structs = {k: fields.pop(k) for k in ("where", "model_args") if k in fields}
+        req = npb.CreateTrainJobRequest(zoo=zoo, **fields)
+        for k, v in structs.items():
+            getattr(req, k).update(v)
+        return self._call(self.metanets.CreateTrainJob, req).job
+
+    def list_metanets(self, page_size: int = 50, page_token: str = "") -> npb.ListMetanetsResponse:
+        return self._call(
+            self.metanets.ListMetanets, npb.ListMetanetsRequest(page_size=page_size, page_token=page_token)
+        )
+
+    def get_metanet(self, name: str) -> npb.Metanet:
+        return self._call(self.metanets.GetMetanet, npb.GetMetanetRequest(name=name)).metanet
+
+    def predict(self, metanet: str, checkpoints: list[str], spec_ref: str = "") -> npb.PredictResponse:
+        req = npb.PredictRequest(metanet=metanet, checkpoints=checkpoints, spec_ref=spec_ref)
+        return self._call(self.metanets.Predict, req, timeout=max(self.timeout, 600.0))
+
+    def embed(self, metanet: str, checkpoints: list[str], spec_ref: str = "") -> npb.EmbedResponse:
+        req = npb.EmbedRequest(metanet=metanet, checkpoints=checkpoints, spec_ref=spec_ref)
+        return self._call(self.metanets.Embed, req, timeout=max(self.timeout, 600.0))
+
+    def get_zoo(self, zoo: str) -> dict[str, Any]:
+        resp = self._call(self.metanets.GetZoo, npb.GetZooRequest(zoo=zoo))
+        return json_format.MessageToDict(resp.summary)
+
+    # -- soups (SoupService) ------------------------------------------------------------------------
+    @staticmethod
+    def _member(m: str | dict[str, Any]) -> spb.SoupMemberSpec:
+        return spb.SoupMemberSpec(model=m) if isinstance(m, str) else spb.SoupMemberSpec(**m)
+
+    def create_soup(
+        self, soup: str = "", members: list[str | dict[str, Any]] | None = None, **fields: Any
+    ) -> jpb.Job:
+        """Queue the creation of a soup folder (``soup``: under a root; empty: kept as job://<id>);
+        members are references or ``{"model", "id", "weight"}``; fields: base, dtype, display_name."""
+        req = spb.CreateSoupRequest(soup=soup, members=[self._member(m) for m in members or []], **fields)
+        return self._call(self.soups.CreateSoup, req).job
+
+    def add_soup_member(self, soup: str, member: str | dict[str, Any], request_id: str = "") -> jpb.Job:
+        req = spb.AddSoupMemberRequest(soup=soup, member=self._member(member), request_id=request_id)
+        return self._call(self.soups.AddSoupMember, req).job
+
+    def remove_soup_member(self, soup: str, member_id: str, request_id: str = "") -> jpb.Job:
+        req = spb.RemoveSoupMemberRequest(soup=soup, member_id=member_id, request_id=request_id)
+        return self._call(self.soups.RemoveSoupMember, req).job
+
+    def build_soup(self, soup: str, output_path: str = "", **fields: Any) -> jpb.Job:
+        req = spb.BuildSoupRequest(soup=soup, output_path=output_path, **fields)
+        return self._call(self.soups.BuildSoup, req).job
+
+    def get_soup(self, soup: str, verify: bool = False) -> spb.Soup:
+        return self._call(self.soups.GetSoup, spb.GetSoupRequest(soup=soup, verify=verify)).soup
 
     def list_methods(self) -> list[mpb.MethodInfo]:
         return list(self._call(self.merge.ListMethods, mpb.ListMethodsRequest()).methods)

@@ -1,29 +1,33 @@
-"""Merge jobs: validation and admission, a persistent job store, worker processes, events.
+"""Jobs: validation and admission, a persistent job store, worker processes, events.
 
-Design (DESIGN.md "Service"; ecosystem notes §1.6, §1.11, §5.4-§5.7):
+One mechanism for every kind of job (DESIGN.md "Service"): a job has a *kind* ("merge", "align",
+"soup", "greedy_soup", "zoo", "train"; :mod:`service.kinds`) and a spec; each kind contributes an
+admission function and one worker function that calls the library and reports progress. Everything
+else is here and shared (ecosystem notes §1.6, §1.11, §5.4-§5.7):
 
 * **Store**: one SQLite file (WAL) under the server's data folder holds every job and every
-  event of every job, so jobs, their progress history and ``WatchMergeJob`` resumption survive a
-  restart. Only the event-loop thread touches it.
-* **Admission**: ``CreateMergeJob`` loads the recipe (YAML aliases refused), resolves every model
-  reference through :class:`service.paths.RefResolver` (roots, symlinks, pickles) and plans the
-  merge with ``merge.engine.plan_merge`` (headers only), so bad input fails the RPC with the
-  right status code and nothing is written. The plan's ``peak_bytes_estimate`` (+ a fixed worker
-  overhead) is the job's memory claim: a job larger than the budget is refused, and a queued
-  job starts only when the running jobs' claims leave room for it. The queue is bounded
-  (RESOURCE_EXHAUSTED when full) and at most ``max_running`` jobs run at once.
-* **Workers**: each job runs ``merge.engine.run_merge`` in its own process, forked from a
-  ``forkserver`` that has already imported torch and the engine (a job starts in milliseconds,
-  not seconds). A process per job makes cancellation (SIGTERM sets the engine's cancel event;
-  SIGKILL as a last resort), memory accounting and crash isolation simple. Workers hold an
-  ``flock`` on their job folder while they live and die with the server (``PR_SET_PDEATHSIG``
-  through the forkserver), so a restarted server can tell when an orphan has gone.
-* **Crash safety**: the engine writes into ``<out>.partial-<id>/`` and renames once at the end,
-  so a killed merge never leaves a half output; on restart, jobs found RUNNING are reconciled:
-  finished (a ``result.json`` exists) -> SUCCEEDED, otherwise INTERRUPTED, their stray
-  ``.partial-*`` folders removed. INTERRUPTED jobs are retried by ``RetryMergeJob`` or,
-  with ``resume_interrupted``, automatically at start-up. A retry starts from the first tensor
-  (the engine has no shard-level resume); merges are deterministic, so the bytes are the same.
+  event of every job, so jobs, their progress history and watch resumption survive a restart.
+* **Admission**: creating a job runs the kind's ``admit`` (references resolved through
+  :class:`service.paths.RefResolver` - roots, symlinks, pickles - and checked from headers), so bad
+  input fails the RPC with the right status code and nothing is written. The admission's memory
+  estimate (+ a fixed worker overhead) is the job's claim: a job larger than the budget is refused,
+  and a queued job starts only when the running jobs' claims leave room for it. The queue is
+  bounded (RESOURCE_EXHAUSTED when full) and at most ``max_running`` jobs run at once; jobs with the
+  same lock key (operations on one soup) run one at a time, in order.
+* **Workers**: each job runs in its own process, forked from a ``forkserver`` that has already
+  imported torch and the engine (a job starts in milliseconds, not seconds). A process per job
+  makes cancellation (SIGTERM sets the job's cancel event; SIGKILL as a last resort), memory
+  accounting and crash isolation simple. Workers hold an ``flock`` on their job folder while they
+  live and die with the server (``PR_SET_PDEATHSIG`` through the forkserver), so a restarted server
+  can tell when an orphan has gone.
+* **Crash safety**: the library writes outputs atomically (``<out>.partial-<id>/`` renamed once,
+  soups commit with one manifest rename, a metanet appears when training finished); on restart,
+  jobs found RUNNING are reconciled: finished (a ``result.json`` of the attempt, or an output the
+  kind recognises as complete) -> SUCCEEDED, otherwise INTERRUPTED after the kind's clean-up (zoo
+  builds and trainings keep what they did, so a retry resumes). INTERRUPTED jobs are retried by
+  ``RetryJob``/``RetryMergeJob`` or, with ``resume_interrupted``, automatically at start-up. A merge
+  retry starts from the first tensor (the engine has no shard-level resume); merges are
+  deterministic, so the bytes are the same.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ from typing import Any
 import yaml
 
 from merge.errors import MergeCancelled, OutputExistsError, WeightsmithError
+from service.kinds import CANCELLED as CANCELLED_WHY
+from service.kinds import FAILED as FAILED_WHY
+from service.kinds import INTERRUPTED as INTERRUPTED_WHY
+from service.kinds import get_kind
 from service.paths import (
     JOB_SCHEME,
     HubConfig,
@@ -75,7 +83,7 @@ TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 ACTIVE = frozenset({QUEUED, RUNNING, INTERRUPTED})
 COMPUTE_DTYPES = ("float32", "float64", "bfloat16", "float16")
 MAX_RECIPE_BYTES = 1 << 20
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class ServiceError(WeightsmithError):
@@ -117,6 +125,8 @@ class JobRecord:
     result: dict[str, Any] | None
     job_refs: dict[str, str]
     last_seq: int
+    kind: str = "merge"  # service.kinds: what the worker runs
+    spec: dict[str, Any] = field(default_factory=dict)  # the kind's normalized request (not merges)
 
     @property
     def name(self) -> str:
@@ -155,6 +165,8 @@ _COLUMNS = (
     "result_json",
     "job_refs_json",
     "last_seq",
+    "kind",
+    "spec_json",
 )
 
 
@@ -224,6 +236,16 @@ class JobStore:
                 );
                 """
             )
+            self.db.execute("PRAGMA user_version=1")
+            version = 1
+        if version == 1:  # v2: jobs of every kind (v1 stores held merge jobs only)
+            self.db.executescript(
+                """
+                ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'merge';
+                ALTER TABLE jobs ADD COLUMN spec_json TEXT NOT NULL DEFAULT '{}';
+                CREATE INDEX IF NOT EXISTS jobs_kind ON jobs(kind);
+                """
+            )
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         elif version != SCHEMA_VERSION:
             raise RuntimeError(
@@ -260,6 +282,8 @@ class JobStore:
             result=json.loads(row["result_json"]) if row["result_json"] else None,
             job_refs=json.loads(row["job_refs_json"]),
             last_seq=row["last_seq"],
+            kind=row["kind"],
+            spec=json.loads(row["spec_json"]),
         )
 
     @_locked
@@ -287,6 +311,8 @@ class JobStore:
             "result_json": None,
             "job_refs_json": json.dumps(rec.job_refs),
             "last_seq": 0,
+            "kind": rec.kind,
+            "spec_json": json.dumps(rec.spec),
         }
         self.db.execute(
             f"INSERT INTO jobs ({', '.join(vals)}) VALUES ({', '.join('?' * len(vals))})",
@@ -316,11 +342,16 @@ class JobStore:
         return int(self.db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (state,)).fetchone()[0])
 
     @_locked
-    def page(self, states: list[str], page_size: int, before_rowid: int | None) -> list[JobRecord]:
+    def page(
+        self, states: list[str], page_size: int, before_rowid: int | None, kinds: list[str] | None = None
+    ) -> list[JobRecord]:
         where, args = [], []
         if states:
             where.append(f"state IN ({', '.join('?' * len(states))})")
             args += states
+        if kinds:
+            where.append(f"kind IN ({', '.join('?' * len(kinds))})")
+            args += kinds
         if before_rowid is not None:
             where.append("rowid < ?")
             args.append(before_rowid)
@@ -336,7 +367,7 @@ class JobStore:
         cols = []
         vals = []
         for k, v in fields.items():
-            if k in ("progress", "result", "options"):
+            if k in ("progress", "result", "options", "spec"):
                 k, v = f"{k}_json", (json.dumps(v) if v is not None else None)
             elif isinstance(v, bool):
                 v = int(v)
@@ -461,7 +492,7 @@ def _watch_server(conn: Connection, cancel: threading.Event) -> None:
 
 
 def worker_main(spec: dict[str, Any], conn: Connection) -> None:
-    """Entry point of a job's worker process: run one merge, report over ``conn``, exit."""
+    """Entry point of a job's worker process: run one job of its kind, report over ``conn``, exit."""
     parent = os.getppid()
     _die_with_parent()
     if os.getppid() != parent:  # the parent died before the death signal was armed
@@ -489,38 +520,34 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
     try:
         import torch
 
-        torch.set_num_threads(max(1, int(spec.get("threads", 1))))
-        from merge.engine import MergeOptions, Progress, run_merge
+        from service.kinds import WorkerContext, get_kind
 
+        torch.set_num_threads(max(1, int(spec.get("threads", 1))))
         roots = Roots(spec["roots"], spec["extra_roots"])
         job_refs = {k: Path(v) for k, v in spec["job_refs"].items()}
         resolver = RefResolver(
             roots, Path(spec["uploads_dir"]), job_output=job_refs.get, hub=HubConfig(**spec["hub"])
         )
-        delay = float(spec.get("delay_per_tensor", 0.0))
-        last = {"t": 0.0, "phase": ""}
-
-        def progress(p: Progress) -> None:
-            now = time.monotonic()
-            if p.phase != last["phase"] or now - last["t"] >= 0.05 or p.tensors_done == p.tensors_total:
-                last["t"], last["phase"] = now, p.phase
-                send({"type": "progress", "progress": asdict(p)})
-            if delay and p.phase == "merging" and p.current:
-                time.sleep(delay)
-
-        opts = spec["options"]
-        options = MergeOptions(
+        job = spec["job"]
+        ctx = WorkerContext(
+            job_id=spec["job_id"],
+            attempt=int(spec["attempt"]),
+            job_dir=job_dir,
+            data_dir=Path(spec["data_dir"]),
+            output_path=Path(job["output_path"]) if job["output_path"] else None,
+            overwrite=bool(job["overwrite"]),
+            spec=job["spec"],
+            recipe_yaml=job["recipe_yaml"],
+            options=job["options"],
+            resolver=resolver,
+            roots=roots,
             device=spec.get("device", "cpu"),
-            compute_dtype=opts.get("compute_dtype") or None,
-            shard_size=int(opts.get("shard_size") or 5 * 10**9),
-            allow_pickle=False,
-            workers=int(opts.get("workers") or 2),
-            overwrite=bool(spec["overwrite"]),
+            threads=max(1, int(spec.get("threads", 1))),
+            delay=float(spec.get("delay_per_tensor", 0.0)),
+            cancel=cancel,
+            send=send,
         )
-        result = run_merge(
-            spec["recipe"], spec["output_path"], options, progress=progress, cancel=cancel, resolver=resolver
-        )
-        out = result.to_json()
+        out = get_kind(spec["kind"]).run(ctx)
         out["attempt"] = spec["attempt"]
         write_json_atomic(job_dir / "result.json", out)
         send({"type": "result", "result": out})
@@ -538,7 +565,7 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
             {
                 "type": "error",
                 "code": "INTERNAL",
-                "message": f"internal error in the merge worker ({type(e).__name__}); "
+                "message": f"internal error in the job's worker ({type(e).__name__}); "
                 "see the job's worker.log",
             }
         )
@@ -554,6 +581,21 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
 # ---------------------------------------------------------------------------------------------
 # The manager
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Submission:
+    """A checked request of a kind other than "merge", ready to be queued (:meth:`JobManager.submit`)."""
+
+    kind: str
+    spec: dict[str, Any]  # the normalized request, stored with the job and handed to the worker
+    summary: str  # a few words for listings ("weight matching")
+    output_path: Path
+    overwrite: bool = False
+    est_bytes: int = 0  # working memory beyond the fixed worker overhead
+    progress: dict[str, Any] = field(default_factory=dict)  # the first progress report
+    job_refs: dict[str, str] = field(default_factory=dict)  # job://<id> inputs -> their output folders
+    serial_key: str | None = None  # what JobKind.serial_key will say of the job (checked at submission)
 
 
 @dataclass
@@ -594,6 +636,14 @@ class _Running:
     interrupt: bool = False  # set by shutdown: the job ends INTERRUPTED, not CANCELLED
     outcome: dict[str, Any] | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _left_behind(rec: JobRecord) -> str:
+    """What an interrupted attempt leaves, for its error message."""
+    retry = "RetryMergeJob" if rec.kind == "merge" else "JobService.RetryJob"
+    if get_kind(rec.kind).resumable:
+        return f"what it did is kept (retry the job with {retry} to resume)"
+    return f"no output was written (retry the job with {retry})"
 
 
 def cleanup_partial_outputs(out: Path) -> list[Path]:
@@ -682,16 +732,18 @@ class JobManager:
         for rec in self.store.in_states({RUNNING}):
             job_dir = self.config.jobs_dir / rec.id
             await asyncio.to_thread(_wait_worker_gone, job_dir, rec.worker_pid, self.config.kill_grace)
+            kind = get_kind(rec.kind)
             result = self._read_result(rec)
-            cleanup_partial_outputs(Path(rec.output_path))
             if result is None:
-                result = self._output_without_result(rec)
+                kind.cleanup(rec, INTERRUPTED_WHY)
+                result = kind.recover(rec)
+            else:
+                kind.cleanup(rec, "finished")
             if result is not None:
                 self._finish(rec.id, SUCCEEDED, result=result)
                 continue
             msg = (
-                f"the server stopped while attempt {rec.attempt} ran; no output was written "
-                "(retry the job with RetryMergeJob)"
+                f"the server stopped while attempt {rec.attempt} ran; {_left_behind(rec)}"
             )
             self._finish(
                 rec.id,
@@ -711,37 +763,6 @@ class JobManager:
         if res.get("attempt") != rec.attempt or not Path(res.get("out_dir", "")).is_dir():
             return None
         return res
-
-    def _output_without_result(self, rec: JobRecord) -> dict[str, Any] | None:
-        """The worker died between renaming its output into place and writing ``result.json``.
-
-        Only for jobs that may not overwrite: creation refused an existing output and no other
-        active job may target it, so an output folder there now is this job's, complete (the
-        rename is atomic). Its summary is rebuilt from the headers.
-        """
-        out = Path(rec.output_path)
-        if rec.overwrite or not out.is_dir():
-            return None
-        try:
-            from merge.checkpoint import open_checkpoint
-
-            ckpt = open_checkpoint(out)
-        except WeightsmithError:
-            return None
-        total = rec.progress.get("tensors_total")
-        if total and len(ckpt) != total:
-            return None
-        return {
-            "out_dir": str(out),
-            "method": rec.method,
-            "n_tensors": len(ckpt),
-            "bytes_written": ckpt.total_bytes,
-            "shards": [f.name for f in ckpt.files],
-            "seconds": 0.0,
-            "models": [],
-            "attempt": rec.attempt,
-            "reconstructed": True,
-        }
 
     async def shutdown(self, grace: float) -> None:
         """Stop taking jobs; let running jobs finish for ``grace`` s, then interrupt them."""
@@ -826,10 +847,11 @@ class JobManager:
             cancel_requested=False,
         )
 
-    def get(self, job_id: str) -> JobRecord:
+    def get(self, job_id: str, kind: str | None = None) -> JobRecord:
+        """The job ``jobs/<id>`` (or ``<id>``); NOT_FOUND when unknown or, with ``kind``, of another kind."""
         jid = job_id.removeprefix("jobs/")
         rec = self.store.get(jid) if jid else None
-        if rec is None:
+        if rec is None or (kind is not None and rec.kind != kind):
             raise ServiceError("NOT_FOUND", f"job '{job_id}' not found", "name")
         return rec
 
@@ -838,6 +860,11 @@ class JobManager:
         if rec is None or rec.state != SUCCEEDED:
             return None
         return Path(rec.output_path)
+
+    def confine_path(self, value: str, field_name: str) -> str:
+        """A file or folder a request names (a method's ``FilePath`` parameter...), inside the roots:
+        PERMISSION_DENIED outside them, NOT_FOUND when missing (the engine's ``path_resolver``)."""
+        return str(self.roots.resolve_input(value, field_name))
 
     def resolver(self) -> RefResolver:
         return RefResolver(
@@ -983,8 +1010,104 @@ class JobManager:
         await self._schedule()
         return self.get(job_id), plan_summary
 
-    def _check_output_free(self, out: Path, exclude: str | None = None) -> None:
+    def previous_request(self, request_id: str, request: Any) -> tuple[JobRecord | None, str]:
+        """Idempotency: the job an earlier request with this ``request_id`` created (None if none) and
+        the request's hash; ALREADY_EXISTS when the id was used for a different request."""
+        req_hash = hashlib.sha256(_canonical(request).encode()).hexdigest()
+        if not request_id:
+            return None, req_hash
+        if len(request_id) > 200:
+            raise ServiceError("INVALID_ARGUMENT", "request_id: longer than 200 characters", "request_id")
+        prev = self.store.by_request_id(request_id)
+        if prev is not None and prev.request_hash != req_hash:
+            raise ServiceError(
+                "ALREADY_EXISTS",
+                f"request_id '{request_id}' was used by {prev.name} for a different request",
+                "request_id",
+            )
+        return prev, req_hash
+
+    def output_folder(
+        self, output_path: str, overwrite: bool, job_id: str, inputs: list[Path], serial_key: str | None = None
+    ) -> Path:
+        """The folder a new job writes: inside a root (or ``data-dir/outputs/<job>``), not existing
+        unless ``overwrite``, overlapping no input and no other active job's output."""
+        if not self.accepting:
+            raise ServiceError("UNAVAILABLE", "the server is shutting down and takes no new jobs")
+        if output_path:
+            out = self.roots.resolve_output(output_path, "output_path")
+            if overlaps(out, self.config.data_dir.resolve()):
+                raise InvalidPathError(f"output_path: {out} is inside the server's data folder")
+        else:
+            out = self.config.outputs_dir / job_id
+        if out.exists() and not overwrite:
+            raise OutputExistsError(f"output_path: {out} already exists (set overwrite to replace it)")
+        for p in inputs:
+            if overlaps(Path(p).resolve(), out):
+                raise InvalidPathError(f"output_path: {out} overlaps input {p}")
+        self._check_output_free(out, serial_key=serial_key)
+        return out
+
+    async def submit(self, job_id: str, sub: Submission, request_id: str, request_hash: str) -> JobRecord:
+        """Queue a checked job of any kind (the shared half of every Create RPC)."""
+        est = self.config.worker_overhead_bytes + int(sub.est_bytes)
+        if est > self.config.memory_budget:
+            raise ServiceError(
+                "RESOURCE_EXHAUSTED",
+                f"the job needs about {est:,} bytes of memory, more than this server's budget "
+                f"of {self.config.memory_budget:,} bytes",
+            )
+        if self.store.count(QUEUED) >= self.config.max_queued:
+            raise ServiceError(
+                "RESOURCE_EXHAUSTED",
+                f"the job queue is full ({self.config.max_queued} queued jobs); retry later",
+            )
+        if not self.accepting:
+            raise ServiceError("UNAVAILABLE", "the server is shutting down and takes no new jobs")
+        if request_id:
+            prev = self.store.by_request_id(request_id)  # a concurrent twin may have won meanwhile
+            if prev is not None:
+                return prev
+        self._check_output_free(sub.output_path, serial_key=sub.serial_key)
+        rec = JobRecord(
+            id=job_id,
+            rowid=0,
+            state=QUEUED,
+            recipe_yaml="",
+            method=sub.summary,
+            output_path=str(sub.output_path),
+            overwrite=sub.overwrite,
+            options={},
+            request_id=request_id,
+            request_hash=request_hash,
+            est_bytes=est,
+            attempt=1,
+            cancel_requested=False,
+            worker_pid=None,
+            create_time=time.time(),
+            start_time=None,
+            end_time=None,
+            progress={"phase": "queued", **sub.progress},
+            error_code=None,
+            error_message=None,
+            result=None,
+            job_refs=sub.job_refs,
+            last_seq=0,
+            kind=sub.kind,
+            spec=sub.spec,
+        )
+        (self.config.jobs_dir / job_id).mkdir(parents=True, exist_ok=False)
+        self.store.insert(rec)
+        self._event(job_id, QUEUED, rec.progress)
+        await self._schedule()
+        return self.get(job_id)
+
+    def _check_output_free(self, out: Path, exclude: str | None = None, serial_key: str | None = None) -> None:
+        """No other active job writes where ``out`` is, but jobs with the same ``serial_key`` (they run one
+        after the other, in order: operations on one soup)."""
         for other in self.store.in_states(ACTIVE):
+            if serial_key is not None and get_kind(other.kind).serial_key(other) == serial_key:
+                continue
             if other.id != exclude and overlaps(Path(other.output_path), out):
                 raise ServiceError(
                     "ALREADY_EXISTS",
@@ -1022,6 +1145,7 @@ class JobManager:
             shard_size=options["shard_size"] or 5 * 10**9,
             allow_pickle=False,
             workers=options["workers"],
+            path_resolver=self.confine_path,
         )
         plan = plan_merge(recipe, mo, resolver=resolver)
         for c in plan.checkpoints:
@@ -1037,6 +1161,12 @@ class JobManager:
                 if not queued:
                     return
                 rec = queued[0]
+                key = get_kind(rec.kind).serial_key(rec)
+                if key is not None and any(
+                    (o := self.store.get(jid)) is not None and get_kind(o.kind).serial_key(o) == key
+                    for jid in self._running
+                ):
+                    return  # first in, first out: it waits for the job before it on the same resource
                 used = sum(r.est_bytes for r in self._running.values())
                 if self._running and used + rec.est_bytes > self.config.memory_budget:
                     return
@@ -1052,10 +1182,15 @@ class JobManager:
             "job_id": rec.id,
             "attempt": rec.attempt,
             "job_dir": str(job_dir),
-            "recipe": yaml.safe_load(rec.recipe_yaml),
-            "output_path": rec.output_path,
-            "overwrite": rec.overwrite,
-            "options": rec.options,
+            "kind": rec.kind,
+            "data_dir": str(cfg.data_dir),
+            "job": {
+                "output_path": rec.output_path,
+                "overwrite": rec.overwrite,
+                "spec": rec.spec,
+                "recipe_yaml": rec.recipe_yaml,
+                "options": rec.options,
+            },
             "roots": [str(p) for p in self.roots.roots],
             "extra_roots": [str(p) for p in self.roots.extra],
             "uploads_dir": str(cfg.uploads_dir),
@@ -1141,7 +1276,13 @@ class JobManager:
         if kind == "result":
             self._finish(job_id, SUCCEEDED, result=out["result"])
         else:
-            cleanup_partial_outputs(Path(rec.output_path))
+            if kind != "error" and run.interrupt:
+                why = INTERRUPTED_WHY
+            elif kind != "error" and (rec.cancel_requested or kind == "cancelled"):
+                why = CANCELLED_WHY
+            else:
+                why = FAILED_WHY
+            get_kind(rec.kind).cleanup(rec, why)
             if kind == "error":
                 self._finish(job_id, FAILED, error=(out["code"], out["message"]))
             elif run.interrupt:
@@ -1150,8 +1291,7 @@ class JobManager:
                     INTERRUPTED,
                     error=(
                         "ABORTED",
-                        f"the server shut down before attempt {rec.attempt} finished; no output was written "
-                        "(retry the job with RetryMergeJob)",
+                        f"the server shut down before attempt {rec.attempt} finished; {_left_behind(rec)}",
                     ),
                 )
             elif rec.cancel_requested or kind == "cancelled":
@@ -1169,7 +1309,7 @@ class JobManager:
                     FAILED,
                     error=(
                         "ABORTED",
-                        f"the merge worker died ({how}; out of memory?); no output was written",
+                        f"the {rec.kind} worker died ({how}; out of memory?); no output was written",
                     ),
                 )
         run.done.set()
@@ -1182,8 +1322,8 @@ class JobManager:
                 os.kill(run.process.pid, sig)
 
     # -- cancel / retry -----------------------------------------------------------------------------
-    async def cancel(self, job_id: str) -> JobRecord:
-        rec = self.get(job_id)
+    async def cancel(self, job_id: str, kind: str | None = None) -> JobRecord:
+        rec = self.get(job_id, kind)
         if rec.state in TERMINAL:
             raise ServiceError(
                 "FAILED_PRECONDITION",
@@ -1207,8 +1347,8 @@ class JobManager:
         except TimeoutError:
             self._signal(run, signal.SIGKILL)
 
-    async def retry(self, job_id: str) -> JobRecord:
-        rec = self.get(job_id)
+    async def retry(self, job_id: str, kind: str | None = None) -> JobRecord:
+        rec = self.get(job_id, kind)
         if rec.state not in (INTERRUPTED, FAILED):
             raise ServiceError(
                 "FAILED_PRECONDITION",
@@ -1218,9 +1358,9 @@ class JobManager:
         if not self.accepting:
             raise ServiceError("UNAVAILABLE", "the server is shutting down and takes no new jobs")
         out = Path(rec.output_path)
-        if out.exists() and not rec.overwrite:
+        if out.exists() and not rec.overwrite and not get_kind(rec.kind).resumable:
             raise OutputExistsError(f"output_path: {out} exists now; cannot retry {rec.name}")
-        self._check_output_free(out, exclude=rec.id)
+        self._check_output_free(out, exclude=rec.id, serial_key=get_kind(rec.kind).serial_key(rec))
         if self.store.count(QUEUED) >= self.config.max_queued:
             raise ServiceError(
                 "RESOURCE_EXHAUSTED", f"the job queue is full ({self.config.max_queued} queued jobs)"
@@ -1230,7 +1370,9 @@ class JobManager:
         return self.get(rec.id)
 
     # -- list / watch -------------------------------------------------------------------------------
-    def list(self, states: list[str], page_size: int, page_token: str) -> tuple[list[JobRecord], str]:
+    def list(
+        self, states: list[str], page_size: int, page_token: str, kinds: list[str] | None = None
+    ) -> tuple[list[JobRecord], str]:
         size = min(max(page_size or 50, 1), 1000)
         before = None
         if page_token:
@@ -1240,13 +1382,15 @@ class JobManager:
                 raise ServiceError(
                     "INVALID_ARGUMENT", "page_token: not a token this server issued", "page_token"
                 ) from None
-        recs = self.store.page(states, size + 1, before)
+        recs = self.store.page(states, size + 1, before, kinds)
         more = len(recs) > size
         recs = recs[:size]
         return recs, (str(recs[-1].rowid) if more and recs else "")
 
-    async def watch(self, job_id: str, from_sequence: int) -> AsyncIterator[tuple[JobEvent, JobRecord]]:
-        rec = self.get(job_id)
+    async def watch(
+        self, job_id: str, from_sequence: int, kind: str | None = None
+    ) -> AsyncIterator[tuple[JobEvent, JobRecord]]:
+        rec = self.get(job_id, kind)
         seq = max(0, from_sequence)
         while True:
             events = self.store.events_after(rec.id, seq)

@@ -244,6 +244,10 @@ def _progress_pb(p: dict[str, Any]) -> job_pb2.JobProgress:
         bytes_done=int(p.get("bytes_done", 0)),
         bytes_total=int(p.get("bytes_total", 0)),
         current=str(p.get("current", "")),
+        steps_done=int(p.get("steps_done", 0)),
+        steps_total=int(p.get("steps_total", 0)),
+        unit=str(p.get("unit", "")),
+        metrics={k: float(v) for k, v in (p.get("metrics") or {}).items()},
     )
 
 
@@ -373,26 +377,26 @@ class MergeServicer(mpb_grpc.MergeServiceServicer):
 
     @handle_errors("name")
     async def GetMergeJob(self, request: mpb.GetMergeJobRequest, context: Any) -> mpb.GetMergeJobResponse:
-        return mpb.GetMergeJobResponse(job=job_pb(self.m.get(request.name)))
+        return mpb.GetMergeJobResponse(job=job_pb(self.m.get(request.name, "merge")))
 
     @handle_stream_errors("name")
     async def WatchMergeJob(
         self, request: mpb.WatchMergeJobRequest, context: Any
     ) -> AsyncIterator[mpb.WatchMergeJobResponse]:
-        async for ev, rec in self.m.watch(request.name, request.from_sequence):
+        async for ev, rec in self.m.watch(request.name, request.from_sequence, "merge"):
             yield mpb.WatchMergeJobResponse(sequence=ev.seq, time=_ts(ev.time), job=job_pb(rec, ev))
 
     @handle_errors("name")
     async def CancelMergeJob(
         self, request: mpb.CancelMergeJobRequest, context: Any
     ) -> mpb.CancelMergeJobResponse:
-        return mpb.CancelMergeJobResponse(job=job_pb(await self.m.cancel(request.name)))
+        return mpb.CancelMergeJobResponse(job=job_pb(await self.m.cancel(request.name, "merge")))
 
     @handle_errors("name")
     async def RetryMergeJob(
         self, request: mpb.RetryMergeJobRequest, context: Any
     ) -> mpb.RetryMergeJobResponse:
-        return mpb.RetryMergeJobResponse(job=job_pb(await self.m.retry(request.name)))
+        return mpb.RetryMergeJobResponse(job=job_pb(await self.m.retry(request.name, "merge")))
 
     @handle_errors("states")
     async def ListMergeJobs(
@@ -403,7 +407,7 @@ class MergeServicer(mpb_grpc.MergeServiceServicer):
             if s not in STATE_NAMES:
                 raise ServiceError("INVALID_ARGUMENT", f"states: {s} is not a job state", "states")
             states.append(STATE_NAMES[s])
-        recs, token = self.m.list(states, request.page_size, request.page_token)
+        recs, token = self.m.list(states, request.page_size, request.page_token, ["merge"])
         return mpb.ListMergeJobsResponse(jobs=[job_pb(r) for r in recs], next_page_token=token)
 
     @handle_errors()
@@ -426,7 +430,11 @@ class MergeServicer(mpb_grpc.MergeServiceServicer):
             )
             for p in d["params"]:
                 mp = mpb.MethodParameter(
-                    name=p["name"], type=p["type"], per_model=p["per_model"], required=p["required"]
+                    name=p["name"],
+                    type=p["type"],
+                    per_model=p["per_model"],
+                    required=p["required"],
+                    path=bool(p.get("path")),
                 )
                 json_format.ParseDict(_json_safe(p["default"]), mp.default_value)
                 info.parameters.append(mp)
@@ -707,15 +715,26 @@ class Server:
         cpb_grpc.add_CheckpointServiceServicer_to_server(
             CheckpointServicer(self.manager, cfg.max_upload_bytes), self.server
         )
+        from service import server_align, server_jobs, server_lineage, server_metanet, server_soup
+
+        services = [MERGE_SERVICE, CHECKPOINT_SERVICE]
+        for mod in (
+            server_jobs,
+            server_align,
+            server_lineage,
+            server_metanet,
+            server_soup,
+        ):  # one per service
+            services += mod.add_servicers(self.manager, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        for name in ("", MERGE_SERVICE, CHECKPOINT_SERVICE):
+        for name in ("", *services):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if cfg.reflection:
             from grpc_reflection.v1alpha import reflection
 
             reflection.enable_server_reflection(
-                (MERGE_SERVICE, CHECKPOINT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+                (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
             )
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls_cert:

@@ -407,3 +407,41 @@ def test_digits_barrier_falls_after_matching():
     assert r["activation_matching"]["test_barrier"] < 0.5 * naive
     assert r["weight_matching"]["mid_test_acc"] > r["naive"]["mid_test_acc"]
     assert r["weight_matching"]["max_abs_dfB"] < 1e-4 and r["activation_matching"]["max_abs_dfB"] < 1e-4
+
+
+def test_spec_is_a_path_parameter_and_goes_through_the_engines_path_resolver(tmp_path):
+    """``spec`` is marked ``FilePath``: the engine hands it to ``MergeOptions.path_resolver`` (the
+    service confines it to its roots there) before the method opens it, and uses what it returns."""
+    from safetensors.torch import save_file
+
+    from merge.engine import MergeOptions, run_merge
+
+    m = get_method("git_rebasin")
+    assert m.params["spec"].path and not m.params["architecture"].path
+    assert get_method("concrete_task_arithmetic").params["plan"].path
+    ma, mb = independent_pair()
+    for name, mod in (("a", ma), ("b", mb)):
+        (tmp_path / name).mkdir()
+        save_file({k: v.contiguous() for k, v in state(mod).items()}, str(tmp_path / name / "model.safetensors"))
+    spec_for("mlp", ma).save(tmp_path / "spec.json")
+    calls = []
+
+    def resolve(value, field):
+        calls.append((value, field))
+        return str(tmp_path / "spec.json")
+
+    recipe = {
+        "merge_method": "git_rebasin",
+        "base_model": str(tmp_path / "a"),
+        "models": [{"model": str(tmp_path / "b")}],
+        "parameters": {"lambda": 1.0, "spec": "named-by-client"},
+    }
+    run_merge(recipe, tmp_path / "out", MergeOptions(path_resolver=resolve))
+    assert calls and all(c == ("named-by-client", "parameters.spec") for c in calls)
+
+    def refuse(value, field):
+        raise RecipeError(f"{field}: {value!r} refused")
+
+    with pytest.raises(RecipeError, match="parameters.spec: 'named-by-client' refused"):
+        run_merge(recipe, tmp_path / "out2", MergeOptions(path_resolver=refuse))
+    assert not (tmp_path / "out2").exists()

@@ -398,7 +398,19 @@ def _bad_cases(env: dict) -> list[tuple[str, dict, str, str]]:
         dup = bad / "dupkeys"
         dup.mkdir()
         (dup / "model.safetensors").write_bytes(len(hdr).to_bytes(8, "little") + hdr + bytes(8))
+        (outside / "spec.json").write_text('{"perms": {}, "axes": {}}')
+        (bad / "spec-link.json").symlink_to(outside / "spec.json")
     two = [str(m[0]), str(m[1])]
+
+    def rebasin(spec: str) -> dict:
+        return {"recipe_yaml": linear_recipe(two, parameters={"spec": spec}).replace("linear", "git_rebasin")}
+
+    def concrete(plan: str) -> dict:
+        return {
+            "recipe_yaml": linear_recipe(two[1:], base_model=two[0], parameters={"plan": plan}).replace(
+                "linear", "concrete_task_arithmetic"
+            )
+        }
 
     def rec(*refs: str, **kw: object) -> dict:
         return {"recipe_yaml": linear_recipe(list(refs), **kw)}
@@ -480,6 +492,11 @@ def _bad_cases(env: dict) -> list[tuple[str, dict, str, str]]:
             "models",
         ),
         ("no-recipe", {}, "INVALID_ARGUMENT", "recipe"),
+        # path-valued method parameters (registry FilePath) are confined to the roots as models are
+        ("rebasin-spec-outside", rebasin(str(outside / "spec.json")), "PERMISSION_DENIED", "parameters.spec"),
+        ("rebasin-spec-symlink", rebasin(str(bad / "spec-link.json")), "PERMISSION_DENIED", "symlink"),
+        ("rebasin-spec-traversal", rebasin("m0/../../outside/spec.json"), "INVALID_ARGUMENT", "'..'"),
+        ("concrete-plan-outside", concrete(str(outside / "plan")), "PERMISSION_DENIED", "parameters.plan"),
     ]
 
 

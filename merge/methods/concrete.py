@@ -59,7 +59,7 @@ from merge.methods._fusion import (
     task_batches,
 )
 from merge.methods._fusion_plan import FusionPlan, PlanMismatchError
-from merge.methods.registry import Code, merge_method
+from merge.methods.registry import Code, FilePath, merge_method
 from merge.methods.runner import derive_seed
 
 __all__ = [
@@ -595,7 +595,7 @@ def adamerging(
     base: StateDict | None,
     *,
     entry_point: Code = "",
-    plan: str = "",
+    plan: FilePath = "",
     verify: bool = True,
     coefficients: str = "layer",
     lambda_: float = 0.3,
@@ -649,7 +649,7 @@ def concrete_task_arithmetic(
     base: StateDict | None,
     *,
     entry_point: Code = "",
-    plan: str = "",
+    plan: FilePath = "",
     verify: bool = True,
     lambda_: float = 0.3,
     steps: int = 2000,
@@ -709,7 +709,7 @@ def concrete_adamerging(
     base: StateDict | None,
     *,
     entry_point: Code = "",
-    plan: str = "",
+    plan: FilePath = "",
     verify: bool = True,
     coefficients: str = "layer",
     lambda_: float = 0.3,

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from merge.errors import NonFiniteError, RecipeError, ShapeMismatchError
-from merge.methods.registry import merge_method
+from merge.methods.registry import FilePath, merge_method
 from merge.symmetry import (
     FxTrace,
     PermId,
@@ -963,7 +963,7 @@ def git_rebasin(
     *,
     lambda_: float = 0.5,
     architecture: str = "",
-    spec: str = "",
+    spec: FilePath = "",
     n_heads: int = 0,
     rope: bool = False,
     max_iter: int = 100,

@@ -78,6 +78,18 @@ CODE = _CodeMarker()
 Code = Annotated[str, CODE]
 
 
+class _FileMarker:
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        return "FILE"
+
+
+FILE = _FileMarker()
+#: A parameter whose value is a path the method opens (a spec JSON, a saved plan folder). The engine
+#: passes such values through ``MergeOptions.path_resolver`` when one is set (the service sets it to
+#: its roots, so a recipe cannot make the server open a file outside them).
+FilePath = Annotated[str, FILE]
+
+
 class PerModel:
     """``PerModel[float]``: a parameter with one value per input model."""
 
@@ -105,6 +117,7 @@ class ParamInfo:
     default: Any  # inspect.Parameter.empty when required
     per_model: bool
     code: bool = False  # names Python code to run (see Code)
+    path: bool = False  # names a file or folder the method opens (see FilePath)
 
     @property
     def required(self) -> bool:
@@ -182,6 +195,7 @@ class MethodSpec:
                     "required": p.required,
                     "default": None if p.required else p.default,
                     **({"code": True} if p.code else {}),
+                    **({"path": True} if p.path else {}),
                 }
                 for p in self.params.values()
             ],
@@ -238,7 +252,7 @@ def _param_infos(fn: Callable[..., Any]) -> dict[str, ParamInfo]:
         if p.kind is not inspect.Parameter.KEYWORD_ONLY or arg in INJECTED:
             continue
         hint = hints.get(arg, Any)
-        per_model = code = False
+        per_model = code = path = False
         if typing.get_origin(hint) is Annotated:
             base_t, *meta = typing.get_args(hint)
             if any(m is PER_MODEL for m in meta):
@@ -247,8 +261,11 @@ def _param_infos(fn: Callable[..., Any]) -> dict[str, ParamInfo]:
             if any(m is CODE for m in meta):
                 code = True
                 hint = base_t
+            if any(m is FILE for m in meta):
+                path = True
+                hint = base_t
         public = arg[:-1] if arg.endswith("_") else arg
-        out[public] = ParamInfo(public, arg, hint, p.default, per_model, code)
+        out[public] = ParamInfo(public, arg, hint, p.default, per_model, code, path)
     return out
 
 
@@ -345,6 +362,7 @@ def whole(tensors: list[torch.Tensor], base: torch.Tensor | None) -> ChunkSource
 __all__ = [
     "ChunkSource",
     "Code",
+    "FilePath",
     "Mapping",
     "MethodSpec",
     "ModelPlan",

@@ -24,17 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18weightsmith/v1/job.proto\x12\x0eweightsmith.v1\"\x83\x01\n\x0bJobProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x14\n\x0ctensors_done\x18\x02 \x01(\x03\x12\x15\n\rtensors_total\x18\x03 \x01(\x03\x12\x12\n\nbytes_done\x18\x04 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x05 \x01(\x03\x12\x0f\n\x07\x63urrent\x18\x06 \x01(\t\")\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t*\xb5\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x12\x19\n\x15JOB_STATE_INTERRUPTED\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18weightsmith/v1/job.proto\x12\x0eweightsmith.v1\"\xa5\x02\n\x0bJobProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x14\n\x0ctensors_done\x18\x02 \x01(\x03\x12\x15\n\rtensors_total\x18\x03 \x01(\x03\x12\x12\n\nbytes_done\x18\x04 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x05 \x01(\x03\x12\x0f\n\x07\x63urrent\x18\x06 \x01(\t\x12\x12\n\nsteps_done\x18\x07 \x01(\x03\x12\x13\n\x0bsteps_total\x18\x08 \x01(\x03\x12\x0c\n\x04unit\x18\t \x01(\t\x12\x39\n\x07metrics\x18\n \x03(\x0b\x32(.weightsmith.v1.JobProgress.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\")\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t*\xb5\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x12\x19\n\x15JOB_STATE_INTERRUPTED\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'weightsmith.v1.job_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=222
-  _globals['_JOBSTATE']._serialized_end=403
+  _globals['_JOBPROGRESS_METRICSENTRY']._loaded_options = None
+  _globals['_JOBPROGRESS_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_JOBSTATE']._serialized_start=384
+  _globals['_JOBSTATE']._serialized_end=565
   _globals['_JOBPROGRESS']._serialized_start=45
-  _globals['_JOBPROGRESS']._serialized_end=176
-  _globals['_JOBERROR']._serialized_start=178
-  _globals['_JOBERROR']._serialized_end=219
+  _globals['_JOBPROGRESS']._serialized_end=338
+  _globals['_JOBPROGRESS_METRICSENTRY']._serialized_start=292
+  _globals['_JOBPROGRESS_METRICSENTRY']._serialized_end=338
+  _globals['_JOBERROR']._serialized_start=340
+  _globals['_JOBERROR']._serialized_end=381
 # @@protoc_insertion_point(module_scope)

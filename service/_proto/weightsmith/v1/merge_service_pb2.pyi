@@ -220,18 +220,20 @@ class ListMethodsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class MethodParameter(_message.Message):
-    __slots__ = ("name", "type", "per_model", "required", "default_value")
+    __slots__ = ("name", "type", "per_model", "required", "default_value", "path")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     PER_MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: str
     per_model: bool
     required: bool
     default_value: _struct_pb2.Value
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., per_model: _Optional[bool] = ..., required: _Optional[bool] = ..., default_value: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
+    path: bool
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., per_model: _Optional[bool] = ..., required: _Optional[bool] = ..., default_value: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., path: _Optional[bool] = ...) -> None: ...
 
 class MethodInfo(_message.Message):
     __slots__ = ("name", "summary", "paper", "url", "kind", "base_model", "min_models", "max_models", "randomized", "parameters", "parameter_schema")

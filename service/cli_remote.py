@@ -1,0 +1,426 @@
+"""``weightsmith remote align | lineage | predict | embed | zoo | train | metanets | job ...``: the
+library's other services over gRPC (AlignmentService, LineageService, MetanetService, JobService).
+
+Same conventions as ``remote merge`` (``service/cli_service.py``): connection options on every command,
+errors print ``error: CODE: message`` and exit 2, a job that does not succeed exits 2, ``--detach``
+prints the job name and returns, ``--json`` prints the messages as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from service.cli_service import _conn, _remote_errors, connection_options, remote
+
+
+def _json(msg: Any) -> dict[str, Any]:
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def _job_line(job: Any) -> str:
+    from service.client import state_name
+
+    p = job.progress
+    if p.steps_total:
+        prog = f"{p.steps_done}/{p.steps_total} {p.unit}"
+    elif p.tensors_total:
+        prog = f"{p.tensors_done}/{p.tensors_total} tensors"
+    else:
+        prog = "-"
+    extra = f"  {job.error.code}: {job.error.message}" if job.HasField("error") else ""
+    if not extra and state_name(job.state) == "SUCCEEDED":
+        extra = f"  -> {job.output_path}"
+    name = job.name.removeprefix("jobs/")
+    return f"{name}  {job.kind:<6} {state_name(job.state):<11} {job.summary:<24} {prog}{extra}"
+
+
+def _follow(client: Any, job: Any, detach: bool, as_json: bool) -> None:
+    """Print the job (detach) or follow it, one stderr line per phase or step, then its result."""
+    from service._proto.weightsmith.v1 import job_pb2
+
+    if detach:
+        click.echo(job.name)
+        return
+    last = None
+    for ev in client.watch_any(job.name):
+        p = ev.job.progress
+        key = (p.phase, p.steps_done, ev.job.state)
+        if key != last:
+            last = key
+            metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(p.metrics.items()))
+            steps = f" {p.steps_done}/{p.steps_total} {p.unit}" if p.steps_total else ""
+            click.echo(f"{job.name}: {p.phase or '-'}{steps} {metrics}".rstrip(), err=True)
+        if ev.job.state == job_pb2.JOB_STATE_INTERRUPTED:
+            break
+    final = client.get_any_job(job.name)
+    res = client.job_result(final)
+    if as_json:
+        click.echo(
+            json.dumps({"job": _json(final), "result": _json(res) if res is not None else None}, indent=2)
+        )
+    else:
+        click.echo(_job_line(final))
+    if final.state != job_pb2.JOB_STATE_SUCCEEDED:
+        sys.exit(2)
+
+
+# -- alignment --------------------------------------------------------------------------------------
+@remote.command("align")
+@click.argument("model_a")
+@click.argument("model_b")
+@click.option("--architecture", default=None, help="Ready spec: mlp, cnn, vgg, resnet, transformer.")
+@click.option("--spec", "spec_ref", default=None, help="A permutation spec JSON on the server.")
+@click.option("--n-heads", default=0, type=int, help="Attention heads (architecture transformer).")
+@click.option("--rope", is_flag=True, help="Rotary embeddings: move whole heads only.")
+@click.option("--max-iter", default=0, type=int, help="Coordinate-descent sweeps at most (0: 100).")
+@click.option("--restarts", default=0, type=int, help="Restarts (0: 1).")
+@click.option("--seed", default=0, type=int)
+@click.option(
+    "-o", "--output", "output_path", default="", help="Output folder under a root (default: job://)."
+)
+@click.option("--overwrite", is_flag=True)
+@click.option("--detach", is_flag=True, help="Print the job name and return.")
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_align(model_a: str, model_b: str, architecture: str | None, spec_ref: str | None, n_heads: int,
+                 rope: bool, max_iter: int, restarts: int, seed: int, output_path: str, overwrite: bool,
+                 detach: bool, as_json: bool, **kw: Any) -> None:  # fmt: skip
+    """Align MODEL_B to MODEL_A (Git Re-Basin weight matching) on the server and write pi(B)."""
+    fields: dict[str, Any] = {"n_heads": n_heads, "rope": rope, "max_iter": max_iter, "n_restarts": restarts,
+                              "seed": seed, "output_path": output_path, "overwrite": overwrite}  # fmt: skip
+    if architecture:
+        fields["architecture"] = architecture
+    if spec_ref:
+        fields["spec_ref"] = spec_ref
+    with _conn(kw) as client:
+        _follow(client, client.create_align_job(model_a, model_b, **fields), detach, as_json)
+
+
+# -- lineage ----------------------------------------------------------------------------------------
+@remote.command("lineage")
+@click.argument("child")
+@click.argument("candidates", nargs=-1, required=True)
+@click.option("--method", default="weights", type=click.Choice(["weights", "aligned", "learned"]))
+@click.option("--architecture", default="", help="aligned: ready spec (mlp, cnn, resnet, transformer).")
+@click.option("--n-heads", default=0, type=int)
+@click.option("--spec", "spec_ref", default="", help="aligned: a spec JSON on the server.")
+@click.option("--detector", "detector_ref", default="", help="learned: a detector file on the server.")
+@click.option("--family-threshold", default=None, type=float)
+@click.option("--path-threshold", default=None, type=float)
+@click.option("--keep-heads", is_flag=True, help="Compare classifier heads too.")
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_lineage(child: str, candidates: tuple[str, ...], method: str, architecture: str, n_heads: int,
+                   spec_ref: str, detector_ref: str, family_threshold: float | None, path_threshold: float | None,
+                   keep_heads: bool, as_json: bool, **kw: Any) -> None:  # fmt: skip
+    """Which CANDIDATE was CHILD fine-tuned from, or none of them (DetectLineage on the server)."""
+    fields: dict[str, Any] = {"method": method, "architecture": architecture, "n_heads": n_heads,
+                              "spec_ref": spec_ref, "detector_ref": detector_ref, "keep_heads": keep_heads}  # fmt: skip
+    if family_threshold is not None:
+        fields["family_threshold"] = family_threshold
+    if path_threshold is not None:
+        fields["path_threshold"] = path_threshold
+    ranked, answer = [], None
+    with _conn(kw) as client:
+        for ev in client.detect_lineage(child, list(candidates), **fields):
+            which = ev.WhichOneof("event")
+            if which == "progress":
+                if not as_json:
+                    click.echo(f"{ev.progress.stage}: {ev.progress.done}/{ev.progress.total}", err=True)
+            elif which == "candidate":
+                ranked.append(ev.candidate)
+            else:
+                answer = ev.answer
+    assert answer is not None
+    if as_json:
+        click.echo(json.dumps({"candidates": [_json(c) for c in ranked], "answer": _json(answer)}, indent=2))
+        return
+    for c in ranked:
+        rel = "related" if c.related else "unrelated"
+        click.echo(f"{c.rank:>3}  {c.score:8.4f}  {rel:<9}  {c.name}")
+    for s in answer.skipped:
+        click.echo(f"  -  skipped   {s.name}: {s.reason}")
+    if answer.parent:
+        click.echo(f"parent: {answer.parent}   (chain: {' -> '.join([answer.child, *answer.chain])})")
+    else:
+        click.echo(f"parent: none   ({answer.reason})")
+
+
+# -- metanets ---------------------------------------------------------------------------------------
+@remote.command("predict")
+@click.argument("metanet")
+@click.argument("checkpoints", nargs=-1, required=True)
+@click.option(
+    "--spec", "spec_ref", default="", help="A permutation spec JSON on the server for every checkpoint."
+)
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_predict(
+    metanet: str, checkpoints: tuple[str, ...], spec_ref: str, as_json: bool, **kw: Any
+) -> None:
+    """Run a stored metanet (metanets/<id>) on CHECKPOINTS: one prediction each."""
+    with _conn(kw) as client:
+        resp = client.predict(metanet, list(checkpoints), spec_ref)
+    if as_json:
+        click.echo(json.dumps(_json(resp), indent=2))
+        return
+    for p in resp.predictions:
+        value = f"{p.number:.6g}" if p.WhichOneof("value") == "number" else p.label
+        click.echo(f"{resp.target}={value}  {p.checkpoint}")
+
+
+@remote.command("embed")
+@click.argument("metanet")
+@click.argument("checkpoints", nargs=-1, required=True)
+@click.option("--spec", "spec_ref", default="")
+@connection_options
+@_remote_errors
+def remote_embed(metanet: str, checkpoints: tuple[str, ...], spec_ref: str, **kw: Any) -> None:
+    """Invariant embeddings of CHECKPOINTS by a stored metanet, as JSON lines."""
+    with _conn(kw) as client:
+        resp = client.embed(metanet, list(checkpoints), spec_ref)
+    for e in resp.embeddings:
+        click.echo(json.dumps({"checkpoint": e.checkpoint, "embedding": list(e.values)}))
+
+
+@remote.command("zoo")
+@click.argument("config", type=click.Path(dir_okay=False, exists=True))
+@click.option("-o", "--output", "output_path", default="", help="Zoo folder under a root (default: job://).")
+@click.option("--workers", default=0, type=int, help="Training processes on the server (0: 1).")
+@click.option("--detach", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_zoo(config: str, output_path: str, workers: int, detach: bool, as_json: bool, **kw: Any) -> None:
+    """Build (or resume) the model zoo of CONFIG (YAML/JSON, local file) on the server."""
+    with open(config) as fh:
+        text = fh.read()
+    with _conn(kw) as client:
+        _follow(client, client.create_zoo_job(text, output_path, workers=workers), detach, as_json)
+
+
+@remote.command("train")
+@click.argument("zoo")
+@click.option("--model", default="gmn", show_default=True, help="gmn, unf, statnn, flat, flat_aug, deepsets.")
+@click.option("--target", default="", help="Record field to predict (default test_acc).")
+@click.option("--epochs", default=0, type=int)
+@click.option("--batch-size", default=0, type=int)
+@click.option("--lr", default=0.0, type=float)
+@click.option("--seed", default=0, type=int)
+@click.option("--model-args", default="{}", help='Constructor arguments as JSON ({"hidden": 64}).')
+@click.option("--name", "display_name", default="", help="A display name for the metanet.")
+@click.option(
+    "-o", "--output", "output_path", default="", help="Folder under a root (default: the server's store)."
+)
+@click.option("--detach", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_train(zoo: str, model: str, target: str, epochs: int, batch_size: int, lr: float, seed: int,
+                 model_args: str, display_name: str, output_path: str, detach: bool, as_json: bool,
+                 **kw: Any) -> None:  # fmt: skip
+    """Train a metanet on ZOO (a server path or job://<zoo job>); it is stored as metanets/<id>."""
+    try:
+        args = json.loads(model_args)
+    except ValueError as e:
+        raise click.BadParameter(f"not JSON: {e}", param_hint="--model-args") from None
+    with _conn(kw) as client:
+        job = client.create_train_job(zoo, model=model, target=target, epochs=epochs, batch_size=batch_size, lr=lr,
+                                      seed=seed, model_args=args, display_name=display_name,
+                                      output_path=output_path)  # fmt: skip
+        _follow(client, job, detach, as_json)
+
+
+@remote.command("metanets")
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_metanets(as_json: bool, **kw: Any) -> None:
+    """List the metanets the server trained, newest first."""
+    with _conn(kw) as client:
+        resp = client.list_metanets(page_size=1000)
+    if as_json:
+        click.echo(json.dumps([_json(m) for m in resp.metanets], indent=2))
+        return
+    for m in resp.metanets:
+        metrics = " ".join(f"{k}={v:.3g}" for k, v in sorted(m.metrics.items()) if not k.endswith("_records"))
+        click.echo(f"{m.name}  {m.model:<8} {m.target:<10} {m.display_name}  {metrics}")
+
+
+# -- jobs of every kind -----------------------------------------------------------------------------
+@remote.group("job")
+def remote_job() -> None:
+    """Jobs of every kind (merge, align, zoo, train): list, show, cancel, retry, watch."""
+
+
+@remote_job.command("list")
+@click.option("--kind", "kinds", multiple=True, help="Only jobs of this kind (repeatable).")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_job_list(kinds: tuple[str, ...], limit: int, as_json: bool, **kw: Any) -> None:
+    with _conn(kw) as client:
+        jobs, _ = client.list_any_jobs(list(kinds), page_size=limit)
+    if as_json:
+        click.echo(json.dumps([_json(j) for j in jobs], indent=2))
+        return
+    for j in jobs:
+        click.echo(_job_line(j))
+
+
+@remote_job.command("show")
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_job_show(job: str, as_json: bool, **kw: Any) -> None:
+    with _conn(kw) as client:
+        j = client.get_any_job(job)
+        res = client.job_result(j)
+    if as_json:
+        click.echo(json.dumps({"job": _json(j), "result": _json(res) if res is not None else None}, indent=2))
+    else:
+        click.echo(_job_line(j))
+
+
+@remote_job.command("cancel")
+@click.argument("job")
+@connection_options
+@_remote_errors
+def remote_job_cancel(job: str, **kw: Any) -> None:
+    with _conn(kw) as client:
+        click.echo(_job_line(client.cancel_any_job(job)))
+
+
+@remote_job.command("retry")
+@click.argument("job")
+@click.option("--detach", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_job_retry(job: str, detach: bool, **kw: Any) -> None:
+    with _conn(kw) as client:
+        _follow(client, client.retry_any_job(job), detach, False)
+
+
+@remote_job.command("watch")
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_job_watch(job: str, as_json: bool, **kw: Any) -> None:
+    with _conn(kw) as client:
+        _follow(client, client.get_any_job(job), False, as_json)
+
+
+# -- soups ------------------------------------------------------------------------------------------
+@remote.group("soup")
+def remote_soup() -> None:
+    """Living soups on the server (Diffusion Soup; merge.soup): create, add, remove, build, show."""
+
+
+def _member_arg(text: str) -> dict[str, Any]:
+    """``MODEL``, ``MODEL:WEIGHT`` or ``ID=MODEL[:WEIGHT]``."""
+    mid, _, rest = text.partition("=") if "=" in text else ("", "", text)
+    model, weight = rest, 0.0
+    head, _, tail = rest.rpartition(":")
+    if head:
+        try:
+            model, weight = head, float(tail)
+        except ValueError:
+            pass
+    return {"model": model, "id": mid, "weight": weight}
+
+
+@remote_soup.command("create")
+@click.argument("members", nargs=-1)
+@click.option(
+    "-o", "--soup", "soup", default="", help="Soup folder under a root (default: kept as job://<id>)."
+)
+@click.option("--base", default="", help="A base model the members must match.")
+@click.option("--dtype", default="", help="Dtype of built soups (default: the members').")
+@click.option("--name", "display_name", default="")
+@click.option("--detach", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_soup_create(members: tuple[str, ...], soup: str, base: str, dtype: str, display_name: str,
+                       detach: bool, as_json: bool, **kw: Any) -> None:  # fmt: skip
+    """Create a soup with MEMBERS (MODEL, MODEL:WEIGHT or ID=MODEL[:WEIGHT])."""
+    with _conn(kw) as client:
+        job = client.create_soup(soup, [_member_arg(m) for m in members], base=base, dtype=dtype,
+                                 display_name=display_name)  # fmt: skip
+        _follow(client, job, detach, as_json)
+
+
+@remote_soup.command("add")
+@click.argument("soup")
+@click.argument("member")
+@click.option("--detach", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_soup_add(soup: str, member: str, detach: bool, as_json: bool, **kw: Any) -> None:
+    """Add MEMBER (MODEL, MODEL:WEIGHT or ID=MODEL[:WEIGHT]) to SOUP (a path or job://<id>)."""
+    with _conn(kw) as client:
+        _follow(client, client.add_soup_member(soup, _member_arg(member)), detach, as_json)
+
+
+@remote_soup.command("remove")
+@click.argument("soup")
+@click.argument("member_id")
+@click.option("--detach", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_soup_remove(soup: str, member_id: str, detach: bool, as_json: bool, **kw: Any) -> None:
+    """Remove MEMBER_ID from SOUP, exactly (the soup that never had it)."""
+    with _conn(kw) as client:
+        _follow(client, client.remove_soup_member(soup, member_id), detach, as_json)
+
+
+@remote_soup.command("build")
+@click.argument("soup")
+@click.option(
+    "-o", "--output", "output_path", default="", help="Output folder under a root (default: job://)."
+)
+@click.option("--overwrite", is_flag=True)
+@click.option("--detach", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_soup_build(
+    soup: str, output_path: str, overwrite: bool, detach: bool, as_json: bool, **kw: Any
+) -> None:
+    """Write SOUP's weighted mean as a checkpoint folder on the server."""
+    with _conn(kw) as client:
+        _follow(client, client.build_soup(soup, output_path, overwrite=overwrite), detach, as_json)
+
+
+@remote_soup.command("show")
+@click.argument("soup")
+@click.option("--verify", is_flag=True, help="Hash every member file.")
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_soup_show(soup: str, verify: bool, as_json: bool, **kw: Any) -> None:
+    """Show SOUP's manifest: members, weights, history."""
+    with _conn(kw) as client:
+        s = client.get_soup(soup, verify=verify)
+    if as_json:
+        click.echo(json.dumps(_json(s), indent=2))
+        return
+    click.echo(f"{s.path}  ({s.kind or 'empty'}, soup id {s.soup_id[:12]}, total weight {s.total_weight:g})")
+    for m in s.members:
+        click.echo(f"  {m.id:<16} w={m.weight:<6g} {m.path}  {m.status}".rstrip())
+    for e in s.history:
+        click.echo(f"  {e.time}  {e.op:<6} {e.member}")

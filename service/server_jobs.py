@@ -1,0 +1,141 @@
+"""JobService: every job, whatever its kind (a thin protobuf <-> job store translation).
+
+Jobs are one mechanism (:mod:`service.jobs`, :mod:`service.kinds`); this module turns a job record of
+any kind into ``weightsmith.v1.Job`` (its normalized request and its result packed as ``Any``) and
+serves the RPCs that read, watch, cancel, retry and list jobs. Each kind's service module registers
+how its request and result convert (:data:`CONVERT`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from service._proto.weightsmith.v1 import job_service_pb2 as jpb
+from service._proto.weightsmith.v1 import job_service_pb2_grpc as jpb_grpc
+from service._proto.weightsmith.v1 import merge_service_pb2 as mpb
+from service.jobs import INTERRUPTED, SUCCEEDED, TERMINAL, JobEvent, JobManager, JobRecord, ServiceError
+from service.kinds import all_kinds
+from service.server import (
+    STATE_NAMES,
+    STATES,
+    _progress_pb,
+    _ts,
+    handle_errors,
+    handle_stream_errors,
+    result_pb,
+)
+
+JOB_SERVICE = jpb.DESCRIPTOR.services_by_name["JobService"].full_name
+
+
+def _merge_spec(rec: JobRecord) -> Any:
+    return mpb.CreateMergeJobRequest(
+        request_id=rec.request_id,
+        recipe_yaml=rec.recipe_yaml,
+        output_path=rec.output_path,
+        overwrite=rec.overwrite,
+        options=mpb.MergeJobOptions(
+            compute_dtype=rec.options.get("compute_dtype", ""),
+            shard_size=int(rec.options.get("shard_size", 0)),
+            workers=int(rec.options.get("workers", 0)),
+        ),
+    )
+
+
+#: per kind: (its normalized request as the Create message, its result message)
+CONVERT: dict[str, tuple[Callable[[JobRecord], Any], Callable[[JobRecord], Any]]] = {
+    "merge": (_merge_spec, lambda rec: result_pb(rec.id, rec.result or {})),
+}
+
+
+def any_job_pb(rec: JobRecord, event: JobEvent | None = None) -> jpb.Job:
+    """A job of any kind as ``weightsmith.v1.Job``; with ``event``, as of that event."""
+    latest = event is None or event.seq >= rec.last_seq
+    state = rec.state if event is None else event.state
+    job = jpb.Job(
+        name=rec.name,
+        kind=rec.kind,
+        state=STATES[state],
+        progress=_progress_pb(rec.progress if event is None else event.progress),
+        create_time=_ts(rec.create_time),
+        request_id=rec.request_id,
+        attempt=rec.attempt,
+        estimated_peak_bytes=rec.est_bytes,
+        cancel_requested=rec.cancel_requested and latest,
+        last_sequence=rec.last_seq if event is None else event.seq,
+        summary=rec.method,
+        output_path=rec.output_path,
+    )
+    spec_of, result_of = CONVERT[rec.kind]
+    job.spec.Pack(spec_of(rec))
+    if rec.start_time is not None and (latest or state != "QUEUED"):
+        job.start_time.CopyFrom(_ts(rec.start_time))
+    if latest:
+        if rec.end_time is not None:
+            job.end_time.CopyFrom(_ts(rec.end_time))
+        if rec.error_code and (state in TERMINAL or state == INTERRUPTED):
+            job.error.code = rec.error_code
+            job.error.message = rec.error_message or ""
+        if rec.result is not None and state == SUCCEEDED:
+            job.result.Pack(result_of(rec))
+    return job
+
+
+class JobServicer(jpb_grpc.JobServiceServicer):
+    def __init__(self, manager: JobManager) -> None:
+        self.m = manager
+
+    @handle_errors("name")
+    async def GetJob(self, request: jpb.GetJobRequest, context: Any) -> jpb.GetJobResponse:
+        return jpb.GetJobResponse(job=any_job_pb(self.m.get(request.name)))
+
+    @handle_stream_errors("name")
+    async def WatchJob(
+        self, request: jpb.WatchJobRequest, context: Any
+    ) -> AsyncIterator[jpb.WatchJobResponse]:
+        async for ev, rec in self.m.watch(request.name, request.from_sequence):
+            yield jpb.WatchJobResponse(sequence=ev.seq, time=_ts(ev.time), job=any_job_pb(rec, ev))
+
+    @handle_errors("name")
+    async def CancelJob(self, request: jpb.CancelJobRequest, context: Any) -> jpb.CancelJobResponse:
+        return jpb.CancelJobResponse(job=any_job_pb(await self.m.cancel(request.name)))
+
+    @handle_errors("name")
+    async def RetryJob(self, request: jpb.RetryJobRequest, context: Any) -> jpb.RetryJobResponse:
+        return jpb.RetryJobResponse(job=any_job_pb(await self.m.retry(request.name)))
+
+    @handle_errors("states")
+    async def ListJobs(self, request: jpb.ListJobsRequest, context: Any) -> jpb.ListJobsResponse:
+        states = []
+        for s in request.states:
+            if s not in STATE_NAMES:
+                raise ServiceError("INVALID_ARGUMENT", f"states: {s} is not a job state", "states")
+            states.append(STATE_NAMES[s])
+        known = {k.name for k in all_kinds()}
+        for k in request.kinds:
+            if k not in known:
+                raise ServiceError(
+                    "INVALID_ARGUMENT",
+                    f"kinds: {k!r} is not a job kind (known: {', '.join(sorted(known))})",
+                    "kinds",
+                )
+        recs, token = self.m.list(states, request.page_size, request.page_token, list(request.kinds) or None)
+        return jpb.ListJobsResponse(jobs=[any_job_pb(r) for r in recs], next_page_token=token)
+
+    @handle_errors()
+    async def ListJobKinds(self, request: jpb.ListJobKindsRequest, context: Any) -> jpb.ListJobKindsResponse:
+        return jpb.ListJobKindsResponse(
+            kinds=[
+                jpb.JobKind(
+                    name=k.name, summary=k.summary, create_rpcs=list(k.create_rpcs), result_type=k.result_type
+                )
+                for k in all_kinds()
+            ]
+        )
+
+
+def add_servicers(manager: JobManager, server: Any) -> list[str]:
+    """Register this module's services on ``server``; returns their full names (health, reflection)."""
+    jpb_grpc.add_JobServiceServicer_to_server(JobServicer(manager), server)
+    return [JOB_SERVICE]

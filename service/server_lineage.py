@@ -1,0 +1,227 @@
+"""LineageService: ``metanets.lineage.detect_lineage`` over gRPC (a thin protobuf <-> library translation).
+
+The task of Yu & Wang, "Neural Lineage", CVPR 2024: which candidate was the child fine-tuned from, or
+none of them. The call reads models by reference and writes nothing, so it is an RPC, not a job: it
+runs in a thread of the server (at most ``max_running`` at once), streams the library's progress
+reports as they come, then the ranked candidates one message each, then the answer. Every reference
+is resolved through the server's roots first (PERMISSION_DENIED / INVALID_ARGUMENT for one outside
+them or malformed, before any work); a candidate that is missing or unreadable is skipped with its
+reason, as in the library. A client that cancels the call stops the computation at the library's
+next progress report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from merge.errors import ModelNotFoundError, WeightsmithError
+from service._proto.weightsmith.v1 import lineage_service_pb2 as lpb
+from service._proto.weightsmith.v1 import lineage_service_pb2_grpc as lpb_grpc
+from service.jobs import JobManager, ServiceError
+from service.server import handle_errors, handle_stream_errors
+
+LINEAGE_SERVICE = lpb.DESCRIPTOR.services_by_name["LineageService"].full_name
+
+METHODS = {
+    "weights": ("per-tensor relative distances (nuclear/Frobenius norms), data-free and streaming", []),
+    "aligned": (
+        "Git Re-Basin weight matching of every candidate to the child first, then 'weights' (permutation-robust)",
+        ["architecture or spec_ref (else built from the child's tensor names)"],
+    ),
+    "learned": ("a detector trained on a lineage zoo (metanets.lineage_learned)", ["detector_ref"]),
+}
+
+
+class _Stopped(Exception):
+    """Raised from the library's progress callback when the client went away."""
+
+
+def _struct(d: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(d)
+    return s
+
+
+def _candidate_pb(c: Any, layers: bool) -> lpb.CandidateScore:
+    msg = lpb.CandidateScore(
+        name=c.name,
+        ref=c.ref,
+        rank=c.rank,
+        score=float(c.score),
+        related=bool(c.related),
+        votes=float(c.votes),
+        coverage=float(c.coverage),
+        n_tensors=int(c.n_tensors),
+        permuted=bool(c.permuted),
+        metrics={k: float(v) for k, v in c.metrics.items()},
+        details=_struct(c.to_json(layers=layers)),
+    )
+    if c.fixed_fraction is not None:
+        msg.fixed_fraction = float(c.fixed_fraction)
+    if c.path is not None:
+        msg.path = float(c.path)
+    return msg
+
+
+def _answer_pb(r: Any) -> lpb.LineageAnswer:
+    msg = lpb.LineageAnswer(
+        child=r.child,
+        method=r.method,
+        parent=r.parent or "",
+        answer="parent" if r.parent is not None else "none",
+        reason=r.reason,
+        chain=list(r.chain),
+        skipped=[lpb.LineageSkipped(name=s.name, ref=s.ref, reason=s.reason) for s in r.skipped],
+        seconds=float(r.seconds),
+        bytes_read=int(r.bytes_read),
+        result=_struct({k: v for k, v in r.to_json(layers=False).items() if k != "candidates"}),
+    )
+    if r.margin is not None:
+        msg.margin = float(r.margin)
+    return msg
+
+
+class LineageServicer(lpb_grpc.LineageServiceServicer):
+    def __init__(self, manager: JobManager) -> None:
+        self.m = manager
+        self._slots = asyncio.Semaphore(max(1, manager.config.max_running))
+
+    def _kwargs(self, request: lpb.DetectLineageRequest) -> dict[str, Any]:
+        """The library call's arguments, every reference checked against the roots (nothing read yet)."""
+        method = request.method or "weights"
+        if method not in METHODS:
+            raise ServiceError(
+                "INVALID_ARGUMENT",
+                f"method: unknown lineage method {method!r} (served: {', '.join(METHODS)})",
+                "method",
+            )
+        if not request.child:
+            raise ServiceError("INVALID_ARGUMENT", "child: a model reference is required", "child")
+        if not request.candidates:
+            raise ServiceError("INVALID_ARGUMENT", "candidates: give at least one candidate", "candidates")
+        if len(request.candidates) > self.m.config.max_models:
+            raise ServiceError(
+                "RESOURCE_EXHAUSTED",
+                f"candidates: {len(request.candidates)}, more than this server's limit of {self.m.config.max_models}",
+                "candidates",
+            )
+        resolver = self.m.resolver()
+
+        def check(ref: str, field: str, required: bool) -> None:
+            if resolver.kind(ref) == "hub":
+                raise ServiceError(
+                    "FAILED_PRECONDITION",
+                    f"{field}: {ref!r}: lineage takes server paths, upload:// and job:// references, not Hub models",
+                    field,
+                )
+            try:
+                resolver(ref, field)
+            except ModelNotFoundError:
+                if required:
+                    raise  # a missing candidate is skipped by the library, with its reason
+
+        check(request.child, "child", True)
+        names: dict[str, str] = {}
+        for i, c in enumerate(request.candidates):
+            if not c.model:
+                raise ServiceError(
+                    "INVALID_ARGUMENT", f"candidates[{i}].model: empty reference", "candidates"
+                )
+            check(c.model, f"candidates[{i}].model", False)
+            name = c.name or c.model
+            if name in names:
+                raise ServiceError(
+                    "INVALID_ARGUMENT", f"candidates[{i}]: duplicate name {name!r}", "candidates"
+                )
+            names[name] = c.model
+        if method == "learned" and not request.detector_ref:
+            raise ServiceError(
+                "INVALID_ARGUMENT", "detector_ref: method 'learned' needs a detector", "detector_ref"
+            )
+        if request.architecture and request.spec_ref:
+            raise ServiceError("INVALID_ARGUMENT", "give architecture or spec_ref, not both", "spec_ref")
+        kw: dict[str, Any] = {
+            "method": method,
+            "child_name": request.child,
+            "heads": None if request.keep_heads else "auto",
+            "exclude": list(request.exclude),
+            "spectral": {"": "auto", "auto": "auto", "on": True, "off": False}.get(request.spectral, None),
+            "spectral_max_dim": request.spectral_max_dim or 256,
+            "resolver": lambda ref: resolver(ref, f"model '{ref}'"),
+            "allow_pickle": False,
+            "workers": 1,
+        }
+        if kw["spectral"] is None:
+            raise ServiceError("INVALID_ARGUMENT", "spectral: 'auto', 'on' or 'off'", "spectral")
+        if request.HasField("family_threshold"):
+            kw["family_threshold"] = request.family_threshold
+        if request.HasField("path_threshold"):
+            kw["path_threshold"] = request.path_threshold
+        if request.architecture:
+            kw["architecture"], kw["n_heads"] = request.architecture, request.n_heads
+        if request.spec_ref:
+            kw["spec"] = self.m.confine_path(request.spec_ref, "spec_ref")
+        if request.detector_ref:
+            kw["detector"] = self.m.confine_path(request.detector_ref, "detector_ref")
+        return {"child": request.child, "candidates": names, **kw}
+
+    @handle_stream_errors()
+    async def DetectLineage(self, request: lpb.DetectLineageRequest, context: Any) -> Any:
+        from metanets.lineage import detect_lineage
+
+        kw = self._kwargs(request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        stop = threading.Event()
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stop.is_set():
+                raise _Stopped()
+            loop.call_soon_threadsafe(queue.put_nowait, ("progress", (stage, done, total)))
+
+        def work() -> None:
+            try:
+                out: tuple[str, Any] = ("result", detect_lineage(**kw, progress=progress))
+            except BaseException as e:  # noqa: BLE001 - handed to the RPC, which maps it to a status
+                out = ("error", e)
+            loop.call_soon_threadsafe(queue.put_nowait, out)
+
+        async with self._slots:
+            task = asyncio.ensure_future(asyncio.to_thread(work))
+            try:
+                while True:
+                    what, value = await queue.get()
+                    if what == "progress":
+                        stage, done, total = value
+                        yield lpb.DetectLineageResponse(
+                            progress=lpb.LineageProgress(stage=stage, done=done, total=total)
+                        )
+                        continue
+                    if what == "error":
+                        if isinstance(value, WeightsmithError | _Stopped):
+                            raise value
+                        raise RuntimeError("detect_lineage failed") from value
+                    break
+            finally:
+                stop.set()
+                await asyncio.shield(task)
+        for c in value.candidates:
+            yield lpb.DetectLineageResponse(candidate=_candidate_pb(c, request.layers))
+        yield lpb.DetectLineageResponse(answer=_answer_pb(value))
+
+    @handle_errors()
+    async def ListLineageMethods(
+        self, request: lpb.ListLineageMethodsRequest, context: Any
+    ) -> lpb.ListLineageMethodsResponse:
+        return lpb.ListLineageMethodsResponse(
+            methods=[lpb.LineageMethod(name=k, summary=v[0], needs=v[1]) for k, v in METHODS.items()]
+        )
+
+
+def add_servicers(manager: JobManager, server: Any) -> list[str]:
+    lpb_grpc.add_LineageServiceServicer_to_server(LineageServicer(manager), server)
+    return [LINEAGE_SERVICE]
