@@ -44,6 +44,8 @@ ValueSource = Callable[[], Iterator[list[torch.Tensor]]]
 _BLOCK_ELEMS = 1 << 20
 _HI_BINS = 1 << 15  # high 16 bits of a non-negative float32: the sign bit is 0
 _LO_BINS = 1 << 16
+#: high bins per window of the one-pass fast path (see :class:`_Histogram`): ±2 bins is ±1.5% of the value
+_WINDOW = 4
 
 
 def _bits(values: torch.Tensor) -> torch.Tensor:
@@ -84,6 +86,9 @@ class TopK:
     quotas: tuple[int, ...] | None
     eq_counts: tuple[int, ...] | None
     kept_sum: float | None
+    #: with ``select_top(count_ties=False)``: how many entries equal to the threshold are kept in all
+    #: (in flat-index order, handed out to the chunks in order by a :class:`TieCursor`); None: all
+    tie_need: int | None = None
 
     @property
     def threshold_value(self) -> float:
@@ -100,19 +105,83 @@ class TopK:
         if self.k >= self.numel:
             return torch.ones(values.shape, dtype=torch.bool, device=values.device)
         bits = _bits(values)
+        if self.tie_need is not None:
+            raise ValueError("TopK.mask: ties at this threshold straddle the cut; use a TieCursor")
         if self.quotas is None:
             return (bits >= self.threshold).reshape(values.shape)
         assert self.eq_counts is not None
-        keep = bits > self.threshold
-        q = self.quotas[chunk]
-        if q > 0:
-            eq = bits == self.threshold
-            if q >= self.eq_counts[chunk]:
-                keep |= eq
+        return _keep_with_quota(bits, self.threshold, self.quotas[chunk], self.eq_counts[chunk]).reshape(
+            values.shape
+        )
+
+
+def _keep_with_quota(bits: torch.Tensor, threshold: int, q: int, eq_count: int) -> torch.Tensor:
+    """``bits > threshold`` plus the first ``q`` (of ``eq_count``) entries equal to it (flat order)."""
+    keep = bits > threshold
+    if q > 0:
+        eq = bits == threshold
+        if q >= eq_count:
+            keep |= eq
+        else:
+            cut = _position_of(eq, q) + 1
+            keep[:cut] |= eq[:cut]
+    return keep
+
+
+#: ``TieCursor.rule`` for "keep nothing": no int32 bit pattern is >= 2**31
+KEEP_NONE = 1 << 31
+
+
+def _count_equal(bits: torch.Tensor, value: int) -> int:
+    """``(bits == value).sum()`` for non-negative int32 ``bits`` and ``value``, in integer ops (no bool tensor)."""
+    x = torch.bitwise_xor(bits, value)  # 0 exactly where equal, else in (0, 2**31)
+    return -int(x.sub_(1).bitwise_right_shift_(31).sum().item())
+
+
+class TieCursor:
+    """Walks a :class:`TopK` over its chunks in order, handing out the tied entries' quota.
+
+    For a selection from ``select_top(count_ties=False)`` whose threshold ties straddle the cut, the
+    ``tie_need`` entries equal to the threshold that are kept are the first ones in flat-index order:
+    every chunk before the cut keeps all of its tied entries, the chunk holding the cut keeps the
+    first few, the later chunks none. The cursor learns each chunk's count of tied entries when it
+    visits it (one integer per chunk), so chunks must be visited in order the first time; a chunk
+    already visited can be visited again. This replaces a third pass over the data that counted the
+    tied entries of every chunk beforehand; the kept set is the same.
+    """
+
+    def __init__(self, sel: TopK) -> None:
+        self.sel = sel
+        self._left = [sel.tie_need or 0]  # quota left at the start of chunk i
+
+    def rule(self, bits: torch.Tensor, chunk: int = 0) -> int | torch.Tensor:
+        """What chunk ``chunk`` keeps, given its flat int32 magnitude bits: an int ``t`` (keep exactly
+        ``bits >= t``; :data:`KEEP_NONE` keeps nothing) or, where the cut falls inside it, a bool mask."""
+        sel = self.sel
+        if sel.k <= 0:
+            return KEEP_NONE
+        if sel.k >= sel.numel:
+            return 0
+        if sel.tie_need is None:
+            if sel.quotas is None:
+                return sel.threshold
+            assert sel.eq_counts is not None
+            return _keep_with_quota(bits, sel.threshold, sel.quotas[chunk], sel.eq_counts[chunk])
+        if chunk >= len(self._left):
+            raise RuntimeError(f"TieCursor: chunk {chunk} visited before chunk {len(self._left) - 1}")
+        left = self._left[chunk]
+        out: int | torch.Tensor
+        if left == 0:
+            out, nxt = sel.threshold + 1, 0
+        else:
+            eq = _count_equal(bits, sel.threshold)
+            if eq <= left:
+                out, nxt = sel.threshold, left - eq
             else:
-                cut = _position_of(eq, q) + 1
-                keep[:cut] |= eq[:cut]
-        return keep.reshape(values.shape)
+                out, nxt = _keep_with_quota(bits, sel.threshold, left, eq), 0
+        if chunk == len(self._left) - 1:
+            self._left.append(nxt)
+        return out
 
 
 _SEARCH_BLOCK = 1 << 16
@@ -164,18 +233,23 @@ class _Histogram:
     """Counts (and optionally sums of the low 16 bits) per high-16-bit bin, over many chunks.
 
     Small chunks are buffered and counted together, so the per-chunk cost does not include a
-    32768-bin histogram each time.
+    32768-bin histogram each time. ``windows`` (high-bin offsets ``w0``) also count the full 32-bit
+    patterns of the ``_WINDOW`` high bins ``[w0, w0 + _WINDOW)`` in the same pass (a dense
+    ``_WINDOW * 65536``-bin histogram, out-of-window values clamped into two end bins): when the
+    threshold falls in a window, its low-bit histogram is known after one pass over the data.
     """
 
     _FLUSH = _BLOCK_ELEMS
 
-    def __init__(self, bins: int, sums: bool) -> None:
+    def __init__(self, bins: int, sums: bool, windows: Sequence[int] = ()) -> None:
         self.bins = bins
         self.sums = sums
         self.pending: list[torch.Tensor] = []
         self.n_pending = 0
         self._counts: torch.Tensor | None = None
         self._lo_sums: torch.Tensor | None = None
+        self.windows = tuple(windows)
+        self._win: list[torch.Tensor | None] = [None] * len(self.windows)
 
     def add(self, bits: torch.Tensor) -> None:
         for block in bits.split(self._FLUSH):  # big tensors in blocks: small temporaries
@@ -195,6 +269,14 @@ class _Histogram:
         if self.sums:
             w = torch.bincount(hi, weights=(bits & 0xFFFF).double(), minlength=self.bins).cpu()
             self._lo_sums = w if self._lo_sums is None else self._lo_sums + w
+        del hi
+        span = _WINDOW << 16
+        for i, w0 in enumerate(self.windows):
+            # bin 0: below the window, 1..span: in it, span + 1: above
+            idx = torch.sub(bits, (w0 << 16) - 1).clamp_(0, span + 1)
+            h = torch.bincount(idx, minlength=span + 2).cpu()
+            acc = self._win[i]
+            self._win[i] = h if acc is None else acc.add_(h)
 
     def counts(self) -> torch.Tensor:
         self._flush()
@@ -203,6 +285,24 @@ class _Histogram:
     def lo_sums(self) -> torch.Tensor:
         self._flush()
         return self._lo_sums if self._lo_sums is not None else torch.zeros(self.bins, dtype=torch.float64)
+
+    def low_histogram(self, b: int) -> torch.Tensor | None:
+        """The 65536-bin histogram of the low 16 bits of the values in high bin ``b``, if a window holds it."""
+        self._flush()
+        for w0, h in zip(self.windows, self._win, strict=True):
+            if h is not None and w0 <= b < w0 + _WINDOW:
+                start = 1 + ((b - w0) << 16)
+                return h[start : start + _LO_BINS].clone()
+        return None
+
+
+def _window_start(values: torch.Tensor, fraction: float) -> int:
+    """First high bin of a ``_WINDOW``-bin window around this chunk's ``1 - fraction`` quantile."""
+    bits = _bits(values)
+    hist = torch.bincount(bits >> 16, minlength=_HI_BINS).cpu()
+    k = min(bits.numel(), max(1, round(fraction * bits.numel())))
+    b = _locate(hist, k)[0]
+    return min(max(0, b - _WINDOW // 2 + 1), _HI_BINS - _WINDOW)
 
 
 def _sparse_low_histogram(bits: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,6 +325,8 @@ def select_top(
     ks: Sequence[Sequence[int]] | Callable[[int], Sequence[Sequence[int]]],
     *,
     sums: bool = False,
+    numel_hint: int | None = None,
+    count_ties: bool = True,
 ) -> list[StreamSelection]:
     """Exact top-k of several streams of non-negative float32 values, streamed over chunks.
 
@@ -234,6 +336,13 @@ def select_top(
     ``sums=True`` also computes each stream's total and each selection's kept sum (float64,
     independent of the chunking). Reads the source once (single chunk) or twice, and a third time
     only when entries tied with a threshold straddle the cut (to count them per chunk).
+
+    ``numel_hint`` (the number of elements per stream, when the caller knows it) turns on the
+    one-pass path: the first chunk's quantiles place a narrow window around each threshold, whose
+    full 32-bit histogram is counted in pass 1 (:class:`_Histogram`); a threshold inside its window
+    needs no second pass (same result; a miss falls back to pass 2). ``count_ties=False`` skips the
+    third pass: a straddling threshold gets ``tie_need`` instead of per-chunk quotas, and a
+    :class:`TieCursor` hands the ties out as the chunks are visited in order.
     """
     hist_hi: list[_Histogram] = []
     numel: list[int] = []
@@ -241,7 +350,16 @@ def select_top(
     cached: list[torch.Tensor] | None = None
     for values in source():
         if n_chunks == 0:
-            hist_hi = [_Histogram(_HI_BINS, sums) for _ in values]
+            windows: list[list[int]] = [[] for _ in values]
+            if numel_hint and not sums and values and values[0].numel() < numel_hint:
+                hint = ks(numel_hint) if callable(ks) else ks
+                for s, kk in enumerate(hint[: len(values)]):
+                    for k in kk:
+                        if 0 < k < numel_hint:
+                            w0 = _window_start(values[s], k / numel_hint)
+                            if w0 not in windows[s]:
+                                windows[s].append(w0)
+            hist_hi = [_Histogram(_HI_BINS, sums, windows[s]) for s in range(len(values))]
             numel = [0] * len(values)
             cached = values
         else:
@@ -255,23 +373,31 @@ def select_top(
         return []
     counts_hi = [h.counts() for h in hist_hi]
     lo_sum_hi = [h.lo_sums() for h in hist_hi] if sums else []
-    del hist_hi
     wanted = ks(numel[0]) if callable(ks) else ks
     if len(wanted) != len(numel):
         raise ValueError(f"select_top: {len(numel)} streams but k values for {len(wanted)}")
 
-    # high bins to resolve in pass 2, per stream
+    # high bins to resolve, per stream: from a pass-1 window when one holds the bin, else in pass 2
     targets: list[set[int]] = [set() for _ in numel]
+    hist_lo: list[dict[int, torch.Tensor]] = [{} for _ in numel]
     for s, kk in enumerate(wanted):
         for k in kk:
             if 0 < k < numel[s]:
-                targets[s].add(_locate(counts_hi[s], k)[0])
+                b = _locate(counts_hi[s], k)[0]
+                if b in hist_lo[s]:
+                    continue
+                from_window = hist_hi[s].low_histogram(b)
+                if from_window is not None:
+                    hist_lo[s][b] = from_window
+                else:
+                    targets[s].add(b)
+    del hist_hi
 
     # pass 2: per stream and target bin, the histogram of the low 16 bits of the in-bin entries,
     # accumulated over chunks (memory: one 65536-bin histogram per target, whatever the tensor size)
-    hist_lo: list[dict[int, torch.Tensor]] = [
-        {b: torch.zeros(_LO_BINS, dtype=torch.int64) for b in t} for t in targets
-    ]
+    for s, t in enumerate(targets):
+        for b in t:
+            hist_lo[s][b] = torch.zeros(_LO_BINS, dtype=torch.int64)
     if any(targets):
         passes: Iterator[list[torch.Tensor]] = iter([cached]) if cached is not None else source()
         for values in passes:
@@ -295,7 +421,7 @@ def select_top(
                 low, above_lo = _locate(hist_lo[s][b], k - above)
                 eq = int(hist_lo[s][b][low].item())
                 cuts[(s, j)] = ((b << 16) | low, above + above_lo, k - above - above_lo, eq)
-                if cuts[(s, j)][2] < eq:
+                if cuts[(s, j)][2] < eq and count_ties:
                     straddling.append((s, j))
     eq_per_chunk: dict[tuple[int, int], list[int]] = {key: [] for key in straddling}
     if straddling:
@@ -329,6 +455,7 @@ def select_top(
             b, low = threshold >> 16, threshold & 0xFFFF
             h_lo = hist_lo[s][b]
             quotas = eq_counts = None
+            need = tie_need if not count_ties and tie_need < eq_total else None
             if (s, j) in eq_per_chunk:
                 eq_list = eq_per_chunk[(s, j)]
                 q_list = []
@@ -345,7 +472,7 @@ def select_top(
                 vals = base_v[b] + lows * ulp_v[b]
                 above_in_bin = (h_lo[low + 1 :].double() * vals[low + 1 :]).sum()
                 kept = float((bin_sums[b + 1 :].sum() + above_in_bin + tie_need * vals[low]).item())
-            sels.append(TopK(k, n, threshold, n_greater, quotas, eq_counts, kept))
+            sels.append(TopK(k, n, threshold, n_greater, quotas, eq_counts, kept, need))
         out.append(StreamSelection(n, total, tuple(sels)))
     return out
 
@@ -356,4 +483,4 @@ def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     return sel.mask(values, 0)
 
 
-__all__ = ["StreamSelection", "TopK", "ValueSource", "select_top", "topk_mask"]
+__all__ = ["KEEP_NONE", "StreamSelection", "TieCursor", "TopK", "ValueSource", "select_top", "topk_mask"]
