@@ -32,9 +32,11 @@ The per-bin sums are identical however the tensor is chunked, so the totals are 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 #: Per chunk: one non-negative float32 tensor per stream (e.g. ``|τ_t|`` for each model t).
@@ -44,8 +46,10 @@ ValueSource = Callable[[], Iterator[list[torch.Tensor]]]
 _BLOCK_ELEMS = 1 << 20
 _HI_BINS = 1 << 15  # high 16 bits of a non-negative float32: the sign bit is 0
 _LO_BINS = 1 << 16
-#: high bins per window of the one-pass fast path (see :class:`_Histogram`): ±2 bins is ±1.5% of the value
+#: width of the one-pass window (:func:`_one_pass`) in high bins: 4 bins are ±1.5% of the value
 _WINDOW = 4
+#: in-window values are buffered and counted into the window's histogram in batches of this many
+_WINDOW_FLUSH = 1 << 20
 
 
 def _bits(values: torch.Tensor) -> torch.Tensor:
@@ -233,23 +237,18 @@ class _Histogram:
     """Counts (and optionally sums of the low 16 bits) per high-16-bit bin, over many chunks.
 
     Small chunks are buffered and counted together, so the per-chunk cost does not include a
-    32768-bin histogram each time. ``windows`` (high-bin offsets ``w0``) also count the full 32-bit
-    patterns of the ``_WINDOW`` high bins ``[w0, w0 + _WINDOW)`` in the same pass (a dense
-    ``_WINDOW * 65536``-bin histogram, out-of-window values clamped into two end bins): when the
-    threshold falls in a window, its low-bit histogram is known after one pass over the data.
+    32768-bin histogram each time.
     """
 
     _FLUSH = _BLOCK_ELEMS
 
-    def __init__(self, bins: int, sums: bool, windows: Sequence[int] = ()) -> None:
+    def __init__(self, bins: int, sums: bool) -> None:
         self.bins = bins
         self.sums = sums
         self.pending: list[torch.Tensor] = []
         self.n_pending = 0
         self._counts: torch.Tensor | None = None
         self._lo_sums: torch.Tensor | None = None
-        self.windows = tuple(windows)
-        self._win: list[torch.Tensor | None] = [None] * len(self.windows)
 
     def add(self, bits: torch.Tensor) -> None:
         for block in bits.split(self._FLUSH):  # big tensors in blocks: small temporaries
@@ -269,14 +268,6 @@ class _Histogram:
         if self.sums:
             w = torch.bincount(hi, weights=(bits & 0xFFFF).double(), minlength=self.bins).cpu()
             self._lo_sums = w if self._lo_sums is None else self._lo_sums + w
-        del hi
-        span = _WINDOW << 16
-        for i, w0 in enumerate(self.windows):
-            # bin 0: below the window, 1..span: in it, span + 1: above
-            idx = torch.sub(bits, (w0 << 16) - 1).clamp_(0, span + 1)
-            h = torch.bincount(idx, minlength=span + 2).cpu()
-            acc = self._win[i]
-            self._win[i] = h if acc is None else acc.add_(h)
 
     def counts(self) -> torch.Tensor:
         self._flush()
@@ -285,24 +276,6 @@ class _Histogram:
     def lo_sums(self) -> torch.Tensor:
         self._flush()
         return self._lo_sums if self._lo_sums is not None else torch.zeros(self.bins, dtype=torch.float64)
-
-    def low_histogram(self, b: int) -> torch.Tensor | None:
-        """The 65536-bin histogram of the low 16 bits of the values in high bin ``b``, if a window holds it."""
-        self._flush()
-        for w0, h in zip(self.windows, self._win, strict=True):
-            if h is not None and w0 <= b < w0 + _WINDOW:
-                start = 1 + ((b - w0) << 16)
-                return h[start : start + _LO_BINS].clone()
-        return None
-
-
-def _window_start(values: torch.Tensor, fraction: float) -> int:
-    """First high bin of a ``_WINDOW``-bin window around this chunk's ``1 - fraction`` quantile."""
-    bits = _bits(values)
-    hist = torch.bincount(bits >> 16, minlength=_HI_BINS).cpu()
-    k = min(bits.numel(), max(1, round(fraction * bits.numel())))
-    b = _locate(hist, k)[0]
-    return min(max(0, b - _WINDOW // 2 + 1), _HI_BINS - _WINDOW)
 
 
 def _sparse_low_histogram(bits: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,6 +291,121 @@ def _sparse_low_histogram(bits: torch.Tensor, b: int) -> tuple[torch.Tensor, tor
     lo = los[0] if len(los) == 1 else torch.cat(los)
     vals, cnt = torch.unique(lo.to(torch.int64), return_counts=True)
     return vals.cpu(), cnt.cpu()
+
+def _window_start(values: torch.Tensor, fraction: float) -> int:
+    """First bit pattern of a ``_WINDOW``-high-bin window around this chunk's ``1 - fraction`` quantile."""
+    bits = _bits(values)
+    hist = torch.bincount(bits >> 16, minlength=_HI_BINS).cpu()
+    k = min(bits.numel(), max(1, round(fraction * bits.numel())))
+    b = _locate(hist, k)[0]
+    return min(max(0, b - _WINDOW // 2 + 1), _HI_BINS - _WINDOW) << 16
+
+
+class _Window:
+    """Exact counts of the bit patterns in ``[lo, lo + span)`` of one stream, and how many lie above.
+
+    Per chunk: one subtraction, two compares and a gather of the (few) in-window values, in numpy
+    (whose bool kernels are ~5x faster than torch's on CPU); no full histogram of the chunk, whose
+    serial count loop stalls on the few hot bins of a bell-shaped distribution.
+    """
+
+    def __init__(self, lo: int) -> None:
+        self.lo = lo
+        self.span = _WINDOW << 16
+        self.above = 0
+        self.hist = np.zeros(self.span, dtype=np.int64)
+        self.pending: list[np.ndarray] = []
+        self.n_pending = 0
+
+    def add(self, bits: np.ndarray) -> None:
+        v = np.subtract(bits, np.int32(self.lo))  # bits >= 0 and lo >= 0: no overflow
+        self.above += int(np.count_nonzero(v >= self.span))
+        inside = v[v.view(np.uint32) < self.span]
+        if inside.size:
+            self.pending.append(inside)
+            self.n_pending += inside.size
+            if self.n_pending >= _WINDOW_FLUSH:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            v = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
+            self.hist += np.bincount(v, minlength=self.span)
+            self.pending, self.n_pending = [], 0
+
+    def locate(self, k: int) -> tuple[int, int, int] | None:
+        """(threshold bits, number above it, number equal) of the k-th largest, if it is in the window."""
+        self._flush()
+        if k <= self.above:
+            return None
+        h = torch.from_numpy(self.hist)
+        if k > self.above + int(h.sum()):
+            return None
+        idx, above_in = _locate(h, k - self.above)
+        return self.lo + idx, self.above + above_in, int(h[idx])
+
+
+def _one_pass(
+    source: ValueSource, ks: Sequence[Sequence[int]] | Callable[[int], Sequence[Sequence[int]]],
+    numel_hint: int, count_ties: bool,
+) -> list[StreamSelection] | None:
+    """:func:`select_top` in one pass over the chunks, or None when a threshold missed its window.
+
+    The first chunk's own quantiles place, per wanted k, a ``_WINDOW``-high-bin window of bit
+    patterns; the pass counts every in-window pattern exactly and how many values lie above. A
+    threshold inside its window is then exact. A tensor that is a single chunk is selected from that
+    chunk directly.
+    """
+    it = source()
+    first = next(it, None)
+    if first is None:
+        return []
+    if first[0].numel() >= numel_hint:  # one chunk: the classic two steps on it, read once
+        return select_top(lambda: iter([first]), ks, count_ties=count_ties)
+    hint = ks(numel_hint) if callable(ks) else ks
+    if len(hint) != len(first):
+        raise ValueError(f"select_top: {len(first)} streams but k values for {len(hint)}")
+    windows: list[dict[int, _Window]] = [{} for _ in first]
+    for s, kk in enumerate(hint):
+        for k in kk:
+            if 0 < k < numel_hint:
+                lo = _window_start(first[s], k / numel_hint)
+                windows[s].setdefault(lo, _Window(lo))
+    numel = [0] * len(first)
+    chunk_values: Iterator[list[torch.Tensor]] = itertools.chain([first], it)
+    for values in chunk_values:
+        for s, v in enumerate(values):
+            bits = _bits(v)
+            numel[s] += bits.numel()
+            if windows[s]:
+                b = bits.numpy() if bits.device.type == "cpu" else bits.cpu().numpy()
+                for w in windows[s].values():
+                    w.add(b)
+        del values
+    wanted = ks(numel[0]) if callable(ks) else ks
+    out: list[StreamSelection] = []
+    for s, kk in enumerate(wanted):
+        n = numel[s]
+        sels = []
+        for k in kk:
+            k = int(k)
+            if k <= 0 or k >= n:
+                sels.append(TopK(max(0, min(k, n)), n, 0, min(max(k, 0), n), None, None, None))
+                continue
+            found = None
+            for w in windows[s].values():
+                found = w.locate(k)
+                if found is not None:
+                    break
+            if found is None:
+                return None
+            threshold, n_greater, eq = found
+            need = k - n_greater
+            if need < eq and count_ties:
+                return None  # per-chunk quotas need the third pass of the classic path
+            sels.append(TopK(k, n, threshold, n_greater, None, None, None, need if need < eq else None))
+        out.append(StreamSelection(n, None, tuple(sels)))
+    return out
 
 
 def select_top(
@@ -338,28 +426,23 @@ def select_top(
     only when entries tied with a threshold straddle the cut (to count them per chunk).
 
     ``numel_hint`` (the number of elements per stream, when the caller knows it) turns on the
-    one-pass path: the first chunk's quantiles place a narrow window around each threshold, whose
-    full 32-bit histogram is counted in pass 1 (:class:`_Histogram`); a threshold inside its window
-    needs no second pass (same result; a miss falls back to pass 2). ``count_ties=False`` skips the
-    third pass: a straddling threshold gets ``tie_need`` instead of per-chunk quotas, and a
+    one-pass path (:func:`_one_pass`): the first chunk's quantiles place a narrow window around
+    each threshold and one pass counts the bit patterns inside it exactly; when every threshold
+    falls in its window that is the whole selection (the same result), else the classic passes run.
+    ``count_ties=False`` skips the third pass: a straddling threshold gets ``tie_need`` instead of per-chunk quotas, and a
     :class:`TieCursor` hands the ties out as the chunks are visited in order.
     """
+    if numel_hint and not sums:
+        fast = _one_pass(source, ks, numel_hint, count_ties)
+        if fast is not None:
+            return fast
     hist_hi: list[_Histogram] = []
     numel: list[int] = []
     n_chunks = 0
     cached: list[torch.Tensor] | None = None
     for values in source():
         if n_chunks == 0:
-            windows: list[list[int]] = [[] for _ in values]
-            if numel_hint and not sums and values and values[0].numel() < numel_hint:
-                hint = ks(numel_hint) if callable(ks) else ks
-                for s, kk in enumerate(hint[: len(values)]):
-                    for k in kk:
-                        if 0 < k < numel_hint:
-                            w0 = _window_start(values[s], k / numel_hint)
-                            if w0 not in windows[s]:
-                                windows[s].append(w0)
-            hist_hi = [_Histogram(_HI_BINS, sums, windows[s]) for s in range(len(values))]
+            hist_hi = [_Histogram(_HI_BINS, sums) for _ in values]
             numel = [0] * len(values)
             cached = values
         else:
@@ -383,14 +466,7 @@ def select_top(
     for s, kk in enumerate(wanted):
         for k in kk:
             if 0 < k < numel[s]:
-                b = _locate(counts_hi[s], k)[0]
-                if b in hist_lo[s]:
-                    continue
-                from_window = hist_hi[s].low_histogram(b)
-                if from_window is not None:
-                    hist_lo[s][b] = from_window
-                else:
-                    targets[s].add(b)
+                targets[s].add(_locate(counts_hi[s], k)[0])
     del hist_hi
 
     # pass 2: per stream and target bin, the histogram of the low 16 bits of the in-bin entries,
