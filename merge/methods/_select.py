@@ -429,8 +429,8 @@ def select_top(
     one-pass path (:func:`_one_pass`): the first chunk's quantiles place a narrow window around
     each threshold and one pass counts the bit patterns inside it exactly; when every threshold
     falls in its window that is the whole selection (the same result), else the classic passes run.
-    ``count_ties=False`` skips the third pass: a straddling threshold gets ``tie_need`` instead of per-chunk quotas, and a
-    :class:`TieCursor` hands the ties out as the chunks are visited in order.
+    ``count_ties=False`` skips the third pass: a straddling threshold gets ``tie_need`` instead of
+    per-chunk quotas, and a :class:`TieCursor` hands the ties out as the chunks are visited in order.
     """
     if numel_hint and not sums:
         fast = _one_pass(source, ks, numel_hint, count_ties)
