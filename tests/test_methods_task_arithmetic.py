@@ -319,3 +319,22 @@ def test_errors_name_the_method() -> None:
         task_arithmetic([x, x], x, weight=[1.0, 2.0, 3.0])
     with pytest.raises(RecipeError, match="shape"):
         dare_linear([torch.zeros(4)], x)
+
+
+def test_ties_divisor_of_no_agreeing_model_is_one_with_any_weights() -> None:
+    """Entries where no model agrees with the elected sign (or the agreeing weights cancel) are divided
+    by 1, with positive weights (the fast clamp) and with mixed-sign weights (the bit trick) alike."""
+    base = torch.zeros(4)
+    ms = _models(base, [1.0, -1.0, 0.0, 2.0], [-1.0, 1.0, 0.0, 2.0])
+    # Σ = [0, 0, 0, 4]: γ = + everywhere (0 counts as +); entry 2 has no non-zero τ: 0 / 1
+    out = ties(ms, base, density=[1.0, 1.0], normalize=True)
+    assert torch.equal(out, T([1.0, 1.0, 0.0, 2.0]))
+    # weights +1 and −1 on equal task vectors: w τ = ±τ, and for a weight of −1 the divisor sums −1
+    ms2 = _models(base, [1.0, 2.0, 0.0, 3.0], [1.0, 2.0, 0.0, 3.0])
+    out2 = ties(ms2, base, weight=[1.0, -1.0], density=[1.0, 1.0], normalize=True)
+    # Σ w τ = 0 → γ = +: only model 1 agrees (w τ = +τ), divisor 1
+    assert torch.equal(out2, T([1.0, 2.0, 0.0, 3.0]))
+    # both agree (w τ = +1 each) but the weights cancel: divisor 1 + (−1) = 0 → 1, the sum 2 stays
+    ms3 = _models(base, [1.0, 1.0, 0.0, 0.0], [-1.0, -1.0, 0.0, 0.0])
+    out3 = ties(ms3, base, weight=[1.0, -1.0], density=[1.0, 1.0], normalize=True)
+    assert torch.equal(out3, T([2.0, 2.0, 0.0, 0.0]))

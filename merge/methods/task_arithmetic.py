@@ -84,8 +84,8 @@ def _consensus_sum(
     The same values as the bool form, bit for bit (τ_t · 0 = ±0 adds nothing; the weights sum in
     the same order). ``divisor`` is only computed when ``normalize``.
     """
-    gamma = deltas[0].clone()
-    for d in deltas[1:]:
+    gamma = torch.add(deltas[0], deltas[1]) if len(deltas) > 1 else deltas[0].clone()
+    for d in deltas[2:]:
         gamma.add_(d)
     torch.copysign(torch.ones((), dtype=gamma.dtype, device=gamma.device), gamma, out=gamma)
     mixed = torch.zeros_like(base)
@@ -98,7 +98,12 @@ def _consensus_sum(
             divisor.add_(agree, alpha=w)
     del agree, gamma
     if normalize:
-        _zero_to_one(divisor)
+        if divisor.dtype == torch.float32 and all(w >= torch.finfo(torch.float32).tiny for w in weights):
+            # with positive (normal) weights the divisor is 0 exactly where no model agrees, where the
+            # sum is ±0 too: ±0 / (smallest float) = ±0 / 1, and every other divisor is >= min(w) > it
+            divisor.clamp_(min=torch.finfo(torch.float32).smallest_normal * 2**-23)
+        else:
+            _zero_to_one(divisor)
     return mixed, divisor
 
 
