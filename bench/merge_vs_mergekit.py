@@ -8,6 +8,7 @@ write them:
 - ``task_arithmetic``: base + ft1..ft3, weight 0.5;
 - ``ties``: base + ft1..ft3, weight 1, density 0.5 (normalize, mergekit's default);
 - ``dare_ties``: base + ft1..ft3, weight 1, density 0.5;
+- ``breadcrumbs``: base + ft1..ft3, weight 1, density 0.5, gamma 0.01;
 - the methods added for issue 15 (``--methods della,...``): ``della`` / ``della_linear`` (base + 3, density
   0.5, epsilon 0.15), ``sce`` (base + 3, select_topk 0.5), ``karcher`` (ft1..ft3), ``multislerp`` (base + 3,
   weight 1), ``nuslerp`` (base + ft1, ft2), ``nearswap`` (base + ft1, t 0.001), ``arcee_fusion`` (base + ft1),
@@ -71,7 +72,7 @@ from _common import (  # noqa: E402
 )
 from make_models import ensure_models  # noqa: E402
 
-METHODS = ["linear", "task_arithmetic", "ties", "dare_ties"]
+METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs"]
 # the methods added for issue 15 (mergekit 0.1.5 has them too)
 NEW_METHODS = ["della", "della_linear", "sce", "karcher", "multislerp", "nuslerp", "nearswap", "arcee_fusion", "ram",
                "ramplus_tl"]
@@ -93,7 +94,8 @@ def recipe_for(method: str, m: dict[str, Path], dtype: str = "bfloat16") -> dict
         return _new_recipe(method, m, fts, dtype)
     per_model = {"task_arithmetic": {"weight": 0.5},
                  "ties": {"weight": 1.0, "density": 0.5},
-                 "dare_ties": {"weight": 1.0, "density": 0.5}}[method]
+                 "dare_ties": {"weight": 1.0, "density": 0.5},
+                 "breadcrumbs": {"weight": 1.0, "density": 0.5, "gamma": 0.01}}[method]
     r: dict[str, Any] = {"merge_method": method, "base_model": str(m["base"]),
                          "models": [{"model": f, "parameters": dict(per_model)} for f in fts], "dtype": dtype}
     if method == "ties":
@@ -227,8 +229,27 @@ def ratios(summary: list[dict[str, Any]], methods: list[str]) -> list[dict[str, 
                 row["wall_vs_floor"] = w["wall_s"] / fl["wall_s"]
             if ct:
                 row["wall_vs_cat"] = w["wall_s"] / ct["wall_s"]
+            ta = sk.get(f"{ws}|task_arithmetic")
+            if ta and m != "task_arithmetic":
+                row["wall_vs_task_arithmetic"] = w["wall_s"] / ta["wall_s"]
+            _issue17_targets(row, m, sk.get(f"mk500|{m}"), present)
             rows.append(row)
     return rows
+
+
+def _issue17_targets(row: dict[str, Any], method: str, mk500: dict[str, Any] | None,
+                     present: list[dict[str, Any]]) -> None:
+    """Issue 17's targets: TIES-like >= 10x faster than mergekit and within 2.5x of our task arithmetic;
+    linear / task arithmetic >= 5x faster than mergekit at 500M shards and within 3x of ``cat``."""
+    if method in ("ties", "dare_ties", "breadcrumbs") and present and "speedup_vs_best_mk" in row:
+        row["target17_10x_mergekit"] = row["speedup_vs_best_mk"] >= 10
+        if "wall_vs_task_arithmetic" in row:
+            row["target17_within_2.5x_ta"] = row["wall_vs_task_arithmetic"] <= 2.5
+    if method in ("linear", "task_arithmetic"):
+        if mk500:
+            row["target17_5x_mk500"] = row["wall_vs_mk500"] <= 0.2
+        if "wall_vs_cat" in row:
+            row["target17_within_3x_cat"] = row["wall_vs_cat"] <= 3
 
 
 def print_report(summary: list[dict[str, Any]], ratio_rows: list[dict[str, Any]], methods: list[str],
@@ -274,6 +295,19 @@ def print_report(summary: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]
             ["method", "weightsmith", "wall ws/mk", "wall ws/mk500", "CPU ws/mk", "anon ws/mk",
              "anon ws/mk500",
              "speed-up vs best mk", "anon / best mk", "≥3× faster", "≤¼ memory"], rr)
+        # issue 17's targets
+        t17 = []
+        for r in ratio_rows:
+            t17.append([r["method"], r["weightsmith"], fmt(r.get("speedup_vs_best_mk"), 1),
+                        fmt(1 / r["wall_vs_mk500"] if r.get("wall_vs_mk500") else None, 1),
+                        fmt(r.get("wall_vs_task_arithmetic")), fmt(r.get("wall_vs_cat")),
+                        fmt(r.get("anon_fraction_of_best_mk")),
+                        _yn(r.get("target17_10x_mergekit")), _yn(r.get("target17_within_2.5x_ta")),
+                        _yn(r.get("target17_5x_mk500")), _yn(r.get("target17_within_3x_cat")),
+                        _yn(r.get("target_quarter_memory"))])
+        text += "\n\n" + print_table(
+            ["method", "weightsmith", "× faster than best mk", "× faster than mk500", "wall ÷ our TA", "wall ÷ cat",
+             "anon / best mk", "≥10× mk (TIES-like)", "≤2.5× TA", "≥5× mk500 (lin/TA)", "≤3× cat", "≤¼ memory"], t17)
     return text
 
 

@@ -21,10 +21,12 @@ no half-written model folder.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
 import struct
+import sys
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -104,6 +106,8 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     file: Path
+    #: absolute byte offset of the tensor's data in ``file`` (safetensors; -1 for pickles)
+    offset: int = -1
 
     @property
     def numel(self) -> int:
@@ -174,7 +178,7 @@ def read_safetensors_header(path: Path, *, max_header_bytes: int = MAX_HEADER_BY
         if (not isinstance(offs, list) or len(offs) != 2
                 or not all(isinstance(o, int) and o >= 0 for o in offs) or offs[1] < offs[0]):
             raise CheckpointError(f"{where}: bad data_offsets {offs!r}")
-        info = TensorInfo(name, dtype, tuple(shape), path)
+        info = TensorInfo(name, dtype, tuple(shape), path, 8 + n + offs[0])
         if offs[1] - offs[0] != info.nbytes:
             raise CheckpointError(
                 f"{where}: data_offsets span {offs[1] - offs[0]} bytes but dtype {entry['dtype']} x "
@@ -230,6 +234,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         self.root = self.path if self.path.is_dir() else self.path.parent
         self._infos: dict[str, TensorInfo] = {}
         self._handles: dict[Path, Any] = {}
+        self._mmaps: dict[Path, mmap.mmap] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         self._lock = threading.Lock()
         files = self._discover(allow_pickle)
@@ -378,6 +383,35 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{info.file}: cannot read rows {r0}:{r1} of tensor '{name}': {e}") from None
 
+    def rows_view(self, name: str, r0: int, r1: int) -> torch.Tensor | None:
+        """Rows ``r0:r1`` as a zero-copy view of the file's pages (a private copy-on-write mapping).
+
+        For a reader that converts right away (e.g. bf16 -> float32): the conversion then reads the
+        page cache directly instead of a copy of it. Writes to the view never reach the file, but
+        they would be seen by later views of the same rows: use it only where the result is copied.
+        None where there is no mapping to view (pickles, 0-d or empty tensors, big-endian hosts).
+        """
+        info = self.info(name)
+        if self._pickled is not None or info.offset < 0 or not info.shape or sys.byteorder != "little":
+            return None
+        rows = info.shape[0]
+        r0, r1 = max(0, min(r0, rows)), max(0, min(r1, rows))
+        row_elems = info.numel // rows if rows else 0
+        if r1 <= r0 or row_elems == 0:
+            return None
+        mm = self._mmaps.get(info.file)
+        if mm is None:
+            with self._lock:
+                mm = self._mmaps.get(info.file)
+                if mm is None:
+                    with open(info.file, "rb") as f:
+                        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                    self._mmaps[info.file] = mm
+        esize = torch.empty((), dtype=info.dtype).element_size()
+        flat = torch.frombuffer(mm, dtype=info.dtype, count=(r1 - r0) * row_elems,
+                                offset=info.offset + r0 * row_elems * esize)
+        return flat.view(r1 - r0, *info.shape[1:])
+
     def aux_files(self) -> list[Path]:
         """Config and tokenizer files next to the weights (copied into a merge's output)."""
         if not self.path.is_dir():
@@ -387,6 +421,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
 
     def close(self) -> None:
         self._handles.clear()
+        self._mmaps.clear()  # (views handed out keep their mapping alive)
 
 
 def open_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Checkpoint:

@@ -707,15 +707,24 @@ def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
 
     def reader(task: TensorTask, src: Source, check: bool = options.check_finite) -> Callable[[int, int], torch.Tensor]:
         ckpt = plan.checkpoints[src.model]
+        src_dtype = ckpt.dtype(src.name) if task.vocab is None else torch.float32
+        checked: set[tuple[int, int]] = set()  # rows already checked (a stats pass reads them twice)
 
         def read(r0: int, r1: int) -> torch.Tensor:
             check_cancel()
-            x = task.vocab.rows(src.model, r0, r1) if task.vocab is not None else ckpt.rows(src.name, r0, r1)
+            x = None
+            if task.vocab is None and not task.copy and src_dtype != plan.compute_dtype and src_dtype.is_floating_point:
+                # converting anyway: read the page cache in place (no intermediate copy of the rows)
+                x = ckpt.rows_view(src.name, r0, r1)
+            if x is None:
+                x = task.vocab.rows(src.model, r0, r1) if task.vocab is not None else ckpt.rows(src.name, r0, r1)
             if task.copy or not x.is_floating_point():
                 return x
             x = x.to(device=device, dtype=plan.compute_dtype)
-            if check and nonfinite(x):
-                raise NonFiniteError(f"{ckpt.path}: tensor '{src.name}' contains NaN or Inf values")
+            if check and (r0, r1) not in checked:
+                if nonfinite(x):
+                    raise NonFiniteError(f"{ckpt.path}: tensor '{src.name}' contains NaN or Inf values")
+                checked.add((r0, r1))
             return x
 
         return read

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merge.methods._select import select_top, topk_mask
+from merge.methods._select import TieCursor, select_top, topk_mask
 
 
 def _bf16_deltas(n: int, seed: int) -> torch.Tensor:
@@ -136,3 +136,64 @@ def test_half_precision_magnitudes_select_like_float32() -> None:
     x = torch.rand(1000, generator=torch.Generator().manual_seed(2)).bfloat16()
     assert torch.equal(topk_mask(x, 300), topk_mask(x.float(), 300))
     assert int(topk_mask(x, 300).sum()) == 300
+
+
+def _cursor_mask(sel, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """The kept set chunk by chunk with a TieCursor (chunks visited in order, as the engine does)."""
+    cur = TieCursor(sel)
+    parts = []
+    for i, c in enumerate(_chunks(x, rows)):
+        bits = c.contiguous().view(torch.int32).reshape(-1)
+        r = cur.rule(bits, i)
+        parts.append((r if isinstance(r, torch.Tensor) else bits >= r).reshape(c.shape))
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_one_pass_with_numel_hint_and_tie_cursor_keep_the_same_set(seed: int) -> None:
+    """The window fast path (numel_hint) reads the chunks once and, with count_ties=False, a TieCursor
+    hands out the tied quota in order: the same kept set as the three-pass selection."""
+    x = _bf16_deltas(40000, seed).reshape(400, 100)  # tie-heavy: the cut straddles tied entries
+    calls: list[int] = []
+
+    def source():
+        calls.append(1)
+        return iter([[c] for c in _chunks(x, 40)])
+
+    for k in (1, 777, 20000, 39999):
+        ref = select_top(source, [[k]])[0].topk[0]
+        ref_mask = torch.cat([ref.mask(c, i) for i, c in enumerate(_chunks(x, 40))])
+        calls.clear()
+        fast = select_top(source, [[k]], numel_hint=x.numel(), count_ties=False)[0].topk[0]
+        if k == 20000:  # (a quantile far in a tail may miss the first chunk's window: then two passes)
+            assert len(calls) == 1, k  # the threshold fell in the window: one pass
+        assert (fast.threshold, fast.n_greater) == (ref.threshold, ref.n_greater)
+        mask = _cursor_mask(fast, x, 40)
+        assert torch.equal(mask, ref_mask)
+        _check_topk(x, mask, k)
+        # revisiting a chunk gives the same answer; skipping ahead is refused
+        cur = TieCursor(fast)
+        b0 = x[:40].contiguous().view(torch.int32).reshape(-1)
+        first = cur.rule(b0, 0)
+        again = cur.rule(b0, 0)
+        assert (torch.equal(first, again) if isinstance(first, torch.Tensor) else first == again)
+        if fast.tie_need is not None:
+            with pytest.raises(RuntimeError, match="visited before"):
+                cur.rule(b0, 5)
+            with pytest.raises(ValueError, match="TieCursor"):
+                fast.mask(x[:40], 0)
+
+
+def test_a_window_miss_falls_back_to_the_classic_passes() -> None:
+    """A first chunk unlike the rest puts the window in the wrong place: still exact, two more passes."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.cat([torch.rand(500, generator=g) * 1e-3, torch.rand(3500, generator=g)])
+    calls: list[int] = []
+
+    def source():
+        calls.append(1)
+        return iter([[x[i : i + 500]] for i in range(0, 4000, 500)])
+
+    sel = select_top(source, [[2000]], numel_hint=4000, count_ties=False)[0].topk[0]
+    assert len(calls) == 3
+    _check_topk(x, _cursor_mask(sel, x, 500), 2000)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from merge.errors import RecipeError
 from merge.methods import get_method
+from merge.methods._random import ElementStream
 from merge.methods.runner import derive_seed, merge_tensors
 from merge.methods.task_arithmetic import (
     breadcrumbs,
@@ -269,7 +271,7 @@ def test_dare_ties_elects_signs_after_drop() -> None:
     assert torch.equal(out, T([-3.0, 3.0, 4.0, 2.0]))
 
 
-def test_dare_in_the_runner_draws_one_stream_per_chunk() -> None:
+def test_dare_in_the_runner_draws_on_a_fixed_element_grid() -> None:
     g = torch.Generator().manual_seed(6)
     base = torch.randn(12, 5, generator=g)
     ms = [base + torch.randn(12, 5, generator=g) for _ in range(2)]
@@ -277,14 +279,33 @@ def test_dare_in_the_runner_draws_one_stream_per_chunk() -> None:
     params = {"weight": [1.0, 0.5], "density": [0.4, 0.6], "lambda_": 1.0, "normalize": False,
               "rescale": True, "int8_mask": False}
     out = merge_tensors(spec, ms, base, params, name="w", seed=99, chunk_elems=20)  # 4 rows per chunk
-    parts = [
-        dare_ties([m[r : r + 4] for m in ms], base[r : r + 4], weight=[1.0, 0.5], density=[0.4, 0.6],
-                  generator=_gen(derive_seed(99, "w", i)))
-        for i, r in enumerate(range(0, 12, 4))
-    ]
-    assert torch.equal(out, torch.cat(parts))
-    assert torch.equal(out, merge_tensors(spec, ms, base, params, name="w", seed=99, chunk_elems=20))
+    # the same bytes for any chunk size (rows of 5 elements: odd offsets into the 64-bit words too)
+    for chunk_elems in (5, 15, 35, 60, 1 << 20):
+        assert torch.equal(out, merge_tensors(spec, ms, base, params, name="w", seed=99, chunk_elems=chunk_elems))
+    # = the method on the whole tensor with the tensor's stream; each chunk = its slice of it
+    stream = ElementStream(derive_seed(99, "w"))
+    assert torch.equal(out, dare_ties(ms, base, weight=[1.0, 0.5], density=[0.4, 0.6], stream=stream))
+    part = dare_ties([m[4:8] for m in ms], base[4:8], weight=[1.0, 0.5], density=[0.4, 0.6],
+                     stream=ElementStream(stream.seed, 4 * 5))
+    assert torch.equal(out[4:8], part)
     assert not torch.equal(out, merge_tensors(spec, ms, base, params, name="w", seed=98, chunk_elems=20))
+    assert not torch.equal(out, merge_tensors(spec, ms, base, params, name="w2", seed=99, chunk_elems=20))
+
+
+def test_element_stream_words_do_not_depend_on_the_split() -> None:
+    s = ElementStream(12345)
+    whole = s.words(1, 1001)
+    for cut in (0, 1, 2, 3, 500, 999, 1001):
+        left = ElementStream(12345, 0).words(1, cut)
+        right = ElementStream(12345, cut).words(1, 1001 - cut)
+        assert (np.concatenate([left, right]) == whole).all()
+    assert not (ElementStream(12345).words(0, 1001) == whole).all()  # models draw independently
+    # the keep test is Bernoulli(density) on the top 31 bits
+    keep = ElementStream(7).keep_mask(0, 200_000, 0.3)
+    assert set(keep.unique().tolist()) <= {-1, 0}
+    frac = float((keep == -1).double().mean())
+    assert abs(frac - 0.3) < 5 * math.sqrt(0.3 * 0.7 / 200_000)
+    assert int((ElementStream(7).keep_mask(0, 1000, 0.0) == -1).sum()) == 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,3 +319,22 @@ def test_errors_name_the_method() -> None:
         task_arithmetic([x, x], x, weight=[1.0, 2.0, 3.0])
     with pytest.raises(RecipeError, match="shape"):
         dare_linear([torch.zeros(4)], x)
+
+
+def test_ties_divisor_of_no_agreeing_model_is_one_with_any_weights() -> None:
+    """Entries where no model agrees with the elected sign (or the agreeing weights cancel) are divided
+    by 1, with positive weights (the fast clamp) and with mixed-sign weights (the bit trick) alike."""
+    base = torch.zeros(4)
+    ms = _models(base, [1.0, -1.0, 0.0, 2.0], [-1.0, 1.0, 0.0, 2.0])
+    # Σ = [0, 0, 0, 4]: γ = + everywhere (0 counts as +); entry 2 has no non-zero τ: 0 / 1
+    out = ties(ms, base, density=[1.0, 1.0], normalize=True)
+    assert torch.equal(out, T([1.0, 1.0, 0.0, 2.0]))
+    # weights +1 and −1 on equal task vectors: w τ = ±τ, and for a weight of −1 the divisor sums −1
+    ms2 = _models(base, [1.0, 2.0, 0.0, 3.0], [1.0, 2.0, 0.0, 3.0])
+    out2 = ties(ms2, base, weight=[1.0, -1.0], density=[1.0, 1.0], normalize=True)
+    # Σ w τ = 0 → γ = +: only model 1 agrees (w τ = +τ), divisor 1
+    assert torch.equal(out2, T([1.0, 2.0, 0.0, 3.0]))
+    # both agree (w τ = +1 each) but the weights cancel: divisor 1 + (−1) = 0 → 1, the sum 2 stays
+    ms3 = _models(base, [1.0, 1.0, 0.0, 0.0], [-1.0, -1.0, 0.0, 0.0])
+    out3 = ties(ms3, base, weight=[1.0, -1.0], density=[1.0, 1.0], normalize=True)
+    assert torch.equal(out3, T([2.0, 2.0, 0.0, 0.0]))

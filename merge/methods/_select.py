@@ -32,9 +32,11 @@ The per-bin sums are identical however the tensor is chunked, so the totals are 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 #: Per chunk: one non-negative float32 tensor per stream (e.g. ``|τ_t|`` for each model t).
@@ -44,6 +46,10 @@ ValueSource = Callable[[], Iterator[list[torch.Tensor]]]
 _BLOCK_ELEMS = 1 << 20
 _HI_BINS = 1 << 15  # high 16 bits of a non-negative float32: the sign bit is 0
 _LO_BINS = 1 << 16
+#: width of the one-pass window (:func:`_one_pass`) in high bins: 4 bins are ±1.5% of the value
+_WINDOW = 4
+#: in-window values are buffered and counted into the window's histogram in batches of this many
+_WINDOW_FLUSH = 1 << 20
 
 
 def _bits(values: torch.Tensor) -> torch.Tensor:
@@ -84,6 +90,9 @@ class TopK:
     quotas: tuple[int, ...] | None
     eq_counts: tuple[int, ...] | None
     kept_sum: float | None
+    #: with ``select_top(count_ties=False)``: how many entries equal to the threshold are kept in all
+    #: (in flat-index order, handed out to the chunks in order by a :class:`TieCursor`); None: all
+    tie_need: int | None = None
 
     @property
     def threshold_value(self) -> float:
@@ -100,19 +109,83 @@ class TopK:
         if self.k >= self.numel:
             return torch.ones(values.shape, dtype=torch.bool, device=values.device)
         bits = _bits(values)
+        if self.tie_need is not None:
+            raise ValueError("TopK.mask: ties at this threshold straddle the cut; use a TieCursor")
         if self.quotas is None:
             return (bits >= self.threshold).reshape(values.shape)
         assert self.eq_counts is not None
-        keep = bits > self.threshold
-        q = self.quotas[chunk]
-        if q > 0:
-            eq = bits == self.threshold
-            if q >= self.eq_counts[chunk]:
-                keep |= eq
+        return _keep_with_quota(bits, self.threshold, self.quotas[chunk], self.eq_counts[chunk]).reshape(
+            values.shape
+        )
+
+
+def _keep_with_quota(bits: torch.Tensor, threshold: int, q: int, eq_count: int) -> torch.Tensor:
+    """``bits > threshold`` plus the first ``q`` (of ``eq_count``) entries equal to it (flat order)."""
+    keep = bits > threshold
+    if q > 0:
+        eq = bits == threshold
+        if q >= eq_count:
+            keep |= eq
+        else:
+            cut = _position_of(eq, q) + 1
+            keep[:cut] |= eq[:cut]
+    return keep
+
+
+#: ``TieCursor.rule`` for "keep nothing": no int32 bit pattern is >= 2**31
+KEEP_NONE = 1 << 31
+
+
+def _count_equal(bits: torch.Tensor, value: int) -> int:
+    """``(bits == value).sum()`` for non-negative int32 ``bits`` and ``value``, in integer ops (no bool tensor)."""
+    x = torch.bitwise_xor(bits, value)  # 0 exactly where equal, else in (0, 2**31)
+    return -int(x.sub_(1).bitwise_right_shift_(31).sum().item())
+
+
+class TieCursor:
+    """Walks a :class:`TopK` over its chunks in order, handing out the tied entries' quota.
+
+    For a selection from ``select_top(count_ties=False)`` whose threshold ties straddle the cut, the
+    ``tie_need`` entries equal to the threshold that are kept are the first ones in flat-index order:
+    every chunk before the cut keeps all of its tied entries, the chunk holding the cut keeps the
+    first few, the later chunks none. The cursor learns each chunk's count of tied entries when it
+    visits it (one integer per chunk), so chunks must be visited in order the first time; a chunk
+    already visited can be visited again. This replaces a third pass over the data that counted the
+    tied entries of every chunk beforehand; the kept set is the same.
+    """
+
+    def __init__(self, sel: TopK) -> None:
+        self.sel = sel
+        self._left = [sel.tie_need or 0]  # quota left at the start of chunk i
+
+    def rule(self, bits: torch.Tensor, chunk: int = 0) -> int | torch.Tensor:
+        """What chunk ``chunk`` keeps, given its flat int32 magnitude bits: an int ``t`` (keep exactly
+        ``bits >= t``; :data:`KEEP_NONE` keeps nothing) or, where the cut falls inside it, a bool mask."""
+        sel = self.sel
+        if sel.k <= 0:
+            return KEEP_NONE
+        if sel.k >= sel.numel:
+            return 0
+        if sel.tie_need is None:
+            if sel.quotas is None:
+                return sel.threshold
+            assert sel.eq_counts is not None
+            return _keep_with_quota(bits, sel.threshold, sel.quotas[chunk], sel.eq_counts[chunk])
+        if chunk >= len(self._left):
+            raise RuntimeError(f"TieCursor: chunk {chunk} visited before chunk {len(self._left) - 1}")
+        left = self._left[chunk]
+        out: int | torch.Tensor
+        if left == 0:
+            out, nxt = sel.threshold + 1, 0
+        else:
+            eq = _count_equal(bits, sel.threshold)
+            if eq <= left:
+                out, nxt = sel.threshold, left - eq
             else:
-                cut = _position_of(eq, q) + 1
-                keep[:cut] |= eq[:cut]
-        return keep.reshape(values.shape)
+                out, nxt = _keep_with_quota(bits, sel.threshold, left, eq), 0
+        if chunk == len(self._left) - 1:
+            self._left.append(nxt)
+        return out
 
 
 _SEARCH_BLOCK = 1 << 16
@@ -219,12 +292,129 @@ def _sparse_low_histogram(bits: torch.Tensor, b: int) -> tuple[torch.Tensor, tor
     vals, cnt = torch.unique(lo.to(torch.int64), return_counts=True)
     return vals.cpu(), cnt.cpu()
 
+def _window_start(values: torch.Tensor, fraction: float) -> int:
+    """First bit pattern of a ``_WINDOW``-high-bin window around this chunk's ``1 - fraction`` quantile."""
+    bits = _bits(values)
+    hist = torch.bincount(bits >> 16, minlength=_HI_BINS).cpu()
+    k = min(bits.numel(), max(1, round(fraction * bits.numel())))
+    b = _locate(hist, k)[0]
+    return min(max(0, b - _WINDOW // 2 + 1), _HI_BINS - _WINDOW) << 16
+
+
+class _Window:
+    """Exact counts of the bit patterns in ``[lo, lo + span)`` of one stream, and how many lie above.
+
+    Per chunk: one subtraction, two compares and a gather of the (few) in-window values, in numpy
+    (whose bool kernels are ~5x faster than torch's on CPU); no full histogram of the chunk, whose
+    serial count loop stalls on the few hot bins of a bell-shaped distribution.
+    """
+
+    def __init__(self, lo: int) -> None:
+        self.lo = lo
+        self.span = _WINDOW << 16
+        self.above = 0
+        self.hist = np.zeros(self.span, dtype=np.int64)
+        self.pending: list[np.ndarray] = []
+        self.n_pending = 0
+
+    def add(self, bits: np.ndarray) -> None:
+        v = np.subtract(bits, np.int32(self.lo))  # bits >= 0 and lo >= 0: no overflow
+        self.above += int(np.count_nonzero(v >= self.span))
+        inside = v[v.view(np.uint32) < self.span]
+        if inside.size:
+            self.pending.append(inside)
+            self.n_pending += inside.size
+            if self.n_pending >= _WINDOW_FLUSH:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            v = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
+            self.hist += np.bincount(v, minlength=self.span)
+            self.pending, self.n_pending = [], 0
+
+    def locate(self, k: int) -> tuple[int, int, int] | None:
+        """(threshold bits, number above it, number equal) of the k-th largest, if it is in the window."""
+        self._flush()
+        if k <= self.above:
+            return None
+        h = torch.from_numpy(self.hist)
+        if k > self.above + int(h.sum()):
+            return None
+        idx, above_in = _locate(h, k - self.above)
+        return self.lo + idx, self.above + above_in, int(h[idx])
+
+
+def _one_pass(
+    source: ValueSource, ks: Sequence[Sequence[int]] | Callable[[int], Sequence[Sequence[int]]],
+    numel_hint: int, count_ties: bool,
+) -> list[StreamSelection] | None:
+    """:func:`select_top` in one pass over the chunks, or None when a threshold missed its window.
+
+    The first chunk's own quantiles place, per wanted k, a ``_WINDOW``-high-bin window of bit
+    patterns; the pass counts every in-window pattern exactly and how many values lie above. A
+    threshold inside its window is then exact. A tensor that is a single chunk is selected from that
+    chunk directly.
+    """
+    it = source()
+    first = next(it, None)
+    if first is None:
+        return []
+    if first[0].numel() >= numel_hint:  # one chunk: the classic two steps on it, read once
+        return select_top(lambda: iter([first]), ks, count_ties=count_ties)
+    hint = ks(numel_hint) if callable(ks) else ks
+    if len(hint) != len(first):
+        raise ValueError(f"select_top: {len(first)} streams but k values for {len(hint)}")
+    windows: list[dict[int, _Window]] = [{} for _ in first]
+    for s, kk in enumerate(hint):
+        for k in kk:
+            if 0 < k < numel_hint:
+                lo = _window_start(first[s], k / numel_hint)
+                windows[s].setdefault(lo, _Window(lo))
+    numel = [0] * len(first)
+    chunk_values: Iterator[list[torch.Tensor]] = itertools.chain([first], it)
+    for values in chunk_values:
+        for s, v in enumerate(values):
+            bits = _bits(v)
+            numel[s] += bits.numel()
+            if windows[s]:
+                b = bits.numpy() if bits.device.type == "cpu" else bits.cpu().numpy()
+                for w in windows[s].values():
+                    w.add(b)
+        del values
+    wanted = ks(numel[0]) if callable(ks) else ks
+    out: list[StreamSelection] = []
+    for s, kk in enumerate(wanted):
+        n = numel[s]
+        sels = []
+        for k in kk:
+            k = int(k)
+            if k <= 0 or k >= n:
+                sels.append(TopK(max(0, min(k, n)), n, 0, min(max(k, 0), n), None, None, None))
+                continue
+            found = None
+            for w in windows[s].values():
+                found = w.locate(k)
+                if found is not None:
+                    break
+            if found is None:
+                return None
+            threshold, n_greater, eq = found
+            need = k - n_greater
+            if need < eq and count_ties:
+                return None  # per-chunk quotas need the third pass of the classic path
+            sels.append(TopK(k, n, threshold, n_greater, None, None, None, need if need < eq else None))
+        out.append(StreamSelection(n, None, tuple(sels)))
+    return out
+
 
 def select_top(
     source: ValueSource,
     ks: Sequence[Sequence[int]] | Callable[[int], Sequence[Sequence[int]]],
     *,
     sums: bool = False,
+    numel_hint: int | None = None,
+    count_ties: bool = True,
 ) -> list[StreamSelection]:
     """Exact top-k of several streams of non-negative float32 values, streamed over chunks.
 
@@ -234,7 +424,18 @@ def select_top(
     ``sums=True`` also computes each stream's total and each selection's kept sum (float64,
     independent of the chunking). Reads the source once (single chunk) or twice, and a third time
     only when entries tied with a threshold straddle the cut (to count them per chunk).
+
+    ``numel_hint`` (the number of elements per stream, when the caller knows it) turns on the
+    one-pass path (:func:`_one_pass`): the first chunk's quantiles place a narrow window around
+    each threshold and one pass counts the bit patterns inside it exactly; when every threshold
+    falls in its window that is the whole selection (the same result), else the classic passes run.
+    ``count_ties=False`` skips the third pass: a straddling threshold gets ``tie_need`` instead of
+    per-chunk quotas, and a :class:`TieCursor` hands the ties out as the chunks are visited in order.
     """
+    if numel_hint and not sums:
+        fast = _one_pass(source, ks, numel_hint, count_ties)
+        if fast is not None:
+            return fast
     hist_hi: list[_Histogram] = []
     numel: list[int] = []
     n_chunks = 0
@@ -255,23 +456,24 @@ def select_top(
         return []
     counts_hi = [h.counts() for h in hist_hi]
     lo_sum_hi = [h.lo_sums() for h in hist_hi] if sums else []
-    del hist_hi
     wanted = ks(numel[0]) if callable(ks) else ks
     if len(wanted) != len(numel):
         raise ValueError(f"select_top: {len(numel)} streams but k values for {len(wanted)}")
 
-    # high bins to resolve in pass 2, per stream
+    # high bins to resolve, per stream: from a pass-1 window when one holds the bin, else in pass 2
     targets: list[set[int]] = [set() for _ in numel]
+    hist_lo: list[dict[int, torch.Tensor]] = [{} for _ in numel]
     for s, kk in enumerate(wanted):
         for k in kk:
             if 0 < k < numel[s]:
                 targets[s].add(_locate(counts_hi[s], k)[0])
+    del hist_hi
 
     # pass 2: per stream and target bin, the histogram of the low 16 bits of the in-bin entries,
     # accumulated over chunks (memory: one 65536-bin histogram per target, whatever the tensor size)
-    hist_lo: list[dict[int, torch.Tensor]] = [
-        {b: torch.zeros(_LO_BINS, dtype=torch.int64) for b in t} for t in targets
-    ]
+    for s, t in enumerate(targets):
+        for b in t:
+            hist_lo[s][b] = torch.zeros(_LO_BINS, dtype=torch.int64)
     if any(targets):
         passes: Iterator[list[torch.Tensor]] = iter([cached]) if cached is not None else source()
         for values in passes:
@@ -295,7 +497,7 @@ def select_top(
                 low, above_lo = _locate(hist_lo[s][b], k - above)
                 eq = int(hist_lo[s][b][low].item())
                 cuts[(s, j)] = ((b << 16) | low, above + above_lo, k - above - above_lo, eq)
-                if cuts[(s, j)][2] < eq:
+                if cuts[(s, j)][2] < eq and count_ties:
                     straddling.append((s, j))
     eq_per_chunk: dict[tuple[int, int], list[int]] = {key: [] for key in straddling}
     if straddling:
@@ -329,6 +531,7 @@ def select_top(
             b, low = threshold >> 16, threshold & 0xFFFF
             h_lo = hist_lo[s][b]
             quotas = eq_counts = None
+            need = tie_need if not count_ties and tie_need < eq_total else None
             if (s, j) in eq_per_chunk:
                 eq_list = eq_per_chunk[(s, j)]
                 q_list = []
@@ -345,7 +548,7 @@ def select_top(
                 vals = base_v[b] + lows * ulp_v[b]
                 above_in_bin = (h_lo[low + 1 :].double() * vals[low + 1 :]).sum()
                 kept = float((bin_sums[b + 1 :].sum() + above_in_bin + tie_need * vals[low]).item())
-            sels.append(TopK(k, n, threshold, n_greater, quotas, eq_counts, kept))
+            sels.append(TopK(k, n, threshold, n_greater, quotas, eq_counts, kept, need))
         out.append(StreamSelection(n, total, tuple(sels)))
     return out
 
@@ -356,4 +559,4 @@ def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     return sel.mask(values, 0)
 
 
-__all__ = ["StreamSelection", "TopK", "ValueSource", "select_top", "topk_mask"]
+__all__ = ["KEEP_NONE", "StreamSelection", "TieCursor", "TopK", "ValueSource", "select_top", "topk_mask"]

@@ -17,12 +17,13 @@ passes, and :meth:`Trim.apply` sparsifies one row chunk with them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
-from merge.methods._select import TopK, select_top
+from merge.methods._random import ElementStream
+from merge.methods._select import KEEP_NONE, TieCursor, TopK, select_top
 from merge.methods.registry import ChunkSource
 
 #: mergekit's ``rescaled_masked_tensor`` tolerance: below it, no rescaling.
@@ -75,20 +76,63 @@ class Trim:
     upper: TopK | None = None
     lower: TopK | None = None
     scale: float | None = None
+    _cursors: tuple[TieCursor | None, TieCursor | None] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        lower = self.lower if self.lower is not None and self.lower.k > 0 else None
+        cursors = (TieCursor(self.upper) if self.upper is not None else None,
+                   TieCursor(lower) if lower is not None else None)
+        object.__setattr__(self, "_cursors", cursors)
 
     def apply(self, delta: torch.Tensor, chunk: int = 0) -> torch.Tensor:
-        """Sparsify (in place when possible) row chunk ``chunk`` of the task vector ``delta``."""
+        """Sparsify (in place when possible) row chunk ``chunk`` of the task vector ``delta``.
+
+        Chunks of one tensor are visited in order (0, 1, ...) the first time: where entries tied at
+        a threshold straddle the cut, the ones kept are the first in flat-index order
+        (:class:`~merge.methods._select.TieCursor`).
+        """
         if self.mode == "keep":
             return delta
         if self.mode == "zero":
             return torch.zeros_like(delta)
-        assert self.upper is not None
-        mags = delta.abs()
-        keep = self.upper.mask(mags, chunk)
-        if self.lower is not None and self.lower.k > 0:
-            keep &= ~self.lower.mask(mags, chunk)
-        del mags
-        out = delta.mul_(keep)  # (× a bool mask: 5x faster than masked_fill_ with its negation)
+        up, lo = self._cursors
+        assert up is not None
+        if delta.dtype != torch.float32 or not delta.is_contiguous():
+            return self._apply_bool(delta, chunk)
+        bits = torch.abs(delta).view(torch.int32).reshape(-1)
+        r_up = up.rule(bits, chunk)
+        r_lo = lo.rule(bits, chunk) if lo is not None else None
+        if isinstance(r_up, int) and r_up >= KEEP_NONE:
+            return delta.zero_()
+        if isinstance(r_up, int) and (r_lo is None or isinstance(r_lo, int)):
+            # all in int32 ops (no bool tensors, ~4x cheaper): keep where t_up <= bits (< t_lo)
+            keep = None
+            if r_lo is not None:
+                keep = torch.sub(bits, r_lo).bitwise_right_shift_(31)  # -1 where bits < t_lo
+            m = bits.sub_(r_up).bitwise_not_().bitwise_right_shift_(31)  # ~(b - t) = t - 1 - b: -1 where b >= t
+            if keep is not None:
+                m.bitwise_and_(keep)
+            delta.view(torch.int32).reshape(-1).bitwise_and_(m)
+        else:
+            keep_b = r_up if isinstance(r_up, torch.Tensor) else bits >= r_up
+            if r_lo is not None:
+                keep_b &= ~(r_lo if isinstance(r_lo, torch.Tensor) else bits >= r_lo)
+            delta.mul_(keep_b.reshape(delta.shape))  # (× a bool mask: 5x faster than masked_fill_)
+        if self.scale is not None:
+            delta.mul_(self.scale)
+        return delta
+
+    def _apply_bool(self, delta: torch.Tensor, chunk: int) -> torch.Tensor:
+        """The same selection for other dtypes (bf16 compute): the magnitudes as float32 bits."""
+        up, lo = self._cursors
+        assert up is not None
+        bits = delta.abs().float().contiguous().view(torch.int32).reshape(-1)
+        r_up = up.rule(bits, chunk)
+        keep = r_up if isinstance(r_up, torch.Tensor) else bits >= r_up
+        if lo is not None:
+            r_lo = lo.rule(bits, chunk)
+            keep &= ~(r_lo if isinstance(r_lo, torch.Tensor) else bits >= r_lo)
+        out = delta.mul_(keep.reshape(delta.shape))
         if self.scale is not None:
             out.mul_(self.scale)
         return out
@@ -106,11 +150,14 @@ def trim_stats(
     density: list[float],
     gamma: list[float] | None = None,
     rescale: bool = False,
+    numel: int | None = None,
 ) -> list[Trim]:
     """Per model, the magnitude trim of ``τ_t = θ_t - θ_0`` over the whole tensor (two passes).
 
     ``gamma is None``: TIES magnitude trim (keep the top ``density``); otherwise Breadcrumbs
     (drop the top ``gamma`` and keep the next ``density``). ``rescale``: mergekit's L1 rescale.
+    ``numel`` (elements of the whole tensor, when known) lets the selection find its thresholds in
+    one pass over the chunks in the usual case (:func:`~merge.methods._select.select_top`).
     """
     n = len(density)
     if gamma is not None and len(gamma) != n:
@@ -136,7 +183,7 @@ def trim_stats(
             assert base is not None
             yield [(tensors[i] - base).abs() for i in active]
 
-    sels = select_top(magnitudes, ks, sums=rescale) if active else []
+    sels = select_top(magnitudes, ks, sums=rescale, numel_hint=numel, count_ties=False) if active else []
     trims: list[Trim] = []
     for i in range(n):
         if density[i] >= 1:
@@ -161,20 +208,36 @@ def trim_stats(
 
 
 def random_drop(
-    delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator | None = None
+    delta: torch.Tensor,
+    density: float,
+    rescale: bool,
+    generator: torch.Generator | None = None,
+    *,
+    stream: ElementStream | None = None,
+    index: int = 0,
 ) -> torch.Tensor:
     """DARE (Yu et al., ICML 2024, Eq. 2): keep each entry with probability ``density``.
 
     ``m ~ Bernoulli(density)``, ``τ̃ = m ⊙ τ / density`` with ``rescale`` (so ``E[τ̃] = τ``), else
-    ``m ⊙ τ``. density >= 1 returns ``delta`` unchanged (no draw), density <= 0 zeros. The mask is
-    ``U < density`` for ``U ~ Uniform[0, 1)`` drawn from ``generator`` (in place on ``delta``).
+    ``m ⊙ τ``. density >= 1 returns ``delta`` unchanged (no draw), density <= 0 zeros. In place on
+    ``delta``. The mask comes from ``stream`` (sub-stream ``index``, one per model: the engine's
+    chunk-size-independent :class:`~merge.methods._random.ElementStream`) when given, else it is
+    ``U < density`` for ``U ~ Uniform[0, 1)`` drawn from ``generator`` (torch's float32 ``rand``).
     """
     if density >= 1:
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    u = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device=delta.device)
-    out = delta.mul_(u < density)
+    if stream is not None and delta.dtype == torch.float32 and delta.is_contiguous() and delta.device.type == "cpu":
+        keep = stream.keep_mask(index, delta.numel(), density)
+        delta.view(torch.int32).reshape(-1).bitwise_and_(keep)
+        out = delta
+    elif stream is not None:
+        keep = stream.keep_mask(index, delta.numel(), density).to(delta.device).reshape(delta.shape)
+        out = delta.mul_(keep != 0)
+    else:
+        u = torch.rand(delta.shape, generator=generator, dtype=torch.float32, device=delta.device)
+        out = delta.mul_(u < density)
     if rescale:
         out.div_(density)
     return out

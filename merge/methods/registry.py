@@ -3,7 +3,7 @@
 A method is registered with :func:`merge_method`. Its keyword-only parameters are the method's
 parameters: those annotated ``PerModel[T]`` take one value per input model (the recipe may give a
 scalar, which applies to every model), the others are global. A trailing underscore is dropped
-from the public name (``lambda_`` is ``lambda`` in a recipe). Three names are injected by the
+from the public name (``lambda_`` is ``lambda`` in a recipe). These names are injected by the
 engine and are not parameters:
 
 ``stats``
@@ -13,7 +13,12 @@ engine and are not parameters:
     case it computes its statistics itself.
 ``generator``
     a ``torch.Generator`` seeded from the recipe seed, the tensor name and the chunk index, for
-    randomised methods (DARE).
+    randomised methods (DELLA; DARE when called without the engine).
+``stream``
+    a :class:`merge.methods._random.ElementStream`: random words addressed by the flat element
+    index (seeded from the recipe seed and the tensor name, positioned at the chunk's first
+    element), so a randomised method's output does not depend on the chunk size (DARE). When a
+    method takes ``stream`` the engine passes it instead of ``generator``.
 ``name``
     the output tensor name.
 ``progress``, ``device`` (whole-model methods)
@@ -55,7 +60,7 @@ import torch
 
 from merge.errors import RecipeError
 
-INJECTED = frozenset({"stats", "generator", "name", "chunk", "progress", "device"})
+INJECTED = frozenset({"stats", "generator", "stream", "name", "chunk", "progress", "device"})
 
 
 class _PerModelMarker:
@@ -314,7 +319,7 @@ def merge_method(
             max_models=max_models,
             elementwise=elementwise,
             stats=stats,
-            randomized="generator" in sig.parameters,
+            randomized="generator" in sig.parameters or "stream" in sig.parameters,
             propagates_nonfinite=propagates_nonfinite,
             check=check,
             params=params,

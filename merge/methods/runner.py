@@ -2,10 +2,11 @@
 
 Memory stays bounded by a few *chunks* (not whole tensors): dim 0 is split into row ranges of at
 most ``chunk_elems`` elements on a grid that depends only on the shape, so results (and the
-random streams of randomised methods, seeded per tensor name and chunk index) never depend on
-worker count or scheduling. Methods with whole-tensor statistics (top-k thresholds, norms) get
-them from a first streaming pass (``spec.stats``); methods declared ``elementwise`` need none;
-anything else is called on the whole tensor.
+random streams of randomised methods: DARE's addressed by flat element index, the others' seeded
+per tensor name and chunk index) never depend on worker count or scheduling. Methods with
+whole-tensor statistics (top-k thresholds, norms) get them from a first streaming pass
+(``spec.stats``); methods declared ``elementwise`` need none; anything else is called on the whole
+tensor.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from typing import Any
 
 import torch
 
+from merge.methods._random import ElementStream
 from merge.methods.registry import MethodSpec
 
 #: Default chunk size in elements (2 MiB of float32). Measured on a 2-core EPYC (2 MiB L2 per core,
 #: 32 MiB L3): a task-arithmetic merge of 4 x 1.5 GB bf16 models runs in the same time at 256K-1M
 #: elements (the per-chunk Python overhead and the cache misses trade off), and peak anonymous
 #: memory falls from ~270 MB at 1M to ~210 MB at 512K. Above 4M every fresh buffer page-faulted.
-#: The grid also fixes DARE's random streams (seeded per chunk): changing it changes DARE outputs.
+#: DARE's random numbers are addressed by flat element index (merge.methods._random), so they do not
+#: depend on this grid; DELLA's are still seeded per chunk (changing the grid changes DELLA outputs).
 CHUNK_ELEMS = 1 << 19
 
 Reader = Callable[[int, int], torch.Tensor]  # rows [r0, r1) of one input tensor
@@ -45,6 +48,13 @@ def chunk_grid(shape: tuple[int, ...] | torch.Size, chunk_elems: int = CHUNK_ELE
         row_elems *= int(s)
     step = max(1, chunk_elems // max(1, row_elems))
     return [(r, min(rows, r + step)) for r in range(0, rows, step)] or [(0, 0)]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def _accepts(spec: MethodSpec) -> set[str]:
@@ -98,13 +108,19 @@ def merge_chunks(
         stats_kwargs = {k: v for k, v in kwargs.items() if k in stats_accepts}
         if "generators" in stats_accepts:
             stats_kwargs["generators"] = generator_for
+        if "numel" in stats_accepts:  # lets a selection find its thresholds in one pass (merge.methods._select)
+            stats_kwargs["numel"] = _numel(shape)
         kwargs["stats"] = spec.stats(chunks, **stats_kwargs)
+    tensor_seed = derive_seed(seed, name)
+    row_elems = _numel(tuple(shape[1:])) if shape else 1
     for i, (r0, r1) in enumerate(grid):
         tensors, base = chunk_at(r0, r1)
         call = dict(kwargs)
         if "chunk" in accepts:
             call["chunk"] = i
-        if "generator" in accepts:
+        if "stream" in accepts:  # random numbers addressed by flat element index: chunking-independent
+            call["stream"] = ElementStream(tensor_seed, r0 * row_elems)
+        elif "generator" in accepts:
             call["generator"] = generator_for(i)
         out = spec.fn(tensors, base, **call)
         if shape and out.shape != torch.Size((r1 - r0, *shape[1:])):
