@@ -122,6 +122,16 @@ def test_console_script_runs_as_a_process(make_models, tmp_path: Path) -> None:
     assert p.returncode == 2 and p.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: recipe file not found"
 
 
+def test_python_m_service_cli_imports_every_command_group() -> None:
+    """``python -m service.cli`` runs cli.py as ``__main__``: no command module may import ``service.cli``."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    p = subprocess.run([sys.executable, "-m", "service.cli", "--help"], capture_output=True, text=True,
+                       env=env, timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    for group in ("merge", "moe", "soup", "adapter", "lineage", "zoo", "metanet", "remote"):
+        assert f"  {group} " in p.stdout, group
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_without_a_gpu_is_a_clear_error(make_models, tmp_path: Path) -> None:
     paths = make_models(2)
