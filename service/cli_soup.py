@@ -9,8 +9,6 @@ engine. Errors print one line ``error: ...`` on stderr and exit with code 2.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import sys
 from collections.abc import Callable
@@ -252,27 +250,11 @@ def show_cmd(soup_dir: str, verify: bool, as_json: bool) -> None:
 
 def load_scorer(spec: str) -> Callable[[dict[str, Any]], float]:
     """``package.module:function`` or ``path/to/file.py:function`` -> the callable."""
-    mod_name, sep, attr = spec.rpartition(":")
-    if not sep or not mod_name or not attr:
-        raise RecipeError(f"--scorer {spec!r}: expected module:function or path/to/file.py:function")
-    try:
-        if mod_name.endswith(".py") or "/" in mod_name:
-            path = Path(mod_name)
-            if not path.is_file():
-                raise RecipeError(f"--scorer {spec!r}: no such file {path}")
-            loader_spec = importlib.util.spec_from_file_location(f"_weightsmith_scorer_{path.stem}", path)
-            assert loader_spec is not None and loader_spec.loader is not None
-            module = importlib.util.module_from_spec(loader_spec)
-            loader_spec.loader.exec_module(module)
-        else:
-            if "" not in sys.path:
-                sys.path.insert(0, "")
-            module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise RecipeError(f"--scorer {spec!r}: cannot import {mod_name}: {e}") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise RecipeError(f"--scorer {spec!r}: {mod_name} has no callable '{attr}'")
+    from merge.entry_point import import_callable
+
+    if "" not in sys.path:  # a scorer module in the working directory, as `python -m` would find it
+        sys.path.insert(0, "")
+    fn = import_callable(spec, where="--scorer", what="callable")
     return fn
 
 

@@ -26,15 +26,11 @@ both papers; any ``loss(logits, batch)``, e.g. a labelled cross-entropy, plugs i
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import math
 import re
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from merge.entry_point import import_callable
 from merge.errors import MissingTensorError, RecipeError, ShapeMismatchError
 
 StateDict = Mapping[str, torch.Tensor]
@@ -122,33 +119,7 @@ def load_entry_point(ref: str, *, device: str = "cpu", where: str = "entry_point
     :class:`FusionProblem` (or a mapping with its fields). This runs the user's code: the engine
     allows it only with ``MergeOptions.allow_code`` (the CLI's ``--allow-code``).
     """
-    if not isinstance(ref, str) or ref.count(":") != 1 or not all(ref.split(":")):
-        raise RecipeError(
-            f"{where} {ref!r}: expected 'package.module:function' or 'path/to/file.py:function'"
-        )
-    mod_name, fn_name = ref.split(":")
-    try:
-        if mod_name.endswith(".py") or "/" in mod_name:
-            path = Path(mod_name).expanduser()
-            if not path.is_file():
-                raise RecipeError(f"{where} {ref!r}: no such file {path}")
-            spec = importlib.util.spec_from_file_location(
-                f"_weightsmith_entry_{abs(hash(str(path.resolve())))}", path
-            )
-            if spec is None or spec.loader is None:
-                raise RecipeError(f"{where} {ref!r}: cannot load {path} as a Python module")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(mod_name)
-    except RecipeError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any import failure is the user's module's
-        raise RecipeError(f"{where} {ref!r}: cannot import '{mod_name}': {type(e).__name__}: {e}") from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise RecipeError(f"{where} {ref!r}: module '{mod_name}' has no function '{fn_name}'")
+    fn = import_callable(ref, where=where)
     kwargs = {"device": device} if "device" in inspect.signature(fn).parameters else {}
     try:
         problem = fn(**kwargs)
