@@ -952,25 +952,12 @@ class JobManager:
                         raise InvalidPathError(
                             f"output_path: {out} overlaps input model '{ref}' ({res.path})"
                         )
-        if est > self.config.memory_budget:
-            raise ServiceError(
-                "RESOURCE_EXHAUSTED",
-                f"the merge needs about {est:,} bytes of memory, more than this server's budget "
-                f"of {self.config.memory_budget:,} bytes",
-            )
+        self._check_budget(est, "the merge")
         if validate_only:
             return None, plan_summary
-        if self.store.count(QUEUED) >= self.config.max_queued:
-            raise ServiceError(
-                "RESOURCE_EXHAUSTED",
-                f"the job queue is full ({self.config.max_queued} queued jobs); retry later",
-            )
-        if not self.accepting:
-            raise ServiceError("UNAVAILABLE", "the server is shutting down and takes no new jobs")
-        if request_id:
-            prev = self.store.by_request_id(request_id)  # a concurrent twin may have won meanwhile
-            if prev is not None:
-                return prev, plan_summary
+        prev = self._admit(request_id)
+        if prev is not None:
+            return prev, plan_summary
         self._check_output_free(out)  # again: planning awaited, another request may have taken it
         rec = JobRecord(
             id=job_id,
@@ -1048,15 +1035,17 @@ class JobManager:
         self._check_output_free(out, serial_key=serial_key)
         return out
 
-    async def submit(self, job_id: str, sub: Submission, request_id: str, request_hash: str) -> JobRecord:
-        """Queue a checked job of any kind (the shared half of every Create RPC)."""
-        est = self.config.worker_overhead_bytes + int(sub.est_bytes)
+    def _check_budget(self, est: int, what: str) -> None:
+        """Memory admission: ``what`` ("the merge", "the job") needs ``est`` bytes."""
         if est > self.config.memory_budget:
             raise ServiceError(
                 "RESOURCE_EXHAUSTED",
-                f"the job needs about {est:,} bytes of memory, more than this server's budget "
+                f"{what} needs about {est:,} bytes of memory, more than this server's budget "
                 f"of {self.config.memory_budget:,} bytes",
             )
+
+    def _admit(self, request_id: str) -> JobRecord | None:
+        """Queue room and shutdown checks of every Create RPC; a concurrent twin's job if it won meanwhile."""
         if self.store.count(QUEUED) >= self.config.max_queued:
             raise ServiceError(
                 "RESOURCE_EXHAUSTED",
@@ -1064,10 +1053,15 @@ class JobManager:
             )
         if not self.accepting:
             raise ServiceError("UNAVAILABLE", "the server is shutting down and takes no new jobs")
-        if request_id:
-            prev = self.store.by_request_id(request_id)  # a concurrent twin may have won meanwhile
-            if prev is not None:
-                return prev
+        return self.store.by_request_id(request_id) if request_id else None
+
+    async def submit(self, job_id: str, sub: Submission, request_id: str, request_hash: str) -> JobRecord:
+        """Queue a checked job of any kind (the shared half of every Create RPC)."""
+        est = self.config.worker_overhead_bytes + int(sub.est_bytes)
+        self._check_budget(est, "the job")
+        prev = self._admit(request_id)
+        if prev is not None:
+            return prev
         self._check_output_free(sub.output_path, serial_key=sub.serial_key)
         rec = JobRecord(
             id=job_id,
