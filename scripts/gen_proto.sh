@@ -15,6 +15,13 @@ PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
 fi
+# the stubs are pinned to their generator: the grpcio-tools of requirements/dev.lock (make install)
+want=$(sed -n 's/^grpcio-tools==//p' "$ROOT/requirements/dev.lock")
+have=$("$PY" -c 'from importlib.metadata import version; print(version("grpcio-tools"))' 2>/dev/null || echo none)
+if [ "$want" != "$have" ]; then
+  echo "gen_proto.sh: $PY has grpcio-tools $have, the lock pins $want (run make install)" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 rm -rf "$OUT/weightsmith"
 cd "$ROOT/proto"

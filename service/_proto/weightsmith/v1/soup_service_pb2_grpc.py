@@ -5,7 +5,7 @@ import warnings
 
 from service._proto.weightsmith.v1 import soup_service_pb2 as weightsmith_dot_v1_dot_soup__service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
