@@ -35,6 +35,7 @@ from merge.adapters import (
     write_kohya_adapter,
     write_peft_adapter,
 )
+from merge.atomic import check_output
 from merge.checkpoint import Checkpoint, open_checkpoint
 from merge.errors import AdapterError, MissingTensorError, RecipeError, ShapeMismatchError
 from merge.methods.lora import (
@@ -206,6 +207,7 @@ def merge_adapters(
             "(fold them into the base instead)"
         )
     kohya = formats.pop()
+    check_output(out, overwrite=overwrite, inputs=[a.path for a in ads], kind="file" if kohya else "dir")
     modules = sorted({m for a in ads for m in a.targets})
     first = next(iter(ads[0].targets.values()), None)
     out_dtype = DTYPES[dtype] if dtype else (ads[0]._ckpt.dtype(first.a_key) if first else torch.float32)
@@ -275,7 +277,7 @@ def merge_adapters(
                 saved[rel], owner[rel] = a.tensor(key), str(a.path)
         report.modules_to_save = sorted(saved)
         if kohya:
-            write_kohya_adapter(out, outs, dtype=out_dtype, overwrite=overwrite)
+            write_kohya_adapter(out, outs, dtype=out_dtype, overwrite=overwrite, inputs=[a.path for a in ads])
         else:
             cfg = ads[0].config
             write_peft_adapter(
@@ -287,6 +289,7 @@ def merge_adapters(
                 dtype=out_dtype,
                 overwrite=overwrite,
                 extra_files={"weightsmith_adapter.json": json.dumps(_meta(report), indent=2) + "\n"},
+                inputs=[a.path for a in ads],
             )
     finally:
         if bar is not None:
@@ -336,6 +339,7 @@ def extract_adapter(
         raise RecipeError(f"rank must be >= 1, got {rank}")
     b = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     f = finetuned if isinstance(finetuned, Checkpoint) else open_checkpoint(finetuned)
+    check_output(out, overwrite=overwrite, inputs=[b.path, f.path])
     inc = re.compile(targets) if targets else None
     exc = re.compile(exclude) if exclude else None
     missing = [n for n in f.keys() if n not in b]
@@ -409,6 +413,7 @@ def extract_adapter(
         dtype=out_dtype,
         overwrite=overwrite,
         extra_files={"weightsmith_adapter.json": json.dumps(_meta(report), indent=2) + "\n"},
+        inputs=[b.path, f.path],
     )
     report.seconds = round(time.perf_counter() - t0, 3)
     return report

@@ -37,24 +37,21 @@ extracting one from a fine-tune) are in :mod:`merge.adapter_ops`; the factor alg
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from merge.atomic import atomic_output, check_output
 from merge.checkpoint import Checkpoint, ResolvedModel, TensorInfo, open_checkpoint
 from merge.errors import (
     AdapterError,
     CheckpointError,
     MissingTensorError,
     ModelNotFoundError,
-    OutputExistsError,
     PickleRefusedError,
     ShapeMismatchError,
     UnsupportedAdapterError,
@@ -874,43 +871,6 @@ class OutTarget:
     transposed: bool = False
 
 
-class _AtomicFolder:
-    """Write files into ``<out>.partial-<id>/``, fsync, rename to ``out`` (or remove everything on error)."""
-
-    def __init__(self, out: Path, overwrite: bool) -> None:
-        self.out = out
-        self.overwrite = overwrite
-        if out.exists() and not overwrite:
-            raise OutputExistsError(f"{out}: output already exists (pass --overwrite to replace it)")
-        self.tmp = out.parent / f"{out.name}.partial-{uuid.uuid4().hex[:12]}"
-
-    def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        try:
-            for f in self.tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            old = None
-            if self.out.exists():
-                if not self.overwrite:
-                    raise OutputExistsError(f"{self.out}: output appeared while writing; not replaced")
-                old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:12]}"
-                os.rename(self.out, old)
-            os.rename(self.tmp, self.out)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
-
-
 def _peft_tensors(t: OutTarget, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     A, B = t.factors.A * t.factors.scale, t.factors.B
     pre = f"{PEFT_PREFIX}{t.module}"
@@ -942,6 +902,7 @@ def write_peft_adapter(
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
+    inputs: Iterable[str | Path] = (),
 ) -> Path:
     """Write a PEFT LoRA folder that ``PeftModel.from_pretrained`` loads: scale 1 on every target.
 
@@ -952,7 +913,7 @@ def write_peft_adapter(
     """
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
+    out = check_output(out_dir, overwrite=overwrite, inputs=inputs)
     if not targets and not modules_to_save:
         raise AdapterError(f"{out}: nothing to write (no targets)")
     ranks = [t.factors.A.shape[0] for t in targets]
@@ -988,7 +949,7 @@ def write_peft_adapter(
         "layers_to_transform": None,
         "layers_pattern": None,
     }
-    with _AtomicFolder(out, overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, inputs=inputs, what="adapter") as tmp:
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt", "written_by": "weightsmith"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         for name, text in (extra_files or {}).items():
@@ -1002,13 +963,12 @@ def write_kohya_adapter(
     *,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
+    inputs: Iterable[str | Path] = (),
 ) -> Path:
     """Write a kohya LoRA file (``<name>.lora_down.weight``, ``.lora_up.weight``, ``.alpha`` = rank: scale 1)."""
     from safetensors.torch import save_file
 
-    out = Path(out_file)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: output already exists (pass --overwrite to replace it)")
+    out = check_output(out_file, overwrite=overwrite, inputs=inputs, kind="file")
     tensors: dict[str, torch.Tensor] = {}
     for t in targets:
         A, B = t.factors.A * t.factors.scale, t.factors.B
@@ -1017,15 +977,8 @@ def write_kohya_adapter(
         tensors[f"{t.module}.lora_down.weight"] = A.to(dtype).contiguous()
         tensors[f"{t.module}.lora_up.weight"] = B.to(dtype).contiguous()
         tensors[f"{t.module}.alpha"] = torch.tensor(float(A.shape[0]), dtype=dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
-    try:
+    with atomic_output(out, overwrite=overwrite, inputs=inputs, kind="file") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "written_by": "weightsmith"})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -28,7 +28,6 @@ import shutil
 import struct
 import sys
 import threading
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +36,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from merge.atomic import check_output, fsync_dir, fsync_tree, partial_name, publish, write_marker
 from merge.blockio import BlockSink
 from merge.errors import (
     CheckpointError,
     MissingTensorError,
     ModelNotFoundError,
-    OutputExistsError,
     PickleRefusedError,
 )
 
@@ -474,20 +473,20 @@ class CheckpointWriter:
     def __init__(self, out_dir: str | Path, tensors: Iterable[OutputTensor], *,
                  shard_size: int = 5 * 10**9, overwrite: bool = False,
                  metadata: dict[str, str] | None = None, direct_io: bool = True,
-                 weights_name: str = "model.safetensors") -> None:
-        self.out_dir = Path(out_dir)
+                 weights_name: str = "model.safetensors", inputs: Iterable[str | Path] = (),
+                 what: str | None = "checkpoint") -> None:
+        self.out_dir = check_output(out_dir, overwrite=overwrite, inputs=inputs)
+        self.what = what
         if not weights_name.endswith(".safetensors") or "/" in weights_name:
             raise ValueError(f"weights_name {weights_name!r} must be a file name ending in .safetensors")
         #: ``model.safetensors`` (transformers), ``diffusion_pytorch_model.safetensors`` (diffusers): the one
         #: file's name, the shards' stem (``<stem>-00001-of-00003.safetensors``) and ``<name>.index.json``
         self.weights_name = weights_name
-        if self.out_dir.exists() and not overwrite:
-            raise OutputExistsError(f"{self.out_dir}: output already exists (pass --overwrite to replace it)")
         self.tensors = list(tensors)
         self.shard_size = shard_size
         self.metadata = {"format": "pt", **(metadata or {})}
         self.overwrite = overwrite
-        self.tmp = self.out_dir.parent / f"{self.out_dir.name}.partial-{uuid.uuid4().hex[:12]}"
+        self.tmp = partial_name(self.out_dir)
         self._layout: dict[str, tuple[int, int, int]] = {}  # name -> (shard idx, abs offset, nbytes)
         self._shard_names: list[str] = []
         self._sink: BlockSink | None = None
@@ -598,29 +597,13 @@ class CheckpointWriter:
                 "weight_map": {t.name: self._shard_names[self._layout[t.name][0]] for t in self.tensors},
             }
             (self.tmp / f"{self.weights_name}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if self.what is not None:  # None: a part of a larger output, which carries the marker itself
+            write_marker(self.tmp, self.what)
         for f in self.tmp.iterdir():
             if f.is_file() and f.suffix != ".safetensors":
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        dfd = os.open(self.tmp, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        old = None
-        if self.out_dir.exists():
-            if not self.overwrite:
-                raise OutputExistsError(f"{self.out_dir}: output appeared while merging; not replaced")
-            old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(self.out_dir, old)
-        os.rename(self.tmp, self.out_dir)
-        pfd = os.open(self.out_dir.parent, os.O_RDONLY)
-        try:
-            os.fsync(pfd)
-        finally:
-            os.close(pfd)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+                fsync_tree(f)
+        fsync_dir(self.tmp)
+        publish(self.tmp, self.out_dir, overwrite=self.overwrite, synced=True)
 
     def abort(self) -> None:
         if self._sink is not None:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from merge.atomic import check_output
 from merge.blockio import ALIGN, BLOCK_SIZE, WRITE_BLOCKS_MAX
 from merge.checkpoint import Checkpoint, CheckpointWriter, OutputTensor, ResolvedModel
 from merge.errors import (
@@ -195,7 +196,8 @@ def default_resolver(ref: str) -> ResolvedModel:
         hub = None  # type: ignore[assignment]
     if hub is not None and hub.parse_hub_ref(ref) is not None:
         return hub.HubResolver()(ref)
-    raise ModelNotFoundError(f"model '{ref}': no such local path, and not a Hub reference")
+    msg = hub.local_miss(ref) if hub is not None else f"model '{ref}': no such local path"
+    raise ModelNotFoundError(f"{msg}, and it is not a Hub reference (org/name[@revision])")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,6 +653,8 @@ def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
     t0 = time.perf_counter()
     options = options or MergeOptions()
     plan = plan or plan_merge(recipe, options, resolver=resolver)
+    input_paths = [p for m in plan.models for p in (m.path, *(a.path for a in m.adapters))]
+    check_output(out_dir, overwrite=options.overwrite, inputs=input_paths)  # before any work
     device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RecipeError("--device cuda was asked for, but no CUDA device is available")
@@ -693,7 +697,7 @@ def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
     outputs = [OutputTensor(t.name, t.shape, t.out_dtype) for t in plan.tasks]
     meta = {"weightsmith_method": plan.method.name}
     writer = CheckpointWriter(out_dir, outputs, shard_size=options.shard_size, overwrite=options.overwrite,
-                              metadata=meta, direct_io=options.direct_io)
+                              metadata=meta, direct_io=options.direct_io, inputs=input_paths, what="merge")
 
     # NaN/Inf: every floating input chunk is checked as it is read, or, for methods whose output is
     # non-finite wherever an input is (sums), the output chunk is, and the inputs only when it fails.

@@ -58,6 +58,10 @@ class OutputExistsError(WeightsmithError):
     grpc_code = "ALREADY_EXISTS"
 
 
+class OutputOverlapError(WeightsmithError):
+    """The output path is, contains or lies inside one of the command's inputs."""
+
+
 class MergeCancelled(WeightsmithError):
     """A running merge was cancelled; nothing was written."""
 

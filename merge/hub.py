@@ -88,6 +88,27 @@ def parse_hub_ref(ref: str) -> tuple[str, str | None] | None:
     return repo_id, (revision or None)
 
 
+def local_miss(ref: str) -> str:
+    """Say that ``ref`` is not on disk, first: where the path stops existing, and a near name if one is
+    there (``models/ft-cdoe``: the folder 'models' has no 'ft-cdoe'; did you mean 'models/ft-code'?)."""
+    import difflib
+
+    p = Path(ref).expanduser()
+    msg = f"model '{ref}': no such local path"
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent != Path(".") and parent.is_dir():
+        missing = p.relative_to(parent).parts[0]
+        msg += f" (the folder '{parent}' has no '{missing}'"
+        try:
+            near = difflib.get_close_matches(missing, [c.name for c in parent.iterdir()], n=1, cutoff=0.6)
+        except OSError:
+            near = []
+        msg += f"; did you mean '{parent / near[0]}'?)" if near else ")"
+    return msg
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in _TRUE
 
@@ -138,14 +159,17 @@ class HubResolver:
                 return model
         parsed = parse_hub_ref(ref)
         if parsed is None:
-            raise ModelNotFoundError(
-                f"model '{ref}': no such local path, and not a Hub reference (org/name[@revision])"
-            )
+            raise ModelNotFoundError(f"{local_miss(ref)}, and it is not a Hub reference (org/name[@revision])")
         repo_id, rev = parsed
         revision = rev or self.revision or "main"
         key = (repo_id, revision)
         if key not in self._snapshots:
-            self._snapshots[key] = self._fetch(ref, repo_id, revision)
+            try:
+                self._snapshots[key] = self._fetch(ref, repo_id, revision)
+            except ModelNotFoundError as e:  # the Hub's answer, after the local path's: both are said
+                if ref.startswith("hf://"):
+                    raise
+                raise type(e)(f"{local_miss(ref)}; also tried as a Hub id: {e}") from None
         path, commit = self._snapshots[key]
         model = ResolvedModel(ref=ref, path=path, repo_id=repo_id, revision=revision, commit=commit)
         self.resolved.append(model)
@@ -255,9 +279,6 @@ class HubResolver:
         from huggingface_hub import errors as hf
 
         where = f"Hub model '{repo_id}' (revision '{revision}')"
-        local_hint = (
-            f"; '{ref}' is not a local path either" if "/" in ref and not ref.startswith("hf://") else ""
-        )
         incomplete = getattr(hf, "IncompleteSnapshotError", ())
         if isinstance(e, hf.GatedRepoError):
             return HubAccessError(
@@ -268,7 +289,7 @@ class HubResolver:
         if isinstance(e, hf.RepositoryNotFoundError):
             return ModelNotFoundError(
                 f"{where}: no such repo at {self._endpoint_name}, or it is private and "
-                f"{'the token has no access' if self._has_token else 'no token was given'}{local_hint}"
+                f"{'the token has no access' if self._has_token else 'no token was given'}"
             )
         if isinstance(e, hf.RevisionNotFoundError):
             return ModelNotFoundError(

@@ -42,6 +42,7 @@ import pydantic
 import torch
 import yaml
 
+from merge.atomic import check_output
 from merge.checkpoint import Checkpoint, CheckpointWriter, OutputTensor, ResolvedModel, open_checkpoint
 from merge.errors import MissingTensorError, RecipeError, ShapeMismatchError, TokenizerError
 from merge.methods.runner import CHUNK_ELEMS, chunk_grid, derive_seed
@@ -549,6 +550,8 @@ def run_moe(
     """Assemble the MoE of ``config`` into ``out_dir`` (a complete folder, or nothing on error)."""
     t0 = time.perf_counter()
     plan = plan or plan_moe(config, resolver=resolver, allow_all_same=allow_all_same)
+    inputs = [plan.base.path, *(r.path for _, r, _ in plan.experts + plan.shared)]
+    check_output(out_dir, overwrite=overwrite, inputs=inputs)  # before the gates' forward passes
     gates = gate_vectors(plan, device)
     degenerate = degenerate_layers(gates)
     if degenerate:
@@ -607,6 +610,8 @@ def run_moe(
         shard_size=shard_size,
         overwrite=overwrite,
         metadata={"weightsmith_moe": plan.arch},
+        inputs=inputs,
+        what="moe",
     )
     done = 0
     with writer:

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from merge.atomic import atomic_output, check_output
 from merge.checkpoint import Checkpoint, CheckpointWriter, OutputTensor, open_checkpoint
 from merge.errors import (
     IntegrityError,
@@ -165,6 +166,7 @@ class Soup:
         path = Path(path)
         if path.exists():
             raise OutputExistsError(f"{path}: already exists (a soup is created in a new folder)")
+        check_output(path, overwrite=False, inputs=[*(members or []), *([base] if base is not None else [])])
         if dtype is not None and dtype not in OUT_DTYPES:
             raise SoupError(f"dtype {dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
         members = [Path(m) for m in members or []]
@@ -187,9 +189,7 @@ class Soup:
             else:
                 check_same(ref[0], ref[1], ref[2], layout, f"member '{mid}'")
             recs.append(rec)
-        tmp = path.parent / f"{path.name}.partial-{uuid.uuid4().hex[:12]}"
-        tmp.mkdir(parents=True)
-        try:
+        with atomic_output(path, what="soup") as tmp:
             (tmp / LOCK).touch()
             manifest = {
                 "format": FORMAT,
@@ -213,11 +213,6 @@ class Soup:
             manifest["members"] = [r.to_json() for r in recs]
             manifest["history"].append(_event("init", None, recs))
             _write_manifest(tmp, manifest)
-            os.rename(tmp, path)
-            _fsync_dir(path.parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return cls(path)
 
     # -- membership ------------------------------------------------------------------------------
@@ -367,64 +362,51 @@ class Soup:
         progress: Progress | None = None,
     ) -> dict[str, Any]:
         """Write the soup Σ w_i θ_i / Σ w_i as a checkpoint (or diffusers) folder at ``out``, atomically."""
-        out = Path(out)
-        if out.exists() and not overwrite:
-            raise OutputExistsError(f"{out}: output already exists (pass --overwrite to replace it)")
         with self._locked(exclusive=False):
             members = self.members
             if not members:
                 raise SoupError(f"{self.path}: the soup has no members; nothing to build")
+            out = check_output(out, overwrite=overwrite, inputs=[self.path, *(m.path for m in members)])
             state = self.manifest.get("state")
             ver = Verifier()
             ref = members[0]
             rlayout = ver.layout(ref)
             summed = state["summed"] if state else []
+            # Every member's souped files are still the ones in the running sums (a changed member is
+            # named); a file whose stamp is unchanged since it was hashed is not read again.
+            for m in members:
+                for comp in summed:
+                    ver.weights(m, comp, stamped=True)
             sums = _open_state(self.path, state) if state else None
             dtype = OUT_DTYPES.get(self.manifest.get("dtype") or "")
             total = _total_weight(members)
-            tmp = out.parent / f"{out.name}.partial-{uuid.uuid4().hex[:12]}"
-            tree = tmp / "soup"  # built here, then renamed to ``out``
-            tmp.mkdir(parents=True)
             try:
-                skip: set[str] = set()
-                for comp in summed:  # first: a root component's writer creates ``tree`` itself
-                    c = rlayout.components[comp]
-                    skip |= weight_files_of(rlayout, c)
-                    ver.weights(ref, comp)
-                    _build_component(tree, rlayout, c, sums, total, dtype, shard_size, progress)
-                tree.mkdir(exist_ok=True)
-                copied = [rel for rel in rlayout.files() if rel not in skip and rel != BUILD_INFO]
-                for i, rel in enumerate(copied):
-                    dst = tree / (rlayout.components[""].weights_name if rlayout.root.is_file() else rel)
-                    copy_verified(ref, rlayout, rel, dst)
-                    if progress:
-                        progress("write", i + 1, len(copied))
-                info = {
-                    "soup": str(self.path.resolve()),
-                    "soup_id": _soup_id(members),
-                    "kind": self.manifest["kind"],
-                    "total_weight": total,
-                    "summed": summed,
-                    "copied": _copied(members),
-                    "members": [
-                        {"id": m.id, "path": m.path, "weight": m.weight, "hash": m.hash} for m in members
-                    ],
-                    "paper": "Biggs, Seshadri et al., Diffusion Soup, arXiv:2406.08431",
-                }
-                (tree / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
-                _fsync_tree(tree)
-                old = None
-                if out.exists():
-                    if not overwrite:
-                        raise OutputExistsError(f"{out}: output appeared while building; not replaced")
-                    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
-                    os.rename(out, old)
-                os.rename(tree, out)
-                _fsync_dir(out.parent)
-                if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
+                with atomic_output(out, overwrite=overwrite, what="soup build") as tree:
+                    skip: set[str] = set()
+                    for comp in summed:
+                        c = rlayout.components[comp]
+                        skip |= weight_files_of(rlayout, c)
+                        _build_component(tree, rlayout, c, sums, total, dtype, shard_size, progress)
+                    copied = [rel for rel in rlayout.files() if rel not in skip and rel != BUILD_INFO]
+                    for i, rel in enumerate(copied):
+                        dst = tree / (rlayout.components[""].weights_name if rlayout.root.is_file() else rel)
+                        copy_verified(ref, rlayout, rel, dst)
+                        if progress:
+                            progress("write", i + 1, len(copied))
+                    info = {
+                        "soup": str(self.path.resolve()),
+                        "soup_id": _soup_id(members),
+                        "kind": self.manifest["kind"],
+                        "total_weight": total,
+                        "summed": summed,
+                        "copied": _copied(members),
+                        "members": [
+                            {"id": m.id, "path": m.path, "weight": m.weight, "hash": m.hash} for m in members
+                        ],
+                        "paper": "Biggs, Seshadri et al., Diffusion Soup, arXiv:2406.08431",
+                    }
+                    (tree / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
             finally:
-                shutil.rmtree(tmp, ignore_errors=True)
                 if sums is not None:
                     sums.close()
         return {"out": str(out), **info}
@@ -560,7 +542,9 @@ def _write_state(
     dirname = f"state-{gen:06d}"
     done = 0
     try:
-        with CheckpointWriter(folder / dirname, outputs, metadata={"weightsmith": "soup running sum"}) as w:
+        with CheckpointWriter(
+            folder / dirname, outputs, metadata={"weightsmith": "soup running sum"}, what=None
+        ) as w:
             for comp, t, shape in plans:
                 from_sum = sums is not None and comp in old_summed
                 contributors = [new_member] if from_sum else members
@@ -627,6 +611,8 @@ def _build_component(
             shard_size=shard_size,
             metadata={"weightsmith": "soup"},
             weights_name=comp.weights_name,
+            overwrite=True,  # the root component fills the build's own (empty) temporary folder
+            what=None,
         ) as w:
             for i, o in enumerate(outputs):
                 for r0, r1 in chunk_grid(o.shape, CHUNK_ELEMS):

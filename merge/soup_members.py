@@ -14,7 +14,7 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,24 @@ def sha256_file(path: Path) -> str:
             return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def file_stamp(path: Path) -> list[int]:
+    """A cheap fingerprint of a file that an edit cannot leave unchanged: inode, size, mtime and ctime
+    (nanoseconds). Writing to a file or replacing it moves its ctime, which no user call can set back;
+    a copy or restore elsewhere changes it too, and then the file is hashed again (never trusted)."""
+    st = path.stat()
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def hash_stamped(path: Path) -> tuple[str, list[int]]:
+    """sha256 of a file and its :func:`file_stamp`, which must not change while the file is read."""
+    before = file_stamp(path)
+    digest = sha256_file(path)
+    after = file_stamp(path)
+    if after != before:
+        raise IntegrityError(f"{path}: changed while it was being hashed; try again once nothing writes to it")
+    return digest, after
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +223,8 @@ class Member:
     files: dict[str, str]  # relative path -> sha256
     components: dict[str, str]  # component -> digest of its weight files
     added: str = ""
+    #: relative path -> file_stamp when its sha256 was taken (not part of the hash; may be absent)
+    stamps: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def hash(self) -> str:
@@ -222,6 +242,7 @@ class Member:
             "added": self.added,
             "components": self.components,
             "files": self.files,
+            "stamps": self.stamps,
         }
 
     @staticmethod
@@ -233,6 +254,7 @@ class Member:
             dict(d["files"]),
             dict(d["components"]),
             d.get("added", ""),
+            {k: list(v) for k, v in d.get("stamps", {}).items()},
         )
 
 
@@ -247,13 +269,13 @@ def _component_digest(layout: SoupLayout, comp: Component, files: dict[str, str]
 def new_member(path: Path, mid: str, weight: float, progress: Progress | None) -> tuple[Member, SoupLayout]:
     layout = detect_layout(path)
     rels = layout.files()
-    files = {}
+    files, stamps = {}, {}
     for i, rel in enumerate(rels):
-        files[rel] = sha256_file(layout.path_of(rel))
+        files[rel], stamps[rel] = hash_stamped(layout.path_of(rel))
         if progress:
             progress("hash", i + 1, len(rels))
     comps = {name: _component_digest(layout, c, files) for name, c in layout.components.items()}
-    return Member(mid, str(path.resolve()), weight, files, comps, now_utc()), layout
+    return Member(mid, str(path.resolve()), weight, files, comps, now_utc(), stamps), layout
 
 
 class Verifier:
@@ -271,7 +293,9 @@ class Verifier:
             raise ModelNotFoundError(f"soup member '{m.id}': {p} is missing from disk")
         return detect_layout(p)
 
-    def check(self, m: Member, layout: SoupLayout, rels: list[str]) -> None:
+    def check(self, m: Member, layout: SoupLayout, rels: list[str], *, stamped: bool = False) -> None:
+        """Each file of ``rels`` is the one recorded: same sha256 (or, with ``stamped``, the same
+        :func:`file_stamp` as when it was hashed, else the sha256 again)."""
         for rel in rels:
             if (m.id, rel) in self.done:
                 continue
@@ -285,6 +309,9 @@ class Verifier:
                 raise IntegrityError(
                     f"soup member '{m.id}': {f} is missing (recorded sha256 {m.files[rel][:12]}...)"
                 )
+            if stamped and m.stamps.get(rel) is not None and file_stamp(f) == m.stamps[rel]:
+                self.done.add((m.id, rel))
+                continue
             got = sha256_file(f)
             if got != m.files[rel]:
                 raise IntegrityError(
@@ -293,12 +320,12 @@ class Verifier:
                 )
             self.done.add((m.id, rel))
 
-    def weights(self, m: Member, comp: str) -> SoupLayout:
+    def weights(self, m: Member, comp: str, *, stamped: bool = False) -> SoupLayout:
         layout = self.layout(m)
         if comp not in layout.components:
             raise IntegrityError(f"soup member '{m.id}': {m.path} no longer has component '{comp}'")
         c = layout.components[comp]
-        self.check(m, layout, [layout.root.name] if layout.root.is_file() else list(c.weights))
+        self.check(m, layout, [layout.root.name] if layout.root.is_file() else list(c.weights), stamped=stamped)
         return layout
 
 

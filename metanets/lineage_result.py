@@ -11,8 +11,6 @@ service's and the CLI's ``--json`` answer), ``render_tree(path)`` draws the tree
 from __future__ import annotations
 
 import math
-import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,11 +194,13 @@ class LineageResult:
         return lines
 
     # -- the family tree ----------------------------------------------------------------------------
-    def render_tree(self, path: str | Path, *, title: str | None = None) -> Path:
+    def render_tree(self, path: str | Path, *, title: str | None = None, overwrite: bool = False) -> Path:
         """Draw the family tree (child highlighted, ancestors' chain bold, unrelated candidates aside).
 
-        The format follows the suffix (``.png``, ``.svg``, ``.pdf``). Needs matplotlib.
+        The format follows the suffix (``.png``, ``.svg``, ``.pdf``). Needs matplotlib. An existing file
+        is replaced only with ``overwrite`` (atomically: :mod:`merge.atomic`).
         """
+        from merge.atomic import atomic_output
         from metanets.lineage_tree import render
 
         out = Path(path)
@@ -209,11 +209,6 @@ class LineageResult:
             from merge.errors import RecipeError
 
             raise RecipeError(f"tree file '{out}': use a .png, .svg or .pdf suffix")
-        tmp = out.with_name(f".{out.stem}.{uuid.uuid4().hex[:8]}.{fmt}")
-        try:
+        with atomic_output(out, overwrite=overwrite, kind="file") as tmp:
             render(self, tmp, fmt=fmt, title=title)
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         return out

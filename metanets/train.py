@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import shutil
 import socket
 import time
 import warnings
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from merge.atomic import check_output, publish, write_marker
 from merge.errors import CheckpointError, RecipeError
 from merge.symmetry import PermutationSpec
 from metanets.base import Metanet, auto_spec, to_device
@@ -284,9 +284,7 @@ def train_metanet(
     killed run leaves behind, used by the resume test.
     """
     zoo_path = Path(zoo.path if isinstance(zoo, Zoo) else zoo)
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise RecipeError(f"'{out}' exists; pass overwrite=True (--overwrite) to replace it")
+    out = check_output(out, overwrite=overwrite, inputs=[zoo_path])
     if cfg.model not in METANETS:
         raise RecipeError(f"unknown metanet '{cfg.model}' (known: {', '.join(METANETS)})")
     if nproc > 1:
@@ -516,9 +514,8 @@ def _train(
         )
         (partial / "card.json").write_text(json.dumps(card, indent=1, default=str))
         state_file.unlink(missing_ok=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(partial, out)
+        write_marker(partial, "metanet train")
+        publish(partial, out, overwrite=overwrite)
     return TrainResult(out, metrics, history, card)
 
 

@@ -60,10 +60,10 @@ def merge(recipe: str, out_dir: str, device: str, shard_size: int, compute_dtype
                            allow_pickle=allow_pickle, workers=workers, overwrite=overwrite, direct_io=direct_io,
                            allow_code=allow_code)
     resolver = _resolver(token, endpoint, offline, cache_dir)
-    if Path(out_dir).exists() and not overwrite:
-        from merge.errors import OutputExistsError
+    from merge.atomic import check_output
 
-        raise OutputExistsError(f"{out_dir}: output already exists (pass --overwrite to replace it)")
+    if not overwrite:  # a plain refusal before planning; overlap with the inputs once the plan has them
+        check_output(out_dir, overwrite=False)
     plan = plan_merge(Path(recipe), options, resolver=resolver)
     if dry_run:
         summary = plan.summary()
@@ -74,7 +74,7 @@ def merge(recipe: str, out_dir: str, device: str, shard_size: int, compute_dtype
                        f"{summary['n_merged']} tensors merged, {summary['n_copied']} copied, "
                        f"{_human(summary['bytes_out'])} out; nothing written (dry run)")
         return
-    result = run_merge(plan.recipe, out_dir, options, plan=plan)
+    result = run_merge(plan.recipe, out_dir, options, plan=plan)  # refuses an output overlapping an input
     out = result.to_json()
     if push_repo:
         from merge import hub

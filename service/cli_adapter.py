@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import click
 
@@ -117,13 +116,13 @@ def fold_cmd(
 ) -> None:
     """Fold ADAPTERS into BASE: W + Σ_k w_k s_k B_k A_k for every target, streamed to OUT."""
     from merge.adapter_ops import fold_adapters
+    from merge.atomic import check_output
     from merge.engine import MergeOptions, tune_allocator
-    from merge.errors import OutputExistsError, RecipeError
+    from merge.errors import RecipeError
 
     if weights and len(weights) != len(adapters):
         raise RecipeError(f"{len(adapters)} adapters but {len(weights)} --weight values")
-    if Path(out_dir).exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir}: output already exists (pass --overwrite to replace it)")
+    check_output(out_dir, overwrite=overwrite, inputs=[base, *adapters])
     tune_allocator()
     res = fold_adapters(
         base,

@@ -108,6 +108,7 @@ def _load_model_fn(spec: str) -> Any:
     default=None,
     help="Draw the family tree here (.png, .svg or .pdf).",
 )
+@click.option("--overwrite", is_flag=True, help="Replace the --tree file if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option(
     "--detector",
@@ -193,6 +194,7 @@ def lineage(
     candidates: tuple[str, ...],
     method: str,
     tree_path: str | None,
+    overwrite: bool,
     as_json: bool,
     detector: str | None,
     architecture: str | None,
@@ -227,6 +229,10 @@ def lineage(
     models = [*candidates, *more]
     if not models:
         raise RecipeError("no candidates: weightsmith lineage CHILD --candidates A B C")
+    if tree_path:
+        from merge.atomic import check_output
+
+        check_output(tree_path, overwrite=overwrite, inputs=[child, *models], kind="file")  # before any work
     progress = _Progress(not quiet and sys.stderr.isatty())
     try:
         result = detect_lineage(
@@ -254,7 +260,7 @@ def lineage(
     finally:
         progress.close()
     if tree_path:
-        result.render_tree(Path(tree_path))
+        result.render_tree(Path(tree_path), overwrite=overwrite)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
         return

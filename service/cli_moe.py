@@ -50,11 +50,11 @@ def moe(
     cache_dir: str | None,
 ) -> None:
     """Build a Mixtral- or Qwen-MoE-style model from dense experts of one base (mergekit-moe's YAML)."""
-    from merge.errors import OutputExistsError
+    from merge.atomic import check_output
     from merge.moe import plan_moe, progress_printer, run_moe
 
-    if Path(out_dir).exists() and not overwrite and not dry_run:
-        raise OutputExistsError(f"{out_dir}: output already exists (pass --overwrite to replace it)")
+    if not dry_run:
+        check_output(out_dir, overwrite=overwrite)  # the inputs too, once run_moe has resolved them
     plan = plan_moe(
         Path(config), resolver=_resolver(token, endpoint, offline, cache_dir), allow_all_same=allow_all_same
     )

@@ -282,15 +282,14 @@ def greedy_cmd(
 
     OUT gets the soup (a linear merge of the kept models, written by the merge engine), its recipe,
     and greedy_soup.json with every candidate's score and decision."""
+    from merge.atomic import check_output
     from merge.engine import MergeOptions, run_merge
-    from merge.errors import OutputExistsError
     from merge.methods.soups import GreedyStep, greedy_soup
 
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: output already exists (pass --overwrite to replace it)")
     fn = load_scorer(scorer)
     paths = [_resolve(m) for m in models]
+    check_output(out, overwrite=overwrite, inputs=paths)  # before any model is scored
     names = [str(p) for p in paths]
     if len(set(names)) != len(names):
         raise RecipeError("greedy soup: the same model is given twice")

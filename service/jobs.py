@@ -56,6 +56,7 @@ from typing import Any
 
 import yaml
 
+from merge.atomic import recover, replaceable
 from merge.errors import MergeCancelled, OutputExistsError, WeightsmithError
 from service.kinds import CANCELLED as CANCELLED_WHY
 from service.kinds import FAILED as FAILED_WHY
@@ -646,24 +647,20 @@ def _left_behind(rec: JobRecord) -> str:
     return f"no output was written (retry the job with {retry})"
 
 
+def _check_replaceable(out: Path, overwrite: bool, shown: str) -> None:
+    """An existing output may be replaced only with ``overwrite`` and only if weightsmith wrote it
+    (merge.atomic's rule); the message names the output as the caller sent it."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise OutputExistsError(f"output_path: '{shown}' already exists (set overwrite to replace it)")
+    replaceable(out, "dir", shown=f"output_path: '{shown}'")
+
+
 def cleanup_partial_outputs(out: Path) -> list[Path]:
-    """Remove ``<out>.partial-*`` leftovers of a killed writer; restore an ``.old-`` copy if
-    the writer died between moving the previous output aside and renaming the new one in."""
-    removed = []
-    parent = out.parent
-    if not parent.is_dir():
-        return removed
-    for d in parent.glob(f"{out.name}.partial-*"):
-        shutil.rmtree(d, ignore_errors=True)
-        removed.append(d)
-    olds = sorted(parent.glob(f".{out.name}.old-*"))
-    if olds and not out.exists() and len(olds) == 1:
-        os.rename(olds[0], out)
-    else:
-        for d in olds:
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
-    return removed
+    """Remove a killed writer's ``<out>.partial-*`` leftovers; put a previous output back if the writer
+    died between moving it aside and renaming the new one in (:func:`merge.atomic.recover`)."""
+    return recover(out)
 
 
 def _lock_free(lock_path: Path) -> bool:
@@ -927,8 +924,7 @@ class JobManager:
             out = self.config.outputs_dir / job_id
         if output_path and overlaps(out, self.config.data_dir.resolve()):
             raise InvalidPathError(f"output_path: {out} is inside the server's data folder")
-        if out.exists() and not overwrite:
-            raise OutputExistsError(f"output_path: {out} already exists (set overwrite to replace it)")
+        _check_replaceable(out, overwrite, output_path or job_id)
         self._check_output_free(out)
         plan_summary: dict[str, Any] | None = None
         est = self.config.worker_overhead_bytes
@@ -1027,8 +1023,7 @@ class JobManager:
                 raise InvalidPathError(f"output_path: {out} is inside the server's data folder")
         else:
             out = self.config.outputs_dir / job_id
-        if out.exists() and not overwrite:
-            raise OutputExistsError(f"output_path: {out} already exists (set overwrite to replace it)")
+        _check_replaceable(out, overwrite, output_path or job_id)
         for p in inputs:
             if overlaps(Path(p).resolve(), out):
                 raise InvalidPathError(f"output_path: {out} overlaps input {p}")

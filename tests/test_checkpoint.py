@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from merge.atomic import MARKER
 from merge.checkpoint import (
     CheckpointWriter,
     OutputTensor,
@@ -192,10 +193,17 @@ def test_writer_is_atomic_and_respects_existing_output(tmp_path: Path) -> None:
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(OutputExistsError, match="--overwrite"):
         CheckpointWriter(tmp_path / "out", outs)
-    with CheckpointWriter(tmp_path / "out", outs, overwrite=True) as w:
+    # a folder weightsmith did not write is never replaced, even with overwrite (issue 22)
+    with pytest.raises(OutputExistsError, match="not a previous weightsmith output"):
+        CheckpointWriter(tmp_path / "out", outs, overwrite=True)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "x"
+    (tmp_path / "out" / "keep.txt").unlink()
+    with CheckpointWriter(tmp_path / "out", outs, overwrite=True) as w:  # an empty folder: nothing to lose
+        w.write("a", torch.zeros(4))
+    with CheckpointWriter(tmp_path / "out", outs, overwrite=True) as w:  # a previous output: replaced
         w.write("a", torch.ones(4))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MARKER, "model.safetensors"]
     assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["a"], torch.ones(4))
 
 

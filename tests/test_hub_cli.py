@@ -304,3 +304,25 @@ def test_inspect_a_hub_model_by_revision(hub_server: HubServer, hf_cache: Path, 
     info = json.loads(r.stdout)
     assert info["totals"]["commit"] == hub_models["ft_sha"]
     assert info["totals"]["tensors"] == len(hub_models["ft"])
+
+
+def test_a_typod_local_path_says_so_first_then_the_hub(
+    hub_server: HubServer, hf_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``models/ft-cdoe`` (a folder that does not exist next to ``models/ft-code``): the error says the
+    local path is missing, names the near folder, and that the reference was also tried as a Hub id."""
+    from tests.conftest import write_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    write_checkpoint(tmp_path / "models" / "ft-code", llama_like(1))
+    write_checkpoint(tmp_path / "models" / "base", llama_like(0))
+    recipe = tmp_path / "R.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear",
+                                      "models": [{"model": "models/base"}, {"model": "models/ft-cdoe"}]}))
+    r = merge(hub_server, hf_cache, str(recipe), "-o", str(tmp_path / "out"))
+    assert r.exit_code == 2, r.output
+    line = r.output.strip()
+    assert line.startswith("error: model 'models/ft-cdoe': no such local path"), line
+    assert "did you mean 'models/ft-code'?" in line and "also tried as a Hub id" in line
+    assert line.index("no such local path") < line.index("Hub model 'models/ft-cdoe'")
+    assert not (tmp_path / "out").exists()

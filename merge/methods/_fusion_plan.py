@@ -21,9 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,31 +224,12 @@ class FusionPlan:
 
     def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
         """Write the plan folder atomically (a temp folder, fsync, one rename)."""
-        folder = Path(folder)
-        if folder.exists() and not overwrite:
-            from merge.errors import OutputExistsError
+        from merge.atomic import atomic_output
 
-            raise OutputExistsError(f"{folder}: already exists (pass overwrite=True to replace it)")
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".{folder.name}.partial-{uuid.uuid4().hex[:12]}"
-        tmp.mkdir()
-        try:
+        folder = Path(folder)
+        with atomic_output(folder, overwrite=overwrite, what="fusion plan") as tmp:
             for rel, data in self.artifacts().items():
-                p = tmp / Path(rel).name
-                with open(p, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            old = None
-            if folder.exists():
-                old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:12]}"
-                os.rename(folder, old)
-            os.rename(tmp, folder)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                (tmp / Path(rel).name).write_bytes(data)
         return folder
 
     @classmethod
