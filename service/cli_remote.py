@@ -56,7 +56,7 @@ def _follow(client: Any, job: Any, detach: bool, as_json: bool) -> None:
             metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(p.metrics.items()))
             steps = f" {p.steps_done}/{p.steps_total} {p.unit}" if p.steps_total else ""
             click.echo(f"{job.name}: {p.phase or '-'}{steps} {metrics}".rstrip(), err=True)
-        if ev.job.state == job_pb2.JOB_STATE_INTERRUPTED:
+        if client.still_interrupted(ev.job):  # not a replayed event of an earlier attempt
             break
     final = client.get_any_job(job.name)
     res = client.job_result(final)

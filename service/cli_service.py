@@ -552,7 +552,7 @@ def _follow(client: Any, job: Any) -> Any:
             if bar is not None:
                 bar.set_postfix_str(f"{p.tensors_done}/{p.tensors_total} tensors", refresh=False)
                 bar.update(max(0, p.bytes_done - bar.n))
-            if ev.job.state == job_pb2.JOB_STATE_INTERRUPTED:
+            if client.still_interrupted(ev.job):  # not a replayed event of an earlier attempt
                 break
     finally:
         if bar is not None:

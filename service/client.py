@@ -287,13 +287,21 @@ class Client:
                     raise RemoteError.from_rpc(e) from None
                 time.sleep(0.2)
 
+    def still_interrupted(self, event_job: mpb.MergeJob | jpb.Job) -> bool:
+        """Whether an event ends a watch as INTERRUPTED: only if the job is INTERRUPTED *now*. A watch
+        from the start of the log replays the INTERRUPTED event of an attempt that was retried since."""
+        if event_job.state != job_pb2.JOB_STATE_INTERRUPTED:
+            return False
+        get = self.get_job if isinstance(event_job, mpb.MergeJob) else self.get_any_job
+        return get(event_job.name).state == job_pb2.JOB_STATE_INTERRUPTED
+
     def wait(self, name: str, timeout: float | None = None) -> mpb.MergeJob:
         """Block until the job ends (SUCCEEDED/FAILED/CANCELLED) or is INTERRUPTED; return it."""
         job = self.get_job(name)
         if job.state in TERMINAL_STATES or job.state == job_pb2.JOB_STATE_INTERRUPTED:
             return job
         for ev in self.watch(name, from_sequence=job.last_sequence, timeout=timeout):
-            if ev.job.state == job_pb2.JOB_STATE_INTERRUPTED:
+            if self.still_interrupted(ev.job):
                 break
         return self.get_job(name)
 
@@ -353,7 +361,7 @@ class Client:
         if job.state in TERMINAL_STATES or job.state == job_pb2.JOB_STATE_INTERRUPTED:
             return job
         for ev in self.watch_any(name, from_sequence=job.last_sequence, timeout=timeout):
-            if ev.job.state == job_pb2.JOB_STATE_INTERRUPTED:
+            if self.still_interrupted(ev.job):
                 break
         return self.get_any_job(name)
 
