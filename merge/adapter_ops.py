@@ -36,7 +36,7 @@ from merge.adapters import (
     write_peft_adapter,
 )
 from merge.atomic import check_output
-from merge.checkpoint import Checkpoint, open_checkpoint
+from merge.checkpoint import Checkpoint, open_checkpoint, require_finite
 from merge.errors import AdapterError, MissingTensorError, RecipeError, ShapeMismatchError
 from merge.methods.lora import (
     Factors,
@@ -374,7 +374,7 @@ def extract_adapter(
             if embeddings or not is_embedding_name(module):
                 plan.append(n)
                 continue
-        diff = _rel_change(b[n], f[n])
+        diff = _rel_change(require_finite(b[n], b.path, n), require_finite(f[n], f.path, n))
         if diff > min_rel_change:
             report.skipped.append({"tensor": n, "rel_change": diff, "why": "not a 2-D target weight"})
     bar = _progress_bar(len(plan), "adapter extract") if progress is None else None
@@ -383,8 +383,8 @@ def extract_adapter(
     try:
         for i, n in enumerate(plan):
             module = n[: -len(".weight")]
-            w0 = b[n].float()
-            delta = f[n].float() - w0
+            w0 = require_finite(b[n], b.path, n).float()
+            delta = require_finite(f[n], f.path, n).float() - w0
             norm0 = float(w0.norm())
             dn = float(delta.norm())
             if dn == 0.0 or (norm0 > 0 and dn / norm0 <= min_rel_change):

@@ -46,7 +46,7 @@ from typing import Any, Literal
 import torch
 
 from merge.atomic import atomic_output, check_output
-from merge.checkpoint import Checkpoint, ResolvedModel, TensorInfo, open_checkpoint
+from merge.checkpoint import Checkpoint, ResolvedModel, TensorInfo, open_checkpoint, require_finite
 from merge.errors import (
     AdapterError,
     CheckpointError,
@@ -222,13 +222,13 @@ class LoraAdapter:
         return v if isinstance(v, str) else None
 
     def tensor(self, key: str) -> torch.Tensor:
-        return self._ckpt[key]
+        return require_finite(self._ckpt[key], self.path, key)
 
     def factors(self, module: str) -> Factors:
         """``(A, B, scale)`` of a target as 2-D float32 matrices (``A`` ``r × in·k·k``, ``B`` ``out × r``)."""
         t = self.targets[module]
-        A = self._ckpt[t.a_key].float()
-        B = self._ckpt[t.b_key].float()
+        A = self.tensor(t.a_key).float()
+        B = self.tensor(t.b_key).float()
         return Factors(A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1), t.scale)
 
     def delta(self, module: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -42,6 +42,7 @@ from merge.errors import (
     CheckpointError,
     MissingTensorError,
     ModelNotFoundError,
+    NonFiniteError,
     PickleRefusedError,
 )
 
@@ -421,6 +422,17 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def close(self) -> None:
         self._handles.clear()
         self._mmaps.clear()  # (views handed out keep their mapping alive)
+
+
+def require_finite(t: torch.Tensor, where: str | Path, name: str) -> torch.Tensor:
+    """The one NaN/Inf policy for weights read anywhere (merge, lineage, metanets, soups, adapters):
+    refuse, naming the model or file and the tensor. One float64 sum first (no mask); the exact count
+    only when the sum is not finite (an overflowing sum of finite values passes)."""
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise NonFiniteError(f"{where}: tensor '{name}' has {bad} NaN/Inf value(s) of {t.numel()}")
+    return t
 
 
 def open_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Checkpoint:

@@ -55,7 +55,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from merge.errors import MissingTensorError, NonFiniteError, RecipeError, ShapeMismatchError
+from merge.checkpoint import require_finite
+from merge.errors import MissingTensorError, RecipeError, ShapeMismatchError
 from merge.symmetry import PermutationSpec, natural_key
 
 if TYPE_CHECKING:
@@ -427,12 +428,7 @@ def _check_state(state: Mapping[str, torch.Tensor], spec: PermutationSpec, name:
             f"({len(extra)} such tensors); the spec must list every floating-point tensor"
         )
     for k in floating:
-        v = state[k]
-        # one reduction, no mask: a finite sum means no NaN/Inf; an overflowing sum gets the exact check
-        if v.numel() and not bool(torch.isfinite(v.sum(dtype=torch.float64))):
-            bad = int((~torch.isfinite(v)).sum())
-            if bad:
-                raise NonFiniteError(f"model '{name}': tensor '{k}' has {bad} NaN/Inf value(s)")
+        require_finite(state[k], f"model '{name}'", k)
 
 
 def count_edges(

@@ -46,6 +46,7 @@ from typing import Any, Protocol
 
 import torch
 
+from merge.checkpoint import require_finite
 from merge.symmetry import natural_key
 
 NUCLEAR = "nuclear"
@@ -84,7 +85,7 @@ class StateSource:
         return self.state[name].dtype
 
     def get(self, name: str) -> torch.Tensor:
-        return self.state[name]
+        return require_finite(self.state[name], "state dict", name)
 
 
 class CheckpointSource:
@@ -103,7 +104,7 @@ class CheckpointSource:
         return self.ckpt.dtype(name)
 
     def get(self, name: str) -> torch.Tensor:
-        return self.ckpt[name]
+        return require_finite(self.ckpt[name], self.ckpt.path, name)
 
 
 class PermutedSource:

@@ -562,15 +562,16 @@ def load_metanet(path: str | Path, *, device: str = "cpu") -> tuple[Metanet, dic
 def _read_checkpoint(
     ref: str | Path | Mapping[str, torch.Tensor], resolver: Any = None
 ) -> tuple[str, dict[str, torch.Tensor]]:
+    from merge.checkpoint import open_checkpoint, require_finite
+
     if isinstance(ref, Mapping):
-        return "<state dict>", dict(ref)
-    from merge.checkpoint import open_checkpoint
+        return "<state dict>", {k: require_finite(v, "state dict", k) for k, v in ref.items()}
     from merge.hub import HubResolver
 
     resolved = (resolver or HubResolver(progress=False))(str(ref))
     ck = open_checkpoint(resolved.path)
     try:
-        return str(ref), {k: ck[k] for k in ck}
+        return str(ref), {k: require_finite(ck[k], str(ref), k) for k in ck}
     finally:
         ck.close()
 

@@ -338,6 +338,7 @@ def _client(
 def _remote_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from merge.errors import WeightsmithError
         from service.client import RemoteError
 
         try:
@@ -345,7 +346,7 @@ def _remote_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except RemoteError as e:
             click.echo(f"error: {e.code}: {e.message}", err=True)
             sys.exit(2)
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, WeightsmithError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
 
@@ -470,6 +471,10 @@ def remote_merge(
     from service.client import state_name
 
     text = Path(recipe).read_text()
+    if download_dir and not dry_run:
+        from merge.atomic import check_output
+
+        check_output(download_dir, overwrite=False)  # before the job runs, not after
     with _conn(kw) as client:
         payload: str | dict[str, Any] = text
         if upload_local:

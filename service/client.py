@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -558,54 +557,54 @@ class Client:
 
         return self._call(self.checkpoints.UploadCheckpoint, requests(), timeout=timeout).ref
 
-    def download(self, ref: str, dest: str | Path, timeout: float = 600.0) -> list[Path]:
-        """Download a checkpoint into folder ``dest`` (created; files are checked against sha256)."""
+    def download(self, ref: str, dest: str | Path, timeout: float = 600.0, *, overwrite: bool = False) -> list[Path]:
+        """Download a checkpoint into folder ``dest``, atomically (merge.atomic: a complete folder or
+        nothing; ``overwrite`` replaces only a previous output); files are checked against sha256."""
+        from merge.atomic import atomic_output
+
         dest = Path(dest)
-        dest.mkdir(parents=True, exist_ok=True)
-        written: list[Path] = []
-        fh = None
-        cur: cpb.FileHeader | None = None
-        h = hashlib.sha256()
-        got = 0
+        names: list[str] = []
+        with atomic_output(dest, overwrite=overwrite, what="download") as tmp:
+            fh = None
+            cur: cpb.FileHeader | None = None
+            h = hashlib.sha256()
+            got = 0
 
-        def finish() -> None:
-            if cur is None:
-                return
-            assert fh is not None
-            fh.close()
-            if got != cur.size or h.hexdigest() != cur.sha256:
-                raise RemoteError(
-                    "DATA_LOSS",
-                    f"{cur.name}: received {got} bytes / sha256 {h.hexdigest()}, "
-                    f"expected {cur.size} / {cur.sha256}",
-                )
-            os.replace(dest / f".{cur.name}.part", dest / cur.name)
-            written.append(dest / cur.name)
-
-        try:
-            for msg in self.checkpoints.DownloadCheckpoint(
-                cpb.DownloadCheckpointRequest(ref=ref), timeout=timeout, metadata=self.metadata
-            ):
-                if msg.WhichOneof("payload") == "file":
-                    finish()
-                    cur = msg.file
-                    if "/" in cur.name or cur.name in ("", ".", "..") or "\\" in cur.name:
-                        raise RemoteError("DATA_LOSS", f"server sent a bad file name {cur.name!r}")
-                    fh = open(dest / f".{cur.name}.part", "wb")  # noqa: SIM115
-                    h = hashlib.sha256()
-                    got = 0
-                else:
-                    if fh is None:
-                        raise RemoteError("DATA_LOSS", "server sent data before a file header")
-                    fh.write(msg.chunk)
-                    h.update(msg.chunk)
-                    got += len(msg.chunk)
-            finish()
-        except grpc.RpcError as e:
-            raise RemoteError.from_rpc(e) from None
-        finally:
-            if fh is not None and not fh.closed:
+            def finish() -> None:
+                if cur is None:
+                    return
+                assert fh is not None
                 fh.close()
-            for part in dest.glob(".*.part"):
-                part.unlink(missing_ok=True)
-        return written
+                if got != cur.size or h.hexdigest() != cur.sha256:
+                    raise RemoteError(
+                        "DATA_LOSS",
+                        f"{cur.name}: received {got} bytes / sha256 {h.hexdigest()}, "
+                        f"expected {cur.size} / {cur.sha256}",
+                    )
+                names.append(cur.name)
+
+            try:
+                for msg in self.checkpoints.DownloadCheckpoint(
+                    cpb.DownloadCheckpointRequest(ref=ref), timeout=timeout, metadata=self.metadata
+                ):
+                    if msg.WhichOneof("payload") == "file":
+                        finish()
+                        cur = msg.file
+                        if "/" in cur.name or cur.name in ("", ".", "..") or "\\" in cur.name or cur.name in names:
+                            raise RemoteError("DATA_LOSS", f"server sent a bad file name {cur.name!r}")
+                        fh = open(tmp / cur.name, "wb")  # noqa: SIM115
+                        h = hashlib.sha256()
+                        got = 0
+                    else:
+                        if fh is None:
+                            raise RemoteError("DATA_LOSS", "server sent data before a file header")
+                        fh.write(msg.chunk)
+                        h.update(msg.chunk)
+                        got += len(msg.chunk)
+                finish()
+            except grpc.RpcError as e:
+                raise RemoteError.from_rpc(e) from None
+            finally:
+                if fh is not None and not fh.closed:
+                    fh.close()
+        return [dest / n for n in names]

@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -64,12 +64,14 @@ from service.kinds import INTERRUPTED as INTERRUPTED_WHY
 from service.kinds import get_kind
 from service.paths import (
     JOB_SCHEME,
+    UPLOAD_SCHEME,
     HubConfig,
     HubDisabledError,
     InvalidPathError,
     RefResolver,
     Roots,
     overlaps,
+    redact_paths,
 )
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, INTERRUPTED = (
@@ -827,7 +829,7 @@ class JobManager:
             worker_pid=None,
             result=result,
             error_code=error[0] if error else None,
-            error_message=error[1] if error else None,
+            error_message=self.redact(error[1]) if error else None,
         )
 
     def _requeue(self, rec: JobRecord) -> None:
@@ -857,6 +859,19 @@ class JobManager:
         if rec is None or rec.state != SUCCEEDED:
             return None
         return Path(rec.output_path)
+
+    def redact(self, message: str, sent: Sequence[str] = ()) -> str:
+        """An error message as a caller may see it: no path outside the roots (paths.redact_paths);
+        uploads and default outputs named by their references."""
+        return redact_paths(
+            message,
+            keep=self.roots.roots,
+            sent=sent,
+            aliases=[
+                (self.config.uploads_dir.resolve(), UPLOAD_SCHEME),
+                (self.config.outputs_dir.resolve(), JOB_SCHEME),
+            ],
+        )
 
     def confine_path(self, value: str, field_name: str) -> str:
         """A file or folder a request names (a method's ``FilePath`` parameter...), inside the roots:
@@ -924,7 +939,8 @@ class JobManager:
             out = self.config.outputs_dir / job_id
         if output_path and overlaps(out, self.config.data_dir.resolve()):
             raise InvalidPathError(f"output_path: {out} is inside the server's data folder")
-        _check_replaceable(out, overwrite, output_path or job_id)
+        if not overwrite:  # a plain refusal before planning; the overwrite rule after the overlap checks
+            _check_replaceable(out, overwrite, output_path or job_id)
         self._check_output_free(out)
         plan_summary: dict[str, Any] | None = None
         est = self.config.worker_overhead_bytes
@@ -948,6 +964,7 @@ class JobManager:
                         raise InvalidPathError(
                             f"output_path: {out} overlaps input model '{ref}' ({res.path})"
                         )
+        _check_replaceable(out, overwrite, output_path or job_id)
         self._check_budget(est, "the merge")
         if validate_only:
             return None, plan_summary
@@ -1023,10 +1040,10 @@ class JobManager:
                 raise InvalidPathError(f"output_path: {out} is inside the server's data folder")
         else:
             out = self.config.outputs_dir / job_id
-        _check_replaceable(out, overwrite, output_path or job_id)
         for p in inputs:
             if overlaps(Path(p).resolve(), out):
                 raise InvalidPathError(f"output_path: {out} overlaps input {p}")
+        _check_replaceable(out, overwrite, output_path or job_id)
         self._check_output_free(out, serial_key=serial_key)
         return out
 

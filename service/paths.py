@@ -78,6 +78,46 @@ def overlaps(a: Path, b: Path) -> bool:
     return inside(a, b) or inside(b, a)
 
 
+#: an absolute path inside a message: from a '/' that starts a word up to a quote, space or bracket
+_ABS_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\"`,;()\[\]{}<>]*")
+
+
+def redact_paths(
+    message: str,
+    *,
+    keep: Sequence[Path] = (),
+    sent: Sequence[str] = (),
+    aliases: Sequence[tuple[Path, str]] = (),
+) -> str:
+    """``message`` with no server path the caller may not see (docs/service.md: errors never reveal
+    paths outside the roots, nor where the server keeps its files).
+
+    An absolute path stays when it is inside a folder of ``keep`` (the roots) or is, or lies below,
+    a string the caller ``sent``; one inside a folder of ``aliases`` is written as the alias plus what
+    follows its first component (``data/uploads/<id>/x`` -> ``upload://<id>/x``); any other becomes
+    ``<server path>``.
+    """
+    sent_paths = [t.rstrip("/") for t in sent if t.startswith("/")]
+
+    def sub(m: re.Match[str]) -> str:
+        token = m.group(0)
+        text = token.rstrip(".:")
+        tail = token[len(text) :]
+        if any(text == t or text.startswith(t + "/") for t in sent_paths):
+            return token
+        p = Path(text)
+        if any(inside(p, k) for k in keep):
+            return token
+        for folder, scheme in aliases:
+            if inside(p, folder) and p != folder:
+                first, *rest = p.relative_to(folder).parts
+                head = scheme + first if not first.startswith(".") else scheme.rstrip(":/")
+                return "/".join([head, *rest]) + tail
+        return "<server path>" + tail
+
+    return _ABS_PATH.sub(sub, message)
+
+
 class Roots:
     """The folders a server may read and write, resolved once at start-up."""
 
@@ -100,10 +140,9 @@ class Roots:
         return any(inside(real, a) for a in self.allowed)
 
     def _deny(self, field: str, text: str, real: Path) -> PathNotAllowedError:
-        via = " (through a symlink)" if str(real) != str(Path(text)) else ""
-        return PathNotAllowedError(
-            f"{field}: path {text!r} resolves to {str(real)!r}{via}, outside the server's roots"
-        )
+        """Refuse ``text``: the message says what the caller sent, never where it resolved to."""
+        via = " (through a symlink)" if str(real) != str(Path(text)) and Path(text).is_absolute() else ""
+        return PathNotAllowedError(f"{field}: path {text!r} is outside the server's roots{via}")
 
     def resolve_input(self, text: str, field: str = "path") -> Path:
         """An existing file or folder inside the roots (symlinks followed), or an error."""
@@ -127,17 +166,18 @@ class Roots:
         if not self.is_allowed(real):
             raise self._deny(field, text, real)
         if real.is_dir():
-            self.check_folder_entries(real, field)
+            self.check_folder_entries(real, field, shown=text)
         return real
 
-    def check_folder_entries(self, folder: Path, field: str) -> None:
+    def check_folder_entries(self, folder: Path, field: str, *, shown: str | None = None) -> None:
         """Refuse a checkpoint folder whose files are symlinks leaving the allowed folders."""
         for entry in folder.iterdir():
             if entry.is_symlink():
                 real = entry.resolve()
                 if not self.is_allowed(real):
+                    where = f"{shown!r} holds {entry.name!r}" if shown else f"{entry.name!r}"
                     raise PathNotAllowedError(
-                        f"{field}: {entry} is a symlink to {str(real)!r}, outside the server's roots"
+                        f"{field}: {where}, a symlink that leaves the server's roots"
                     )
 
     def resolve_output(self, text: str, field: str = "output_path") -> Path:

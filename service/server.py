@@ -176,6 +176,36 @@ def _field_for(e: Exception, default: str | None) -> str | None:
     return default
 
 
+def _sent_strings(msg: Any, out: list[str] | None = None) -> list[str]:
+    """Every string field of a request message, nested, repeated and map ones too (what the caller sent)."""
+    from google.protobuf.message import Message
+
+    out = [] if out is None else out
+    if not isinstance(msg, Message):
+        return out
+    for _fd, value in msg.ListFields():
+        if isinstance(value, str | bytes | Message):
+            values = [value]
+        elif hasattr(value, "items"):  # a map
+            values = list(value.values())
+        else:  # a repeated field (or a scalar)
+            values = list(value) if hasattr(value, "__iter__") else [value]
+        for v in values:
+            if isinstance(v, str):
+                out.append(v)
+            elif isinstance(v, Message):
+                _sent_strings(v, out)
+    return out
+
+
+def _shown(servicer: Any, e: Exception, request: Any) -> str:
+    """The error message a caller sees: every server path outside the roots redacted (JobManager.redact)."""
+    manager = getattr(servicer, "m", None)  # every servicer holds its JobManager as .m
+    if manager is None:
+        return str(e)
+    return manager.redact(str(e), _sent_strings(request))
+
+
 def handle_errors(default_field: str | None = None) -> Callable[[Any], Any]:
     """Map exceptions of a unary (or client-streaming) handler to status codes."""
 
@@ -186,7 +216,8 @@ def handle_errors(default_field: str | None = None) -> Callable[[Any], Any]:
                 return await fn(self, request, context)
             except WeightsmithError as e:
                 await abort_with(
-                    context, getattr(e, "grpc_code", "INVALID_ARGUMENT"), str(e), _field_for(e, default_field)
+                    context, getattr(e, "grpc_code", "INVALID_ARGUMENT"), _shown(self, e, request),
+                    _field_for(e, default_field),
                 )
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
@@ -210,7 +241,8 @@ def handle_stream_errors(default_field: str | None = None) -> Callable[[Any], An
                     yield item
             except WeightsmithError as e:
                 await abort_with(
-                    context, getattr(e, "grpc_code", "INVALID_ARGUMENT"), str(e), _field_for(e, default_field)
+                    context, getattr(e, "grpc_code", "INVALID_ARGUMENT"), _shown(self, e, request),
+                    _field_for(e, default_field),
                 )
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from merge.errors import CheckpointError, RecipeError
+from merge.errors import CheckpointError, OutputExistsError, RecipeError
 from merge.symmetry import apply_permutation
 from metanets.train import TrainConfig, embed, load_metanet, predict, train_metanet
 from metanets.zoo import Zoo, build_zoo
@@ -118,7 +118,7 @@ def test_classification_targets_and_errors(zoo, tmp_path):
     assert p["prediction"] in ("digits", "parity") and sum(p["probabilities"].values()) == pytest.approx(1.0)
     with pytest.raises(RecipeError, match="unknown metanet"):
         train_metanet(zoo, _cfg(model="transformer"), tmp_path / "x", progress=False)
-    with pytest.raises(RecipeError, match="exists"):
+    with pytest.raises(OutputExistsError, match="exists"):  # the one output rule (merge.atomic)
         train_metanet(zoo, _cfg(target="task"), tmp_path / "task", progress=False)
     with pytest.raises(RecipeError, match="no field 'nonsense'"):
         train_metanet(zoo, _cfg(target="nonsense"), tmp_path / "y", progress=False)
@@ -166,3 +166,20 @@ def test_cli_zoo_and_metanet_commands(tmp_path):
     assert res.exit_code == 0 and len(res.stdout.strip().splitlines()) == 2
     res = run(main, ["metanet", "predict", str(tmp_path / "m"), str(tmp_path / "missing.safetensors")])
     assert res.exit_code == 2 and "error:" in res.output
+
+
+@pytest.mark.parametrize("model", ["gmn", "unf", "statnn"])
+def test_predict_and_embed_refuse_nan_weights_naming_the_tensor(zoo, tmp_path, model):
+    """One NaN/Inf policy wherever weights are read (issue 22): predict / embed refuse, naming the tensor."""
+    from merge.errors import NonFiniteError
+
+    where = {"arch.depth": 1, "arch.width": 16, "arch.norm": "none"} if model == "unf" else {}
+    args = {} if model != "gmn" else {"hidden": 8, "layers": 1}
+    r = train_metanet(zoo, _cfg(model=model, epochs=1, model_args=args, where=where), tmp_path / model, progress=False)
+    i = next(i for i, rec in enumerate(zoo.records) if rec["arch"].get("depth") == 1)
+    state = {k: v.clone() for k, v in zoo.state_dict(i).items()}
+    name = sorted(k for k, v in state.items() if v.is_floating_point())[0]
+    state[name].view(-1)[0] = float("inf")
+    for fn in (predict, embed):
+        with pytest.raises(NonFiniteError, match=f"tensor '{name}' has 1 NaN/Inf"):
+            fn(r.path, [state])

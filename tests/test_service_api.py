@@ -8,6 +8,7 @@ test_service_faults.py.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import grpc
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from merge.engine import plan_merge
 from service.client import RemoteError, state_name
 from tests.service_helpers import (
+    REPO,
     TOKEN,
     ServerProcess,
     files_of,
@@ -666,3 +668,70 @@ def test_remote_cli_merge_jobs_cancel(env: dict, tmp_path: Path) -> None:
     )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "dl" / "model.safetensors").exists()
+
+
+_ABS = re.compile(r"(?<![\w.:/~-])/[^\s'\"`,;()\[\]{}<>]+")  # an absolute path (not ../x, not upload://)
+
+
+def _assert_reveals_no_server_path(label: str, message: str, sent: list[str], env: dict) -> None:
+    """Every absolute path in ``message`` is inside the root or is (below) a path the caller sent;
+    the server's data folder, working directory and symlink targets never appear (issue 22)."""
+    root = env["root"]
+    for token in _ABS.findall(message):
+        p = token.rstrip(".:")
+        ok = Path(p).is_relative_to(root) or any(p == s or p.startswith(s.rstrip("/") + "/") for s in sent)
+        assert ok, (label, p, message)
+    for secret in (str(env["base"] / "data"), str(REPO), "/etc"):
+        if not any(secret in s for s in sent):
+            assert secret not in message, (label, secret, message)
+
+
+def test_error_messages_reveal_no_server_path(env: dict, tmp_path: Path) -> None:
+    """A sweep of the error paths: the bad merges, symlinks out of the root (to /etc, to the server's
+    working directory through /proc), malformed uploads, downloads and a failed job's message."""
+    from service._proto.weightsmith.v1 import checkpoint_service_pb2 as cpb
+
+    c, root = env["client"], env["root"]
+    cases = _bad_cases(env)
+    links = root / "bad" / "links"
+    if not links.exists():
+        links.mkdir()
+        (links / "etc").symlink_to("/etc")
+        (links / "cwd").symlink_to("/proc/self/cwd")
+    two = [str(env["models"][0]), str(env["models"][1])]
+    for ref in ("/proc/self/cwd", "/proc/self/cwd/service", str(links / "etc"), str(links / "cwd"), "/etc/passwd"):
+        cases.append((f"ref {ref}", {"recipe_yaml": linear_recipe([two[0], ref])}, None, None))
+    cases.append(("out-symlink", {"recipe_yaml": linear_recipe(two), "output_path": str(links / "etc")}, None, None))
+    seen = 0
+    for label, req, _code, _text in cases:
+        req = dict(req)
+        recipe = req.pop("recipe_yaml", None) or req.pop("recipe_struct", None) or ""
+        output = req.pop("output_path", f"out/leak-{len(label)}")
+        sent = [s for s in (*two, output, *_ABS.findall(str(recipe))) if s.startswith("/")]
+        with pytest.raises(RemoteError) as e:
+            c.create_merge_job(recipe, output_path=output, **req)
+        _assert_reveals_no_server_path(label, e.value.message, sent, env)
+        seen += 1
+
+    def upload(msgs: list) -> str:
+        with pytest.raises(RemoteError) as e:
+            try:
+                c.checkpoints.UploadCheckpoint(iter(msgs), metadata=c.metadata, timeout=30)
+            except grpc.RpcError as err:
+                raise RemoteError.from_rpc(err) from None
+        return e.value.message
+
+    good = tmp_path / "g.safetensors"
+    save_file({"w": torch.ones(4)}, str(good))
+    raw = good.read_bytes()
+    hdr = cpb.UploadCheckpointRequest(file=cpb.FileHeader(name="model.safetensors", size=len(raw)))
+    for label, body in (("garbled header", raw[:8] + b"{" * (len(raw) - 8)), ("zeros", bytes(len(raw)))):
+        msg = upload([hdr, cpb.UploadCheckpointRequest(chunk=body)])
+        _assert_reveals_no_server_path(label, msg, [], env)
+        seen += 1
+    for ref in ("/proc/self/cwd", str(links / "etc"), str(links / "cwd")):
+        with pytest.raises(RemoteError) as e:
+            c.download(ref, tmp_path / "d")
+        _assert_reveals_no_server_path(f"download {ref}", e.value.message, [ref], env)
+        seen += 1
+    assert seen == len(cases) + 5

@@ -525,3 +525,24 @@ def test_diffusers_members_must_have_the_same_components(tmp_path: Path) -> None
     with pytest.raises(Exception, match="is a checkpoint folder, but member 'p0'"):
         s.add(write_checkpoint(tmp_path / "plain", llama_like(1)))
     assert soup_digest(tmp_path / "soup") == digest
+
+
+@pytest.mark.parametrize("position", [0, 1, 2])
+def test_build_verifies_every_member_and_names_the_changed_one(
+    tmp_path: Path, soup3: tuple[Path, list[Path]], position: int
+) -> None:
+    """Whatever its position, a member whose weights changed after it was added fails the build,
+    named (issue 22); an untouched soup builds without hashing members whose stamps are unchanged."""
+    soup, ms = soup3
+    Soup(soup).build(tmp_path / "ok")  # stamps unchanged: trusted
+    f = ms[position] / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x01  # one bit of one weight, same size
+    f.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=rf"soup member 'm{position + 1}': .*model.safetensors has changed"):
+        Soup(soup).build(tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.partial-*"))
+    data[-3] ^= 0x01  # restored bytes, new stamp: hashed again and accepted
+    f.write_bytes(bytes(data))
+    Soup(soup).build(tmp_path / "out")
+    assert (tmp_path / "out" / ".weightsmith-output").is_file()
