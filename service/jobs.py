@@ -1028,10 +1028,19 @@ class JobManager:
         return prev, req_hash
 
     def output_folder(
-        self, output_path: str, overwrite: bool, job_id: str, inputs: list[Path], serial_key: str | None = None
+        self,
+        output_path: str,
+        overwrite: bool,
+        job_id: str,
+        inputs: list[Path],
+        serial_key: str | None = None,
+        *,
+        resumes: bool = False,
     ) -> Path:
         """The folder a new job writes: inside a root (or ``data-dir/outputs/<job>``), not existing
-        unless ``overwrite``, overlapping no input and no other active job's output."""
+        unless ``overwrite`` (and then only a previous weightsmith output: merge.atomic), overlapping no
+        input and no other active job's output. ``resumes``: the kind resumes an existing folder of its
+        own and checks it itself (zoo builds)."""
         if not self.accepting:
             raise ServiceError("UNAVAILABLE", "the server is shutting down and takes no new jobs")
         if output_path:
@@ -1040,10 +1049,13 @@ class JobManager:
                 raise InvalidPathError(f"output_path: {out} is inside the server's data folder")
         else:
             out = self.config.outputs_dir / job_id
+        if not overwrite:  # the plain refusal first, as before; the overwrite rule after the overlap checks
+            _check_replaceable(out, overwrite, output_path or job_id)
         for p in inputs:
             if overlaps(Path(p).resolve(), out):
                 raise InvalidPathError(f"output_path: {out} overlaps input {p}")
-        _check_replaceable(out, overwrite, output_path or job_id)
+        if not resumes:
+            _check_replaceable(out, overwrite, output_path or job_id)
         self._check_output_free(out, serial_key=serial_key)
         return out
 

@@ -41,7 +41,7 @@ async def admit_zoo(manager: JobManager, req: dict[str, Any], job_id: str) -> Su
     from service.jobs import ServiceError, Submission
 
     cfg = load_zoo_config(req["config"])
-    out = manager.output_folder(req["output_path"], True, job_id, [])
+    out = manager.output_folder(req["output_path"], True, job_id, [], resumes=True)
     head = out / "zoo.json"
     if head.exists():
         try:

@@ -139,9 +139,10 @@ class Roots:
     def is_allowed(self, real: Path) -> bool:
         return any(inside(real, a) for a in self.allowed)
 
-    def _deny(self, field: str, text: str, real: Path) -> PathNotAllowedError:
-        """Refuse ``text``: the message says what the caller sent, never where it resolved to."""
-        via = " (through a symlink)" if str(real) != str(Path(text)) and Path(text).is_absolute() else ""
+    def _deny(self, field: str, text: str, real: Path, named: Path | None = None) -> PathNotAllowedError:
+        """Refuse ``text`` (``named``: the path it names, before symlinks are followed): the message says
+        what the caller sent and whether a symlink took it out, never where it resolved to."""
+        via = " (through a symlink)" if named is not None and real != named else ""
         return PathNotAllowedError(f"{field}: path {text!r} is outside the server's roots{via}")
 
     def resolve_input(self, text: str, field: str = "path") -> Path:
@@ -161,10 +162,10 @@ class Roots:
         except (FileNotFoundError, RuntimeError):  # dangling or looping symlink
             real = p.resolve()
             if not self.is_allowed(real):
-                raise self._deny(field, text, real) from None
+                raise self._deny(field, text, real, p.absolute()) from None
             raise ModelNotFoundError(f"{field}: {text!r}: broken symlink") from None
         if not self.is_allowed(real):
-            raise self._deny(field, text, real)
+            raise self._deny(field, text, real, p.absolute())
         if real.is_dir():
             self.check_folder_entries(real, field, shown=text)
         return real
@@ -175,10 +176,8 @@ class Roots:
             if entry.is_symlink():
                 real = entry.resolve()
                 if not self.is_allowed(real):
-                    where = f"{shown!r} holds {entry.name!r}" if shown else f"{entry.name!r}"
-                    raise PathNotAllowedError(
-                        f"{field}: {where}, a symlink that leaves the server's roots"
-                    )
+                    where = f"{shown.rstrip('/')}/{entry.name}" if shown else entry.name
+                    raise PathNotAllowedError(f"{field}: {where} is a symlink that leaves the server's roots")
 
     def resolve_output(self, text: str, field: str = "output_path") -> Path:
         """Where a job may write its output folder (it need not exist yet)."""
@@ -191,7 +190,7 @@ class Roots:
             raise PathNotAllowedError(f"{field}: {text!r} is a symlink; give the real folder")
         real = p.parent.resolve() / p.name
         if not any(inside(real, r) for r in self.roots):
-            raise self._deny(field, text, real)
+            raise self._deny(field, text, real, p.absolute())
         if any(real == r for r in self.allowed):
             raise InvalidPathError(f"{field}: {text!r} is a server root itself; name a folder inside it")
         if real.exists() and not real.is_dir():

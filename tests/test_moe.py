@@ -255,3 +255,21 @@ def test_cli(dense, tmp_path: Path) -> None:
     cfg.write_text(yaml.safe_dump(_cfg(dense, experts_per_token=0)))
     r = CliRunner().invoke(main, ["moe", str(cfg), "-o", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "experts_per_token must be >= 1" in r.output
+
+
+def test_moe_never_writes_over_its_inputs_or_a_user_folder(dense, tmp_path: Path) -> None:
+    """issue 22: refused before any work (the gates' forward passes), inputs and the user's file intact."""
+    from merge.errors import OutputExistsError, OutputOverlapError
+    from tests.conftest import tree_digest
+
+    before = {k: tree_digest(Path(v)) for k, v in dense.items()}
+    for out in (Path(dense["e0"]), Path(dense["base"]) / "moe"):
+        with pytest.raises(OutputOverlapError, match="the input"):
+            run_moe(_cfg(dense), out, overwrite=True)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="not a previous weightsmith output"):
+        run_moe(_cfg(dense), mine, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+    assert {k: tree_digest(Path(v)) for k, v in dense.items()} == before
