@@ -2,7 +2,7 @@
 
 Three parts, one JSON (``bench/out/lineage.json``) and printed tables:
 
-1. **Zoos** (:mod:`metanets.lineage_zoo`, digits MLP / CNN; bench seed 1, the methods were designed on
+1. **Zoos** (:mod:`metanets.lineage.zoo`, digits MLP / CNN; bench seed 1, the methods were designed on
    seed 0): top-1 accuracy child→parent (G3 vs the 12 G2 models: siblings included), child→grandparent
    (G3 vs the 4 roots), grandchild→grandparent (G4 vs the 12 G2), open-set "none" precision/recall (each
    child asked twice: with its parent among the 12 and with it withheld; "none" is right only when it
@@ -52,8 +52,8 @@ from bench._common import (  # noqa: E402
     write_json,
 )
 from metanets.lineage import detect_lineage  # noqa: E402
-from metanets.lineage_stats import StateSource, head_tensors, pair_tensors  # noqa: E402
-from metanets.lineage_zoo import (  # noqa: E402
+from metanets.lineage.stats import StateSource, head_tensors, pair_tensors  # noqa: E402
+from metanets.lineage.zoo import (  # noqa: E402
     Budget,
     LineageZoo,
     ZooConfig,
@@ -117,7 +117,7 @@ def early_features(arch: str, hidden: int) -> Any:
 
 
 def detector_for(name: str, cfg: ZooConfig) -> Path:
-    from metanets.lineage_learned import train_detector
+    from metanets.lineage.learned import train_detector
 
     path = WORK / f"detector-{name}.safetensors"
     if path.exists():
@@ -261,8 +261,8 @@ def eval_zoo(name: str, methods: list[str], seed: int) -> list[dict[str, Any]]:
 
 
 def eval_minilm(methods: list[str]) -> list[dict[str, Any]]:
-    from metanets.lineage_align import resolve_spec
-    from metanets.lineage_zoo import build_minilm_zoo
+    from metanets.lineage.align import resolve_spec
+    from metanets.lineage.zoo import build_minilm_zoo
 
     t0 = time.perf_counter()
     z = build_minilm_zoo(WORK / "minilm", progress=lambda n: log(f"minilm: fine-tuning {n}"))
@@ -277,9 +277,9 @@ def eval_minilm(methods: list[str]) -> list[dict[str, Any]]:
     children = [n for n in z.names() if z.parents[n] not in (None, "base")]
     parents = [n for n in z.names() if z.parents[n] == "base"]
     others = [n for n in z.names() if z.parents[n] is None and n != "base"]
-    from metanets.lineage import _Model
+    from metanets.lineage.model import Model
 
-    spec = resolve_spec(_Model("base", "base", StateSource(states["base"]), z.folder("base")), None, None, 0)
+    spec = resolve_spec(Model("base", "base", StateSource(states["base"]), z.folder("base")), None, None, 0)
     rows = []
     for attack in (False, True):
         for method in methods:

@@ -1,7 +1,7 @@
 """Neural Lineage on sklearn digits: which parent a fine-tune came from, learning-free and learned.
 
 Reproduces the qualitative claims of Yu & Wang, "Neural Lineage" (CVPR 2024) on an offline zoo
-(:mod:`metanets.lineage_zoo`: 4 roots, 12 sibling parents, 48 children with new heads and four
+(:mod:`metanets.lineage.zoo`: 4 roots, 12 sibling parents, 48 children with new heads and four
 fine-tuning budgets, 24 grandchildren; MLP 64-64-64-5):
 
 1. lineage is detectable far above chance (1/12) without data, and the nearest root is found;
@@ -10,7 +10,7 @@ fine-tuning budgets, 24 grandchildren; MLP 64-64-64-5):
 3. the paper's first-order fine-tuning approximation of the L2 representation distance is on par
    with plain L2 at the released α = 0.01 and collapses at α = 1 (the expansion overshoots), while
    the full linearised distance (``torch.func.jvp``) does not need a small α;
-4. the learned detector (``--detector``, trained with ``metanets.lineage_learned.train_detector`` on
+4. the learned detector (``--detector``, trained with ``metanets.lineage.learned.train_detector`` on
    the seed-0 zoo) matches or beats the learning-free representation methods.
 
 Also shown: the issue's baseline (median relative weight distance), our ``weights`` score (nuclear
@@ -35,9 +35,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metanets.lineage import detect_lineage  # noqa: E402
-from metanets.lineage_probe import probe_distances  # noqa: E402
-from metanets.lineage_stats import StateSource, head_tensors, pair_tensors  # noqa: E402
-from metanets.lineage_zoo import ZooConfig, build_lineage_zoo, build_model, probe_inputs  # noqa: E402
+from metanets.lineage.probe import probe_distances  # noqa: E402
+from metanets.lineage.stats import StateSource, head_tensors, pair_tensors  # noqa: E402
+from metanets.lineage.zoo import ZooConfig, build_lineage_zoo, build_model, probe_inputs  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 

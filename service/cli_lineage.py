@@ -114,7 +114,7 @@ def _load_model_fn(spec: str) -> Any:
     "--detector",
     type=click.Path(dir_okay=False, exists=True),
     default=None,
-    help="method learned: a detector file (metanets.lineage_learned).",
+    help="method learned: a detector file (metanets.lineage.learned).",
 )
 @click.option(
     "--architecture",

@@ -32,7 +32,7 @@ METHODS = {
         "Git Re-Basin weight matching of every candidate to the child first, then 'weights' (permutation-robust)",
         ["architecture or spec_ref (else built from the child's tensor names)"],
     ),
-    "learned": ("a detector trained on a lineage zoo (metanets.lineage_learned)", ["detector_ref"]),
+    "learned": ("a detector trained on a lineage zoo (metanets.lineage.learned)", ["detector_ref"]),
 }
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from merge.errors import ModelNotFoundError, RecipeError
 from merge.symmetry import mlp_spec
 from metanets.lineage import detect_lineage
-from metanets.lineage_stats import (
+from metanets.lineage.stats import (
     NUCLEAR,
     StateSource,
     head_tensors,
@@ -28,7 +28,7 @@ from metanets.lineage_stats import (
     spectral_block,
     tensor_norms,
 )
-from metanets.lineage_zoo import permutation_attack
+from metanets.lineage.zoo import permutation_attack
 from service.cli import main
 from tests.conftest import llama_like, write_checkpoint
 
@@ -103,7 +103,7 @@ def test_nuclear_norm_hand_computed() -> None:
 def test_tensor_norms_match_direct_computation_in_bf16_and_with_chunks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import metanets.lineage_stats as st
+    import metanets.lineage.stats as st
 
     monkeypatch.setattr(st, "CHUNK", 100)  # force many chunks
     g = torch.Generator().manual_seed(1)
@@ -262,7 +262,7 @@ def test_aligned_scores_another_architecture_on_what_it_shares_or_reports_it_inc
 
 
 def test_probe_metrics_math() -> None:
-    from metanets.lineage_probe import linear_cka, probe_distances
+    from metanets.lineage.probe import linear_cka, probe_distances
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 6, generator=g)

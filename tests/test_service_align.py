@@ -11,7 +11,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from merge.methods.rebasin import rebasin
-from metanets.lineage_stats import single_torch_thread
+from metanets.lineage.stats import single_torch_thread
 from service.client import RemoteError, state_name
 from tests.service_helpers import ServerProcess, partials, tree_digest, wait_for, write_model
 

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from merge.symmetry import mlp_spec
 from metanets.lineage import detect_lineage
-from metanets.lineage_zoo import permutation_attack
+from metanets.lineage.zoo import permutation_attack
 from service.client import RemoteError
 from tests.service_helpers import ServerProcess, tree_digest, write_model
 from tests.test_lineage import fine_tune, mlp_state

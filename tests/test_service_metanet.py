@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from metanets.lineage_stats import single_torch_thread
+from metanets.lineage.stats import single_torch_thread
 from metanets.train import TrainConfig, embed, predict, train_metanet
 from metanets.zoo import Zoo, build_zoo
 from service.client import RemoteError, state_name

@@ -1,4 +1,4 @@
-"""Drawing a :class:`~metanets.lineage_result.LineageResult` as a family tree (matplotlib, no pyplot state).
+"""Drawing a :class:`~metanets.lineage.result.LineageResult` as a family tree (matplotlib, no pyplot state).
 
 Layout: the family component (the tree edges of the result) is rooted at the oldest ancestor of
 the chain (else at the child's nearest relative), drawn top-down with leaves in depth-first order
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from metanets.lineage_result import LineageResult
+    from metanets.lineage.result import LineageResult
 
 
 def _layout(result: LineageResult) -> tuple[dict[str, tuple[float, float]], list[str]]:

@@ -28,10 +28,10 @@ import torch
 
 from merge.errors import RecipeError, WeightsmithError
 from merge.symmetry import PermutationSpec, build_spec, mlp_spec
-from metanets.lineage_stats import Pairing, PermutedSource, TensorSource
+from metanets.lineage.stats import Pairing, PermutedSource, TensorSource
 
 if TYPE_CHECKING:
-    from metanets.lineage import _Model
+    from metanets.lineage.model import Model
 
 
 def _config_heads(path: Path | None) -> int:
@@ -46,7 +46,7 @@ def _config_heads(path: Path | None) -> int:
     return int(n) if isinstance(n, int) else 0
 
 
-def resolve_spec(child: _Model, spec: Any, architecture: str | None, n_heads: int) -> PermutationSpec:
+def resolve_spec(child: Model, spec: Any, architecture: str | None, n_heads: int) -> PermutationSpec:
     """The permutation spec of the child (see the module docstring)."""
     if isinstance(spec, PermutationSpec):
         return spec
@@ -89,8 +89,8 @@ def fixed_fraction(perms: Mapping[str, torch.Tensor]) -> float:
 
 
 def align_candidates(
-    child: _Model,
-    models: list[_Model],
+    child: Model,
+    models: list[Model],
     pairings: dict[int, Pairing],
     *,
     spec: Any = None,

@@ -6,7 +6,7 @@ optional "no parent" token), trained by cross-entropy on a generated zoo. Ours k
 set-up and swaps the encoder for one that respects weight-space symmetry:
 
 1. every candidate is aligned to the child by Git Re-Basin weight matching
-   (:mod:`metanets.lineage_align`), so a permutation attack changes nothing;
+   (:mod:`metanets.lineage.align`), so a permutation attack changes nothing;
 2. the pair becomes the parameter graph (:func:`metanets.graph.build_graph`, Lim et al., "Graph
    Metanetworks", ICLR 2024) of the per-tensor normalised difference ``(θ_p − θ_c) / rms(θ_c)`` on
    the tensors both share (heads excluded): the graph of the fine-tuning step that would lead from
@@ -14,7 +14,7 @@ set-up and swaps the encoder for one that respects weight-space symmetry:
 3. a :class:`metanets.gmn.GMN` embeds that graph (invariant read-out) and a small head gives one
    logit per candidate; a learned "no parent" logit joins the softmax.
 
-:func:`train_detector` trains it on a :class:`~metanets.lineage_zoo.LineageZoo` (children against all
+:func:`train_detector` trains it on a :class:`~metanets.lineage.zoo.LineageZoo` (children against all
 parents, a share of episodes with the true parent withheld and "no parent" as the target) and writes
 a detector file (safetensors weights, configuration in the header metadata: no pickle);
 ``detect_lineage(..., method="learned", detector=PATH)`` loads it. A detector is trained for one
@@ -40,15 +40,15 @@ from torch import nn
 
 from merge.errors import CheckpointError, RecipeError, WeightsmithError
 from merge.symmetry import PermutationSpec
-from metanets.lineage_align import align_candidates, restrict
-from metanets.lineage_result import Skipped
-from metanets.lineage_stats import Pairing, TensorSource, single_torch_thread
+from metanets.lineage.align import align_candidates, restrict
+from metanets.lineage.result import Skipped
+from metanets.lineage.stats import Pairing, TensorSource, single_torch_thread
 
 if TYPE_CHECKING:
     from torch_geometric.data import Data
 
-    from metanets.lineage import _Model, _Scored
-    from metanets.lineage_zoo import LineageZoo
+    from metanets.lineage.model import Model, Scored
+    from metanets.lineage.zoo import LineageZoo
 
 FORMAT = "weightsmith.lineage_detector"
 
@@ -145,15 +145,15 @@ def _one_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def score_learned(
-    child: _Model,
-    models: list[_Model],
+    child: Model,
+    models: list[Model],
     pairings: dict[int, Pairing],
     detector: str | Path,
     skipped: list[Skipped],
     progress: Callable[[str, int, int], None] | None,
-) -> list[_Scored]:
+) -> list[Scored]:
     """Score candidates with a trained detector; ``score = 1 − p(candidate)`` (softmax with "no parent")."""
-    from metanets.lineage import _Scored
+    from metanets.lineage.model import Scored
 
     model, _ = load_detector(detector)
     sources, _, bad, spec = align_candidates(child, models, pairings, progress=progress)
@@ -174,7 +174,7 @@ def score_learned(
         p = F.softmax(model(graphs), dim=0)
     p_none = float(p[-1])
     return [
-        _Scored(
+        Scored(
             m,
             1.0 - float(p[i]),
             {},
@@ -194,8 +194,8 @@ def score_learned(
 
 
 def _zoo_graphs(zoo: LineageZoo, queries: Sequence[str], candidates: Sequence[str]) -> dict[str, list[Data]]:
-    from metanets.lineage import _Model
-    from metanets.lineage_stats import StateSource, head_tensors, pair_tensors
+    from metanets.lineage.model import Model
+    from metanets.lineage.stats import StateSource, head_tensors, pair_tensors
 
     states = {n: zoo.state(n) for n in {*queries, *candidates}}
     out: dict[str, list[Data]] = {}
@@ -203,10 +203,10 @@ def _zoo_graphs(zoo: LineageZoo, queries: Sequence[str], candidates: Sequence[st
         src = StateSource(states[q])
         shapes = {k: tuple(v.shape) for k, v in states[q].items()}
         heads = head_tensors(list(shapes), shapes)
-        child = _Model(q, q, src)
+        child = Model(q, q, src)
         models, pairings = [], {}
         for i, c in enumerate(candidates):
-            m = _Model(c, c, StateSource(states[c]), index=i)
+            m = Model(c, c, StateSource(states[c]), index=i)
             models.append(m)
             pairings[i] = pair_tensors(src, m.source, heads=heads)
         sources, _, bad, spec = align_candidates(child, models, pairings)

@@ -3,7 +3,7 @@
 The task of Yu & Wang, "Neural Lineage", CVPR 2024 (arXiv:2406.11129): given a child model and
 candidate parents, name the parent, or say that none of them is. :func:`detect_lineage` takes
 paths, Hub ids (``org/name@rev``) or state dicts, reads checkpoints lazily through
-:mod:`merge.checkpoint` and answers with a :class:`~metanets.lineage_result.LineageResult`.
+:mod:`merge.checkpoint` and answers with a :class:`~metanets.lineage.result.LineageResult`.
 
 Methods
 -------
@@ -11,7 +11,7 @@ Methods
     Per-tensor distances ``q_k = N(θ_c − θ_p)_k / N(θ_c)_k`` over the tensors child and candidate
     share with the same shape (heads, resized and one-sided tensors excluded and reported), in the
     nuclear norm for matrices (on a fixed block of at most ``spectral_max_dim`` rows and columns)
-    and the Frobenius norm for vectors (:mod:`metanets.lineage_stats` explains why low-rank fine-tuning makes the
+    and the Frobenius norm for vectors (:mod:`metanets.lineage.stats` explains why low-rank fine-tuning makes the
     nuclear norm the sharper one). The score is the weighted geometric mean
     ``exp(Σ w_k log q_k / Σ w_k)`` (matrices weigh 1, vectors 0.1; ``q`` floored at 1e-4 so one
     bit-identical tensor cannot outvote the rest), i.e. the typical relative distance: 0 for the
@@ -24,11 +24,11 @@ Methods
     matching left in place (≈1 for an unpermuted relative); a related candidate with a low one is
     reported ``permuted``.
 ``probe`` (a probe batch and a ``model_fn``)
-    :mod:`metanets.lineage_probe`: representation L2, linear CKA, the paper's first-order
+    :mod:`metanets.lineage.probe`: representation L2, linear CKA, the paper's first-order
     fine-tuning approximation and the full linearised distance (``torch.func.jvp``); the candidates
     are ranked by ``probe_metric``.
 ``learned``
-    A detector trained on a lineage zoo (:mod:`metanets.lineage_learned`), loaded from ``detector``.
+    A detector trained on a lineage zoo (:mod:`metanets.lineage.learned`), loaded from ``detector``.
 
 The answer (open set)
 ---------------------
@@ -55,15 +55,15 @@ import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from merge.errors import RecipeError, WeightsmithError
-from metanets.lineage_result import CandidateScore, LayerEvidence, LineageResult, Skipped, TreeEdge
-from metanets.lineage_stats import (
+from metanets.lineage.model import Model, Scored
+from metanets.lineage.result import CandidateScore, LayerEvidence, LineageResult, Skipped, TreeEdge
+from metanets.lineage.stats import (
     NUCLEAR,
     CheckpointSource,
     Pairing,
@@ -94,15 +94,6 @@ CHAIN_THRESHOLD = 0.5
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Model:
-    name: str
-    ref: str
-    source: TensorSource
-    path: Path | None = None
-    index: int = -1
-
-
 def _names(candidates: Sequence[ModelRef] | Mapping[str, ModelRef]) -> list[tuple[str, ModelRef]]:
     if isinstance(candidates, Mapping) and not all(isinstance(v, torch.Tensor) for v in candidates.values()):
         items = [(str(k), v) for k, v in candidates.items()]
@@ -124,18 +115,18 @@ def _names(candidates: Sequence[ModelRef] | Mapping[str, ModelRef]) -> list[tupl
     return out
 
 
-def _open(name: str, ref: ModelRef, resolver: Callable[[str], Any], allow_pickle: bool) -> _Model:
+def _open(name: str, ref: ModelRef, resolver: Callable[[str], Any], allow_pickle: bool) -> Model:
     if isinstance(ref, Mapping):
         bad = [k for k, v in ref.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise RecipeError(f"model '{name}': entry '{bad[0]}' of the state dict is not a tensor")
-        return _Model(name, name, StateSource(ref))
+        return Model(name, name, StateSource(ref))
     from merge.checkpoint import open_checkpoint
 
     resolved = resolver(str(ref))
     ckpt = open_checkpoint(resolved.path, allow_pickle=allow_pickle)
     shown = str(ref) + (f" ({resolved.commit[:12]})" if getattr(resolved, "commit", None) else "")
-    return _Model(name, shown, CheckpointSource(ckpt), Path(resolved.path))
+    return Model(name, shown, CheckpointSource(ckpt), Path(resolved.path))
 
 
 def _default_resolver() -> Callable[[str], Any]:
@@ -153,18 +144,6 @@ def _weight(shape: tuple[int, ...]) -> float:
     return 1.0 if len(shape) >= 2 else VECTOR_WEIGHT
 
 
-@dataclass
-class _Scored:
-    model: _Model
-    score: float
-    q: dict[str, float]
-    layers: list[LayerEvidence]
-    pairing: Pairing
-    coverage: float
-    votes: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 def _geo_mean(values: Mapping[str, float], weights: Mapping[str, float]) -> float:
     """Weighted geometric mean of per-tensor distances, each floored at ``Q_FLOOR`` (exactly 0 if all are)."""
     if values and all(v == 0 for v in values.values()):
@@ -175,8 +154,8 @@ def _geo_mean(values: Mapping[str, float], weights: Mapping[str, float]) -> floa
 
 
 def _score_norms(
-    child: _Model, models: list[_Model], pairings: dict[int, Pairing], norms: dict[str, TensorNorms]
-) -> list[_Scored]:
+    child: Model, models: list[Model], pairings: dict[int, Pairing], norms: dict[str, TensorNorms]
+) -> list[Scored]:
     shapes = {n: child.source.shape(n) for n in norms}
     weights = {n: _weight(shapes[n]) for n in norms}
     total = sum(
@@ -204,7 +183,7 @@ def _score_norms(
         wsum = sum(weights[n] for n in q)
         covered = sum(norms[n].numel for n in q)
         out.append(
-            _Scored(
+            Scored(
                 m,
                 _geo_mean(q, weights),
                 q,
@@ -218,8 +197,8 @@ def _score_norms(
 
 
 def _pair_distance(
-    a: _Scored,
-    b: _Scored,
+    a: Scored,
+    b: Scored,
     norms: dict[str, TensorNorms],
     cache: dict[tuple[int, int], dict[str, float]],
     max_dim: int | None,
@@ -371,7 +350,7 @@ def detect_lineage(
     resolver = resolver or _default_resolver()
     cname = child_name or (str(child) if isinstance(child, str | Path) else "child")
     c = _open(cname, child, resolver, allow_pickle)
-    models: list[_Model] = []
+    models: list[Model] = []
     skipped: list[Skipped] = []
     for i, (name, ref) in enumerate(_names(candidates)):
         try:
@@ -400,7 +379,7 @@ def detect_lineage(
         n for n in child_shapes if c.source.dtype(n).is_floating_point and _small_constant(c.source, n)
     }
     pairings: dict[int, Pairing] = {}
-    comparable: list[_Model] = []
+    comparable: list[Model] = []
     for m in models:
         pr = pair_tensors(c.source, m.source, heads=head_set, exclude=exclude, constant=constant)
         if not pr.shared:
@@ -419,12 +398,12 @@ def detect_lineage(
 
     params: dict[str, Any] = {"spectral": spectral, "spectral_max_dim": spectral_max_dim}
     norms: dict[str, TensorNorms] = {}
-    scored: list[_Scored]
+    scored: list[Scored]
     if method in ("weights", "aligned"):
         extra: dict[int, dict[str, Any]] = {}
         sources: dict[int, TensorSource] = {m.index: m.source for m in comparable}
         if method == "aligned":
-            from metanets.lineage_align import align_candidates
+            from metanets.lineage.align import align_candidates
 
             sources, extra, bad, spec_used = align_candidates(
                 c,
@@ -455,7 +434,7 @@ def detect_lineage(
         for s in scored:
             s.extra = extra.get(s.model.index, {})
     elif method == "probe":
-        from metanets.lineage_probe import PROBE_METRICS
+        from metanets.lineage.probe import PROBE_METRICS
 
         if probe is None or model_fn is None:
             raise RecipeError(
@@ -468,10 +447,10 @@ def detect_lineage(
         )
         params |= {"probe_metric": probe_metric, "alpha": alpha}
     else:
-        from metanets.lineage_learned import score_learned
+        from metanets.lineage.learned import score_learned
 
         if detector is None:
-            raise RecipeError("method 'learned' needs detector (a file written by metanets.lineage_learned)")
+            raise RecipeError("method 'learned' needs detector (a file written by metanets.lineage.learned)")
         scored = score_learned(c, comparable, pairings, detector, skipped, progress)
         params["detector"] = str(detector)
 
@@ -501,7 +480,7 @@ def _small_constant(src: TensorSource, name: str) -> bool:
     return is_constant(src.get(name))
 
 
-def _bytes_read(c: _Model, models: list[_Model], pairings: dict[int, Pairing]) -> int:
+def _bytes_read(c: Model, models: list[Model], pairings: dict[int, Pairing]) -> int:
     names: set[str] = set()
     total = 0
     for m in models:
@@ -515,8 +494,8 @@ def _bytes_read(c: _Model, models: list[_Model], pairings: dict[int, Pairing]) -
 
 
 def _decide(
-    c: _Model,
-    scored: list[_Scored],
+    c: Model,
+    scored: list[Scored],
     norms: dict[str, TensorNorms],
     method: str,
     family_threshold: float,
@@ -650,7 +629,7 @@ def _decide(
     return result
 
 
-def _decide_learned(result: LineageResult, scored: list[_Scored]) -> LineageResult:
+def _decide_learned(result: LineageResult, scored: list[Scored]) -> LineageResult:
     """The detector's own open set: the most probable candidate, unless "no parent" is more probable."""
     best = scored[0]
     p_none = float(best.extra.get("p_none", 0.0))
@@ -704,8 +683,8 @@ def _full_state(src: TensorSource) -> dict[str, torch.Tensor]:
 
 
 def _score_probe(
-    c: _Model,
-    models: list[_Model],
+    c: Model,
+    models: list[Model],
     pairings: dict[int, Pairing],
     probe: Any,
     model_fn: Callable[[Mapping[str, torch.Tensor]], torch.nn.Module],
@@ -713,8 +692,8 @@ def _score_probe(
     alpha: float,
     skipped: list[Skipped],
     progress: Progress | None,
-) -> list[_Scored]:
-    from metanets.lineage_probe import _features, probe_distances
+) -> list[Scored]:
+    from metanets.lineage.probe import _features, probe_distances
 
     child_state = _full_state(c.source)
     try:
@@ -738,7 +717,7 @@ def _score_probe(
         except Exception as e:  # noqa: BLE001 - user code (model_fn) may raise anything
             skipped.append(Skipped(m.name, m.ref, f"model_fn failed: {type(e).__name__}: {e}"))
             continue
-        out.append(_Scored(m, metrics[metric], {}, [], pairings[m.index], 1.0, 0.0, {"metrics": metrics}))
+        out.append(Scored(m, metrics[metric], {}, [], pairings[m.index], 1.0, 0.0, {"metrics": metrics}))
     if progress is not None:
         progress("probing candidates", len(models), len(models))
     return out

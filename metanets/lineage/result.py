@@ -201,7 +201,7 @@ class LineageResult:
         is replaced only with ``overwrite`` (atomically: :mod:`merge.atomic`).
         """
         from merge.atomic import atomic_output
-        from metanets.lineage_tree import render
+        from metanets.lineage.tree import render
 
         out = Path(path)
         fmt = out.suffix.lower().lstrip(".")
