@@ -169,7 +169,7 @@ def compare_fold(ws_out: Path, peft_out: Path) -> dict[str, Any]:
 
 
 def compare_svd(ws_out: Path, peft_out: Path) -> dict[str, Any]:
-    from merge.adapters import read_adapter
+    from merge.lora.formats import read_adapter
 
     peft_dir = peft_out / "merged" if (peft_out / "merged" / "adapter_config.json").exists() else peft_out
     a, b = read_adapter(ws_out), read_adapter(peft_dir)

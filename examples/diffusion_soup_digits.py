@@ -10,7 +10,7 @@ Biggs, Seshadri et al., "Diffusion Soup: Model Merging for Text-to-Image Diffusi
   θ_k fine-tunes θ_pre on shard k (Adam, same recipe for every shard);
 * the **paragon**: θ_pre fine-tuned on the union of the shards with the same total number of
   steps as the five shard models together;
-* the **soup**: a living soup folder (``merge.soup``), members saved as diffusers folders
+* the **soup**: a living soup folder (``merge.soups.folder``), members saved as diffusers folders
   (``DDPMPipeline.save_pretrained``): ``init`` with four shards, ``add`` the fifth (continual
   learning), ``build``, loaded back with ``DiffusionPipeline.from_pretrained``; then, for every
   shard k, ``remove`` k (unlearning; in a copy of the soup) and build again; and finally
@@ -63,7 +63,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from merge.soup import Soup  # noqa: E402
+from merge.soups.folder import Soup  # noqa: E402
 
 OUT = ROOT / "examples" / "out" / "diffusion_soup_digits"
 SHARDS: tuple[tuple[int, ...], ...] = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))

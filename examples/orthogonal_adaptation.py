@@ -63,10 +63,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from merge.adapter_ops import merge_adapters, residual_cosines  # noqa: E402
-from merge.adapters import FoldedCheckpoint, read_adapter  # noqa: E402
 from merge.checkpoint import open_checkpoint  # noqa: E402
-from merge.methods.orthogonal import OrthogonalSpec, apply_orthogonal_adaptation  # noqa: E402
+from merge.lora.algebra import merge_adapters, residual_cosines  # noqa: E402
+from merge.lora.bind import FoldedCheckpoint  # noqa: E402
+from merge.lora.formats import read_adapter  # noqa: E402
+from merge.lora.orthogonal import OrthogonalSpec, apply_orthogonal_adaptation  # noqa: E402
 
 D_TEXT, D_ATTN, HIDDEN = 256, 64, 128
 #: (digit, transform): identities the base model never sees (it is trained on upright digits only)

@@ -95,7 +95,7 @@ class ResolvedModel:
     repo_id: str | None = None
     revision: str | None = None
     commit: str | None = None
-    #: LoRA adapters folded into this model as it is read (``base+adapter`` references; merge.adapters)
+    #: LoRA adapters folded into this model as it is read (``base+adapter`` references; merge.lora.formats)
     adapters: tuple[ResolvedModel, ...] = ()
     adapter_weights: tuple[float, ...] = ()
 

@@ -255,7 +255,7 @@ class _Planner:
         if ref in self.refs:
             return self.refs.index(ref)
         # ``base+adapter`` references (mergekit's syntax) fold LoRA adapters into the base as it is read
-        from merge.adapters import open_model, resolve_reference
+        from merge.lora.bind import open_model, resolve_reference
 
         resolved = resolve_reference(ref, self.resolver)
         ckpt = open_model(resolved, allow_pickle=self.options.allow_pickle)

@@ -88,7 +88,7 @@ class UnsupportedAdapterError(AdapterError):
     """An adapter type or option weightsmith cannot apply exactly (DoRA, LoHa, LoKr, lora_bias...)."""
 
 
-# -- soups (merge/soup.py, merge/methods/soups.py) ------------------------------------------------
+# -- soups (merge/soups/folder.py, merge/methods/soups.py) ------------------------------------------------
 class SoupError(WeightsmithError):
     """A soup folder operation is invalid (not a soup, unknown or duplicate member, empty soup...)."""
 

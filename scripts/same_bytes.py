@@ -56,10 +56,10 @@ def run(work: Path, only: set[str] | None) -> dict[str, str]:
     import torch
     import yaml
 
-    from merge.adapter_ops import extract_adapter, fold_adapters
     from merge.engine import MergeOptions, run_merge
+    from merge.lora.algebra import extract_adapter, fold_adapters
     from merge.methods.rebasin import rebasin
-    from merge.soup import Soup
+    from merge.soups.folder import Soup
     from metanets.train import TrainConfig, train_metanet
     from metanets.zoo import Zoo, build_zoo
 

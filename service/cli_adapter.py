@@ -36,7 +36,7 @@ def adapter() -> None:
 @_fail_cleanly
 def inspect_cmd(path: str, allow_pickle: bool, as_json: bool) -> None:
     """Describe the LoRA adapter at PATH (PEFT folder, kohya or diffusers file)."""
-    from merge.adapters import read_adapter
+    from merge.lora.formats import read_adapter
 
     ad = read_adapter(path, allow_pickle=allow_pickle)
     rows = [
@@ -115,10 +115,10 @@ def fold_cmd(
     as_json: bool,
 ) -> None:
     """Fold ADAPTERS into BASE: W + Σ_k w_k s_k B_k A_k for every target, streamed to OUT."""
-    from merge.adapter_ops import fold_adapters
     from merge.atomic import check_output
     from merge.engine import MergeOptions, tune_allocator
     from merge.errors import RecipeError
+    from merge.lora.algebra import fold_adapters
 
     if weights and len(weights) != len(adapters):
         raise RecipeError(f"{len(adapters)} adapters but {len(weights)} --weight values")
@@ -199,7 +199,7 @@ def merge_cmd(
     as_json: bool,
 ) -> None:
     """Merge LoRA ADAPTERS into one adapter (no base model needed)."""
-    from merge.adapter_ops import merge_adapters
+    from merge.lora.algebra import merge_adapters
 
     rep = merge_adapters(
         list(adapters),
@@ -263,7 +263,7 @@ def extract_cmd(
     as_json: bool,
 ) -> None:
     """Extract a rank-R LoRA from FINETUNED − BASE (mergekit's LoRA extract), kept energy per tensor."""
-    from merge.adapter_ops import extract_adapter
+    from merge.lora.algebra import extract_adapter
 
     rep = extract_adapter(
         base,
@@ -300,7 +300,7 @@ def extract_cmd(
 @_fail_cleanly
 def check_cmd(adapters: tuple[str, ...], as_json: bool) -> None:
     """Pairwise Frobenius cosines of the ADAPTERS' residuals (~0: they merge by summing without crosstalk)."""
-    from merge.adapter_ops import residual_cosines
+    from merge.lora.algebra import residual_cosines
 
     if len(adapters) < 2:
         from merge.errors import RecipeError

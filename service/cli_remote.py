@@ -325,7 +325,7 @@ def remote_job_watch(job: str, as_json: bool, **kw: Any) -> None:
 # -- soups ------------------------------------------------------------------------------------------
 @remote.group("soup")
 def remote_soup() -> None:
-    """Living soups on the server (Diffusion Soup; merge.soup): create, add, remove, build, show."""
+    """Living soups on the server (Diffusion Soup; merge.soups.folder): create, add, remove, build, show."""
 
 
 def _member_arg(text: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """``weightsmith soup ...``: living soup folders (Diffusion Soup) and greedy soups, from the shell.
 
-``init | add | remove | build | show`` work on a soup folder (``merge.soup``); each is atomic: a
+``init | add | remove | build | show`` work on a soup folder (``merge.soups.folder``); each is atomic: a
 failed or interrupted ``add`` or ``remove`` leaves the soup exactly as it was. ``greedy`` runs
 the greedy soup search (``merge.methods.soups.greedy_soup``) with a scorer the user names as
 ``module:function`` (or ``path/to/file.py:function``) and writes the soup through the merge
@@ -22,7 +22,7 @@ from service.cli_common import _fail_cleanly, _size
 
 
 class _Bar:
-    """A progress callback for merge.soup: a tqdm bar per phase on a terminal, nothing otherwise."""
+    """A progress callback for merge.soups.folder: a tqdm bar per phase on a terminal, nothing otherwise."""
 
     LABELS = {
         "hash": "hashing member files",
@@ -130,7 +130,7 @@ def init_cmd(
     as_json: bool,
 ) -> None:
     """Create the soup folder SOUP_DIR with MEMBERS (checkpoints or diffusers folders)."""
-    from merge.soup import Soup
+    from merge.soups.folder import Soup
 
     if ids and len(ids) != len(members):
         raise click.UsageError(f"{len(ids)} --id for {len(members)} member(s)")
@@ -162,7 +162,7 @@ def init_cmd(
 @_fail_cleanly
 def add_cmd(soup_dir: str, member: str, mid: str | None, weight: float, as_json: bool) -> None:
     """Add MEMBER to the soup (atomic; the member's files are hashed and recorded)."""
-    from merge.soup import Soup
+    from merge.soups.folder import Soup
 
     bar = _Bar()
     try:
@@ -186,7 +186,7 @@ def add_cmd(soup_dir: str, member: str, mid: str | None, weight: float, as_json:
 @_fail_cleanly
 def remove_cmd(soup_dir: str, member_id: str, as_json: bool) -> None:
     """Remove MEMBER_ID (unlearning): the rest is re-summed from the remaining members, exactly."""
-    from merge.soup import Soup
+    from merge.soups.folder import Soup
 
     bar = _Bar()
     try:
@@ -213,7 +213,7 @@ def remove_cmd(soup_dir: str, member_id: str, as_json: bool) -> None:
 @_fail_cleanly
 def build_cmd(soup_dir: str, out_dir: str, overwrite: bool, shard_size: int, as_json: bool) -> None:
     """Write the soup (the weighted average of its members) to OUT, in the members' layout."""
-    from merge.soup import Soup
+    from merge.soups.folder import Soup
 
     bar = _Bar()
     try:
@@ -240,7 +240,7 @@ def build_cmd(soup_dir: str, out_dir: str, overwrite: bool, shard_size: int, as_
 @_fail_cleanly
 def show_cmd(soup_dir: str, verify: bool, as_json: bool) -> None:
     """Show the soup's members, weights, hashes and history."""
-    from merge.soup import Soup
+    from merge.soups.folder import Soup
 
     info = Soup(soup_dir).show(verify=verify)
     click.echo(json.dumps(info, indent=2)) if as_json else _print_show(info)

@@ -1,4 +1,4 @@
-"""The "soup" job kind: a living Diffusion Soup (``merge.soup.Soup``) kept on the server.
+"""The "soup" job kind: a living Diffusion Soup (``merge.soups.folder.Soup``) kept on the server.
 
 Biggs, Seshadri et al., "Diffusion Soup" (arXiv:2406.08431): θ_soup = Σ_i w_i θ_i / Σ_i w_i over
 members that can be added (continual learning) and removed (unlearning) after the fact. The library
@@ -29,7 +29,7 @@ OPS = ("create", "add", "remove", "build")
 
 def soup_folder(manager: JobManager, ref: str, field: str = "soup") -> Path:
     """An existing soup: a folder under a root, or ``job://<id>`` of the job that created it."""
-    from merge.soup import MANIFEST
+    from merge.soups.folder import MANIFEST
     from service.jobs import ServiceError
 
     if not ref:
@@ -57,7 +57,7 @@ def _members(
     manager: JobManager, specs: list[dict[str, Any]], field: str
 ) -> tuple[list[dict[str, Any]], int]:
     """Members resolved inside the roots, with their ids; and the largest member's size in bytes."""
-    from merge.soup import _default_id
+    from merge.soups.folder import _default_id
     from service.jobs import ServiceError
 
     out, biggest = [], 0
@@ -75,7 +75,7 @@ def _members(
 
 async def admit(manager: JobManager, op: str, req: dict[str, Any], job_id: str) -> Submission:
     """Check a soup operation before anything is written (references, member ids, the output)."""
-    from merge.soup import OUT_DTYPES, Soup
+    from merge.soups.folder import OUT_DTYPES, Soup
     from service.jobs import ServiceError, Submission
 
     est = 0
@@ -156,7 +156,7 @@ async def admit(manager: JobManager, op: str, req: dict[str, Any], job_id: str) 
 
 def run(ctx: WorkerContext) -> dict[str, Any]:
     """In the worker: the library operation, with its progress reports; then the manifest in brief."""
-    from merge.soup import Soup
+    from merge.soups.folder import Soup
 
     t0 = time.perf_counter()
     spec, op = ctx.spec, ctx.spec["op"]
@@ -194,7 +194,7 @@ def run(ctx: WorkerContext) -> dict[str, Any]:
 
 def recover(rec: JobRecord) -> dict[str, Any] | None:
     """After a crash: did the operation commit before the worker died (its result.json unwritten)?"""
-    from merge.soup import Soup
+    from merge.soups.folder import Soup
 
     op = rec.spec.get("op")
     try:
@@ -230,7 +230,7 @@ def _cleanup(rec: JobRecord, why: str) -> None:
 SOUP = register(
     JobKind(
         name="soup",
-        summary="create a living soup, add or remove a member, build it (merge.soup; Diffusion Soup)",
+        summary="create a living soup, add or remove a member, build it (merge.soups.folder; Diffusion Soup)",
         create_rpcs=tuple(
             f"weightsmith.v1.SoupService/{r}"
             for r in ("CreateSoup", "AddSoupMember", "RemoveSoupMember", "BuildSoup")

@@ -1,4 +1,4 @@
-"""SoupService: living soups (``merge.soup``) as server resources; thin protobuf <-> library translation.
+"""SoupService: living soups (``merge.soups.folder``) as server resources; thin protobuf <-> library translation.
 
 Create / add / remove / build are jobs of kind "soup" (:mod:`service.kind_soup`; watched with
 JobService); GetSoup reads the manifest (under the soup's shared lock) in a server thread.
@@ -35,7 +35,7 @@ def _member_pb(m: dict[str, Any] | None) -> spb.SoupMember | None:
 
 
 def soup_pb(show: dict[str, Any], ref: str) -> spb.Soup:
-    """``merge.soup.Soup.show()`` as a message."""
+    """``merge.soups.folder.Soup.show()`` as a message."""
     msg = spb.Soup(
         path=show["path"],
         ref=ref,
@@ -156,7 +156,7 @@ class SoupServicer(spb_grpc.SoupServiceServicer):
 
     @handle_errors("soup")
     async def GetSoup(self, request: spb.GetSoupRequest, context: Any) -> spb.GetSoupResponse:
-        from merge.soup import Soup
+        from merge.soups.folder import Soup
         from service.kind_soup import soup_folder
 
         path = await asyncio.to_thread(soup_folder, self.m, request.soup)

@@ -11,8 +11,6 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from merge.adapter_ops import extract_adapter, merge_adapters, residual_cosines
-from merge.adapters import FoldedCheckpoint, read_adapter, split_reference
 from merge.checkpoint import open_checkpoint
 from merge.errors import (
     AdapterError,
@@ -21,7 +19,9 @@ from merge.errors import (
     ShapeMismatchError,
     UnsupportedAdapterError,
 )
-from merge.methods.lora import (
+from merge.lora.algebra import extract_adapter, merge_adapters, residual_cosines
+from merge.lora.bind import FoldedCheckpoint, split_reference
+from merge.lora.factors import (
     Factors,
     cat_factors,
     combine_residuals,
@@ -29,6 +29,7 @@ from merge.methods.lora import (
     lora_scale,
     truncated_svd,
 )
+from merge.lora.formats import read_adapter
 from service.cli import main
 
 G = torch.Generator().manual_seed(0)
@@ -82,7 +83,7 @@ def test_truncated_svd_full_rank_is_exact_and_energy_is_eckart_young() -> None:
 
 
 def test_lowrank_svd_equals_dense_svd_of_the_sum() -> None:
-    from merge.methods.lora import lowrank_svd
+    from merge.lora.factors import lowrank_svd
 
     parts = [Factors(rnd(3, 9), rnd(11, 3), 2.0), Factors(rnd(4, 9), rnd(11, 4), 0.5)]
     dense = 0.7 * parts[0].delta() - 0.2 * parts[1].delta()
@@ -469,7 +470,7 @@ def test_extract_loads_in_peft(tmp_path: Path) -> None:
 # CLI
 # ---------------------------------------------------------------------------------------------
 def test_cli_inspect_merge_extract_check(tmp_path: Path) -> None:
-    from merge.methods.orthogonal import OrthogonalSpec
+    from merge.lora.orthogonal import OrthogonalSpec
 
     base = _base(tmp_path / "base", {"fc.weight": rnd(8, 6)})
     ads = []

@@ -17,9 +17,10 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from merge.adapter_ops import fold_adapters, merge_adapters
-from merge.adapters import FoldedCheckpoint, read_adapter
 from merge.checkpoint import open_checkpoint
+from merge.lora.algebra import fold_adapters, merge_adapters
+from merge.lora.bind import FoldedCheckpoint
+from merge.lora.formats import read_adapter
 from service.cli import main
 
 peft = pytest.importorskip("peft")

@@ -13,8 +13,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from merge.adapter_ops import extract_adapter, merge_adapters
 from merge.errors import NonFiniteError
+from merge.lora.algebra import extract_adapter, merge_adapters
 from metanets.lineage import detect_lineage
 from service.cli import main
 from tests.conftest import llama_like, write_checkpoint

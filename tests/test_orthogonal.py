@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merge.methods.orthogonal import (
+from merge.lora.orthogonal import (
     OrthogonalSpec,
     apply_orthogonal_adaptation,
     certified_orthogonal,

@@ -1,5 +1,5 @@
 """SoupService against the real server on 127.0.0.1: living soups as resources with the library's
-exactness (merge.soup: same bytes as the library; remove = never added) and atomicity (a server SIGKILL
+exactness (merge.soups.folder: same bytes as the library; remove = never added) and atomicity (a server SIGKILL
 in the middle of an add leaves the soup as it was); jobs of one soup run in request order; bad input."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from merge.soup import Soup
+from merge.soups.folder import Soup
 from service.client import RemoteError, state_name
 from tests.service_helpers import (
     ServerProcess,

@@ -1,4 +1,4 @@
-"""The living soup folder (merge/soup.py): exact add/remove, hashes, atomicity, diffusers folders."""
+"""The living soup folder (merge/soups/folder.py): exact add/remove, hashes, atomicity, diffusers folders."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from merge.errors import (
     ShapeMismatchError,
     SoupError,
 )
-from merge.soup import Soup
+from merge.soups.folder import Soup
 from tests.conftest import llama_like, tree_digest, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -304,7 +304,7 @@ def test_injected_failures_leave_the_soup_as_it_was(
     assert soup_digest(soup) == digest
     monkeypatch.setattr(CheckpointWriter, "write_rows", real)
 
-    import merge.soup as soup_mod
+    import merge.soups.folder as soup_mod
 
     def no_manifest(*a: object, **k: object) -> None:
         raise OSError(5, "Input/output error")
@@ -321,7 +321,7 @@ def test_injected_failures_leave_the_soup_as_it_was(
 _KILL_SCRIPT = """
 import sys, time
 from pathlib import Path
-from merge.soup import Soup
+from merge.soups.folder import Soup
 soup, member, marker, at = sys.argv[1:5]
 def progress(event, done, total):
     if event == at:

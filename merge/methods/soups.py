@@ -16,7 +16,7 @@
   next phase pruning the soup.
 
 Uniform soups are the ``linear`` method (merge/methods/linear.py); Diffusion Soup's living soup
-folder is merge/soup.py.
+folder is merge/soups/folder.py.
 """
 
 from __future__ import annotations

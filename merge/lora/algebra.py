@@ -4,7 +4,7 @@
   (the same path as ``weightsmith merge`` with ``model: base+adapter``), so memory stays bounded by a
   few row chunks whatever the model size.
 * :func:`merge_adapters` combines adapters target by target (``cat``, ``linear``, ``svd`` and TIES /
-  DARE / magnitude pruning on the residuals followed by SVD; ``merge.methods.lora``) and writes one PEFT
+  DARE / magnitude pruning on the residuals followed by SVD; ``merge.lora.factors``) and writes one PEFT
   folder (or a kohya file when the inputs are kohya files). Only the adapters are read: no base model
   is needed, unlike peft's ``add_weighted_adapter``, which works on a loaded model.
 * :func:`extract_adapter` is mergekit's "LoRA extract": per 2-D weight, the rank-``r`` truncated SVD of
@@ -27,18 +27,10 @@ from typing import Any, Literal
 
 import torch
 
-from merge.adapters import (
-    LoraAdapter,
-    OutTarget,
-    is_embedding_name,
-    read_adapter,
-    write_kohya_adapter,
-    write_peft_adapter,
-)
 from merge.atomic import check_output
 from merge.checkpoint import Checkpoint, open_checkpoint, require_finite
 from merge.errors import AdapterError, MissingTensorError, RecipeError, ShapeMismatchError
-from merge.methods.lora import (
+from merge.lora.factors import (
     Factors,
     Truncation,
     cat_factors,
@@ -48,6 +40,8 @@ from merge.methods.lora import (
     lowrank_svd,
     truncated_svd,
 )
+from merge.lora.formats import LoraAdapter, is_embedding_name, read_adapter
+from merge.lora.write import OutTarget, write_kohya_adapter, write_peft_adapter
 from merge.methods.runner import derive_seed
 
 MergeMethod = Literal[
@@ -177,7 +171,7 @@ def merge_adapters(
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> AdapterReport:
-    """Merge LoRA adapters into one adapter (peft ``add_weighted_adapter`` semantics; see ``merge.methods.lora``).
+    """Merge LoRA adapters into one adapter (peft ``add_weighted_adapter`` semantics; see ``merge.lora.factors``).
 
     ``method``: ``cat`` (exact weighted sum, rank Σ r_i), ``linear`` (factor sums, equal ranks), ``svd``
     (rank-``rank`` SVD of Σ w_i ΔW_i; ``rank`` defaults to the largest input rank), ``ties_svd``,

@@ -56,7 +56,7 @@ from merge.errors import (
     SoupError,
 )
 from merge.methods.runner import CHUNK_ELEMS, chunk_grid
-from merge.soup_members import (
+from merge.soups.members import (
     Component,
     Member,
     Progress,

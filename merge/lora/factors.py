@@ -4,7 +4,7 @@ A LoRA target adapts one weight ``W`` (``out × in``, conv kernels flattened to 
 ``ΔW = s · B A`` with ``A`` (``r × in``), ``B`` (``out × r``) and the scale ``s`` (``α / r``, or
 ``α / √r`` for rsLoRA; Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022, Eq. 3;
 Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", 2023). Everything
-here works on those matrices; ``merge.adapters`` owns the files and the layouts (embeddings, conv,
+here works on those matrices; ``merge.lora.formats`` owns the files and the layouts (embeddings, conv,
 ``fan_in_fan_out``).
 
 Combining several adapters ``(A_i, B_i, s_i)`` with weights ``w_i`` into one (peft's

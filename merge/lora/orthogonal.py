@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import torch
 
-from merge.methods.lora import frobenius_cosine
+from merge.lora.factors import frobenius_cosine
 from merge.methods.runner import derive_seed
 
 Side = Literal["A", "B"]

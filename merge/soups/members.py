@@ -1,5 +1,5 @@
 """What a soup member is: a checkpoint or a diffusers folder, its weight components, its files'
-hashes, and whether two members can be souped together (merge/soup.py uses these).
+hashes, and whether two members can be souped together (merge/soups/folder.py uses these).
 
 A member is a ``.safetensors`` file, a checkpoint folder (sharded or not) or a diffusers folder
 (``model_index.json`` and one sub-folder per component). Its *components* are the parts that hold
