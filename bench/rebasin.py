@@ -315,7 +315,7 @@ def timed(fn: Any, repeats: int) -> tuple[float, Any]:
 def bench_case(
     arch: str, width: int, kind: str, *, py: Path | None, threads: int, tmp: Path, timeout: int, repeats: int
 ) -> dict[str, Any]:
-    from merge.methods.rebasin import weight_matching
+    from merge.rebasin.matching import weight_matching
     from merge.symmetry import apply_permutation, build_spec
 
     ma = random_model(arch, width, 0)
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     cases += [("resnet", args.resnet_width, "independent")]
     cases += [("mlp", w, "related") for w in args.widths]
     # warm up torch and BLAS so the first timed case pays no one-time costs
-    from merge.methods.rebasin import weight_matching
+    from merge.rebasin.matching import weight_matching
     from merge.symmetry import build_spec
 
     wa, wb = random_model("mlp", 64, 0).state_dict(), random_model("mlp", 64, 1).state_dict()

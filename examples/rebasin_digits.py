@@ -33,15 +33,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from merge.methods.rebasin import (  # noqa: E402
-    activation_matching,
-    evaluate,
-    interpolate,
-    loss_barrier,
-    repair,
-    ste_matching,
-    weight_matching,
-)
+from merge.rebasin.evaluation import evaluate, interpolate, loss_barrier, repair
+from merge.rebasin.matching import activation_matching, ste_matching, weight_matching
 from merge.symmetry import apply_permutation, mlp_spec  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"

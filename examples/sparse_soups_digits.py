@@ -54,7 +54,6 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from merge.methods.rebasin import reset_bn  # noqa: E402
 from merge.methods.soups import (  # noqa: E402
     SparseSoupResult,
     iterative_magnitude_pruning,
@@ -62,6 +61,7 @@ from merge.methods.soups import (  # noqa: E402
     sparse_model_soup,
     sparsity_schedule,
 )
+from merge.rebasin.evaluation import reset_bn  # noqa: E402
 
 OUT = ROOT / "examples" / "out" / "sparse_soups_digits"
 

@@ -58,7 +58,7 @@ def run(work: Path, only: set[str] | None) -> dict[str, str]:
 
     from merge.engine import MergeOptions, run_merge
     from merge.lora.algebra import extract_adapter, fold_adapters
-    from merge.methods.rebasin import rebasin
+    from merge.rebasin.api import rebasin
     from merge.soups.folder import Soup
     from metanets.train import TrainConfig, train_metanet
     from metanets.zoo import Zoo, build_zoo

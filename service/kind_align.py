@@ -2,7 +2,7 @@
 
 Ainsworth, Hayase & Srinivasa, "Git Re-Basin: Merging Models modulo Permutation Symmetries", ICLR
 2023: permutation coordinate descent (Algorithm 1) maximises ``sum_k <theta_A[k], pi(theta_B)[k]>``
-(Eq. 3). The work is the library's :func:`merge.methods.rebasin.rebasin`; this module checks a request
+(Eq. 3). The work is the library's :func:`merge.rebasin.api.rebasin`; this module checks a request
 on the server (:func:`admit`, headers only, nothing written) and, in the job's worker (:func:`run`),
 calls the library and writes ``pi(B)`` atomically (``merge.checkpoint.CheckpointWriter``: a
 ``.partial-`` folder renamed once) with B's config files, ``alignment/permutations.safetensors`` and
@@ -153,12 +153,12 @@ async def admit(manager: JobManager, req: dict[str, Any], job_id: str) -> Submis
 
 
 def run(ctx: WorkerContext) -> dict[str, Any]:
-    """In the worker: :func:`merge.methods.rebasin.rebasin`, then write pi(B) atomically."""
+    """In the worker: :func:`merge.rebasin.api.rebasin`, then write pi(B) atomically."""
     import torch
     from safetensors.torch import save as save_bytes
 
     from merge.checkpoint import CheckpointWriter, OutputTensor, open_checkpoint
-    from merge.methods.rebasin import rebasin
+    from merge.rebasin.api import rebasin
 
     t0 = time.perf_counter()
     req = ctx.spec

@@ -13,17 +13,9 @@ import torch.nn as nn
 
 from merge.errors import RecipeError, ShapeMismatchError
 from merge.methods import get_method
-from merge.methods.rebasin import (
-    activation_matching,
-    interpolate,
-    loss_barrier,
-    matching_objective,
-    rebasin,
-    repair,
-    reset_bn,
-    ste_matching,
-    weight_matching,
-)
+from merge.rebasin.api import rebasin
+from merge.rebasin.evaluation import interpolate, loss_barrier, repair, reset_bn
+from merge.rebasin.matching import activation_matching, matching_objective, ste_matching, weight_matching
 from merge.symmetry import (
     PermutationSpec,
     apply_permutation,

@@ -1,5 +1,5 @@
 """AlignmentService and JobService against the real server on 127.0.0.1: an "align" job's result equals
-the library call (merge.methods.rebasin.rebasin) on the same checkpoints; bad input; cancel."""
+the library call (merge.rebasin.api.rebasin) on the same checkpoints; bad input; cancel."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from merge.methods.rebasin import rebasin
+from merge.rebasin.api import rebasin
 from metanets.lineage.stats import single_torch_thread
 from service.client import RemoteError, state_name
 from tests.service_helpers import ServerProcess, partials, tree_digest, wait_for, write_model

@@ -285,7 +285,7 @@ def toy_task(seed: int = 0, n: int = 384) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_sparse_model_soup_invariants() -> None:
-    from merge.methods.rebasin import reset_bn
+    from merge.rebasin.evaluation import reset_bn
 
     x, y = toy_task()
     xv, yv = toy_task(1, 256)

@@ -3,7 +3,7 @@
 Renaming nothing but permuting hidden units (an MLP's neurons, a CNN's channels, a transformer's
 residual features, heads and FFN units) leaves a network's function unchanged and hides lineage from
 any comparison of weights by position. Weight matching (Ainsworth, Hayase & Srinivasa, "Git
-Re-Basin", ICLR 2023, §3.2, Algorithm 1; :func:`merge.methods.rebasin.weight_matching`) finds the
+Re-Basin", ICLR 2023, §3.2, Algorithm 1; :func:`merge.rebasin.matching.weight_matching`) finds the
 permutations π maximising ``Σ_k ⟨θ_c[k], π(θ_p)[k]⟩``; the candidate is then compared as ``π(θ_p)``.
 
 The spec comes from ``spec`` (a :class:`~merge.symmetry.PermutationSpec` or a JSON file),
@@ -100,7 +100,7 @@ def align_candidates(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[dict[int, TensorSource], dict[int, dict[str, Any]], dict[int, str], PermutationSpec]:
     """Weight-match every candidate to the child: ``(aligned sources, extras, incomparable, spec)``."""
-    from merge.methods.rebasin import weight_matching
+    from merge.rebasin.matching import weight_matching
 
     full = resolve_spec(child, spec, architecture, n_heads)
     sources: dict[int, TensorSource] = {}

@@ -18,7 +18,7 @@ Methods
     child itself, about 1–1.4 for an unrelated model of any architecture.
 ``aligned`` (permutation-robust)
     Every candidate is first aligned to the child by Git Re-Basin weight matching (Ainsworth et
-    al., ICLR 2023, Algorithm 1; :func:`merge.methods.rebasin.weight_matching`) under a
+    al., ICLR 2023, Algorithm 1; :func:`merge.rebasin.matching.weight_matching`) under a
     :class:`~merge.symmetry.PermutationSpec` (given, by ``architecture``, or built from the child's
     tensor names), then scored like ``weights``. ``fixed_fraction`` is the share of hidden units the
     matching left in place (≈1 for an unpermuted relative); a related candidate with a low one is
