@@ -83,12 +83,12 @@ def mergekit_cmd(config: Path, out: Path, *, out_shard_size: str | None = None,
 
 
 def weightsmith_base_cmd() -> list[str]:
-    """The installed console script if the lead's editable install exists, else ``python -m service.cli``."""
+    """The installed console script if the lead's editable install exists, else ``python -m service.cli.main``."""
     exe = REPO / ".venv" / "bin" / "weightsmith"
     if exe.exists():
         return [str(exe)]
     py = REPO / ".venv" / "bin" / "python"
-    return [str(py if py.exists() else sys.executable), "-m", "service.cli"]
+    return [str(py if py.exists() else sys.executable), "-m", "service.cli.main"]
 
 
 def weightsmith_cmd(recipe: Path, out: Path, extra: Sequence[str] = ()) -> list[str]:

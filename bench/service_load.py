@@ -111,7 +111,7 @@ class Server:
         cmd = [
             project_python(),
             "-m",
-            "service.cli_service",
+            "service.cli.service",
             "serve",
             "--host",
             "127.0.0.1",

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from huggingface_hub import ModelCard  # noqa: E402
 
-from service.cli import main as cli  # noqa: E402
+from service.cli.main import main as cli  # noqa: E402
 from tests.hub_server import HubServer  # noqa: E402
 
 TOKEN = "hf_write_alice"  # the server's write token for user "alice"

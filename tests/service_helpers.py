@@ -89,7 +89,7 @@ def partials(root: Path) -> list[Path]:
 
 
 class ServerProcess:
-    """``python -m service.cli_service serve`` on 127.0.0.1 with a free port, in a subprocess."""
+    """``python -m service.cli.service serve`` on 127.0.0.1 with a free port, in a subprocess."""
 
     def __init__(
         self,
@@ -114,7 +114,7 @@ class ServerProcess:
         cmd = [
             sys.executable,
             "-m",
-            "service.cli_service",
+            "service.cli.service",
             "serve",
             "--host",
             "127.0.0.1",

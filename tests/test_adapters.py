@@ -30,7 +30,7 @@ from merge.lora.factors import (
     truncated_svd,
 )
 from merge.lora.formats import read_adapter
-from service.cli import main
+from service.cli.main import main
 
 G = torch.Generator().manual_seed(0)
 

@@ -21,7 +21,7 @@ from merge.checkpoint import open_checkpoint
 from merge.lora.algebra import fold_adapters, merge_adapters
 from merge.lora.bind import FoldedCheckpoint
 from merge.lora.formats import read_adapter
-from service.cli import main
+from service.cli.main import main
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402

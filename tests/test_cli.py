@@ -14,7 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from merge.checkpoint import open_checkpoint
-from service.cli import main
+from service.cli.main import main
 
 
 def write_recipe(tmp_path: Path, rec: dict, name: str = "recipe.yaml") -> Path:
@@ -111,7 +111,7 @@ def test_console_script_runs_as_a_process(make_models, tmp_path: Path) -> None:
     paths = make_models(2)
     recipe = write_recipe(tmp_path, {"merge_method": "linear", "models": [{"model": str(p)} for p in paths]})
     exe = Path(sys.executable).with_name("weightsmith")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "service.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "service.cli.main"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     p = subprocess.run([*cmd, "merge", str(recipe), "-o", str(tmp_path / "out")], capture_output=True, text=True,
                        env=env, timeout=120)
@@ -123,9 +123,9 @@ def test_console_script_runs_as_a_process(make_models, tmp_path: Path) -> None:
 
 
 def test_python_m_service_cli_imports_every_command_group() -> None:
-    """``python -m service.cli`` runs cli.py as ``__main__``: no command module may import ``service.cli``."""
+    """``python -m service.cli.main`` runs cli.py as ``__main__``: no command module may import ``service.cli.main``."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    p = subprocess.run([sys.executable, "-m", "service.cli", "--help"], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "service.cli.main", "--help"], capture_output=True, text=True,
                        env=env, timeout=120)  # fmt: skip
     assert p.returncode == 0, p.stderr
     for group in ("merge", "moe", "soup", "adapter", "lineage", "zoo", "metanet", "remote"):

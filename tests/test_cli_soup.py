@@ -1,4 +1,4 @@
-"""``weightsmith soup init | add | remove | build | show | greedy`` (service/cli_soup.py)."""
+"""``weightsmith soup init | add | remove | build | show | greedy`` (service/cli/soup.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from merge.checkpoint import open_checkpoint
 from merge.methods.soups import greedy_soup
-from service.cli import main
+from service.cli.main import main
 from tests.conftest import llama_like, tree_digest, write_checkpoint
 
 

@@ -27,7 +27,7 @@ from merge.methods.concrete import (
 )
 from merge.methods.registry import get_method
 from merge.methods.runner import merge_tensors
-from service.cli import main
+from service.cli.main import main
 from tests import fusion_toy
 from tests.conftest import write_checkpoint
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from huggingface_hub import ModelCard
 
 from merge.checkpoint import open_checkpoint
-from service.cli import main
+from service.cli.main import main
 from tests.conftest import llama_like
 
 if TYPE_CHECKING:

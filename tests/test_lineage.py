@@ -29,7 +29,7 @@ from metanets.lineage.stats import (
     tensor_norms,
 )
 from metanets.lineage.zoo import permutation_attack
-from service.cli import main
+from service.cli.main import main
 from tests.conftest import llama_like, write_checkpoint
 
 if TYPE_CHECKING:

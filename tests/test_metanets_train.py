@@ -145,7 +145,7 @@ def test_unreadable_checkpoints_and_metanets_are_named(zoo, tmp_path):
 
 
 def test_cli_zoo_and_metanet_commands(tmp_path):
-    from service.cli import main
+    from service.cli.main import main
 
     cfg = tmp_path / "zoo.json"
     cfg.write_text(json.dumps(dict(ZOO, runs=4, name="cli")))

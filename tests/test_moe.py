@@ -237,7 +237,7 @@ def test_bad_configs_fail_before_writing(dense, tmp_path: Path) -> None:
 
 
 def test_cli(dense, tmp_path: Path) -> None:
-    from service.cli import main
+    from service.cli.main import main
 
     cfg = tmp_path / "moe.yml"
     cfg.write_text(yaml.safe_dump(_cfg(dense, gate_mode="cheap_embed")))

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from merge.errors import NonFiniteError
 from merge.lora.algebra import extract_adapter, merge_adapters
 from metanets.lineage import detect_lineage
-from service.cli import main
+from service.cli.main import main
 from tests.conftest import llama_like, write_checkpoint
 
 BAD = "model.layers.1.mlp.up_proj.weight"

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from merge.atomic import MARKER, atomic_output, check_output, recover
 from merge.errors import OutputExistsError, OutputOverlapError
-from service.cli import main
+from service.cli.main import main
 from tests.conftest import tree_digest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -173,7 +173,7 @@ def test_cli_remote_align_and_job_commands(env: dict) -> None:
 
     from click.testing import CliRunner
 
-    from service.cli import main
+    from service.cli.main import main
     from tests.service_helpers import TOKEN
 
     conn = ["--server", env["srv"].target, "--token", TOKEN]

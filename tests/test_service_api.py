@@ -173,7 +173,7 @@ def test_list_methods_come_from_the_registry(env: dict) -> None:
 
 
 def test_merge_end_to_end_is_identical_to_the_cli(env: dict, tmp_path: Path) -> None:
-    from service.cli import main as cli_main
+    from service.cli.main import main as cli_main
 
     root, models = env["root"], env["models"]
     before = [tree_digest(m) for m in models]
@@ -631,7 +631,7 @@ def test_bad_uploads_are_refused_and_leave_nothing(env: dict, tmp_path: Path) ->
 
 
 def test_remote_cli_merge_jobs_cancel(env: dict, tmp_path: Path) -> None:
-    from service.cli_service import remote
+    from service.cli.service import remote
 
     srv, root = env["srv"], env["root"]
     conn = ["--server", srv.target, "--token", TOKEN]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from merge.errors import ModelNotFoundError
-from service.jobs import ServiceError, cleanup_partial_outputs, parse_recipe_text
+from service.jobs.manager import ServiceError, cleanup_partial_outputs, parse_recipe_text
 from service.paths import HubDisabledError, InvalidPathError, PathNotAllowedError, RefResolver, Roots
 from tests.service_helpers import REPO, make_models
 

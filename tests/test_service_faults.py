@@ -15,7 +15,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from service.cli import main as cli_main
+from service.cli.main import main as cli_main
 from service.client import RemoteError, state_name
 from tests.service_helpers import (
     TOKEN,
@@ -38,7 +38,7 @@ pytest_plugins = ["tests.hub_server"]
 
 def _cli_reference(recipe: str, tmp: Path, name: str) -> dict[str, bytes]:
     """What `weightsmith merge` writes for the same recipe (the service must write the same bytes)."""
-    from service.cli import main as cli_main
+    from service.cli.main import main as cli_main
 
     rfile = tmp / f"{name}.yaml"
     rfile.write_text(recipe)

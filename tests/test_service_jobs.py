@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.jobs import (
+from service.jobs.manager import (
     INTERRUPTED,
     QUEUED,
     RUNNING,

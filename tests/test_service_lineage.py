@@ -130,7 +130,7 @@ def test_cli_remote_lineage(env: dict) -> None:
 
     from click.testing import CliRunner
 
-    from service.cli import main
+    from service.cli.main import main
     from tests.service_helpers import TOKEN
 
     conn = ["--server", env["client"].target, "--token", TOKEN]

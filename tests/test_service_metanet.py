@@ -216,7 +216,7 @@ def test_cli_remote_metanet_commands(env: dict) -> None:
 
     from click.testing import CliRunner
 
-    from service.cli import main
+    from service.cli.main import main
     from tests.service_helpers import TOKEN
 
     c, root = env["client"], env["root"]

@@ -1,6 +1,6 @@
 """SoupService: living soups (``merge.soups.folder``) as server resources; thin protobuf <-> library translation.
 
-Create / add / remove / build are jobs of kind "soup" (:mod:`service.kind_soup`; watched with
+Create / add / remove / build are jobs of kind "soup" (:mod:`service.jobs.kinds.soup`; watched with
 JobService); GetSoup reads the manifest (under the soup's shared lock) in a server thread.
 """
 
@@ -14,9 +14,9 @@ from google.protobuf import json_format
 
 from service._proto.weightsmith.v1 import soup_service_pb2 as spb
 from service._proto.weightsmith.v1 import soup_service_pb2_grpc as spb_grpc
-from service.jobs import JobManager, JobRecord
-from service.server import handle_errors
-from service.server_jobs import CONVERT, any_job_pb
+from service.jobs.manager import JobManager, JobRecord
+from service.rpc.jobs import CONVERT, any_job_pb
+from service.rpc.server import handle_errors
 
 SOUP_SERVICE = spb.DESCRIPTOR.services_by_name["SoupService"].full_name
 
@@ -121,7 +121,7 @@ class SoupServicer(spb_grpc.SoupServiceServicer):
         self.m = manager
 
     async def _create(self, op: str, request: Any) -> Any:
-        from service import kind_soup
+        from service.jobs.kinds import soup as kind_soup
 
         req = json_format.MessageToDict(request, preserving_proto_field_name=True)
         req.pop("request_id", None)
@@ -157,7 +157,7 @@ class SoupServicer(spb_grpc.SoupServiceServicer):
     @handle_errors("soup")
     async def GetSoup(self, request: spb.GetSoupRequest, context: Any) -> spb.GetSoupResponse:
         from merge.soups.folder import Soup
-        from service.kind_soup import soup_folder
+        from service.jobs.kinds.soup import soup_folder
 
         path = await asyncio.to_thread(soup_folder, self.m, request.soup)
         show = await asyncio.to_thread(lambda: Soup(path).show(verify=request.verify))

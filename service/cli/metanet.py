@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from service.cli_common import _fail_cleanly, _resolver, hub_options
+from service.cli.common import _fail_cleanly, _resolver, hub_options
 
 
 @click.group()

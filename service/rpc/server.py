@@ -56,7 +56,7 @@ from service._proto.weightsmith.v1 import (
     merge_service_pb2_grpc as mpb_grpc,
 )
 from service.auth import BearerTokenInterceptor, server_credentials
-from service.jobs import (
+from service.jobs.manager import (
     INTERRUPTED,
     TERMINAL,
     JobEvent,
@@ -747,16 +747,10 @@ class Server:
         cpb_grpc.add_CheckpointServiceServicer_to_server(
             CheckpointServicer(self.manager, cfg.max_upload_bytes), self.server
         )
-        from service import server_align, server_jobs, server_lineage, server_metanet, server_soup
+        from service.rpc import align, jobs, lineage, metanet, soup
 
         services = [MERGE_SERVICE, CHECKPOINT_SERVICE]
-        for mod in (
-            server_jobs,
-            server_align,
-            server_lineage,
-            server_metanet,
-            server_soup,
-        ):  # one per service
+        for mod in (jobs, align, lineage, metanet, soup):  # one module per service
             services += mod.add_servicers(self.manager, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

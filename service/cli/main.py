@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from service.cli_common import _fail_cleanly, _human, _resolver, _size, hub_options  # noqa: E402,F401
+from service.cli.common import _fail_cleanly, _human, _resolver, _size, hub_options  # noqa: E402,F401
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -152,35 +152,35 @@ def methods(as_json: bool) -> None:
 
 
 # The service's commands (gRPC is imported only when one of them runs).
-from service.cli_service import remote, serve  # noqa: E402
+from service.cli.service import remote, serve  # noqa: E402
 
 main.add_command(serve)
 main.add_command(remote)
 
-from service.cli_metanet import metanet, zoo  # noqa: E402
+from service.cli.metanet import metanet, zoo  # noqa: E402
 
 main.add_command(zoo)
 main.add_command(metanet)
 
-from service.cli_adapter import adapter  # noqa: E402  (LoRA adapters: issue 14)
+from service.cli.adapter import adapter  # noqa: E402  (LoRA adapters: issue 14)
 
 main.add_command(adapter)
 
-from service.cli_soup import soup  # noqa: E402
+from service.cli.soup import soup  # noqa: E402
 
 main.add_command(soup)
 
 # weightsmith lineage (issue 11)
-from service.cli_lineage import lineage  # noqa: E402
+from service.cli.lineage import lineage  # noqa: E402
 
 main.add_command(lineage)
 
-from service.cli_moe import moe  # noqa: E402
+from service.cli.moe import moe  # noqa: E402
 
 main.add_command(moe)
 
 # weightsmith remote align | lineage | predict | embed | zoo | train | metanets | job (issue 16)
-import service.cli_remote  # noqa: E402,F401  (adds its commands to the remote group)
+import service.cli.remote  # noqa: E402,F401  (adds its commands to the remote group)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,7 +1,7 @@
 """Jobs: validation and admission, a persistent job store, worker processes, events.
 
 One mechanism for every kind of job (DESIGN.md "Service"): a job has a *kind* ("merge", "align",
-"soup", "greedy_soup", "zoo", "train"; :mod:`service.kinds`) and a spec; each kind contributes an
+"soup", "greedy_soup", "zoo", "train"; :mod:`service.jobs.kind`) and a spec; each kind contributes an
 admission function and one worker function that calls the library and reports progress. Everything
 else is here and shared (ecosystem notes §1.6, §1.11, §5.4-§5.7):
 
@@ -58,10 +58,10 @@ import yaml
 
 from merge.atomic import recover, replaceable
 from merge.errors import MergeCancelled, OutputExistsError, WeightsmithError
-from service.kinds import CANCELLED as CANCELLED_WHY
-from service.kinds import FAILED as FAILED_WHY
-from service.kinds import INTERRUPTED as INTERRUPTED_WHY
-from service.kinds import get_kind
+from service.jobs.kind import CANCELLED as CANCELLED_WHY
+from service.jobs.kind import FAILED as FAILED_WHY
+from service.jobs.kind import INTERRUPTED as INTERRUPTED_WHY
+from service.jobs.kind import get_kind
 from service.paths import (
     JOB_SCHEME,
     UPLOAD_SCHEME,
@@ -128,7 +128,7 @@ class JobRecord:
     result: dict[str, Any] | None
     job_refs: dict[str, str]
     last_seq: int
-    kind: str = "merge"  # service.kinds: what the worker runs
+    kind: str = "merge"  # service.jobs.kind: what the worker runs
     spec: dict[str, Any] = field(default_factory=dict)  # the kind's normalized request (not merges)
 
     @property
@@ -523,7 +523,7 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
     try:
         import torch
 
-        from service.kinds import WorkerContext, get_kind
+        from service.jobs.kind import WorkerContext, get_kind
 
         torch.set_num_threads(max(1, int(spec.get("threads", 1))))
         roots = Roots(spec["roots"], spec["extra_roots"])
@@ -711,7 +711,7 @@ class JobManager:
         self._sched_lock: asyncio.Lock | None = None
         self._forkserver_ready: asyncio.Future[None] | None = None
         self._ctx = multiprocessing.get_context("forkserver")
-        self._ctx.set_forkserver_preload(["service.jobs", "merge.engine", "merge.methods", "torch"])
+        self._ctx.set_forkserver_preload(["service.jobs.manager", "merge.engine", "merge.methods", "torch"])
 
     # -- life cycle ---------------------------------------------------------------------------------
     async def start(self) -> None:

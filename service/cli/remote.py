@@ -1,7 +1,7 @@
 """``weightsmith remote align | lineage | predict | embed | zoo | train | metanets | job ...``: the
 library's other services over gRPC (AlignmentService, LineageService, MetanetService, JobService).
 
-Same conventions as ``remote merge`` (``service/cli_service.py``): connection options on every command,
+Same conventions as ``remote merge`` (``service/cli/service.py``): connection options on every command,
 errors print ``error: CODE: message`` and exit 2, a job that does not succeed exits 2, ``--detach``
 prints the job name and returns, ``--json`` prints the messages as JSON.
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from service.cli_service import _conn, _remote_errors, connection_options, remote
+from service.cli.service import _conn, _remote_errors, connection_options, remote
 
 
 def _json(msg: Any) -> dict[str, Any]:

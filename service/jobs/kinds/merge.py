@@ -1,7 +1,7 @@
 """The "merge" job kind: ``merge.engine.run_merge`` on a recipe (MergeService.CreateMergeJob).
 
 Admission (recipe, references, plan from headers, memory claim) is
-:meth:`service.jobs.JobManager.create`; this module is what runs in the worker and what a restarted
+:meth:`service.jobs.manager.JobManager.create`; this module is what runs in the worker and what a restarted
 server does with an attempt that died.
 """
 
@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from merge.errors import WeightsmithError
-from service.kinds import JobKind, WorkerContext, register, remove_partials
+from service.jobs.kind import JobKind, WorkerContext, register, remove_partials
 
 if TYPE_CHECKING:
-    from service.jobs import JobRecord
+    from service.jobs.manager import JobRecord
 
 
 def run(ctx: WorkerContext) -> dict[str, Any]:

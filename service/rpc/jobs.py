@@ -1,6 +1,6 @@
 """JobService: every job, whatever its kind (a thin protobuf <-> job store translation).
 
-Jobs are one mechanism (:mod:`service.jobs`, :mod:`service.kinds`); this module turns a job record of
+Jobs are one mechanism (:mod:`service.jobs.manager`, :mod:`service.jobs.kind`); this module turns a job record of
 any kind into ``weightsmith.v1.Job`` (its normalized request and its result packed as ``Any``) and
 serves the RPCs that read, watch, cancel, retry and list jobs. Each kind's service module registers
 how its request and result convert (:data:`CONVERT`).
@@ -14,9 +14,9 @@ from typing import Any
 from service._proto.weightsmith.v1 import job_service_pb2 as jpb
 from service._proto.weightsmith.v1 import job_service_pb2_grpc as jpb_grpc
 from service._proto.weightsmith.v1 import merge_service_pb2 as mpb
-from service.jobs import INTERRUPTED, SUCCEEDED, TERMINAL, JobEvent, JobManager, JobRecord, ServiceError
-from service.kinds import all_kinds
-from service.server import (
+from service.jobs.kind import all_kinds
+from service.jobs.manager import INTERRUPTED, SUCCEEDED, TERMINAL, JobEvent, JobManager, JobRecord, ServiceError
+from service.rpc.server import (
     STATE_NAMES,
     STATES,
     _progress_pb,

@@ -1,4 +1,4 @@
-"""AlignmentService: Git Re-Basin alignment as jobs of kind "align" (:mod:`service.kind_align`).
+"""AlignmentService: Git Re-Basin alignment as jobs of kind "align" (:mod:`service.jobs.kinds.align`).
 
 A thin protobuf <-> library translation; the job is watched, cancelled and retried with JobService.
 """
@@ -12,9 +12,9 @@ from google.protobuf import json_format, struct_pb2
 
 from service._proto.weightsmith.v1 import alignment_service_pb2 as apb
 from service._proto.weightsmith.v1 import alignment_service_pb2_grpc as apb_grpc
-from service.jobs import JobManager, JobRecord
-from service.server import handle_errors
-from service.server_jobs import CONVERT, any_job_pb
+from service.jobs.manager import JobManager, JobRecord
+from service.rpc.jobs import CONVERT, any_job_pb
+from service.rpc.server import handle_errors
 
 ALIGNMENT_SERVICE = apb.DESCRIPTOR.services_by_name["AlignmentService"].full_name
 
@@ -68,7 +68,7 @@ class AlignmentServicer(apb_grpc.AlignmentServiceServicer):
     async def CreateAlignJob(
         self, request: apb.CreateAlignJobRequest, context: Any
     ) -> apb.CreateAlignJobResponse:
-        from service import kind_align
+        from service.jobs.kinds import align as kind_align
 
         req = kind_align.normalize(
             json_format.MessageToDict(
@@ -87,7 +87,7 @@ class AlignmentServicer(apb_grpc.AlignmentServiceServicer):
     async def ListAlignmentMethods(
         self, request: apb.ListAlignmentMethodsRequest, context: Any
     ) -> apb.ListAlignmentMethodsResponse:
-        from service import kind_align
+        from service.jobs.kinds import align as kind_align
 
         return apb.ListAlignmentMethodsResponse(
             methods=[apb.AlignmentMethod(name=k, summary=v) for k, v in kind_align.METHODS.items()],

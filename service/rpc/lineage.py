@@ -21,8 +21,8 @@ from google.protobuf import struct_pb2
 from merge.errors import ModelNotFoundError, WeightsmithError
 from service._proto.weightsmith.v1 import lineage_service_pb2 as lpb
 from service._proto.weightsmith.v1 import lineage_service_pb2_grpc as lpb_grpc
-from service.jobs import JobManager, ServiceError
-from service.server import handle_errors, handle_stream_errors
+from service.jobs.manager import JobManager, ServiceError
+from service.rpc.server import handle_errors, handle_stream_errors
 
 LINEAGE_SERVICE = lpb.DESCRIPTOR.services_by_name["LineageService"].full_name
 

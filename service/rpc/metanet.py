@@ -1,4 +1,4 @@
-"""MetanetService: zoo builds and metanet training as jobs (:mod:`service.kind_metanet`), the stored
+"""MetanetService: zoo builds and metanet training as jobs (:mod:`service.jobs.kinds.metanet`), the stored
 metanets by id, and ``Predict`` / ``Embed`` (``metanets.train.predict`` / ``embed``) on checkpoints by
 reference. Thin protobuf <-> library translations; every path goes through the server's roots.
 
@@ -21,9 +21,9 @@ from google.protobuf import json_format, struct_pb2
 from merge.errors import ModelNotFoundError
 from service._proto.weightsmith.v1 import metanet_service_pb2 as npb
 from service._proto.weightsmith.v1 import metanet_service_pb2_grpc as npb_grpc
-from service.jobs import SUCCEEDED, JobManager, JobRecord, ServiceError, parse_recipe_text
-from service.server import _ts, handle_errors
-from service.server_jobs import CONVERT, any_job_pb
+from service.jobs.manager import SUCCEEDED, JobManager, JobRecord, ServiceError, parse_recipe_text
+from service.rpc.jobs import CONVERT, any_job_pb
+from service.rpc.server import _ts, handle_errors
 
 METANET_SERVICE = npb.DESCRIPTOR.services_by_name["MetanetService"].full_name
 MAX_CHECKPOINTS = 1024
@@ -154,7 +154,7 @@ class MetanetServicer(npb_grpc.MetanetServiceServicer):
     # -- jobs -----------------------------------------------------------------------------------------
     @handle_errors()
     async def CreateZooJob(self, request: npb.CreateZooJobRequest, context: Any) -> npb.CreateZooJobResponse:
-        from service import kind_metanet
+        from service.jobs.kinds import metanet as kind_metanet
 
         which = request.WhichOneof("config")
         if which is None:
@@ -177,7 +177,7 @@ class MetanetServicer(npb_grpc.MetanetServiceServicer):
     async def CreateTrainJob(
         self, request: npb.CreateTrainJobRequest, context: Any
     ) -> npb.CreateTrainJobResponse:
-        from service import kind_metanet
+        from service.jobs.kinds import metanet as kind_metanet
 
         req = _dict(request)
         req.pop("request_id", None)
@@ -312,7 +312,7 @@ class MetanetServicer(npb_grpc.MetanetServiceServicer):
     @handle_errors("zoo")
     async def GetZoo(self, request: npb.GetZooRequest, context: Any) -> npb.GetZooResponse:
         from metanets.zoo import Zoo
-        from service.kind_metanet import resolve_zoo
+        from service.jobs.kinds.metanet import resolve_zoo
 
         path = await asyncio.to_thread(resolve_zoo, self.m, request.zoo)
         return npb.GetZooResponse(summary=_struct(Zoo(path, verify=False).summary()))

@@ -1,6 +1,6 @@
 """Helpers shared by the ``weightsmith`` command modules (error handling, sizes, Hub options).
 
-They live apart from :mod:`service.cli` so that every ``service/cli_<area>.py`` can import them without
+They live apart from :mod:`service.cli.main` so that every ``service/cli_<area>.py`` can import them without
 importing the CLI itself (which imports those modules to register their commands).
 """
 

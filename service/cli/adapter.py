@@ -17,7 +17,7 @@ import os
 
 import click
 
-from service.cli_common import _fail_cleanly
+from service.cli.common import _fail_cleanly
 
 
 def _fmt_energy(x: float | None) -> str:

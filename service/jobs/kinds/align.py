@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from merge.errors import CheckpointError
-from service.kinds import JobKind, WorkerContext, register, remove_partials
+from service.jobs.kind import JobKind, WorkerContext, register, remove_partials
 
 if TYPE_CHECKING:
-    from service.jobs import JobManager, Submission
+    from service.jobs.manager import JobManager, Submission
 
 METHODS = {"weight": "weight matching (data-free; Git Re-Basin Algorithm 1, permutation coordinate descent)"}
 MAX_INLINE_INDICES = 1 << 20
@@ -54,7 +54,7 @@ def _shapes(ckpt: Any) -> dict[str, tuple[int, ...]]:
 
 def normalize(req: dict[str, Any]) -> dict[str, Any]:
     """Defaults filled in and simple fields checked (INVALID_ARGUMENT naming the field)."""
-    from service.jobs import ServiceError
+    from service.jobs.manager import ServiceError
 
     out = {
         "model_a": str(req.get("model_a") or ""),
@@ -102,7 +102,7 @@ async def admit(manager: JobManager, req: dict[str, Any], job_id: str) -> Submis
     import asyncio
 
     from merge.checkpoint import open_checkpoint
-    from service.jobs import JOB_SCHEME, ServiceError, Submission
+    from service.jobs.manager import JOB_SCHEME, ServiceError, Submission
 
     resolver = manager.resolver()
     paths: dict[str, Path] = {}

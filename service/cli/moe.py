@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from service.cli_common import _fail_cleanly, _human, _resolver, _size, hub_options
+from service.cli.common import _fail_cleanly, _human, _resolver, _size, hub_options
 
 
 @click.command("moe")

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from merge.errors import WeightsmithError
-from service.kinds import JobKind, WorkerContext, register, remove_partials
+from service.jobs.kind import JobKind, WorkerContext, register, remove_partials
 
 if TYPE_CHECKING:
-    from service.jobs import JobManager, JobRecord, Submission
+    from service.jobs.manager import JobManager, JobRecord, Submission
 
 OPS = ("create", "add", "remove", "build")
 
@@ -30,7 +30,7 @@ OPS = ("create", "add", "remove", "build")
 def soup_folder(manager: JobManager, ref: str, field: str = "soup") -> Path:
     """An existing soup: a folder under a root, or ``job://<id>`` of the job that created it."""
     from merge.soups.folder import MANIFEST
-    from service.jobs import ServiceError
+    from service.jobs.manager import ServiceError
 
     if not ref:
         raise ServiceError("INVALID_ARGUMENT", f"{field}: a soup reference is required", field)
@@ -41,7 +41,7 @@ def soup_folder(manager: JobManager, ref: str, field: str = "soup") -> Path:
 
 
 def _member_path(manager: JobManager, ref: str, field: str) -> Path:
-    from service.jobs import ServiceError
+    from service.jobs.manager import ServiceError
 
     resolver = manager.resolver()
     if resolver.kind(ref) == "hub":
@@ -58,7 +58,7 @@ def _members(
 ) -> tuple[list[dict[str, Any]], int]:
     """Members resolved inside the roots, with their ids; and the largest member's size in bytes."""
     from merge.soups.folder import _default_id
-    from service.jobs import ServiceError
+    from service.jobs.manager import ServiceError
 
     out, biggest = [], 0
     for i, m in enumerate(specs):
@@ -76,7 +76,7 @@ def _members(
 async def admit(manager: JobManager, op: str, req: dict[str, Any], job_id: str) -> Submission:
     """Check a soup operation before anything is written (references, member ids, the output)."""
     from merge.soups.folder import OUT_DTYPES, Soup
-    from service.jobs import ServiceError, Submission
+    from service.jobs.manager import ServiceError, Submission
 
     est = 0
     if op == "create":

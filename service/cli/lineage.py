@@ -1,6 +1,6 @@
 """``weightsmith lineage CHILD --candidates A B C ...``: which candidate a checkpoint was fine-tuned from.
 
-Registered in ``service/cli.py`` with ``main.add_command(lineage)``. Models are local paths or Hub
+Registered in ``service/cli/main.py`` with ``main.add_command(lineage)``. Models are local paths or Hub
 ids (``org/name@rev``); the answer is printed as a ranked table (or ``--json``), ``--tree`` draws
 the family tree (PNG, SVG or PDF by suffix). A "no parent among the candidates" answer exits 0 like
 any answer; errors about the child exit 2 with one line, unreadable candidates are listed as
@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from service.cli_common import _fail_cleanly, _resolver, hub_options
+from service.cli.common import _fail_cleanly, _resolver, hub_options
 
 
 class _Progress:

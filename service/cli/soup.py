@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from merge.errors import RecipeError
-from service.cli_common import _fail_cleanly, _size
+from service.cli.common import _fail_cleanly, _size
 
 
 class _Bar:

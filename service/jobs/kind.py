@@ -1,6 +1,6 @@
 """Kinds of job: what differs between a merge, an alignment, a soup operation, a zoo build and a training.
 
-DESIGN.md "Service": jobs are one mechanism. :mod:`service.jobs` owns everything they share (the
+DESIGN.md "Service": jobs are one mechanism. :mod:`service.jobs.manager` owns everything they share (the
 SQLite store and event log, the bounded queue, memory admission, worker processes, cancellation,
 crash reconciliation, the watch stream); a :class:`JobKind` adds only
 
@@ -11,7 +11,7 @@ crash reconciliation, the watch stream); a :class:`JobKind` adds only
 
 Admission (checking a request, resolving its references through the server's roots, the memory
 claim) happens in the kind's create RPC before anything is written; it hands
-:meth:`service.jobs.JobManager.submit` a :class:`service.jobs.Submission`.
+:meth:`service.jobs.manager.JobManager.submit` a :class:`service.jobs.manager.Submission`.
 
 Kinds register themselves at import (:func:`register`); :func:`get_kind` imports the built-in ones.
 Kind modules import neither gRPC nor the stubs: workers load them in the forkserver's children.
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from merge.errors import MergeCancelled
 
 if TYPE_CHECKING:
-    from service.jobs import JobRecord
+    from service.jobs.manager import JobRecord
     from service.paths import RefResolver, Roots
 
 #: why a job stopped without a result, for :attr:`JobKind.cleanup`
@@ -90,7 +90,7 @@ class WorkerContext:
 
 def remove_partials(rec: JobRecord, why: str) -> None:
     """The default clean-up: ``<out>.partial-*`` folders of an atomic writer (merge.checkpoint)."""
-    from service.jobs import cleanup_partial_outputs
+    from service.jobs.manager import cleanup_partial_outputs
 
     if rec.output_path:
         cleanup_partial_outputs(Path(rec.output_path))
@@ -122,7 +122,7 @@ class JobKind:
 
 
 _KINDS: dict[str, JobKind] = {}
-_BUILTIN = ("service.kind_merge", "service.kind_align", "service.kind_metanet", "service.kind_soup")
+_BUILTIN = tuple(f"service.jobs.kinds.{k}" for k in ("merge", "align", "metanet", "soup"))
 
 
 def register(kind: JobKind) -> JobKind:

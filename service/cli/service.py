@@ -1,7 +1,7 @@
 """``weightsmith serve`` and ``weightsmith remote ...``: the service's command line.
 
 The lead's CLI group adds them with ``main.add_command(serve)`` and ``main.add_command(remote)``.
-``python -m service.cli_service`` runs the same commands standalone. gRPC is imported only when
+``python -m service.cli.service`` runs the same commands standalone. gRPC is imported only when
 a command runs, so ``weightsmith merge`` does not pay for it.
 
 Errors print one line ``error: CODE: message`` on stderr and exit with code 2 (like the CLI).
@@ -208,7 +208,7 @@ def serve(
     """Run the gRPC service (merge jobs, checkpoint inspection, small uploads/downloads)."""
     from service.auth import load_tokens, token_from_env
     from service.paths import HubConfig
-    from service.server import DataDirBusy, ServerConfig, run
+    from service.rpc.server import DataDirBusy, ServerConfig, run
 
     env_tok = token_from_env()
     try:

@@ -1,0 +1,5 @@
+"""`python -m service.cli`: the weightsmith command line."""
+
+from service.cli.main import main
+
+main()
