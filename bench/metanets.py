@@ -340,7 +340,7 @@ def equivariance_table() -> list[dict[str, Any]]:
     from metanets.gmn import GMN
     from metanets.graph import edges_to_state
     from metanets.unf import UNF
-    from tests.metanet_models import ARCHS, model_and_spec
+    from testkit.metanet_models import ARCHS, model_and_spec
 
     rows = []
     for arch in ARCHS:

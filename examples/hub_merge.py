@@ -1,7 +1,7 @@
 """Merge two models "from the Hub", pin them, reproduce the merge, push it back — in one script.
 
 Nothing leaves this machine: the script starts the small Hub-compatible server the tests use
-(``tests/hub_server.py``) on 127.0.0.1, publishes three tiny LLaMA-shaped models to it (each repo
+(``testkit/hub_server.py``) on 127.0.0.1, publishes three tiny LLaMA-shaped models to it (each repo
 also carries a pickle copy of its weights, as many real repos do), and then drives the real
 ``weightsmith`` CLI and the real ``huggingface_hub`` client against it:
 
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from huggingface_hub import ModelCard  # noqa: E402
 
 from service.cli.main import main as cli  # noqa: E402
-from tests.hub_server import HubServer  # noqa: E402
+from testkit.hub_server import HubServer  # noqa: E402
 
 TOKEN = "hf_write_alice"  # the server's write token for user "alice"
 
