@@ -69,6 +69,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from merge.methods import get_method  # noqa: E402
 from merge.methods.concrete import (  # noqa: E402
     FusionPlan,
     FusionProblem,
@@ -79,7 +80,6 @@ from merge.methods.concrete import (  # noqa: E402
     learn_concrete_adamerging,
     learn_concrete_task_arithmetic,
 )
-from merge.methods.registry import get_method  # noqa: E402
 from merge.methods.runner import merge_tensors  # noqa: E402
 
 OUT = ROOT / "examples" / "out" / "concrete_merging"

@@ -44,7 +44,8 @@ from merge.errors import (
     ShapeMismatchError,
     WeightsmithError,
 )
-from merge.methods.registry import MethodSpec, broadcast_per_model, get_method
+from merge.methods import get_method
+from merge.methods.registry import MethodSpec, broadcast_per_model
 from merge.methods.runner import CHUNK_ELEMS, merge_chunks
 from merge.recipe import Recipe, evaluate_setting, load_recipe
 

@@ -16,43 +16,17 @@ Every metanet runs on any torch device: move it with ``.to(device)`` and its bat
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from merge.errors import RecipeError, ShapeMismatchError
-from merge.symmetry import PermutationSpec, mlp_spec, resnet_spec
+from merge.errors import RecipeError
+from merge.symmetry import PermutationSpec, auto_spec  # noqa: F401 (metanets' callers import it from here)
 from merge.symmetry.spec import flat_to_heads
 
 __all__ = ["Metanet", "auto_spec", "node_permutation", "predict_states", "to_device"]
-
-_RESNET_BLOCK = re.compile(r"(?:^|\.)layer\d+\.\d+\.conv\d+\.weight$")
-
-
-def auto_spec(state: Mapping[str, Any], *, name: str = "model") -> PermutationSpec:
-    """A permutation spec from tensor names and shapes: a ResNet if the names have residual blocks
-    (``layer<k>.<j>.conv<i>``), else a chain of Linear/Conv layers with norms (:func:`merge.symmetry.mlp_spec`).
-
-    Transformers need ``merge.symmetry.transformer_spec(state, n_heads)``; any ``nn.Module`` can get one
-    from ``merge.symmetry.infer_spec(module, example_inputs)``. A model neither fits raises naming why.
-    """
-    floating = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor) or v.is_floating_point()}
-    if not floating:
-        raise RecipeError(f"model '{name}' has no floating-point tensors")
-    try:
-        if any(_RESNET_BLOCK.search(k) for k in floating):
-            return resnet_spec(floating)
-        return mlp_spec(floating)
-    except (RecipeError, ShapeMismatchError) as e:
-        raise RecipeError(
-            f"model '{name}': cannot build a permutation spec from names and shapes ({e}); pass spec= "
-            "(merge.symmetry.transformer_spec(state, n_heads), infer_spec(module, example_inputs), "
-            "or a spec JSON)"
-        ) from None
-
 
 def to_device(batch: Any, device: torch.device | str) -> Any:
     """Move a collated batch (tensor, dict/list of tensors, or a torch_geometric Batch) to ``device``."""

@@ -401,7 +401,7 @@ def _plan(
 def _resolve_spec(
     state: Mapping[str, torch.Tensor], spec: PermutationSpec | None, name: str
 ) -> PermutationSpec:
-    from metanets.base import auto_spec
+    from merge.symmetry import auto_spec
 
     return auto_spec(state, name=name) if spec is None else spec
 
@@ -478,7 +478,7 @@ def build_graph(
 ) -> Data:
     """The parameter graph of ``state`` under ``spec`` (see the module docstring for its layout).
 
-    ``spec`` defaults to :func:`metanets.base.auto_spec` (ResNet or MLP/CNN chain from names and
+    ``spec`` defaults to :func:`merge.symmetry.auto_spec` (ResNet or MLP/CNN chain from names and
     shapes; pass a spec from :func:`merge.symmetry.infer_spec` or ``transformer_spec`` for anything
     else). ``mode`` is ``"entry"`` (one edge per parameter) or ``"channel"`` (one edge per conv channel
     pair carrying the kernel in ``kernel_grid``). A graph over ``max_edges`` raises

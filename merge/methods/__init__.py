@@ -7,17 +7,20 @@ or runner is imported here, so adding a method is adding one file.
 import importlib
 import pkgutil
 
-from merge.methods.registry import (
-    MethodSpec,
-    PerModel,
-    all_methods,
-    get_method,
-    merge_method,
-    whole,
-)
+from merge.methods.registry import MethodSpec, PerModel, all_registered, merge_method, registered, whole
 
 for _m in pkgutil.iter_modules(__path__):
     if not _m.name.startswith("_") and _m.name not in {"registry", "runner"}:
         importlib.import_module(f"{__name__}.{_m.name}")
+
+
+def get_method(name: str) -> MethodSpec:
+    """The merge method ``name`` (every built-in is registered by importing this package)."""
+    return registered(name)
+
+
+def all_methods() -> list[MethodSpec]:
+    """Every registered merge method, by name."""
+    return all_registered()
 
 __all__ = ["MethodSpec", "PerModel", "all_methods", "get_method", "merge_method", "whole"]

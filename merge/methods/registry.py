@@ -331,13 +331,8 @@ def merge_method(
     return deco
 
 
-def _load_builtin() -> None:
-    # Importing the package registers every built-in method.
-    import merge.methods  # noqa: F401
-
-
-def get_method(name: str) -> MethodSpec:
-    _load_builtin()
+def registered(name: str) -> MethodSpec:
+    """The method registered as ``name`` (the catalogue, with every built-in loaded: ``merge.methods``)."""
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -345,8 +340,7 @@ def get_method(name: str) -> MethodSpec:
         raise RecipeError(f"unknown merge method '{name}' (known: {known})") from None
 
 
-def all_methods() -> list[MethodSpec]:
-    _load_builtin()
+def all_registered() -> list[MethodSpec]:
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
@@ -372,9 +366,9 @@ __all__ = [
     "MethodSpec",
     "ModelPlan",
     "PerModel",
-    "all_methods",
+    "all_registered",
     "broadcast_per_model",
-    "get_method",
+    "registered",
     "merge_method",
     "whole",
 ]

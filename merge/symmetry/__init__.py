@@ -49,6 +49,7 @@ from merge.symmetry.check import SpecCheckError, check_spec
 from merge.symmetry.infer import FxTrace, infer_spec, trace_spec
 from merge.symmetry.ready import (
     ARCHITECTURES,
+    auto_spec,
     build_spec,
     cnn_spec,
     mlp_spec,
@@ -66,6 +67,7 @@ from merge.symmetry.spec import (
 )
 
 __all__ = [
+    "auto_spec",
     "ARCHITECTURES",
     "FxTrace",
     "HeadStructure",

@@ -476,3 +476,28 @@ def build_spec(architecture: str, state_or_shapes: Mapping[str, Any], **kwargs: 
     if fn is transformer_spec:
         return fn(state_or_shapes, **kwargs)
     return fn(state_or_shapes)
+
+
+_RESNET_BLOCK = re.compile(r"(?:^|\.)layer\d+\.\d+\.conv\d+\.weight$")
+
+
+def auto_spec(state: Mapping[str, Any], *, name: str = "model") -> PermutationSpec:
+    """A permutation spec from tensor names and shapes: a ResNet if the names have residual blocks
+    (``layer<k>.<j>.conv<i>``), else a chain of Linear/Conv layers with norms (:func:`merge.symmetry.mlp_spec`).
+
+    Transformers need ``merge.symmetry.transformer_spec(state, n_heads)``; any ``nn.Module`` can get one
+    from ``merge.symmetry.infer_spec(module, example_inputs)``. A model neither fits raises naming why.
+    """
+    floating = {k: v for k, v in state.items() if not hasattr(v, "is_floating_point") or v.is_floating_point()}
+    if not floating:
+        raise RecipeError(f"model '{name}' has no floating-point tensors")
+    try:
+        if any(_RESNET_BLOCK.search(k) for k in floating):
+            return resnet_spec(floating)
+        return mlp_spec(floating)
+    except (RecipeError, ShapeMismatchError) as e:
+        raise RecipeError(
+            f"model '{name}': cannot build a permutation spec from names and shapes ({e}); pass spec= "
+            "(merge.symmetry.transformer_spec(state, n_heads), infer_spec(module, example_inputs), "
+            "or a spec JSON)"
+        ) from None

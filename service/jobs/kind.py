@@ -89,11 +89,12 @@ class WorkerContext:
 
 
 def remove_partials(rec: JobRecord, why: str) -> None:
-    """The default clean-up: ``<out>.partial-*`` folders of an atomic writer (merge.checkpoint)."""
-    from service.jobs.manager import cleanup_partial_outputs
+    """The default clean-up: ``<out>.partial-*`` folders of an atomic writer, and a moved-aside previous
+    output put back (:func:`merge.atomic.recover`)."""
+    from merge.atomic import recover
 
     if rec.output_path:
-        cleanup_partial_outputs(Path(rec.output_path))
+        recover(Path(rec.output_path))
 
 
 def remove_tree(path: Path) -> None:

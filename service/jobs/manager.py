@@ -56,7 +56,7 @@ from typing import Any
 
 import yaml
 
-from merge.atomic import recover, replaceable
+from merge.atomic import replaceable
 from merge.errors import MergeCancelled, OutputExistsError, WeightsmithError
 from service.jobs.kind import CANCELLED as CANCELLED_WHY
 from service.jobs.kind import FAILED as FAILED_WHY
@@ -657,12 +657,6 @@ def _check_replaceable(out: Path, overwrite: bool, shown: str) -> None:
     if not overwrite:
         raise OutputExistsError(f"output_path: '{shown}' already exists (set overwrite to replace it)")
     replaceable(out, "dir", shown=f"output_path: '{shown}'")
-
-
-def cleanup_partial_outputs(out: Path) -> list[Path]:
-    """Remove a killed writer's ``<out>.partial-*`` leftovers; put a previous output back if the writer
-    died between moving it aside and renaming the new one in (:func:`merge.atomic.recover`)."""
-    return recover(out)
 
 
 def _lock_free(lock_path: Path) -> bool:
@@ -1450,7 +1444,6 @@ __all__ = [
     "JobRecord",
     "JobStore",
     "ServiceError",
-    "cleanup_partial_outputs",
     "parse_recipe_text",
     "worker_main",
 ]

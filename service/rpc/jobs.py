@@ -16,14 +16,14 @@ from service._proto.weightsmith.v1 import job_service_pb2_grpc as jpb_grpc
 from service._proto.weightsmith.v1 import merge_service_pb2 as mpb
 from service.jobs.kind import all_kinds
 from service.jobs.manager import INTERRUPTED, SUCCEEDED, TERMINAL, JobEvent, JobManager, JobRecord, ServiceError
-from service.rpc.server import (
+from service.rpc.convert import (
     STATE_NAMES,
     STATES,
-    _progress_pb,
-    _ts,
     handle_errors,
     handle_stream_errors,
+    progress_pb,
     result_pb,
+    ts,
 )
 
 JOB_SERVICE = jpb.DESCRIPTOR.services_by_name["JobService"].full_name
@@ -57,8 +57,8 @@ def any_job_pb(rec: JobRecord, event: JobEvent | None = None) -> jpb.Job:
         name=rec.name,
         kind=rec.kind,
         state=STATES[state],
-        progress=_progress_pb(rec.progress if event is None else event.progress),
-        create_time=_ts(rec.create_time),
+        progress=progress_pb(rec.progress if event is None else event.progress),
+        create_time=ts(rec.create_time),
         request_id=rec.request_id,
         attempt=rec.attempt,
         estimated_peak_bytes=rec.est_bytes,
@@ -70,10 +70,10 @@ def any_job_pb(rec: JobRecord, event: JobEvent | None = None) -> jpb.Job:
     spec_of, result_of = CONVERT[rec.kind]
     job.spec.Pack(spec_of(rec))
     if rec.start_time is not None and (latest or state != "QUEUED"):
-        job.start_time.CopyFrom(_ts(rec.start_time))
+        job.start_time.CopyFrom(ts(rec.start_time))
     if latest:
         if rec.end_time is not None:
-            job.end_time.CopyFrom(_ts(rec.end_time))
+            job.end_time.CopyFrom(ts(rec.end_time))
         if rec.error_code and (state in TERMINAL or state == INTERRUPTED):
             job.error.code = rec.error_code
             job.error.message = rec.error_message or ""
@@ -95,7 +95,7 @@ class JobServicer(jpb_grpc.JobServiceServicer):
         self, request: jpb.WatchJobRequest, context: Any
     ) -> AsyncIterator[jpb.WatchJobResponse]:
         async for ev, rec in self.m.watch(request.name, request.from_sequence):
-            yield jpb.WatchJobResponse(sequence=ev.seq, time=_ts(ev.time), job=any_job_pb(rec, ev))
+            yield jpb.WatchJobResponse(sequence=ev.seq, time=ts(ev.time), job=any_job_pb(rec, ev))
 
     @handle_errors("name")
     async def CancelJob(self, request: jpb.CancelJobRequest, context: Any) -> jpb.CancelJobResponse:

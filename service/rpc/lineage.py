@@ -22,7 +22,7 @@ from merge.errors import ModelNotFoundError, WeightsmithError
 from service._proto.weightsmith.v1 import lineage_service_pb2 as lpb
 from service._proto.weightsmith.v1 import lineage_service_pb2_grpc as lpb_grpc
 from service.jobs.manager import JobManager, ServiceError
-from service.rpc.server import handle_errors, handle_stream_errors
+from service.rpc.convert import handle_errors, handle_stream_errors
 
 LINEAGE_SERVICE = lpb.DESCRIPTOR.services_by_name["LineageService"].full_name
 

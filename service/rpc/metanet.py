@@ -22,8 +22,8 @@ from merge.errors import ModelNotFoundError
 from service._proto.weightsmith.v1 import metanet_service_pb2 as npb
 from service._proto.weightsmith.v1 import metanet_service_pb2_grpc as npb_grpc
 from service.jobs.manager import SUCCEEDED, JobManager, JobRecord, ServiceError, parse_recipe_text
+from service.rpc.convert import handle_errors, ts
 from service.rpc.jobs import CONVERT, any_job_pb
-from service.rpc.server import _ts, handle_errors
 
 METANET_SERVICE = npb.DESCRIPTOR.services_by_name["MetanetService"].full_name
 MAX_CHECKPOINTS = 1024
@@ -53,7 +53,7 @@ def _integral(v: Any) -> Any:
 def metanet_pb(rec: JobRecord) -> npb.Metanet:
     """The metanet a succeeded "train" job wrote."""
     msg = card_pb(f"metanets/{rec.id}", (rec.result or {}).get("card", {}), rec.output_path)
-    msg.create_time.CopyFrom(_ts(rec.end_time))
+    msg.create_time.CopyFrom(ts(rec.end_time))
     return msg
 
 

@@ -20,10 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import functools
 import hashlib
 import importlib
-import json
 import logging
 import os
 import re
@@ -37,17 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import json_format
 
-from merge.errors import WeightsmithError
 from service._proto.weightsmith.v1 import (
     checkpoint_service_pb2 as cpb,
 )
 from service._proto.weightsmith.v1 import (
     checkpoint_service_pb2_grpc as cpb_grpc,
-)
-from service._proto.weightsmith.v1 import (
-    job_pb2,
 )
 from service._proto.weightsmith.v1 import (
     merge_service_pb2 as mpb,
@@ -57,31 +51,28 @@ from service._proto.weightsmith.v1 import (
 )
 from service.auth import BearerTokenInterceptor, server_credentials
 from service.jobs.manager import (
-    INTERRUPTED,
-    TERMINAL,
-    JobEvent,
     JobManager,
     JobManagerConfig,
-    JobRecord,
     ServiceError,
     parse_recipe_text,
 )
 from service.paths import UPLOAD_SCHEME, HubConfig
+from service.rpc.convert import (
+    STATE_NAMES,
+    handle_errors,
+    handle_stream_errors,
+    job_pb,
+    json_safe,
+    natural_key,
+    plan_pb,
+    ts,
+)
 
 log = logging.getLogger("weightsmith.server")
 
 MERGE_SERVICE = mpb.DESCRIPTOR.services_by_name["MergeService"].full_name
 CHECKPOINT_SERVICE = cpb.DESCRIPTOR.services_by_name["CheckpointService"].full_name
 CHUNK = 1 << 20
-STATES = {
-    "QUEUED": job_pb2.JOB_STATE_QUEUED,
-    "RUNNING": job_pb2.JOB_STATE_RUNNING,
-    "SUCCEEDED": job_pb2.JOB_STATE_SUCCEEDED,
-    "FAILED": job_pb2.JOB_STATE_FAILED,
-    "CANCELLED": job_pb2.JOB_STATE_CANCELLED,
-    "INTERRUPTED": job_pb2.JOB_STATE_INTERRUPTED,
-}
-STATE_NAMES = {v: k for k, v in STATES.items()}
 _UPLOAD_NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,199}$")
 
 
@@ -133,126 +124,18 @@ class ServerConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def _status_code(name: str) -> grpc.StatusCode:
-    try:
-        return grpc.StatusCode[name]
-    except KeyError:
-        return grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def abort_with(
-    context: grpc.aio.ServicerContext, code_name: str, message: str, field: str | None
-) -> None:
-    """Abort the RPC with ``code_name``; INVALID_ARGUMENT carries a BadRequest naming ``field``."""
-    code = _status_code(code_name)
-    try:  # rich details need grpcio-status (and googleapis-common-protos); plain status without
-        from google.protobuf import any_pb2
-        from google.rpc import error_details_pb2, status_pb2
-        from grpc_status import rpc_status
-    except ImportError:
-        field = None
-    if code is grpc.StatusCode.INVALID_ARGUMENT and field:
-        detail = any_pb2.Any()
-        detail.Pack(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
-                ]
-            )
-        )
-        status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
-        await context.abort_with_status(rpc_status.to_status(status))
-    await context.abort(code, message)
 
 
-def _field_for(e: Exception, default: str | None) -> str | None:
-    f = getattr(e, "field", None)
-    if f:
-        return f
-    msg = str(e)
-    for name in ("output_path", "options.", "request_id", "page_token"):
-        if msg.startswith(name):
-            return name.rstrip(".")
-    return default
 
 
-def _sent_strings(msg: Any, out: list[str] | None = None) -> list[str]:
-    """Every string field of a request message, nested, repeated and map ones too (what the caller sent)."""
-    from google.protobuf.message import Message
-
-    out = [] if out is None else out
-    if not isinstance(msg, Message):
-        return out
-    for _fd, value in msg.ListFields():
-        if isinstance(value, str | bytes | Message):
-            values = [value]
-        elif hasattr(value, "items"):  # a map
-            values = list(value.values())
-        else:  # a repeated field (or a scalar)
-            values = list(value) if hasattr(value, "__iter__") else [value]
-        for v in values:
-            if isinstance(v, str):
-                out.append(v)
-            elif isinstance(v, Message):
-                _sent_strings(v, out)
-    return out
 
 
-def _shown(servicer: Any, e: Exception, request: Any) -> str:
-    """The error message a caller sees: every server path outside the roots redacted (JobManager.redact)."""
-    manager = getattr(servicer, "m", None)  # every servicer holds its JobManager as .m
-    if manager is None:
-        return str(e)
-    return manager.redact(str(e), _sent_strings(request))
 
 
-def handle_errors(default_field: str | None = None) -> Callable[[Any], Any]:
-    """Map exceptions of a unary (or client-streaming) handler to status codes."""
-
-    def deco(fn: Any) -> Any:
-        @functools.wraps(fn)
-        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                return await fn(self, request, context)
-            except WeightsmithError as e:
-                await abort_with(
-                    context, getattr(e, "grpc_code", "INVALID_ARGUMENT"), _shown(self, e, request),
-                    _field_for(e, default_field),
-                )
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                raise
-            except Exception:  # noqa: BLE001
-                log.exception("internal error in %s", fn.__name__)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal server error (see the server log)")
-
-        return wrapper
-
-    return deco
 
 
-def handle_stream_errors(default_field: str | None = None) -> Callable[[Any], Any]:
-    """The same for server-streaming handlers (async generators)."""
-
-    def deco(fn: Any) -> Any:
-        @functools.wraps(fn)
-        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            try:
-                async for item in fn(self, request, context):
-                    yield item
-            except WeightsmithError as e:
-                await abort_with(
-                    context, getattr(e, "grpc_code", "INVALID_ARGUMENT"), _shown(self, e, request),
-                    _field_for(e, default_field),
-                )
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                raise
-            except Exception:  # noqa: BLE001
-                log.exception("internal error in %s", fn.__name__)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal server error (see the server log)")
-
-        return wrapper
-
-    return deco
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,110 +143,18 @@ def handle_stream_errors(default_field: str | None = None) -> Callable[[Any], An
 # ---------------------------------------------------------------------------------------------
 
 
-def _ts(t: float | None) -> timestamp_pb2.Timestamp | None:
-    if t is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(t * 1e9))
-    return ts
 
 
-def _progress_pb(p: dict[str, Any]) -> job_pb2.JobProgress:
-    return job_pb2.JobProgress(
-        phase=str(p.get("phase", "")),
-        tensors_done=int(p.get("tensors_done", 0)),
-        tensors_total=int(p.get("tensors_total", 0)),
-        bytes_done=int(p.get("bytes_done", 0)),
-        bytes_total=int(p.get("bytes_total", 0)),
-        current=str(p.get("current", "")),
-        steps_done=int(p.get("steps_done", 0)),
-        steps_total=int(p.get("steps_total", 0)),
-        unit=str(p.get("unit", "")),
-        metrics={k: float(v) for k, v in (p.get("metrics") or {}).items()},
-    )
 
 
-def result_pb(job_id: str, res: dict[str, Any]) -> mpb.MergeResult:
-    return mpb.MergeResult(
-        output_path=res.get("out_dir", ""),
-        output_ref=f"job://{job_id}",
-        method=res.get("method", ""),
-        tensors_total=int(res.get("n_tensors", 0)),
-        bytes_written=int(res.get("bytes_written", 0)),
-        shards=list(res.get("shards", [])),
-        seconds=float(res.get("seconds", 0.0)),
-        models=[
-            mpb.ResolvedModel(
-                ref=m.get("ref") or "",
-                path=m.get("path") or "",
-                repo_id=m.get("repo_id") or "",
-                revision=m.get("revision") or "",
-                commit=m.get("commit") or "",
-            )
-            for m in res.get("models", [])
-        ],
-    )
 
 
-def job_pb(rec: JobRecord, event: JobEvent | None = None) -> mpb.MergeJob:
-    """The job as a message; with ``event``, as of that event."""
-    latest = event is None or event.seq >= rec.last_seq
-    state = rec.state if event is None else event.state
-    progress = rec.progress if event is None else event.progress
-    job = mpb.MergeJob(
-        name=rec.name,
-        state=STATES[state],
-        progress=_progress_pb(progress),
-        create_time=_ts(rec.create_time),
-        request_id=rec.request_id,
-        recipe_yaml=rec.recipe_yaml,
-        method=rec.method,
-        output_path=rec.output_path,
-        overwrite=rec.overwrite,
-        options=mpb.MergeJobOptions(
-            compute_dtype=rec.options.get("compute_dtype", ""),
-            shard_size=int(rec.options.get("shard_size", 0)),
-            workers=int(rec.options.get("workers", 0)),
-        ),
-        attempt=rec.attempt,
-        estimated_peak_bytes=rec.est_bytes,
-        cancel_requested=rec.cancel_requested and latest,
-        last_sequence=rec.last_seq if event is None else event.seq,
-    )
-    if rec.start_time is not None and (latest or state != "QUEUED"):
-        job.start_time.CopyFrom(_ts(rec.start_time))
-    if latest:
-        if rec.end_time is not None:
-            job.end_time.CopyFrom(_ts(rec.end_time))
-        if rec.error_code and (state in TERMINAL or state == INTERRUPTED):
-            job.error.CopyFrom(job_pb2.JobError(code=rec.error_code, message=rec.error_message or ""))
-        if rec.result is not None and state == "SUCCEEDED":
-            job.result.CopyFrom(result_pb(rec.id, rec.result))
-    return job
 
 
-def _plan_pb(s: dict[str, Any] | None) -> mpb.MergePlanSummary | None:
-    if not s:
-        return None
-    return mpb.MergePlanSummary(
-        method=s["method"],
-        models=list(s["models"]),
-        tensors_total=s["n_tensors"],
-        tensors_merged=s["n_merged"],
-        tensors_copied=s["n_copied"],
-        bytes_in=s["bytes_in"],
-        bytes_out=s["bytes_out"],
-        compute_dtype=s["compute_dtype"],
-        peak_bytes_estimate=s["peak_bytes_estimate"],
-    )
 
 
-def _json_safe(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
 
 
-def _natural_key(name: str) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +193,7 @@ class MergeServicer(mpb_grpc.MergeServiceServicer):
         resp = mpb.CreateMergeJobResponse()
         if rec is not None:
             resp.job.CopyFrom(job_pb(rec))
-        p = _plan_pb(plan)
+        p = plan_pb(plan)
         if p is not None:
             resp.plan.CopyFrom(p)
         return resp
@@ -416,7 +207,7 @@ class MergeServicer(mpb_grpc.MergeServiceServicer):
         self, request: mpb.WatchMergeJobRequest, context: Any
     ) -> AsyncIterator[mpb.WatchMergeJobResponse]:
         async for ev, rec in self.m.watch(request.name, request.from_sequence, "merge"):
-            yield mpb.WatchMergeJobResponse(sequence=ev.seq, time=_ts(ev.time), job=job_pb(rec, ev))
+            yield mpb.WatchMergeJobResponse(sequence=ev.seq, time=ts(ev.time), job=job_pb(rec, ev))
 
     @handle_errors("name")
     async def CancelMergeJob(
@@ -468,9 +259,9 @@ class MergeServicer(mpb_grpc.MergeServiceServicer):
                     required=p["required"],
                     path=bool(p.get("path")),
                 )
-                json_format.ParseDict(_json_safe(p["default"]), mp.default_value)
+                json_format.ParseDict(json_safe(p["default"]), mp.default_value)
                 info.parameters.append(mp)
-            info.parameter_schema.update(_json_safe(spec.json_schema()))
+            info.parameter_schema.update(json_safe(spec.json_schema()))
             out.append(info)
         return mpb.ListMethodsResponse(methods=out)
 
@@ -493,7 +284,7 @@ class CheckpointServicer(cpb_grpc.CheckpointServiceServicer):
         self, request: cpb.InspectCheckpointRequest, context: Any
     ) -> cpb.InspectCheckpointResponse:
         _, ckpt = await asyncio.to_thread(self._open, request.ref)
-        names = sorted(ckpt.keys(), key=_natural_key)
+        names = sorted(ckpt.keys(), key=natural_key)
         size = min(max(request.page_size or 10000, 1), 10000)
         try:
             start = int(request.page_token or 0)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from merge.engine import MergeOptions, Progress, run_merge
 from merge.errors import CodeRefusedError, MergeCancelled, RecipeError, ShapeMismatchError, WeightsmithError
+from merge.methods import get_method
 from merge.methods._fusion import DifferentiableMerge, entropy_loss, fit_coefficients, load_entry_point
 from merge.methods.concrete import (
     ConcreteMask,
@@ -25,11 +26,10 @@ from merge.methods.concrete import (
     learn_concrete_adamerging,
     learn_concrete_task_arithmetic,
 )
-from merge.methods.registry import get_method
 from merge.methods.runner import merge_tensors
 from service.cli.main import main
-from tests.support import fusion_toy
 from tests.conftest import write_checkpoint
+from tests.support import fusion_toy
 
 ENTRY = "tests.support.fusion_toy:problem"
 

@@ -27,7 +27,7 @@ from merge.errors import (
     WeightsmithError,
 )
 from merge.hub import HubResolver, parse_hub_ref, push_to_hub
-from merge.methods.registry import get_method
+from merge.methods import get_method
 from merge.recipe import load_recipe
 from tests.conftest import llama_like, write_checkpoint
 

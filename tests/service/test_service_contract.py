@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from merge.atomic import recover as cleanup_partial_outputs
 from merge.errors import ModelNotFoundError
-from service.jobs.manager import ServiceError, cleanup_partial_outputs, parse_recipe_text
+from service.jobs.manager import ServiceError, parse_recipe_text
 from service.paths import HubDisabledError, InvalidPathError, PathNotAllowedError, RefResolver, Roots
 from tests.support.service import REPO, make_models
 
