@@ -261,7 +261,7 @@ def eval_zoo(name: str, methods: list[str], seed: int) -> list[dict[str, Any]]:
 
 
 def eval_minilm(methods: list[str]) -> list[dict[str, Any]]:
-    from metanets.lineage.align import resolve_spec
+    from metanets.lineage.align import child_spec
     from metanets.lineage.zoo import build_minilm_zoo
 
     t0 = time.perf_counter()
@@ -279,7 +279,7 @@ def eval_minilm(methods: list[str]) -> list[dict[str, Any]]:
     others = [n for n in z.names() if z.parents[n] is None and n != "base"]
     from metanets.lineage.model import Model
 
-    spec = resolve_spec(Model("base", "base", StateSource(states["base"]), z.folder("base")), None, None, 0)
+    spec = child_spec(Model("base", "base", StateSource(states["base"]), z.folder("base")), None, None, 0)
     rows = []
     for attack in (False, True):
         for method in methods:

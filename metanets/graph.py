@@ -57,7 +57,7 @@ import torch
 
 from merge.checkpoint import require_finite
 from merge.errors import MissingTensorError, RecipeError, ShapeMismatchError
-from merge.symmetry import PermutationSpec, natural_key
+from merge.symmetry import PermutationSpec, natural_key, resolve_spec
 
 if TYPE_CHECKING:
     from torch_geometric.data import Batch, Data
@@ -398,14 +398,6 @@ def _plan(
     return plans, sets, order, kernel_grid, unit_sets
 
 
-def _resolve_spec(
-    state: Mapping[str, torch.Tensor], spec: PermutationSpec | None, name: str
-) -> PermutationSpec:
-    from merge.symmetry import auto_spec
-
-    return auto_spec(state, name=name) if spec is None else spec
-
-
 def _check_state(state: Mapping[str, torch.Tensor], spec: PermutationSpec, name: str) -> None:
     floating = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
     if not floating:
@@ -439,7 +431,7 @@ def count_edges(
     name: str = "model",
 ) -> int:
     """The number of edges :func:`build_graph` would create, from shapes alone (no allocation)."""
-    spec = _resolve_spec(state, spec, name)
+    spec = resolve_spec(state, spec=spec, from_names=True, check=False, where=name)
     plans, sets, _, _, _ = _plan(state, spec, mode, None)
     heads = sum(hs.n_heads * hs.head_dim for p, hs in spec.heads.items() if f"perm:{p}" in sets)
     return sum(p.n_edges for p in plans) + heads
@@ -490,7 +482,7 @@ def build_graph(
     """
     if mode not in ("entry", "channel"):
         raise RecipeError(f"unknown graph mode '{mode}' (expected 'entry' or 'channel')")
-    spec = _resolve_spec(state, spec, name)
+    spec = resolve_spec(state, spec=spec, from_names=True, check=False, where=name)
     _check_state(state, spec, name)
     grid = tuple(int(g) for g in kernel_grid) if kernel_grid is not None else None
     plans, sets, order, grid, unit_sets = _plan(state, spec, mode, grid)

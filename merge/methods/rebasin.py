@@ -25,8 +25,8 @@ from merge.rebasin.matching import MatchResult, weight_matching
 from merge.symmetry import (
     Perms,
     PermutationSpec,
-    build_spec,
     permute_tensor,
+    resolve_spec,
 )
 
 StateDict = Mapping[str, torch.Tensor]
@@ -122,12 +122,10 @@ def git_rebasin(
     if bool(architecture) == bool(spec):
         raise RecipeError("git_rebasin: give exactly one of the parameters 'architecture' or 'spec'")
     ref_shapes = _shapes(ref)
-    if spec:
-        pspec = PermutationSpec.load(spec)
-        pspec.check_shapes(ref_shapes, where="base model" if base is not None else "model A")
-    else:
-        kw = {"n_heads": n_heads, "rope": rope} if architecture.lower() == "transformer" else {}
-        pspec = build_spec(architecture, ref_shapes, **kw)
+    pspec = resolve_spec(
+        ref_shapes, spec=spec or None, architecture=architecture or None, n_heads=n_heads, rope=rope,
+        where="base model" if base is not None else "model A",
+    )  # fmt: skip
     needed = pspec.permuted_tensors()
     a_t = {k: ref[k].float() for k in needed}
     perms, results = [], []

@@ -20,7 +20,7 @@ from merge.symmetry import (
     Perms,
     PermutationSpec,
     apply_permutation,
-    build_spec,
+    resolve_spec,
     trace_spec,
 )
 
@@ -85,14 +85,10 @@ def rebasin(
             first = next(iter(data))
             spec = trace_spec(model, batch_input(first), check=False).spec
     else:
-        if spec is None:
-            if architecture:
-                kw = {"n_heads": n_heads, "rope": rope} if architecture == "transformer" else {}
-                spec = build_spec(architecture, a, **kw)
-            elif model is not None and example_inputs is not None:
-                spec = trace_spec(model, example_inputs).spec
-            else:
-                raise RecipeError("rebasin needs spec, architecture, or model and example_inputs")
+        spec = resolve_spec(
+            a, spec=spec, architecture=architecture, n_heads=n_heads, rope=rope, model=model,
+            example_inputs=example_inputs, check=False,
+        )  # fmt: skip
         if method == "weight":
             res = weight_matching(spec, a, b, **kwargs)
         elif method == "ste":

@@ -56,6 +56,7 @@ from merge.symmetry.ready import (
     resnet_spec,
     transformer_spec,
 )
+from merge.symmetry.resolve import resolve_spec
 from merge.symmetry.spec import (
     HeadStructure,
     PermId,
@@ -67,6 +68,7 @@ from merge.symmetry.spec import (
 )
 
 __all__ = [
+    "resolve_spec",
     "auto_spec",
     "ARCHITECTURES",
     "FxTrace",

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from merge.errors import RecipeError, WeightsmithError
-from merge.symmetry import PermutationSpec, build_spec, mlp_spec
+from merge.symmetry import PermutationSpec, build_spec, mlp_spec, resolve_spec
 from metanets.lineage.stats import Pairing, PermutedSource, TensorSource
 
 if TYPE_CHECKING:
@@ -46,16 +46,12 @@ def _config_heads(path: Path | None) -> int:
     return int(n) if isinstance(n, int) else 0
 
 
-def resolve_spec(child: Model, spec: Any, architecture: str | None, n_heads: int) -> PermutationSpec:
+def child_spec(child: Model, spec: Any, architecture: str | None, n_heads: int) -> PermutationSpec:
     """The permutation spec of the child (see the module docstring)."""
-    if isinstance(spec, PermutationSpec):
-        return spec
-    if isinstance(spec, str | Path):
-        return PermutationSpec.load(spec)
     shapes = {n: child.source.shape(n) for n in child.source.keys()}
-    if architecture:
-        kw = {"n_heads": n_heads or _config_heads(child.path)} if architecture == "transformer" else {}
-        return build_spec(architecture, shapes, **kw)
+    if spec is not None or architecture:
+        heads = n_heads or (_config_heads(child.path) if architecture == "transformer" else 0)
+        return resolve_spec(shapes, spec=spec, architecture=architecture, n_heads=heads, check=False)
     heads = n_heads or _config_heads(child.path)
     if heads:
         return build_spec("transformer", shapes, n_heads=heads)
@@ -102,7 +98,7 @@ def align_candidates(
     """Weight-match every candidate to the child: ``(aligned sources, extras, incomparable, spec)``."""
     from merge.rebasin.matching import weight_matching
 
-    full = resolve_spec(child, spec, architecture, n_heads)
+    full = child_spec(child, spec, architecture, n_heads)
     sources: dict[int, TensorSource] = {}
     extra: dict[int, dict[str, Any]] = {}
     bad: dict[int, str] = {}

@@ -398,3 +398,23 @@ def test_tied_read_out_around_a_square_layer_is_left_unpermuted():
     assert s.axes_to_perm["emb.weight"] == s.axes_to_perm["head.weight"] == (None, None)
     assert s.axes_to_perm["fc.weight"] == (None, None)
     assert check_spec(model, s, (x,), trials=2) < 1e-5
+
+
+def test_resolve_spec_is_the_one_way_to_a_spec(tmp_path):
+    """Given (object or JSON, checked against the shapes), by architecture, by torch.fx, from names; else an error."""
+    from merge.symmetry import resolve_spec
+
+    model, x = zoo()["mlp"]
+    state = model.state_dict()
+    ready = build_spec("mlp", state)
+    assert resolve_spec(state, spec=ready) is ready
+    ready.save(tmp_path / "s.json")
+    assert resolve_spec(state, spec=tmp_path / "s.json").axes_to_perm == ready.axes_to_perm
+    with pytest.raises(ShapeMismatchError, match="model_a"):
+        resolve_spec({k: v[..., :1] if v.ndim == 2 else v for k, v in state.items()}, spec=ready, where="model_a")
+    assert resolve_spec(state, architecture="MLP").axes_to_perm == ready.axes_to_perm
+    traced = resolve_spec(state, model=model, example_inputs=(x,))
+    assert check_spec(model, traced, (x,), trials=2) < 1e-5
+    assert resolve_spec(state, from_names=True).axes_to_perm == ready.axes_to_perm
+    with pytest.raises(RecipeError, match="needs spec, architecture, or model and example_inputs"):
+        resolve_spec(state)

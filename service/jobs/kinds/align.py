@@ -35,17 +35,13 @@ def architectures() -> list[str]:
 
 
 def _spec(req: dict[str, Any], shapes: dict[str, tuple[int, ...]], spec_path: str | None) -> Any:
-    """The permutation spec of the request, checked against model A's shapes."""
-    from merge.symmetry import PermutationSpec
-    from merge.symmetry.ready import build_spec
+    """The permutation spec of the request, checked against model A's shapes (merge.symmetry.resolve_spec)."""
+    from merge.symmetry import resolve_spec
 
-    if spec_path:
-        spec = PermutationSpec.load(spec_path)
-        spec.check_shapes(shapes, where="model_a")
-        return spec
-    arch = req["architecture"]
-    kw = {"n_heads": req["n_heads"], "rope": req["rope"]} if arch.lower() == "transformer" else {}
-    return build_spec(arch, shapes, **kw)
+    return resolve_spec(
+        shapes, spec=spec_path or None, architecture=req["architecture"] or None, n_heads=req["n_heads"],
+        rope=req["rope"], where="model_a", what="an alignment",
+    )  # fmt: skip
 
 
 def _shapes(ckpt: Any) -> dict[str, tuple[int, ...]]:
