@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from merge.errors import MergeCancelled
 
 if TYPE_CHECKING:
-    from service.jobs.manager import JobRecord
+    from service.jobs.store import JobRecord
     from service.paths import RefResolver, Roots
 
 #: why a job stopped without a result, for :attr:`JobKind.cleanup`

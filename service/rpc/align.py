@@ -12,7 +12,8 @@ from google.protobuf import json_format, struct_pb2
 
 from service._proto.weightsmith.v1 import alignment_service_pb2 as apb
 from service._proto.weightsmith.v1 import alignment_service_pb2_grpc as apb_grpc
-from service.jobs.manager import JobManager, JobRecord
+from service.jobs.manager import JobManager
+from service.jobs.store import JobRecord
 from service.rpc.convert import handle_errors
 from service.rpc.jobs import CONVERT, any_job_pb
 

@@ -21,12 +21,8 @@ from service._proto.weightsmith.v1 import (
 from service._proto.weightsmith.v1 import (
     merge_service_pb2 as mpb,
 )
-from service.jobs.manager import (
-    INTERRUPTED,
-    TERMINAL,
-    JobEvent,
-    JobRecord,
-)
+from service.jobs.manager import INTERRUPTED
+from service.jobs.store import TERMINAL, JobEvent, JobRecord
 
 STATES = {
     "QUEUED": job_pb2.JOB_STATE_QUEUED,

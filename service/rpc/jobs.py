@@ -15,7 +15,8 @@ from service._proto.weightsmith.v1 import job_service_pb2 as jpb
 from service._proto.weightsmith.v1 import job_service_pb2_grpc as jpb_grpc
 from service._proto.weightsmith.v1 import merge_service_pb2 as mpb
 from service.jobs.kind import all_kinds
-from service.jobs.manager import INTERRUPTED, SUCCEEDED, TERMINAL, JobEvent, JobManager, JobRecord, ServiceError
+from service.jobs.manager import INTERRUPTED, SUCCEEDED, JobManager
+from service.jobs.store import TERMINAL, JobEvent, JobRecord, ServiceError
 from service.rpc.convert import (
     STATE_NAMES,
     STATES,

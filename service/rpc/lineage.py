@@ -21,7 +21,8 @@ from google.protobuf import struct_pb2
 from merge.errors import ModelNotFoundError, WeightsmithError
 from service._proto.weightsmith.v1 import lineage_service_pb2 as lpb
 from service._proto.weightsmith.v1 import lineage_service_pb2_grpc as lpb_grpc
-from service.jobs.manager import JobManager, ServiceError
+from service.jobs.manager import JobManager
+from service.jobs.store import ServiceError
 from service.rpc.convert import handle_errors, handle_stream_errors
 
 LINEAGE_SERVICE = lpb.DESCRIPTOR.services_by_name["LineageService"].full_name

@@ -21,7 +21,9 @@ from google.protobuf import json_format, struct_pb2
 from merge.errors import ModelNotFoundError
 from service._proto.weightsmith.v1 import metanet_service_pb2 as npb
 from service._proto.weightsmith.v1 import metanet_service_pb2_grpc as npb_grpc
-from service.jobs.manager import SUCCEEDED, JobManager, JobRecord, ServiceError, parse_recipe_text
+from service.jobs.manager import SUCCEEDED, JobManager
+from service.jobs.recipe_text import parse_recipe_text
+from service.jobs.store import JobRecord, ServiceError
 from service.rpc.convert import handle_errors, ts
 from service.rpc.jobs import CONVERT, any_job_pb
 

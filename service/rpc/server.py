@@ -50,12 +50,9 @@ from service._proto.weightsmith.v1 import (
     merge_service_pb2_grpc as mpb_grpc,
 )
 from service.auth import BearerTokenInterceptor, server_credentials
-from service.jobs.manager import (
-    JobManager,
-    JobManagerConfig,
-    ServiceError,
-    parse_recipe_text,
-)
+from service.jobs.manager import JobManager, JobManagerConfig
+from service.jobs.recipe_text import parse_recipe_text
+from service.jobs.store import ServiceError
 from service.paths import UPLOAD_SCHEME, HubConfig
 from service.rpc.convert import (
     STATE_NAMES,

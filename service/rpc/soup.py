@@ -14,7 +14,8 @@ from google.protobuf import json_format
 
 from service._proto.weightsmith.v1 import soup_service_pb2 as spb
 from service._proto.weightsmith.v1 import soup_service_pb2_grpc as spb_grpc
-from service.jobs.manager import JobManager, JobRecord
+from service.jobs.manager import JobManager
+from service.jobs.store import JobRecord
 from service.rpc.convert import handle_errors
 from service.rpc.jobs import CONVERT, any_job_pb
 

@@ -13,7 +13,8 @@ import pytest
 
 from merge.atomic import recover as cleanup_partial_outputs
 from merge.errors import ModelNotFoundError
-from service.jobs.manager import ServiceError, parse_recipe_text
+from service.jobs.recipe_text import parse_recipe_text
+from service.jobs.store import ServiceError
 from service.paths import HubDisabledError, InvalidPathError, PathNotAllowedError, RefResolver, Roots
 from tests.support.service import REPO, make_models
 

@@ -11,16 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.jobs.manager import (
-    INTERRUPTED,
-    QUEUED,
-    RUNNING,
-    SUCCEEDED,
-    JobManager,
-    JobManagerConfig,
-    JobRecord,
-    JobStore,
-)
+from service.jobs.manager import INTERRUPTED, QUEUED, RUNNING, SUCCEEDED, JobManager, JobManagerConfig
+from service.jobs.store import JobRecord, JobStore
 from tests.support.service import make_models, tiny_state_dict, write_model
 
 

@@ -50,7 +50,7 @@ def _shapes(ckpt: Any) -> dict[str, tuple[int, ...]]:
 
 def normalize(req: dict[str, Any]) -> dict[str, Any]:
     """Defaults filled in and simple fields checked (INVALID_ARGUMENT naming the field)."""
-    from service.jobs.manager import ServiceError
+    from service.jobs.store import ServiceError
 
     out = {
         "model_a": str(req.get("model_a") or ""),
@@ -98,7 +98,8 @@ async def admit(manager: JobManager, req: dict[str, Any], job_id: str) -> Submis
     import asyncio
 
     from merge.checkpoint import open_checkpoint
-    from service.jobs.manager import JOB_SCHEME, ServiceError, Submission
+    from service.jobs.manager import JOB_SCHEME, Submission
+    from service.jobs.store import ServiceError
 
     resolver = manager.resolver()
     paths: dict[str, Path] = {}

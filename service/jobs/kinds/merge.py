@@ -18,7 +18,7 @@ from merge.errors import WeightsmithError
 from service.jobs.kind import JobKind, WorkerContext, register, remove_partials
 
 if TYPE_CHECKING:
-    from service.jobs.manager import JobRecord
+    from service.jobs.store import JobRecord
 
 
 def run(ctx: WorkerContext) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from merge.errors import CheckpointError, RecipeError
 from service.jobs.kind import CANCELLED, FAILED, JobKind, WorkerContext, register
 
 if TYPE_CHECKING:
-    from service.jobs.manager import JobManager, JobRecord, Submission
+    from service.jobs.manager import JobManager, Submission
+    from service.jobs.store import JobRecord
 
 TRAIN_FIELDS = (
     "model", "target", "epochs", "batch_size", "lr", "weight_decay", "patience", "split", "split_seed",
@@ -38,7 +39,8 @@ async def admit_zoo(manager: JobManager, req: dict[str, Any], job_id: str) -> Su
     """Check a zoo request: the config (metanets.zoo.load_zoo_config), the folder (new, empty, or a
     zoo of the same config to resume)."""
     from metanets.zoo import load_zoo_config, plan_runs
-    from service.jobs.manager import ServiceError, Submission
+    from service.jobs.manager import Submission
+    from service.jobs.store import ServiceError
 
     cfg = load_zoo_config(req["config"])
     out = manager.output_folder(req["output_path"], True, job_id, [], resumes=True)
@@ -118,7 +120,7 @@ def resolve_zoo(manager: JobManager, ref: str, field: str = "zoo") -> Path:
 
 def train_config(req: dict[str, Any], device: str) -> Any:
     from metanets.train import METANETS, TrainConfig
-    from service.jobs.manager import ServiceError
+    from service.jobs.store import ServiceError
 
     kw: dict[str, Any] = {k: req[k] for k in TRAIN_FIELDS if req.get(k) not in (None, "", [], {}, 0, 0.0)}
     for k in ("where", "model_args"):  # protobuf Structs carry every number as a double
@@ -154,7 +156,8 @@ async def admit_train(manager: JobManager, req: dict[str, Any], job_id: str) -> 
     """Check a training request: the zoo (complete, inside the roots), the config, the output."""
     from metanets.train import split_records
     from metanets.zoo import Zoo
-    from service.jobs.manager import JOB_SCHEME, ServiceError, Submission
+    from service.jobs.manager import JOB_SCHEME, Submission
+    from service.jobs.store import ServiceError
 
     if not req.get("zoo"):
         raise ServiceError("INVALID_ARGUMENT", "zoo: a zoo reference is required", "zoo")

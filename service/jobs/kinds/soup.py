@@ -22,7 +22,8 @@ from merge.errors import WeightsmithError
 from service.jobs.kind import JobKind, WorkerContext, register, remove_partials
 
 if TYPE_CHECKING:
-    from service.jobs.manager import JobManager, JobRecord, Submission
+    from service.jobs.manager import JobManager, Submission
+    from service.jobs.store import JobRecord
 
 OPS = ("create", "add", "remove", "build")
 
@@ -30,7 +31,7 @@ OPS = ("create", "add", "remove", "build")
 def soup_folder(manager: JobManager, ref: str, field: str = "soup") -> Path:
     """An existing soup: a folder under a root, or ``job://<id>`` of the job that created it."""
     from merge.soups.folder import MANIFEST
-    from service.jobs.manager import ServiceError
+    from service.jobs.store import ServiceError
 
     if not ref:
         raise ServiceError("INVALID_ARGUMENT", f"{field}: a soup reference is required", field)
@@ -41,7 +42,7 @@ def soup_folder(manager: JobManager, ref: str, field: str = "soup") -> Path:
 
 
 def _member_path(manager: JobManager, ref: str, field: str) -> Path:
-    from service.jobs.manager import ServiceError
+    from service.jobs.store import ServiceError
 
     resolver = manager.resolver()
     if resolver.kind(ref) == "hub":
@@ -58,7 +59,7 @@ def _members(
 ) -> tuple[list[dict[str, Any]], int]:
     """Members resolved inside the roots, with their ids; and the largest member's size in bytes."""
     from merge.soups.folder import _default_id
-    from service.jobs.manager import ServiceError
+    from service.jobs.store import ServiceError
 
     out, biggest = [], 0
     for i, m in enumerate(specs):
@@ -76,7 +77,8 @@ def _members(
 async def admit(manager: JobManager, op: str, req: dict[str, Any], job_id: str) -> Submission:
     """Check a soup operation before anything is written (references, member ids, the output)."""
     from merge.soups.folder import OUT_DTYPES, Soup
-    from service.jobs.manager import ServiceError, Submission
+    from service.jobs.manager import Submission
+    from service.jobs.store import ServiceError
 
     est = 0
     if op == "create":
