@@ -5,7 +5,7 @@ Three phases, all on the same small checkpoints (``--layers`` x ``--hidden`` LLa
 
 1. **sequential latency**: one client submits ``--seq`` jobs one after the other (no queueing);
    the same merges are run by the CLI (``weightsmith merge``, one process per merge, as a user
-   would) and by ``merge.engine.run_merge`` in this process (the floor: no process, no RPC);
+   would) and by ``merge.execute.run_merge`` in this process (the floor: no process, no RPC);
 2. **load**: ``--clients`` client processes each submit ``--jobs`` jobs back to back and watch
    each to the end (``WatchMergeJob``); the server runs ``--max-running`` at once;
 3. **CLI at the same concurrency**: the load phase's merges as CLI processes, ``--max-running``
@@ -256,7 +256,8 @@ def cli_batch(items: list[tuple[Path, Path]], concurrency: int) -> tuple[list[fl
 def engine_merge(recipe: str, out: Path) -> float:
     import yaml
 
-    from merge.engine import MergeOptions, run_merge
+    from merge.execute import run_merge
+    from merge.plan import MergeOptions
 
     t0 = time.perf_counter()
     run_merge(yaml.safe_load(recipe), out, MergeOptions(), progress=lambda p: None)

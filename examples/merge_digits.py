@@ -18,7 +18,7 @@ interfere more), for several seeds. Every model is saved as a safetensors checkp
 (``model.safetensors`` + ``config.json``) under ``examples/out/merge_digits/``; the heads are kept
 apart (``heads.safetensors``), since they are not merged.
 
-Merges go through weightsmith itself: the sweeps call the library (``merge.engine.run_merge``)
+Merges go through weightsmith itself: the sweeps call the library (``merge.execute.run_merge``)
 with mergekit-format recipes, and the selected recipe of every method is then run again with the
 real CLI (``weightsmith merge RECIPE.yaml -o OUT --json``); the script checks that the CLI wrote
 exactly the tensors the library did. Hyperparameters (λ, density) are chosen on the validation
@@ -60,7 +60,8 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from merge.engine import MergeOptions, run_merge  # noqa: E402
+from merge.execute import run_merge  # noqa: E402
+from merge.plan import MergeOptions  # noqa: E402
 
 OUT = ROOT / "examples" / "out" / "merge_digits"
 LOGIT_SCALE = 20.0
@@ -222,7 +223,7 @@ def recipe(method: str, models: list[Path], base: Path | None, *, seed: int = 0,
 
 
 class Merger:
-    """Runs recipes through ``merge.engine.run_merge`` into a scratch folder and reads them back."""
+    """Runs recipes through ``merge.execute.run_merge`` into a scratch folder and reads them back."""
 
     def __init__(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="merge_digits_"))

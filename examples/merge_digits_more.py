@@ -4,7 +4,7 @@ NearSwap) on the digits task models of ``examples/merge_digits.py``, offline, on
 Same set-up as ``merge_digits.py`` (sklearn's digits, four image transforms as tasks, an MLP backbone
 pre-trained on one task and fine-tuned per task with cosine heads; the backbone is merged, each task is
 scored with its own head, "the union" is the mean over tasks), in the two regimes ``small`` and ``large``
-(fine-tuning learning rate 1e-3 and 1e-2). Every merge goes through ``merge.engine.run_merge`` with a
+(fine-tuning learning rate 1e-3 and 1e-2). Every merge goes through ``merge.execute.run_merge`` with a
 mergekit-format recipe; hyperparameters are chosen on the validation split, accuracies are test accuracies.
 
 Claims checked (the script reports which hold; it does not assume they do):

@@ -231,7 +231,7 @@ def plan_moe(
     """Validate a MoE config against the models' headers and configs (no tensor data is read)."""
     cfg = load_moe_config(config)
     if resolver is None:
-        from merge.engine import default_resolver
+        from merge.plan import default_resolver
 
         resolver = default_resolver
     _check_prompts(cfg, allow_all_same)
@@ -321,7 +321,7 @@ def _layout(plan: MoEPlan) -> list[tuple[str, tuple[int, ...]]]:
     b = plan.base_ckpt
     e_count = len(plan.experts)
     out: list[tuple[str, tuple[int, ...]]] = []
-    from merge.engine import _natural_key
+    from merge.plan import _natural_key
 
     for n in sorted(b.keys(), key=_natural_key):
         if ".mlp." in n or not b.dtype(n).is_floating_point:

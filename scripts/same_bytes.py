@@ -56,8 +56,9 @@ def run(work: Path, only: set[str] | None) -> dict[str, str]:
     import torch
     import yaml
 
-    from merge.engine import MergeOptions, run_merge
+    from merge.execute import run_merge
     from merge.lora.algebra import extract_adapter, fold_adapters
+    from merge.plan import MergeOptions
     from merge.rebasin.api import rebasin
     from merge.soups.folder import Soup
     from metanets.train import TrainConfig, train_metanet

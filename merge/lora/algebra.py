@@ -136,7 +136,7 @@ def fold_adapters(
     resolver: Any = None,
 ) -> Any:
     """Write ``base + Σ_k w_k s_k B_k A_k`` to ``out_dir`` (streamed by the engine; a ``MergeResult``)."""
-    from merge.engine import run_merge
+    from merge.execute import run_merge
 
     recipe: dict[str, Any] = {
         "merge_method": "passthrough",

@@ -130,7 +130,7 @@ def _open(name: str, ref: ModelRef, resolver: Callable[[str], Any], allow_pickle
 
 
 def _default_resolver() -> Callable[[str], Any]:
-    from merge.engine import default_resolver
+    from merge.plan import default_resolver
 
     return default_resolver
 
@@ -329,7 +329,7 @@ def detect_lineage(
     """Rank ``candidates`` as the parent of ``child`` and answer which one is, or that none is.
 
     ``child`` and each candidate are a local path (file or folder), a Hub id (``org/name@rev``,
-    resolved by ``resolver``, by default :func:`merge.engine.default_resolver`) or a state dict;
+    resolved by ``resolver``, by default :func:`merge.plan.default_resolver`) or a state dict;
     ``candidates`` is a list or a ``{name: model}`` mapping. A candidate that cannot be read, shares
     no comparable tensor with the child or does not fit the alignment spec is skipped with its
     reason (``result.skipped``); the others are still ranked. Errors about the child itself raise.

@@ -116,9 +116,10 @@ def fold_cmd(
 ) -> None:
     """Fold ADAPTERS into BASE: W + Σ_k w_k s_k B_k A_k for every target, streamed to OUT."""
     from merge.atomic import check_output
-    from merge.engine import MergeOptions, tune_allocator
     from merge.errors import RecipeError
+    from merge.execute import tune_allocator
     from merge.lora.algebra import fold_adapters
+    from merge.plan import MergeOptions
 
     if weights and len(weights) != len(adapters):
         raise RecipeError(f"{len(adapters)} adapters but {len(weights)} --weight values")

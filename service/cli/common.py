@@ -63,7 +63,7 @@ def hub_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _resolver(token: str | None, endpoint: str | None, offline: bool, cache_dir: str | None,
               revision: str | None = None) -> Any:
     if not any((token, endpoint, offline, cache_dir, revision)):
-        from merge.engine import default_resolver
+        from merge.plan import default_resolver
 
         return default_resolver  # local paths need no Hub client; Hub ids get a default one
     from merge import hub

@@ -50,7 +50,8 @@ def merge(recipe: str, out_dir: str, device: str, shard_size: int, compute_dtype
           push_repo: str | None, private: bool, token: str | None, endpoint: str | None, offline: bool,
           cache_dir: str | None) -> None:
     """Merge the models of RECIPE (YAML, mergekit's format) into OUT."""
-    from merge.engine import MergeOptions, plan_merge, run_merge, tune_allocator
+    from merge.execute import run_merge, tune_allocator
+    from merge.plan import MergeOptions, plan_merge
 
     tune_allocator()
     # One merge per process: the objects alive now (torch's modules, ~10^5) are never garbage, and
@@ -102,7 +103,7 @@ def inspect(path: str, revision: str | None, allow_pickle: bool, as_json: bool, 
 
     resolved = _resolver(token, endpoint, offline, cache_dir, revision)(path)
     ckpt = open_checkpoint(resolved.path, allow_pickle=allow_pickle)
-    from merge.engine import _natural_key
+    from merge.plan import _natural_key
 
     names = sorted(ckpt.keys(), key=_natural_key)
     rows = [{"name": n, "dtype": str(ckpt.dtype(n)).removeprefix("torch."), "shape": list(ckpt.shape(n)),

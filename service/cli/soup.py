@@ -54,7 +54,7 @@ class _Bar:
 
 
 def _resolve(ref: str) -> Path:
-    from merge.engine import default_resolver
+    from merge.plan import default_resolver
 
     return default_resolver(ref).path
 
@@ -283,8 +283,9 @@ def greedy_cmd(
     OUT gets the soup (a linear merge of the kept models, written by the merge engine), its recipe,
     and greedy_soup.json with every candidate's score and decision."""
     from merge.atomic import check_output
-    from merge.engine import MergeOptions, run_merge
+    from merge.execute import run_merge
     from merge.methods.soups import GreedyStep, greedy_soup
+    from merge.plan import MergeOptions
 
     out = Path(out_dir)
     fn = load_scorer(scorer)

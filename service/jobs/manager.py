@@ -209,7 +209,9 @@ class JobManager:
         self._sched_lock: asyncio.Lock | None = None
         self._forkserver_ready: asyncio.Future[None] | None = None
         self._ctx = multiprocessing.get_context("forkserver")
-        self._ctx.set_forkserver_preload(["service.jobs.worker", "service.jobs.manager", "merge.engine", "merge.methods", "torch"])
+        self._ctx.set_forkserver_preload(
+            ["service.jobs.worker", "service.jobs.manager", "merge.plan", "merge.execute", "merge.methods", "torch"]
+        )
 
     # -- life cycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -654,7 +656,7 @@ class JobManager:
         return {"compute_dtype": cd, "shard_size": shard, "workers": workers or self.config.job_workers}
 
     def _plan(self, recipe: Any, options: dict[str, Any], resolver: RefResolver) -> Any:
-        from merge.engine import MergeOptions, plan_merge
+        from merge.plan import MergeOptions, plan_merge
 
         mo = MergeOptions(
             compute_dtype=options["compute_dtype"] or None,

@@ -118,7 +118,7 @@ def test_fold_equals_merge_and_unload_mlp(tmp_path: Path) -> None:
     }
 
     # the same through the streaming engine (small chunks: the row-wise path), loaded back into the model
-    from merge.engine import MergeOptions
+    from merge.plan import MergeOptions
 
     fold_adapters(str(base), [str(ad)], tmp_path / "out", options=MergeOptions(chunk_elems=64, workers=2))
     net = _net()

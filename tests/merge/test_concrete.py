@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from merge.engine import MergeOptions, Progress, run_merge
 from merge.errors import CodeRefusedError, MergeCancelled, RecipeError, ShapeMismatchError, WeightsmithError
+from merge.execute import Progress, run_merge
 from merge.methods import get_method
 from merge.methods._fusion import DifferentiableMerge, entropy_loss, fit_coefficients, load_entry_point
 from merge.methods.concrete import (
@@ -27,6 +27,7 @@ from merge.methods.concrete import (
     learn_concrete_task_arithmetic,
 )
 from merge.methods.runner import merge_tensors
+from merge.plan import MergeOptions
 from service.cli.main import main
 from tests.conftest import write_checkpoint
 from tests.support import fusion_toy

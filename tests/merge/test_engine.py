@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import save_file
 
 from merge.checkpoint import open_checkpoint
-from merge.engine import MergeOptions, Progress, layer_stack, plan_merge, run_merge
 from merge.errors import (
     MergeCancelled,
     MissingTensorError,
@@ -20,6 +19,8 @@ from merge.errors import (
     RecipeError,
     ShapeMismatchError,
 )
+from merge.execute import Progress, run_merge
+from merge.plan import MergeOptions, layer_stack, plan_merge
 from tests.conftest import llama_like, write_checkpoint
 
 

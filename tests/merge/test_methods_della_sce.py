@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merge.engine import plan_merge
 from merge.errors import RecipeError
 from merge.methods import get_method
 from merge.methods.della import della, della_linear, keep_probabilities, magprune_mask, magprune_probs
 from merge.methods.runner import derive_seed, merge_tensors
 from merge.methods.sce import sce
 from merge.methods.task_arithmetic import task_arithmetic, ties
+from merge.plan import plan_merge
 
 T = torch.tensor
 

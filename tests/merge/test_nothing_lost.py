@@ -125,8 +125,8 @@ def test_merge_overwrite_replaces_only_previous_outputs(make_models, tmp_path: P
 
 def test_every_writer_refuses_a_user_folder_and_its_inputs(make_models, tmp_path: Path) -> None:
     """adapter extract / merge / fold, soup build, metanet train, lineage trees: same rule."""
-    from merge.engine import MergeOptions
     from merge.lora.algebra import extract_adapter, fold_adapters, merge_adapters
+    from merge.plan import MergeOptions
     from merge.soups.folder import Soup
 
     base, ft = make_models(2)

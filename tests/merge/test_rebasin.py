@@ -403,7 +403,8 @@ def test_spec_is_a_path_parameter_and_goes_through_the_engines_path_resolver(tmp
     service confines it to its roots there) before the method opens it, and uses what it returns."""
     from safetensors.torch import save_file
 
-    from merge.engine import MergeOptions, run_merge
+    from merge.execute import run_merge
+    from merge.plan import MergeOptions
 
     m = get_method("git_rebasin")
     assert m.params["spec"].path and not m.params["architecture"].path

@@ -72,7 +72,7 @@ def test_build_is_the_weighted_mean_in_float64(tmp_path: Path) -> None:
             acc = x if acc is None else acc + x
         assert torch.equal(v, (acc / sum(w)).float()), k
     # a linear merge in float32 (the engine) agrees to float32 rounding
-    from merge.engine import run_merge
+    from merge.execute import run_merge
 
     recipe = {
         "merge_method": "linear",

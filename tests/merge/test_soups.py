@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from merge.engine import run_merge
 from merge.errors import MaskMismatchError, MissingTensorError, RecipeError, ShapeMismatchError
+from merge.execute import run_merge
 from merge.methods import get_method
 from merge.methods.runner import merge_tensors
 from merge.methods.soups import (

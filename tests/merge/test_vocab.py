@@ -13,8 +13,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402
 
 from merge.checkpoint import open_checkpoint  # noqa: E402
-from merge.engine import plan_merge, run_merge  # noqa: E402
 from merge.errors import RecipeError, TokenizerError  # noqa: E402
+from merge.execute import run_merge
+from merge.plan import plan_merge  # noqa: E402
 from tests.conftest import llama_like, write_checkpoint  # noqa: E402
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"

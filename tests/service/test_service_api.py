@@ -18,7 +18,7 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from merge.engine import plan_merge
+from merge.plan import plan_merge
 from service.client import RemoteError, state_name
 from tests.support.service import (
     REPO,

@@ -1,4 +1,4 @@
-"""The "merge" job kind: ``merge.engine.run_merge`` on a recipe (MergeService.CreateMergeJob).
+"""The "merge" job kind: ``merge.execute.run_merge`` on a recipe (MergeService.CreateMergeJob).
 
 Admission (recipe, references, plan from headers, memory claim) is
 :meth:`service.jobs.manager.JobManager.create`; this module is what runs in the worker and what a restarted
@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 def run(ctx: WorkerContext) -> dict[str, Any]:
     """Run the merge; ``FilePath`` method parameters (a Git Re-Basin spec, a saved plan) are confined
     to the server's roots through the engine's ``path_resolver``."""
-    from merge.engine import MergeOptions, Progress, run_merge
+    from merge.execute import Progress, run_merge
+    from merge.plan import MergeOptions
 
     def progress(p: Progress) -> None:
         ctx.progress(force=p.tensors_done == p.tensors_total, **asdict(p))
