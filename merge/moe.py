@@ -217,11 +217,6 @@ def _select_arch(cfg: MoEConfig) -> Literal["mixtral", "qwen"]:
     return "qwen"
 
 
-def _layer_names(ckpt: Checkpoint, layer: int) -> list[str]:
-    pre = f"model.layers.{layer}."
-    return [n for n in ckpt.keys() if n.startswith(pre)]
-
-
 def plan_moe(
     config: MoEConfig | str | Path | dict[str, Any],
     *,

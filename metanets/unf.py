@@ -45,7 +45,7 @@ from torch import nn
 
 from merge.errors import MissingTensorError, RecipeError, ShapeMismatchError
 from merge.symmetry import PermutationSpec
-from metanets.base import Metanet, auto_spec
+from metanets.base import Metanet
 
 __all__ = ["UNF", "UNFLayer", "WeightSpace"]
 
@@ -321,7 +321,3 @@ class UNF(Metanet):
                 k: v.float() for k, v in self.space.from_features(self.eq_head(self._trunk(batch))).items()
             }
 
-
-def unf_for(state: Mapping[str, torch.Tensor], spec: PermutationSpec | None = None, **kwargs: Any) -> UNF:
-    """A UNF for the architecture of ``state`` (spec from :func:`metanets.base.auto_spec` if not given)."""
-    return UNF(spec or auto_spec(state), **kwargs)

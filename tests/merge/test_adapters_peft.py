@@ -330,9 +330,14 @@ def test_minilm_merge_agrees_with_peft_and_loads(
     got = _our_delta(tmp_path / "ours")
     assert sorted(got) == sorted(want)
     for m in want:
+        # peft's dense float32 SVD of a rank-4 target (``key``: adapter b only) truncated to rank 6 keeps two
+        # rounding-noise directions (σ ≈ 2e-5, measured); ours, from the factors, is exactly rank 4. The
+        # tolerance adds what peft keeps beyond our rank (about 1e-7 for the rank-6 targets).
+        beyond = torch.linalg.svdvals(want[m].double())[int(torch.linalg.matrix_rank(got[m].double(), rtol=1e-5)) :]
         torch.testing.assert_close(
-            got[m], want[m], rtol=0, atol=1e-5 * max(1.0, float(want[m].abs().max())), msg=f"{combo} {m}"
-        )
+            got[m], want[m], rtol=0, atol=1e-5 * max(1.0, float(want[m].abs().max())) + float(beyond.sum()),
+            msg=f"{combo} {m}",
+        )  # fmt: skip
     loaded = PeftModel.from_pretrained(
         transformers.AutoModel.from_pretrained(base), str(tmp_path / "ours")
     ).eval()
