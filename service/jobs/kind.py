@@ -19,8 +19,6 @@ Kind modules import neither gRPC nor the stubs: workers load them in the forkser
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -97,11 +95,6 @@ def remove_partials(rec: JobRecord, why: str) -> None:
         recover(Path(rec.output_path))
 
 
-def remove_tree(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(path)
-
-
 @dataclass(frozen=True)
 class JobKind:
     name: str
@@ -162,5 +155,4 @@ __all__ = [
     "get_kind",
     "register",
     "remove_partials",
-    "remove_tree",
 ]
