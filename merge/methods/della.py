@@ -34,7 +34,7 @@ import torch
 
 from merge.errors import RecipeError
 from merge.methods._sparsify import _rescale_factor
-from merge.methods.registry import ChunkSource, PerModel, merge_method, whole
+from merge.methods.registry import ChunkSource, PerModel, Variant, merge_method, merge_variant, whole
 from merge.methods.task_arithmetic import _check_density, _deltas, _n_models, _per_model, combine
 
 _PAPER = "Deep, Bhardwaj & Poria, DELLA-Merging: Reducing Interference in Model Merging, 2024"
@@ -268,6 +268,8 @@ def della(
     stats: DellaStats | None = None,
     generator: torch.Generator | None = None,
     chunk: int = 0,
+    method: Variant[str] = "della",
+    consensus: Variant[bool] = True,
 ) -> torch.Tensor:
     """DELLA: MAGPRUNE each τ_t (keep w.p. (density − ε) + 2ε·rank/(B−1) per row), rescale, TIES.
 
@@ -277,7 +279,7 @@ def della(
     ``density <= 0`` drops it; otherwise density ± epsilon must lie in (0, 1).
     """
     return _della(
-        "della",
+        method,
         tensors,
         base,
         weight=weight,
@@ -287,52 +289,17 @@ def della(
         stats=stats,
         generator=generator,
         chunk=chunk,
-        consensus=True,
+        consensus=consensus,
         normalize=normalize,
         lambda_=lambda_,
     )
 
 
-@merge_method(
+della_linear = merge_variant(
     "della_linear",
-    paper=_PAPER,
-    url=_URL,
-    base="required",
-    min_models=1,
-    stats=_della_stats,
+    della,
+    fixed={"method": "della_linear", "consensus": False},
+    defaults={"normalize": False},
+    summary="DELLA without sign election: MAGPRUNE and rescale each τ_t, then θ = θ_0 + λ Σ_t w_t τ̃_t.",
     check=lambda p, where: _check(p, where, "della_linear"),
 )
-def della_linear(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor | None,
-    *,
-    weight: PerModel[float] = 1.0,
-    density: PerModel[float] = 1.0,
-    epsilon: PerModel[float] = 0.15,
-    lambda_: float = 1.0,
-    normalize: bool = False,
-    rescale: bool = True,
-    int8_mask: bool = False,
-    stats: DellaStats | None = None,
-    generator: torch.Generator | None = None,
-    chunk: int = 0,
-) -> torch.Tensor:
-    """DELLA without sign election: MAGPRUNE and rescale each τ_t, then θ = θ_0 + λ Σ_t w_t τ̃_t.
-
-    As :func:`della`, combined like task arithmetic (``normalize`` divides by Σ_t w_t).
-    """
-    return _della(
-        "della_linear",
-        tensors,
-        base,
-        weight=weight,
-        density=density,
-        epsilon=epsilon,
-        rescale=rescale,
-        stats=stats,
-        generator=generator,
-        chunk=chunk,
-        consensus=False,
-        normalize=normalize,
-        lambda_=lambda_,
-    )

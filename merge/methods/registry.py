@@ -49,6 +49,8 @@ Two kinds of method (DESIGN.md, "Method contract"):
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -93,6 +95,22 @@ FILE = _FileMarker()
 #: passes such values through ``MergeOptions.path_resolver`` when one is set (the service sets it to
 #: its roots, so a recipe cannot make the server open a file outside them).
 FilePath = Annotated[str, FILE]
+
+
+class _VariantMarker:
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        return "VARIANT"
+
+
+VARIANT = _VariantMarker()
+
+
+class Variant:
+    """``Variant[bool]``: a keyword that tells variants of one method apart (TIES's sign election on or
+    off, the method's name for messages). It is not a recipe parameter: :func:`merge_variant` fixes it."""
+
+    def __class_getitem__(cls, item: Any) -> Any:
+        return Annotated[item, VARIANT]
 
 
 class PerModel:
@@ -260,6 +278,8 @@ def _param_infos(fn: Callable[..., Any]) -> dict[str, ParamInfo]:
         per_model = code = path = False
         if typing.get_origin(hint) is Annotated:
             base_t, *meta = typing.get_args(hint)
+            if any(m is VARIANT for m in meta):
+                continue
             if any(m is PER_MODEL for m in meta):
                 per_model = True
                 hint = base_t
@@ -331,6 +351,41 @@ def merge_method(
     return deco
 
 
+def merge_variant(
+    name: str,
+    of: MethodSpec,
+    *,
+    fixed: dict[str, Any],
+    defaults: dict[str, Any] | None = None,
+    summary: str,
+    check: Callable[[dict[str, Any], str], None] | None = None,
+) -> MethodSpec:
+    """Register ``name`` as a configuration of method ``of``: the same function and parameters, with
+    ``fixed`` (its :class:`Variant` keywords) set and ``defaults`` changed (e.g. ``normalize``), instead
+    of a wrapper that lists the whole signature again."""
+    if name in _REGISTRY:
+        raise ValueError(f"merge method {name!r} registered twice")
+    variant_args = set(inspect.signature(of.fn).parameters) - {p.arg for p in of.params.values()}
+    unknown = set(fixed) - variant_args
+    if unknown:
+        raise ValueError(f"variant {name!r}: {sorted(unknown)} are not Variant keywords of {of.name!r}")
+    defaults = dict(defaults or {})
+    params = dict(of.params)
+    for public, value in defaults.items():
+        params[public] = dataclasses.replace(params[public], default=value)
+    call_defaults = {params[k].arg: v for k, v in defaults.items()}
+    spec = dataclasses.replace(
+        of,
+        name=name,
+        fn=functools.partial(of.fn, **fixed, **call_defaults),
+        params=params,
+        summary=summary,
+        check=check if check is not None else of.check,
+    )
+    _REGISTRY[name] = spec
+    return spec
+
+
 def registered(name: str) -> MethodSpec:
     """The method registered as ``name`` (the catalogue, with every built-in loaded: ``merge.methods``)."""
     try:
@@ -370,5 +425,7 @@ __all__ = [
     "broadcast_per_model",
     "registered",
     "merge_method",
+    "merge_variant",
+    "Variant",
     "whole",
 ]

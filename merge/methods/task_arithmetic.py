@@ -28,7 +28,15 @@ import torch
 from merge.errors import RecipeError
 from merge.methods._random import ElementStream
 from merge.methods._sparsify import Trim, random_drop, trim_stats
-from merge.methods.registry import ChunkSource, PerModel, broadcast_per_model, merge_method, whole
+from merge.methods.registry import (
+    ChunkSource,
+    PerModel,
+    Variant,
+    broadcast_per_model,
+    merge_method,
+    merge_variant,
+    whole,
+)
 
 
 def _per_model(value: Any, n: int, param: str, method: str) -> list[float]:
@@ -319,6 +327,8 @@ def dare_linear(
     int8_mask: bool = False,
     generator: torch.Generator | None = None,
     stream: ElementStream | None = None,
+    method: Variant[str] = "dare_linear",
+    consensus: Variant[bool] = False,
 ) -> torch.Tensor:
     """DARE + task arithmetic: drop each entry of τ_t with probability 1 − density, rescale, sum.
 
@@ -328,31 +338,16 @@ def dare_linear(
     and the model, addressed by flat element index), so a merge gives the same bytes whatever the
     chunk size; called directly, from ``generator`` (or ``stream`` when given).
     """
-    return _dare("dare_linear", tensors, base, weight, density, generator, stream,
-                 consensus=False, normalize=normalize, rescale=rescale, lambda_=lambda_)
+    return _dare(method, tensors, base, weight, density, generator, stream,
+                 consensus=consensus, normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
-@merge_method("dare_ties", paper=_DARE_PAPER, url=_DARE_URL, base="required", min_models=1, elementwise=True)
-def dare_ties(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor | None,
-    *,
-    weight: PerModel[float] = 1.0,
-    density: PerModel[float] = 1.0,
-    lambda_: float = 1.0,
-    normalize: bool = False,
-    rescale: bool = True,
-    int8_mask: bool = False,
-    generator: torch.Generator | None = None,
-    stream: ElementStream | None = None,
-) -> torch.Tensor:
-    """DARE + TIES sign consensus: random drop and rescale (Yu et al., Eq. 2), then elect and merge.
-
-    As :func:`dare_linear`, but the dropped-and-rescaled w_t τ̃_t are combined with TIES's sign
-    election and (when ``normalize``, off by default as in mergekit) the disjoint mean.
-    """
-    return _dare("dare_ties", tensors, base, weight, density, generator, stream,
-                 consensus=True, normalize=normalize, rescale=rescale, lambda_=lambda_)
+dare_ties = merge_variant(
+    "dare_ties",
+    dare_linear,
+    fixed={"method": "dare_ties", "consensus": True},
+    summary="DARE + TIES sign consensus: random drop and rescale (Yu et al., Eq. 2), then elect and merge.",
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,6 +382,8 @@ def breadcrumbs(
     int8_mask: bool = False,
     stats: list[Trim] | None = None,
     chunk: int = 0,
+    method: Variant[str] = "breadcrumbs",
+    consensus: Variant[bool] = False,
 ) -> torch.Tensor:
     """Model Breadcrumbs: drop the largest ``gamma`` and the smallest magnitudes, keep ``density``.
 
@@ -395,35 +392,15 @@ def breadcrumbs(
     density >= 1 the task vector is kept whole); then θ = θ_0 + λ Σ_t w_t τ̂_t as in task arithmetic.
     """
     if stats is None:
-        density = _per_model(density, len(tensors), "density", "breadcrumbs")
+        density = _per_model(density, len(tensors), "density", method)
         stats = _breadcrumbs_stats(whole(tensors, base), density=density, gamma=gamma, rescale=rescale)
-    return _trimmed_merge("breadcrumbs", tensors, base, stats, weight, chunk,
-                          consensus=False, normalize=normalize, lambda_=lambda_)
+    return _trimmed_merge(method, tensors, base, stats, weight, chunk,
+                          consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 
-@merge_method("breadcrumbs_ties", paper=_BC_PAPER, url=_BC_URL, base="required", min_models=1,
-              stats=_breadcrumbs_stats)
-def breadcrumbs_ties(
-    tensors: list[torch.Tensor],
-    base: torch.Tensor | None,
-    *,
-    weight: PerModel[float] = 1.0,
-    density: PerModel[float] = 1.0,
-    gamma: PerModel[float] = 0.01,
-    lambda_: float = 1.0,
-    normalize: bool = False,
-    rescale: bool = False,
-    int8_mask: bool = False,
-    stats: list[Trim] | None = None,
-    chunk: int = 0,
-) -> torch.Tensor:
-    """Model Breadcrumbs masks combined with TIES sign election (mergekit's ``breadcrumbs_ties``).
-
-    The Breadcrumbs trim of :func:`breadcrumbs`, then γ = sgn(Σ_t w_t τ̂_t), the agreeing entries
-    summed (divided by the sum of the agreeing weights when ``normalize``), θ = θ_0 + λ τ_m.
-    """
-    if stats is None:
-        density = _per_model(density, len(tensors), "density", "breadcrumbs_ties")
-        stats = _breadcrumbs_stats(whole(tensors, base), density=density, gamma=gamma, rescale=rescale)
-    return _trimmed_merge("breadcrumbs_ties", tensors, base, stats, weight, chunk,
-                          consensus=True, normalize=normalize, lambda_=lambda_)
+breadcrumbs_ties = merge_variant(
+    "breadcrumbs_ties",
+    breadcrumbs,
+    fixed={"method": "breadcrumbs_ties", "consensus": True},
+    summary="Model Breadcrumbs masks combined with TIES sign election (mergekit's ``breadcrumbs_ties``).",
+)

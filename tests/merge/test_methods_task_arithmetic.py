@@ -338,3 +338,21 @@ def test_ties_divisor_of_no_agreeing_model_is_one_with_any_weights() -> None:
     ms3 = _models(base, [1.0, 1.0, 0.0, 0.0], [-1.0, -1.0, 0.0, 0.0])
     out3 = ties(ms3, base, weight=[1.0, -1.0], density=[1.0, 1.0], normalize=True)
     assert torch.equal(out3, T([2.0, 2.0, 0.0, 0.0]))
+
+
+def test_variants_are_configuration_not_copies() -> None:
+    """dare_ties / breadcrumbs_ties / della_linear are registered as configurations of one function
+    (registry.merge_variant): the Variant keywords are no recipe parameters, a changed default shows."""
+    from merge.methods import get_method
+    from merge.methods.registry import merge_variant
+
+    pairs = (("dare_linear", "dare_ties"), ("breadcrumbs", "breadcrumbs_ties"), ("della", "della_linear"))
+    for base_name, variant in pairs:
+        b, v = get_method(base_name), get_method(variant)
+        assert v.fn.func is b.fn and v.fn.keywords["method"] == variant
+        assert not {"method", "consensus"} & (set(b.params) | set(v.params))
+        assert set(b.params) == set(v.params)
+    assert get_method("della").params["normalize"].default is True
+    assert get_method("della_linear").params["normalize"].default is False
+    with pytest.raises(ValueError, match="not Variant keywords"):
+        merge_variant("nope", get_method("ties"), fixed={"consensus": False}, summary="x")
