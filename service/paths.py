@@ -1,7 +1,7 @@
 """Confinement of every server-side path to configured roots, and model-reference resolution.
 
 The service accepts local paths only inside the folders it was started with (``--root``), plus
-its own upload and output areas. The rules (ecosystem notes §5.1):
+its own upload and output areas. The rules (docs/service.md, "Confinement rules"):
 
 * no ``..`` component anywhere, no NUL byte, nothing empty;
 * a relative path is taken relative to a root (inputs: the first root where it exists; outputs:

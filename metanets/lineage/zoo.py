@@ -1,7 +1,7 @@
 """A seeded lineage zoo: roots, sibling parents, children and grandchildren with known ancestry.
 
-The offline benchmark of Neural Lineage detection (Yu & Wang, "Neural Lineage", CVPR 2024) in the
-form of ``../shared/research/rebasin_lineage.md`` §4.6, built on sklearn's digits (8×8, shipped with
+The offline benchmark of Neural Lineage detection (Yu & Wang, "Neural Lineage", CVPR 2024): the paper's
+generations of parents, children and grandchildren, built on sklearn's digits (8×8, shipped with
 scikit-learn) so that nothing is downloaded:
 
 - **G1 roots**: trained from scratch (independent initialisations) on random halves of digits 0–4;

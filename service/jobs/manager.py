@@ -3,7 +3,7 @@
 One mechanism for every kind of job (DESIGN.md "Service"): a job has a *kind* ("merge", "align",
 "soup", "greedy_soup", "zoo", "train"; :mod:`service.jobs.kind`) and a spec; each kind contributes an
 admission function and one worker function that calls the library and reports progress. Everything
-else is here and shared (ecosystem notes §1.6, §1.11, §5.4-§5.7):
+else is here and shared (docs/service.md, "Crashes, restarts and shutdown"):
 
 * **Store**: one SQLite file (WAL) under the server's data folder holds every job and every
   event of every job, so jobs, their progress history and watch resumption survive a restart.
