@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class LineageServiceStub:
     """LineageService answers "which of these candidates was this checkpoint fine-tuned from, or none
-    of them?" (metanets/lineage.py; the task of Yu & Wang, "Neural Lineage", CVPR 2024). It reads
+    of them?" (metanets/lineage/; the task of Yu & Wang, "Neural Lineage", CVPR 2024). It reads
     models by reference and writes nothing.
     """
 
@@ -51,7 +51,7 @@ class LineageServiceStub:
 
 class LineageServiceServicer:
     """LineageService answers "which of these candidates was this checkpoint fine-tuned from, or none
-    of them?" (metanets/lineage.py; the task of Yu & Wang, "Neural Lineage", CVPR 2024). It reads
+    of them?" (metanets/lineage/; the task of Yu & Wang, "Neural Lineage", CVPR 2024). It reads
     models by reference and writes nothing.
     """
 
@@ -96,7 +96,7 @@ def add_LineageServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class LineageService:
     """LineageService answers "which of these candidates was this checkpoint fine-tuned from, or none
-    of them?" (metanets/lineage.py; the task of Yu & Wang, "Neural Lineage", CVPR 2024). It reads
+    of them?" (metanets/lineage/; the task of Yu & Wang, "Neural Lineage", CVPR 2024). It reads
     models by reference and writes nothing.
     """
 

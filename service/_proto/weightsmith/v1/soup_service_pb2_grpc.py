@@ -28,7 +28,7 @@ if _version_not_supported:
 class SoupServiceStub:
     """SoupService keeps living model soups (Biggs, Seshadri et al., "Diffusion Soup",
     arXiv:2406.08431): a soup folder on the server whose members can be added and removed after the
-    fact, with the library's guarantees (merge/soup.py): float64 running sums, a removal re-sums the
+    fact, with the library's guarantees (merge/soups/folder.py): float64 running sums, a removal re-sums the
     remaining members so it gives exactly the bits of a soup built without the member, and every
     operation is atomic: a failure, a cancel or a kill at any point leaves the soup as it was.
 
@@ -75,7 +75,7 @@ class SoupServiceStub:
 class SoupServiceServicer:
     """SoupService keeps living model soups (Biggs, Seshadri et al., "Diffusion Soup",
     arXiv:2406.08431): a soup folder on the server whose members can be added and removed after the
-    fact, with the library's guarantees (merge/soup.py): float64 running sums, a removal re-sums the
+    fact, with the library's guarantees (merge/soups/folder.py): float64 running sums, a removal re-sums the
     remaining members so it gives exactly the bits of a soup built without the member, and every
     operation is atomic: a failure, a cancel or a kill at any point leaves the soup as it was.
 
@@ -160,7 +160,7 @@ def add_SoupServiceServicer_to_server(servicer, server):
 class SoupService:
     """SoupService keeps living model soups (Biggs, Seshadri et al., "Diffusion Soup",
     arXiv:2406.08431): a soup folder on the server whose members can be added and removed after the
-    fact, with the library's guarantees (merge/soup.py): float64 running sums, a removal re-sums the
+    fact, with the library's guarantees (merge/soups/folder.py): float64 running sums, a removal re-sums the
     remaining members so it gives exactly the bits of a soup built without the member, and every
     operation is atomic: a failure, a cancel or a kill at any point leaves the soup as it was.
 
