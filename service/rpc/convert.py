@@ -112,6 +112,21 @@ def shown_message(servicer: Any, e: Exception, request: Any) -> str:
     return manager.redact(str(e), sent_strings(request))
 
 
+async def _abort_for(
+    e: Exception, servicer: Any, request: Any, context: grpc.aio.ServicerContext, default_field: str | None, rpc: str
+) -> None:
+    """End the RPC for ``e``: a WeightsmithError with its status code and the redacted message, anything
+    else INTERNAL with no detail (the traceback goes to the log)."""
+    if isinstance(e, WeightsmithError):
+        await abort_with(
+            context, getattr(e, "grpc_code", "INVALID_ARGUMENT"), shown_message(servicer, e, request),
+            field_for(e, default_field),
+        )  # fmt: skip
+        return
+    log.exception("internal error in %s", rpc, exc_info=e)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal server error (see the server log)")
+
+
 def handle_errors(default_field: str | None = None) -> Callable[[Any], Any]:
     """Map exceptions of a unary (or client-streaming) handler to status codes."""
 
@@ -120,16 +135,10 @@ def handle_errors(default_field: str | None = None) -> Callable[[Any], Any]:
         async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
                 return await fn(self, request, context)
-            except WeightsmithError as e:
-                await abort_with(
-                    context, getattr(e, "grpc_code", "INVALID_ARGUMENT"), shown_message(self, e, request),
-                    field_for(e, default_field),
-                )
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
-            except Exception:  # noqa: BLE001
-                log.exception("internal error in %s", fn.__name__)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal server error (see the server log)")
+            except Exception as e:  # noqa: BLE001 - mapped by _abort_for
+                await _abort_for(e, self, request, context, default_field, fn.__name__)
 
         return wrapper
 
@@ -145,16 +154,10 @@ def handle_stream_errors(default_field: str | None = None) -> Callable[[Any], An
             try:
                 async for item in fn(self, request, context):
                     yield item
-            except WeightsmithError as e:
-                await abort_with(
-                    context, getattr(e, "grpc_code", "INVALID_ARGUMENT"), shown_message(self, e, request),
-                    field_for(e, default_field),
-                )
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
-            except Exception:  # noqa: BLE001
-                log.exception("internal error in %s", fn.__name__)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal server error (see the server log)")
+            except Exception as e:  # noqa: BLE001 - mapped by _abort_for
+                await _abort_for(e, self, request, context, default_field, fn.__name__)
 
         return wrapper
 
