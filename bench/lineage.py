@@ -51,8 +51,9 @@ from bench._common import (  # noqa: E402
     weightsmith_base_cmd,
     write_json,
 )
+from merge.checkpoint import StateDictSource  # noqa: E402
 from metanets.lineage import detect_lineage  # noqa: E402
-from metanets.lineage.stats import StateSource, head_tensors, pair_tensors  # noqa: E402
+from metanets.lineage.stats import head_tensors, pair_tensors  # noqa: E402
 from metanets.lineage.zoo import (  # noqa: E402
     Budget,
     LineageZoo,
@@ -96,7 +97,7 @@ def median_rel(child: dict[str, torch.Tensor], cands: dict[str, dict[str, torch.
     heads = head_tensors(list(shapes), shapes)
     score = {}
     for n, sd in cands.items():
-        pr = pair_tensors(StateSource(child), StateSource(sd), heads=heads)
+        pr = pair_tensors(StateDictSource(child), StateDictSource(sd), heads=heads)
         rel = [
             float((child[k].double() - sd[k].double()).norm() / sd[k].double().norm().clamp_min(1e-30))
             for k in pr.shared
@@ -279,7 +280,7 @@ def eval_minilm(methods: list[str]) -> list[dict[str, Any]]:
     others = [n for n in z.names() if z.parents[n] is None and n != "base"]
     from metanets.lineage.model import Model
 
-    spec = child_spec(Model("base", "base", StateSource(states["base"]), z.folder("base")), None, None, 0)
+    spec = child_spec(Model("base", "base", StateDictSource(states["base"]), z.folder("base")), None, None, 0)
     rows = []
     for attack in (False, True):
         for method in methods:

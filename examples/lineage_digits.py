@@ -34,9 +34,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from merge.checkpoint import StateDictSource  # noqa: E402
 from metanets.lineage import detect_lineage  # noqa: E402
 from metanets.lineage.probe import probe_distances  # noqa: E402
-from metanets.lineage.stats import StateSource, head_tensors, pair_tensors  # noqa: E402
+from metanets.lineage.stats import head_tensors, pair_tensors  # noqa: E402
 from metanets.lineage.zoo import ZooConfig, build_lineage_zoo, build_model, probe_inputs  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -47,7 +48,7 @@ def median_rel_top1(child: dict[str, torch.Tensor], cands: dict[str, dict[str, t
     heads = head_tensors(list(shapes), shapes)
     best, best_s = "", float("inf")
     for n, sd in cands.items():
-        shared = pair_tensors(StateSource(child), StateSource(sd), heads=heads).shared
+        shared = pair_tensors(StateDictSource(child), StateDictSource(sd), heads=heads).shared
         s = statistics.median(float((child[k] - sd[k]).norm() / sd[k].norm()) for k in shared)
         if s < best_s:
             best, best_s = n, s

@@ -31,7 +31,7 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from safetensors import safe_open
@@ -220,6 +220,63 @@ def _confined(folder: Path, rel: str, where: str) -> Path:
     if not any(target.is_relative_to(a) for a in allowed):
         raise CheckpointError(f"{where}: shard path {rel!r} escapes the checkpoint folder")
     return full
+
+
+@runtime_checkable
+class TensorSource(Protocol):
+    """Named tensors whose dtype and shape are known without reading them: what every reader takes.
+
+    Implemented by :class:`Checkpoint` (a safetensors file or sharded folder, lazy),
+    :class:`merge.lora.bind.FoldedCheckpoint` (a base with adapters folded in), :class:`StateDictSource`
+    (a state dict in memory) and lineage's permuted view; ``source[name]`` reads one tensor.
+    """
+
+    def keys(self) -> Any: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> torch.dtype: ...
+    def __getitem__(self, name: str) -> torch.Tensor: ...
+
+
+class StateDictSource(Mapping[str, torch.Tensor]):
+    """A state dict already in memory as a :class:`TensorSource`."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], *, path: str = "state dict") -> None:
+        self.state = state
+        #: how messages name it (a checkpoint names its file)
+        self.path = path
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.state[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.state[name].dtype
+
+
+def shape_of(source: TensorSource | Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    """One tensor's shape: from the header where the source tells it (a :class:`TensorSource`: nothing
+    read), else the tensor's. The one place that asks a mapping whether it knows shapes."""
+    known = getattr(source, "shape", None)
+    return tuple(known(name)) if callable(known) else tuple(source[name].shape)
+
+
+def dtype_of(source: TensorSource | Mapping[str, torch.Tensor], name: str) -> torch.dtype:
+    """One tensor's dtype: from the header where the source tells it (nothing read), else the tensor's."""
+    known = getattr(source, "dtype", None)
+    return known(name) if callable(known) else source[name].dtype
+
+
+def shapes_of(source: TensorSource | Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape (:func:`shape_of`)."""
+    return {k: shape_of(source, k) for k in source.keys()}
 
 
 class Checkpoint(Mapping[str, torch.Tensor]):

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from merge.atomic import check_output
-from merge.checkpoint import Checkpoint, CheckpointWriter, OutputTensor, ResolvedModel
+from merge.checkpoint import CheckpointWriter, OutputTensor, ResolvedModel
 from merge.errors import (
     MergeCancelled,
     NonFiniteError,
@@ -72,36 +72,6 @@ class MergeResult:
 # ---------------------------------------------------------------------------------------------
 # Execution
 # ---------------------------------------------------------------------------------------------
-
-
-class _LazyModel:
-    """Read-only Mapping view handed to whole-model methods."""
-
-    def __init__(self, ckpt: Checkpoint) -> None:
-        self._c = ckpt
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._c[name]
-
-    def __iter__(self) -> Any:
-        return iter(self._c)
-
-    def __len__(self) -> int:
-        return len(self._c)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._c
-
-    def keys(self) -> Any:
-        return self._c.keys()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """Shape from the header, without reading the tensor."""
-        return self._c.shape(name)
-
-    def dtype(self, name: str) -> torch.dtype:
-        """Dtype from the header, without reading the tensor."""
-        return self._c.dtype(name)
 
 
 def _config_update(text: str, plan: MergePlan) -> str:
@@ -176,8 +146,9 @@ def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
             params["progress"] = step_report
         if "device" in accepts:
             params["device"] = options.device
-        whole_plan = plan.method.fn([_LazyModel(plan.checkpoints[i]) for i in inputs],
-                                    _LazyModel(plan.checkpoints[base_i]) if base_i is not None else None,
+        # whole-model methods read the inputs as TensorSources (merge.checkpoint): lazy, headers first
+        whole_plan = plan.method.fn([plan.checkpoints[i] for i in inputs],
+                                    plan.checkpoints[base_i] if base_i is not None else None,
                                     **params)
 
     outputs = [OutputTensor(t.name, t.shape, t.out_dtype) for t in plan.tasks]

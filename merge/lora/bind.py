@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from merge.checkpoint import Checkpoint, ResolvedModel, TensorInfo, open_checkpoint
+from merge.checkpoint import Checkpoint, ResolvedModel, TensorInfo, open_checkpoint, shape_of
 from merge.errors import (
     AdapterError,
     MissingTensorError,
@@ -116,7 +116,7 @@ def bind(adapter: LoraAdapter, base: Checkpoint | Mapping[str, Any]) -> Binding:
             b.replaced[name] = key
     for name, m in b.deltas.items():
         t = adapter.targets[m]
-        shape = tuple(base.shape(name)) if hasattr(base, "shape") else tuple(base[name].shape)
+        shape = shape_of(base, name)
         want = t.delta_shape
         if shape != want:
             if t.layout == "linear" and len(shape) == 4 and shape[2:] == (1, 1) and shape[:2] == want:
@@ -126,7 +126,7 @@ def bind(adapter: LoraAdapter, base: Checkpoint | Mapping[str, Any]) -> Binding:
                 f"but the base tensor '{name}' has shape {list(shape)}"
             )
     for name, key in b.replaced.items():
-        shape = tuple(base.shape(name)) if hasattr(base, "shape") else tuple(base[name].shape)
+        shape = shape_of(base, name)
         have = tuple(adapter._ckpt.shape(key))
         if have != shape:
             raise ShapeMismatchError(

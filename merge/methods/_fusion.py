@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from merge.checkpoint import dtype_of, shape_of
 from merge.entry_point import import_callable
 from merge.errors import MissingTensorError, RecipeError, ShapeMismatchError
 
@@ -240,20 +241,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def _shape(sd: StateDict, name: str) -> tuple[int, ...]:
-    shape_of = getattr(sd, "shape", None)
-    if callable(shape_of):
-        return tuple(shape_of(name))
-    return tuple(sd[name].shape)
+    return shape_of(sd, name)
 
 
 def _floating(sd: StateDict, name: str) -> bool:
-    dtype_of = getattr(sd, "dtype", None)
-    if callable(dtype_of):
-        try:
-            return bool(dtype_of(name).is_floating_point)
-        except Exception:  # noqa: BLE001 - fall back to reading the tensor
-            pass
-    return bool(sd[name].is_floating_point())
+    return bool(dtype_of(sd, name).is_floating_point)
 
 
 class DifferentiableMerge:

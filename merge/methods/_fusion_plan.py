@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as st_save
 
+from merge.checkpoint import shape_of
 from merge.errors import CheckpointError, MissingTensorError, RecipeError, ShapeMismatchError
 
 FORMAT = "weightsmith-fusion-plan"
@@ -101,14 +102,13 @@ class FusionPlan:
                 f"({', '.join(self.task_names)}), the recipe gives {len(models)}"
             )
         for who, m in [("the base model", base)] + [(f"task model {i + 1}", m) for i, m in enumerate(models)]:
-            shape_of = getattr(m, "shape", None)
             for k in self.keys:
                 if k not in m:
                     raise PlanMismatchError(
                         f"plan{self._where()}: tensor '{k}' is not in {who}; the plan was "
                         "learned for another model"
                     )
-                shape = tuple(shape_of(k)) if callable(shape_of) else tuple(m[k].shape)
+                shape = shape_of(m, k)
                 if shape != tuple(self.shapes[k]):
                     raise PlanMismatchError(
                         f"plan{self._where()}: tensor '{k}' has shape {list(shape)} in {who}, "

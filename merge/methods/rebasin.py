@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from merge.checkpoint import shapes_of
 from merge.errors import RecipeError
 from merge.methods.registry import FilePath, merge_method
 from merge.rebasin.matching import MatchResult, weight_matching
@@ -35,14 +36,6 @@ StateDict = Mapping[str, torch.Tensor]
 # ---------------------------------------------------------------------------------------------
 # The recipe method
 # ---------------------------------------------------------------------------------------------
-
-
-def _shapes(m: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    shape_of = getattr(m, "shape", None)
-    out = {}
-    for k in m.keys():
-        out[k] = tuple(shape_of(k)) if callable(shape_of) else tuple(m[k].shape)
-    return out
 
 
 @dataclass
@@ -121,7 +114,7 @@ def git_rebasin(
         ref, others = models[0], [models[1]]
     if bool(architecture) == bool(spec):
         raise RecipeError("git_rebasin: give exactly one of the parameters 'architecture' or 'spec'")
-    ref_shapes = _shapes(ref)
+    ref_shapes = shapes_of(ref)
     pspec = resolve_spec(
         ref_shapes, spec=spec or None, architecture=architecture or None, n_heads=n_heads, rope=rope,
         where="base model" if base is not None else "model A",
@@ -130,7 +123,7 @@ def git_rebasin(
     a_t = {k: ref[k].float() for k in needed}
     perms, results = [], []
     for i, m in enumerate(others):
-        pspec.check_shapes(_shapes(m), where=f"model {i + 1}", complete=False)
+        pspec.check_shapes(shapes_of(m), where=f"model {i + 1}", complete=False)
         b_t = {k: m[k].float() for k in needed}
         res = weight_matching(pspec, a_t, b_t, max_iter=max_iter, n_restarts=n_restarts, seed=seed)
         perms.append(res.perms)

@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from merge.checkpoint import TensorSource
 from merge.errors import RecipeError, WeightsmithError
 from merge.symmetry import PermutationSpec, build_spec, mlp_spec, resolve_spec
-from metanets.lineage.stats import Pairing, PermutedSource, TensorSource
+from metanets.lineage.stats import Pairing, PermutedSource, read
 
 if TYPE_CHECKING:
     from metanets.lineage.model import Model
@@ -120,8 +121,8 @@ def align_candidates(
                         f"tensor '{k}' has shape {list(m.source.shape(k))}, the spec expects "
                         f"{list(sub.shapes[k])}"
                     )
-            a = {k: child.source.get(k).float() for k in permuted}
-            b = {k: m.source.get(k).float() for k in permuted}
+            a = {k: read(child.source, k).float() for k in permuted}
+            b = {k: read(m.source, k).float() for k in permuted}
             res = weight_matching(sub, a, b, max_iter=max_iter)
         except WeightsmithError as e:
             bad[m.index] = f"incomparable under the permutation spec: {e}"

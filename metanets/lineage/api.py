@@ -60,20 +60,19 @@ from typing import Any
 
 import torch
 
+from merge.checkpoint import StateDictSource, TensorSource
 from merge.errors import RecipeError, WeightsmithError
 from metanets.lineage.model import Model, Scored
 from metanets.lineage.result import CandidateScore, LayerEvidence, LineageResult, Skipped, TreeEdge
 from metanets.lineage.stats import (
     NUCLEAR,
-    CheckpointSource,
     Pairing,
-    StateSource,
     TensorNorms,
-    TensorSource,
     head_tensors,
     is_constant,
     pair_norms,
     pair_tensors,
+    read,
     single_torch_thread,
     stream_distances,
 )
@@ -120,13 +119,13 @@ def _open(name: str, ref: ModelRef, resolver: Callable[[str], Any], allow_pickle
         bad = [k for k, v in ref.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise RecipeError(f"model '{name}': entry '{bad[0]}' of the state dict is not a tensor")
-        return Model(name, name, StateSource(ref))
+        return Model(name, name, StateDictSource(ref))
     from merge.checkpoint import open_checkpoint
 
     resolved = resolver(str(ref))
     ckpt = open_checkpoint(resolved.path, allow_pickle=allow_pickle)
     shown = str(ref) + (f" ({resolved.commit[:12]})" if getattr(resolved, "commit", None) else "")
-    return Model(name, shown, CheckpointSource(ckpt), Path(resolved.path))
+    return Model(name, shown, ckpt, Path(resolved.path))
 
 
 def _default_resolver() -> Callable[[str], Any]:
@@ -477,7 +476,7 @@ def _small_constant(src: TensorSource, name: str) -> bool:
     shape = src.shape(name)
     if math.prod(shape) > 1 << 16:  # large tensors are not read here; a constant one is rare
         return False
-    return is_constant(src.get(name))
+    return is_constant(read(src, name))
 
 
 def _bytes_read(c: Model, models: list[Model], pairings: dict[int, Pairing]) -> int:
@@ -679,7 +678,7 @@ def _acyclic(edges: list[TreeEdge]) -> list[TreeEdge]:
 
 
 def _full_state(src: TensorSource) -> dict[str, torch.Tensor]:
-    return {k: src.get(k) for k in src.keys()}
+    return {k: read(src, k) for k in src.keys()}
 
 
 def _score_probe(

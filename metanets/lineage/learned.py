@@ -38,11 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from merge.checkpoint import TensorSource
 from merge.errors import CheckpointError, RecipeError, WeightsmithError
 from merge.symmetry import PermutationSpec
 from metanets.lineage.align import align_candidates, restrict
 from metanets.lineage.result import Skipped
-from metanets.lineage.stats import Pairing, TensorSource, single_torch_thread
+from metanets.lineage.stats import Pairing, read, single_torch_thread
 
 if TYPE_CHECKING:
     from torch_geometric.data import Data
@@ -88,9 +89,9 @@ def pair_graph(
     sub = restrict(spec, set(keep))
     diff = {}
     for n in keep:
-        c = child.get(n).float()
+        c = read(child, n).float()
         rms = float(c.pow(2).mean().sqrt()) or 1.0
-        diff[n] = (candidate.get(n).float() - c) / rms
+        diff[n] = (read(candidate, n).float() - c) / rms
     return build_graph(diff, sub)
 
 
@@ -194,19 +195,20 @@ def score_learned(
 
 
 def _zoo_graphs(zoo: LineageZoo, queries: Sequence[str], candidates: Sequence[str]) -> dict[str, list[Data]]:
+    from merge.checkpoint import StateDictSource
     from metanets.lineage.model import Model
-    from metanets.lineage.stats import StateSource, head_tensors, pair_tensors
+    from metanets.lineage.stats import head_tensors, pair_tensors
 
     states = {n: zoo.state(n) for n in {*queries, *candidates}}
     out: dict[str, list[Data]] = {}
     for q in queries:
-        src = StateSource(states[q])
+        src = StateDictSource(states[q])
         shapes = {k: tuple(v.shape) for k, v in states[q].items()}
         heads = head_tensors(list(shapes), shapes)
         child = Model(q, q, src)
         models, pairings = [], {}
         for i, c in enumerate(candidates):
-            m = Model(c, c, StateSource(states[c]), index=i)
+            m = Model(c, c, StateDictSource(states[c]), index=i)
             models.append(m)
             pairings[i] = pair_tensors(src, m.source, heads=heads)
         sources, _, bad, spec = align_candidates(child, models, pairings)

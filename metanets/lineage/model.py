@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from merge.checkpoint import TensorSource
 from metanets.lineage.result import LayerEvidence
-from metanets.lineage.stats import Pairing, TensorSource
+from metanets.lineage.stats import Pairing
 
 
 @dataclass

@@ -42,11 +42,11 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from merge.checkpoint import require_finite
+from merge.checkpoint import TensorSource, require_finite
 from merge.symmetry import natural_key
 
 NUCLEAR = "nuclear"
@@ -60,51 +60,9 @@ HEAD_PATTERNS = (
 CHUNK = 1 << 19  # float32 elements per chunk and model (2 MiB)
 
 
-class TensorSource(Protocol):
-    """What the statistics read: a child or a candidate (a lazy checkpoint or a state dict)."""
-
-    def keys(self) -> Any: ...
-    def shape(self, name: str) -> tuple[int, ...]: ...
-    def dtype(self, name: str) -> torch.dtype: ...
-    def get(self, name: str) -> torch.Tensor: ...
-
-
-class StateSource:
-    """A state dict (already in memory) as a :class:`TensorSource`."""
-
-    def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.state = state
-
-    def keys(self) -> Any:
-        return self.state.keys()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.state[name].shape)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.state[name].dtype
-
-    def get(self, name: str) -> torch.Tensor:
-        return require_finite(self.state[name], "state dict", name)
-
-
-class CheckpointSource:
-    """A lazy :class:`merge.checkpoint.Checkpoint` as a :class:`TensorSource` (each tensor mapped on demand)."""
-
-    def __init__(self, ckpt: Any) -> None:
-        self.ckpt = ckpt
-
-    def keys(self) -> Any:
-        return self.ckpt.keys()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.ckpt.shape(name))
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.ckpt.dtype(name)
-
-    def get(self, name: str) -> torch.Tensor:
-        return require_finite(self.ckpt[name], self.ckpt.path, name)
+def read(source: TensorSource, name: str) -> torch.Tensor:
+    """One tensor of a child or candidate, under the one NaN/Inf policy (refused, the tensor named)."""
+    return require_finite(source[name], getattr(source, "path", "model"), name)
 
 
 class PermutedSource:
@@ -112,6 +70,7 @@ class PermutedSource:
 
     def __init__(self, inner: TensorSource, spec: Any, perms: Mapping[str, torch.Tensor]) -> None:
         self.inner, self.spec, self.perms = inner, spec, perms
+        self.path = getattr(inner, "path", "model")
 
     def keys(self) -> Any:
         return self.inner.keys()
@@ -122,10 +81,10 @@ class PermutedSource:
     def dtype(self, name: str) -> torch.dtype:
         return self.inner.dtype(name)
 
-    def get(self, name: str) -> torch.Tensor:
+    def __getitem__(self, name: str) -> torch.Tensor:
         from merge.symmetry import permute_tensor
 
-        return permute_tensor(self.spec, name, self.inner.get(name), self.perms)
+        return permute_tensor(self.spec, name, read(self.inner, name), self.perms)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,7 +353,7 @@ def stream_distances(
         nonlocal done
         kind = norm_kind(child.shape(n), spectral)
         block = None if spectral is True else spectral_max_dim
-        tn = tensor_norms(n, kind, child.get(n), {i: candidates[i].get(n) for i in by_tensor[n]}, block)
+        tn = tensor_norms(n, kind, read(child, n), {i: read(candidates[i], n) for i in by_tensor[n]}, block)
         with lock:
             out[n] = tn
             done += sizes[n]
@@ -442,7 +401,7 @@ def pair_norms(
             # p_a − p_b = d_a − d_b with d = p − c: ‖p_a − p_b‖² = G_aa + G_bb − 2 G_ab
             out[n] = math.sqrt(max(float(g[ja, ja] + g[jb, jb] - 2 * g[ja, jb]), 0.0))
             continue
-        ta, tb = a.get(n), b.get(n)
+        ta, tb = read(a, n), read(b, n)
         if kinds[n] == NUCLEAR:
             rows, cols = spectral_block(n, tuple(ta.shape), max_dim)
             out[n] = nuclear_norm(block_of(ta, rows, cols) - block_of(tb, rows, cols))

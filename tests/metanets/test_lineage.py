@@ -16,12 +16,12 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from merge.checkpoint import StateDictSource
 from merge.errors import ModelNotFoundError, RecipeError
 from merge.symmetry import mlp_spec
 from metanets.lineage import detect_lineage
 from metanets.lineage.stats import (
     NUCLEAR,
-    StateSource,
     head_tensors,
     nuclear_norm,
     pair_tensors,
@@ -155,7 +155,7 @@ def test_heads_and_exclusions_are_reported() -> None:
         "4.bias": torch.zeros(5),
         "steps": torch.tensor(4),
     }
-    pr = pair_tensors(StateSource(child), StateSource(cand), heads={"4.weight", "4.bias"})
+    pr = pair_tensors(StateDictSource(child), StateDictSource(cand), heads={"4.weight", "4.bias"})
     assert pr.shared == ["0.bias", "0.weight", "2.weight"]
     assert pr.excluded["2.bias"] == "only in the child"
     assert pr.excluded["steps"] == "not floating point"
