@@ -67,7 +67,7 @@ def prepare(root: Path, client: Any, recipes: list[str], ref_digests: dict[int, 
     job = client.create_train_job(
         str(zoo_dir), model_args=MODEL_ARGS, output_path=str(root / "mixed" / "mn"), **TRAIN
     )
-    done = client.wait_any(job.name, timeout=600)
+    done = client.wait(job.name, timeout=600)
     metanet = client.job_result(done).metanet.name
     files = [str(zoo_dir / r["file"]) for r in Zoo(zoo_dir).records]
     ref_pred = [r["prediction"] for r in predict(root / "mixed" / "mn", files)]

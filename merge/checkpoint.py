@@ -279,6 +279,24 @@ def shapes_of(source: TensorSource | Mapping[str, torch.Tensor]) -> dict[str, tu
     return {k: shape_of(source, k) for k in source.keys()}
 
 
+def file_stamp(path: Path) -> list[int]:
+    """A cheap fingerprint of a file that an edit cannot leave unchanged: inode, size, mtime and ctime
+    (nanoseconds). Writing to a file or replacing it moves its ctime, which no user call can set back;
+    a copy or restore elsewhere changes it too, and then the file is hashed again (never trusted)."""
+    st = path.stat()
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def files_stamp(paths: list[str | Path]) -> list[tuple[str, list[int]]]:
+    """:func:`file_stamp` of every file at ``paths`` (a folder: every file under it), in path order: equal
+    stamps mean no input was replaced or written to since (a plan made from their headers still holds)."""
+    out: list[tuple[str, list[int]]] = []
+    for p in map(Path, paths):
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        out += [(str(f), file_stamp(f)) for f in files]
+    return out
+
+
 class Checkpoint(Mapping[str, torch.Tensor]):
     """A lazy, read-only view of a checkpoint: ``ckpt[name]`` reads one tensor.
 
@@ -475,6 +493,13 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             return []
         pat = re.compile("|".join(f"(?:{p})" for p in AUX_FILE_PATTERNS))
         return [f for f in sorted(self.root.iterdir()) if f.is_file() and pat.fullmatch(f.name)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Headers only (a plan handed to a service worker): open files and their lock stay behind."""
+        return {**self.__dict__, "_handles": {}, "_mmaps": {}, "_lock": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def close(self) -> None:
         self._handles.clear()

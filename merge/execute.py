@@ -109,7 +109,7 @@ def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
     t0 = time.perf_counter()
     options = options or MergeOptions()
     plan = plan or plan_merge(recipe, options, resolver=resolver)
-    input_paths = [p for m in plan.models for p in (m.path, *(a.path for a in m.adapters))]
+    input_paths = plan.input_paths
     check_output(out_dir, overwrite=options.overwrite, inputs=input_paths)  # before any work
     device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():

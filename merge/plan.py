@@ -102,6 +102,11 @@ class MergePlan:
         return len(self.tasks)
 
     @property
+    def input_paths(self) -> list[str]:
+        """Every file or folder the plan reads: the models and their adapters."""
+        return [str(p) for m in self.models for p in (m.path, *(a.path for a in m.adapters))]
+
+    @property
     def bytes_out(self) -> int:
         return sum(t.nbytes for t in self.tasks)
 

@@ -161,9 +161,12 @@ class Recipe(_Strict):
             refs.append(src)
         return list(dict.fromkeys(refs))
 
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe, normalized, as plain data (what the service stores; ``load_recipe`` takes it back)."""
+        return self.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
+
     def to_yaml(self) -> str:
-        data = self.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
-        return yaml.safe_dump(data, sort_keys=False)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 def _check_ref(v: str) -> str:

@@ -493,6 +493,13 @@ class VocabRows:
         self.present, self.count = present, count
         self.kind, self.src, self.src_model, self.forced = kind, src, src_model, forced
 
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (a plan handed to a service worker): the lock and the chunk cache stay behind."""
+        return {**self.__dict__, "_lock": None, "_cache": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
     def rows(self, model: int, r0: int, r1: int) -> torch.Tensor:
         with self._lock:
             if self._cache is None or self._cache[:2] != (r0, r1):

@@ -18,6 +18,7 @@ import hashlib
 import json
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,11 @@ class RemoteError(Exception):
         except Exception:  # noqa: BLE001 - details are optional
             pass
         return cls(code, message or "", field)
+
+
+def _deprecated(old: str, new: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    warnings.warn(f"Client.{old} is deprecated; use Client.{new} (jobs of every kind)", DeprecationWarning, 3)
+    return fn
 
 
 def _job_name(name: str) -> str:
@@ -200,32 +206,45 @@ class Client:
                 time.sleep(0.5 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def get_job(self, name: str) -> mpb.MergeJob:
-        return self._call(self.merge.GetMergeJob, mpb.GetMergeJobRequest(name=_job_name(name))).job
+    # -- jobs of every kind (JobService): one set of calls ------------------------------------------
+    def get_job(self, name: str) -> jpb.Job:
+        """The job ``jobs/<id>`` (or ``<id>``), whatever its kind (its result: :meth:`job_result`)."""
+        return self._call(self.jobs.GetJob, jpb.GetJobRequest(name=_job_name(name))).job
 
-    def cancel_job(self, name: str) -> mpb.MergeJob:
-        return self._call(self.merge.CancelMergeJob, mpb.CancelMergeJobRequest(name=_job_name(name))).job
+    def cancel_job(self, name: str) -> jpb.Job:
+        return self._call(self.jobs.CancelJob, jpb.CancelJobRequest(name=_job_name(name))).job
 
-    def retry_job(self, name: str) -> mpb.MergeJob:
-        return self._call(self.merge.RetryMergeJob, mpb.RetryMergeJobRequest(name=_job_name(name))).job
+    def retry_job(self, name: str) -> jpb.Job:
+        return self._call(self.jobs.RetryJob, jpb.RetryJobRequest(name=_job_name(name))).job
 
     def list_jobs(
-        self, states: list[str] | None = None, page_size: int = 50, page_token: str = ""
-    ) -> tuple[list[mpb.MergeJob], str]:
+        self,
+        states: list[str] | None = None,
+        page_size: int = 50,
+        page_token: str = "",
+        *,
+        kinds: list[str] | None = None,
+    ) -> tuple[list[jpb.Job], str]:
+        """A page of jobs, newest first, in ``states`` ("queued", "running"...) of ``kinds`` ("merge"...)."""
         st = [job_pb2.JobState.Value(f"JOB_STATE_{s.upper()}") for s in states or []]
         resp = self._call(
-            self.merge.ListMergeJobs,
-            mpb.ListMergeJobsRequest(page_size=page_size, page_token=page_token, states=st),
+            self.jobs.ListJobs,
+            jpb.ListJobsRequest(page_size=page_size, page_token=page_token, states=st, kinds=kinds or []),
         )
         return list(resp.jobs), resp.next_page_token
 
-    def iter_jobs(self, states: list[str] | None = None, page_size: int = 100) -> Iterator[mpb.MergeJob]:
+    def iter_jobs(
+        self, states: list[str] | None = None, page_size: int = 100, *, kinds: list[str] | None = None
+    ) -> Iterator[jpb.Job]:
         token = ""
         while True:
-            jobs, token = self.list_jobs(states, page_size, token)
+            jobs, token = self.list_jobs(states, page_size, token, kinds=kinds)
             yield from jobs
             if not token:
                 return
+
+    def list_job_kinds(self) -> list[jpb.JobKind]:
+        return list(self._call(self.jobs.ListJobKinds, jpb.ListJobKindsRequest()).kinds)
 
     def watch(
         self,
@@ -235,15 +254,13 @@ class Client:
         reconnect: bool = True,
         max_reconnect_s: float = 60.0,
         timeout: float | None = None,
-    ) -> Iterator[mpb.WatchMergeJobResponse]:
-        """Events of a job until it ends; on a dropped stream, reconnects after the last sequence.
-
-        ``timeout`` bounds the whole watch (TimeoutError); ``max_reconnect_s`` how long the server
-        may stay unreachable before the error is raised.
-        """
+    ) -> Iterator[jpb.WatchJobResponse]:
+        """Events of a job of any kind until it ends; on a dropped stream, reconnects after the last
+        sequence. ``timeout`` bounds the whole watch (TimeoutError); ``max_reconnect_s`` how long the
+        server may stay unreachable before the error is raised."""
         return self._watch(
-            lambda seq, remaining: self.merge.WatchMergeJob(
-                mpb.WatchMergeJobRequest(name=_job_name(name), from_sequence=seq),
+            lambda seq, remaining: self.jobs.WatchJob(
+                jpb.WatchJobRequest(name=_job_name(name), from_sequence=seq),
                 metadata=self.metadata,
                 timeout=remaining,
             ),
@@ -286,16 +303,15 @@ class Client:
                     raise RemoteError.from_rpc(e) from None
                 time.sleep(0.2)
 
-    def still_interrupted(self, event_job: mpb.MergeJob | jpb.Job) -> bool:
+    def still_interrupted(self, event_job: jpb.Job) -> bool:
         """Whether an event ends a watch as INTERRUPTED: only if the job is INTERRUPTED *now*. A watch
         from the start of the log replays the INTERRUPTED event of an attempt that was retried since."""
         if event_job.state != job_pb2.JOB_STATE_INTERRUPTED:
             return False
-        get = self.get_job if isinstance(event_job, mpb.MergeJob) else self.get_any_job
-        return get(event_job.name).state == job_pb2.JOB_STATE_INTERRUPTED
+        return self.get_job(event_job.name).state == job_pb2.JOB_STATE_INTERRUPTED
 
-    def wait(self, name: str, timeout: float | None = None) -> mpb.MergeJob:
-        """Block until the job ends (SUCCEEDED/FAILED/CANCELLED) or is INTERRUPTED; return it."""
+    def wait(self, name: str, timeout: float | None = None) -> jpb.Job:
+        """Block until a job of any kind ends (SUCCEEDED/FAILED/CANCELLED) or is INTERRUPTED; return it."""
         job = self.get_job(name)
         if job.state in TERMINAL_STATES or job.state == job_pb2.JOB_STATE_INTERRUPTED:
             return job
@@ -304,65 +320,33 @@ class Client:
                 break
         return self.get_job(name)
 
-    # -- jobs of every kind (JobService) ------------------------------------------------------------
+    # -- the names of the previous release, kept for one release (docs/service.md, "Clients") ---------
     def get_any_job(self, name: str) -> jpb.Job:
-        return self._call(self.jobs.GetJob, jpb.GetJobRequest(name=_job_name(name))).job
+        """Deprecated: :meth:`get_job`."""
+        return _deprecated("get_any_job", "get_job", self.get_job)(name)
 
     def cancel_any_job(self, name: str) -> jpb.Job:
-        return self._call(self.jobs.CancelJob, jpb.CancelJobRequest(name=_job_name(name))).job
+        """Deprecated: :meth:`cancel_job`."""
+        return _deprecated("cancel_any_job", "cancel_job", self.cancel_job)(name)
 
     def retry_any_job(self, name: str) -> jpb.Job:
-        return self._call(self.jobs.RetryJob, jpb.RetryJobRequest(name=_job_name(name))).job
+        """Deprecated: :meth:`retry_job`."""
+        return _deprecated("retry_any_job", "retry_job", self.retry_job)(name)
 
     def list_any_jobs(
-        self,
-        kinds: list[str] | None = None,
-        states: list[str] | None = None,
-        page_size: int = 50,
+        self, kinds: list[str] | None = None, states: list[str] | None = None, page_size: int = 50,
         page_token: str = "",
     ) -> tuple[list[jpb.Job], str]:
-        st = [job_pb2.JobState.Value(f"JOB_STATE_{s.upper()}") for s in states or []]
-        resp = self._call(
-            self.jobs.ListJobs,
-            jpb.ListJobsRequest(page_size=page_size, page_token=page_token, states=st, kinds=kinds or []),
-        )
-        return list(resp.jobs), resp.next_page_token
+        """Deprecated: :meth:`list_jobs` (``kinds`` is a keyword there)."""
+        return _deprecated("list_any_jobs", "list_jobs", self.list_jobs)(states, page_size, page_token, kinds=kinds)
 
-    def list_job_kinds(self) -> list[jpb.JobKind]:
-        return list(self._call(self.jobs.ListJobKinds, jpb.ListJobKindsRequest()).kinds)
-
-    def watch_any(
-        self,
-        name: str,
-        from_sequence: int = 0,
-        *,
-        reconnect: bool = True,
-        max_reconnect_s: float = 60.0,
-        timeout: float | None = None,
-    ) -> Iterator[jpb.WatchJobResponse]:
-        """Events of a job of any kind until it ends (reconnects and resumes like :meth:`watch`)."""
-        return self._watch(
-            lambda seq, remaining: self.jobs.WatchJob(
-                jpb.WatchJobRequest(name=_job_name(name), from_sequence=seq),
-                metadata=self.metadata,
-                timeout=remaining,
-            ),
-            name,
-            from_sequence,
-            reconnect=reconnect,
-            max_reconnect_s=max_reconnect_s,
-            timeout=timeout,
-        )
+    def watch_any(self, name: str, from_sequence: int = 0, **kw: Any) -> Iterator[jpb.WatchJobResponse]:
+        """Deprecated: :meth:`watch`."""
+        return _deprecated("watch_any", "watch", self.watch)(name, from_sequence, **kw)
 
     def wait_any(self, name: str, timeout: float | None = None) -> jpb.Job:
-        """Block until a job of any kind ends or is INTERRUPTED; return it."""
-        job = self.get_any_job(name)
-        if job.state in TERMINAL_STATES or job.state == job_pb2.JOB_STATE_INTERRUPTED:
-            return job
-        for ev in self.watch_any(name, from_sequence=job.last_sequence, timeout=timeout):
-            if self.still_interrupted(ev.job):
-                break
-        return self.get_any_job(name)
+        """Deprecated: :meth:`wait`."""
+        return _deprecated("wait_any", "wait", self.wait)(name, timeout)
 
     @staticmethod
     def job_result(job: jpb.Job) -> Any:

@@ -4,6 +4,7 @@ Every module in this package that is not private (no leading underscore) and is 
 or runner is imported here, so adding a method is adding one file.
 """
 
+import copyreg
 import importlib
 import pkgutil
 
@@ -22,5 +23,13 @@ def get_method(name: str) -> MethodSpec:
 def all_methods() -> list[MethodSpec]:
     """Every registered merge method, by name."""
     return all_registered()
+
+
+def _pickle_by_name(spec: MethodSpec) -> tuple[object, tuple[str]]:
+    return get_method, (spec.name,)
+
+
+# A method is pickled by its registered name (the service hands a merge's plan to its worker process).
+copyreg.pickle(MethodSpec, _pickle_by_name)
 
 __all__ = ["MethodSpec", "PerModel", "all_methods", "get_method", "merge_method", "whole"]

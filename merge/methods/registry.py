@@ -168,7 +168,6 @@ class MethodSpec:
     check: Callable[[dict[str, Any], str], None] | None = None
     params: dict[str, ParamInfo] = field(default_factory=dict)
     summary: str = ""
-
     # -- schema -----------------------------------------------------------------------------
     @property
     def per_model_params(self) -> dict[str, ParamInfo]:

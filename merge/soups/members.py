@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from merge.checkpoint import Checkpoint, open_checkpoint
+from merge.checkpoint import Checkpoint, file_stamp, open_checkpoint
 from merge.errors import (
     CheckpointError,
     IntegrityError,
@@ -67,14 +67,6 @@ def sha256_file(path: Path) -> str:
             return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
-
-
-def file_stamp(path: Path) -> list[int]:
-    """A cheap fingerprint of a file that an edit cannot leave unchanged: inode, size, mtime and ctime
-    (nanoseconds). Writing to a file or replacing it moves its ctime, which no user call can set back;
-    a copy or restore elsewhere changes it too, and then the file is hashed again (never trusted)."""
-    st = path.stat()
-    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def hash_stamped(path: Path) -> tuple[str, list[int]]:

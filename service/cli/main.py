@@ -157,7 +157,7 @@ from service.cli.service import remote, serve  # noqa: E402
 
 main.add_command(serve)
 main.add_command(remote)
-
+import service.cli.remote  # noqa: E402,F401  (the remote group's align, lineage ... soup commands)
 from service.cli.metanet import metanet, zoo  # noqa: E402
 
 main.add_command(zoo)
@@ -179,9 +179,6 @@ main.add_command(lineage)
 from service.cli.moe import moe  # noqa: E402
 
 main.add_command(moe)
-
-# weightsmith remote align | lineage | predict | embed | zoo | train | metanets | job (issue 16)
-import service.cli.remote  # noqa: E402,F401  (adds its commands to the remote group)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

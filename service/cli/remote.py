@@ -9,65 +9,13 @@ prints the job name and returns, ``--json`` prints the messages as JSON.
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 import click
 
-from service.cli.service import _conn, _remote_errors, connection_options, remote
-
-
-def _json(msg: Any) -> dict[str, Any]:
-    from google.protobuf import json_format
-
-    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
-
-
-def _job_line(job: Any) -> str:
-    from service.client import state_name
-
-    p = job.progress
-    if p.steps_total:
-        prog = f"{p.steps_done}/{p.steps_total} {p.unit}"
-    elif p.tensors_total:
-        prog = f"{p.tensors_done}/{p.tensors_total} tensors"
-    else:
-        prog = "-"
-    extra = f"  {job.error.code}: {job.error.message}" if job.HasField("error") else ""
-    if not extra and state_name(job.state) == "SUCCEEDED":
-        extra = f"  -> {job.output_path}"
-    name = job.name.removeprefix("jobs/")
-    return f"{name}  {job.kind:<6} {state_name(job.state):<11} {job.summary:<24} {prog}{extra}"
-
-
-def _follow(client: Any, job: Any, detach: bool, as_json: bool) -> None:
-    """Print the job (detach) or follow it, one stderr line per phase or step, then its result."""
-    from service._proto.weightsmith.v1 import job_pb2
-
-    if detach:
-        click.echo(job.name)
-        return
-    last = None
-    for ev in client.watch_any(job.name):
-        p = ev.job.progress
-        key = (p.phase, p.steps_done, ev.job.state)
-        if key != last:
-            last = key
-            metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(p.metrics.items()))
-            steps = f" {p.steps_done}/{p.steps_total} {p.unit}" if p.steps_total else ""
-            click.echo(f"{job.name}: {p.phase or '-'}{steps} {metrics}".rstrip(), err=True)
-        if client.still_interrupted(ev.job):  # not a replayed event of an earlier attempt
-            break
-    final = client.get_any_job(job.name)
-    res = client.job_result(final)
-    if as_json:
-        click.echo(
-            json.dumps({"job": _json(final), "result": _json(res) if res is not None else None}, indent=2)
-        )
-    else:
-        click.echo(_job_line(final))
-    if final.state != job_pb2.JOB_STATE_SUCCEEDED:
-        sys.exit(2)
+from service.cli.connect import _conn, _remote_errors, connection_options
+from service.cli.jobs import _follow, _json
+from service.cli.service import remote
 
 
 # -- alignment --------------------------------------------------------------------------------------
@@ -254,72 +202,6 @@ def remote_metanets(as_json: bool, **kw: Any) -> None:
     for m in resp.metanets:
         metrics = " ".join(f"{k}={v:.3g}" for k, v in sorted(m.metrics.items()) if not k.endswith("_records"))
         click.echo(f"{m.name}  {m.model:<8} {m.target:<10} {m.display_name}  {metrics}")
-
-
-# -- jobs of every kind -----------------------------------------------------------------------------
-@remote.group("job")
-def remote_job() -> None:
-    """Jobs of every kind (merge, align, zoo, train): list, show, cancel, retry, watch."""
-
-
-@remote_job.command("list")
-@click.option("--kind", "kinds", multiple=True, help="Only jobs of this kind (repeatable).")
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--json", "as_json", is_flag=True)
-@connection_options
-@_remote_errors
-def remote_job_list(kinds: tuple[str, ...], limit: int, as_json: bool, **kw: Any) -> None:
-    with _conn(kw) as client:
-        jobs, _ = client.list_any_jobs(list(kinds), page_size=limit)
-    if as_json:
-        click.echo(json.dumps([_json(j) for j in jobs], indent=2))
-        return
-    for j in jobs:
-        click.echo(_job_line(j))
-
-
-@remote_job.command("show")
-@click.argument("job")
-@click.option("--json", "as_json", is_flag=True)
-@connection_options
-@_remote_errors
-def remote_job_show(job: str, as_json: bool, **kw: Any) -> None:
-    with _conn(kw) as client:
-        j = client.get_any_job(job)
-        res = client.job_result(j)
-    if as_json:
-        click.echo(json.dumps({"job": _json(j), "result": _json(res) if res is not None else None}, indent=2))
-    else:
-        click.echo(_job_line(j))
-
-
-@remote_job.command("cancel")
-@click.argument("job")
-@connection_options
-@_remote_errors
-def remote_job_cancel(job: str, **kw: Any) -> None:
-    with _conn(kw) as client:
-        click.echo(_job_line(client.cancel_any_job(job)))
-
-
-@remote_job.command("retry")
-@click.argument("job")
-@click.option("--detach", is_flag=True)
-@connection_options
-@_remote_errors
-def remote_job_retry(job: str, detach: bool, **kw: Any) -> None:
-    with _conn(kw) as client:
-        _follow(client, client.retry_any_job(job), detach, False)
-
-
-@remote_job.command("watch")
-@click.argument("job")
-@click.option("--json", "as_json", is_flag=True)
-@connection_options
-@_remote_errors
-def remote_job_watch(job: str, as_json: bool, **kw: Any) -> None:
-    with _conn(kw) as client:
-        _follow(client, client.get_any_job(job), False, as_json)
 
 
 # -- soups ------------------------------------------------------------------------------------------

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
 
-DEFAULT_SERVER = "127.0.0.1:50051"
+from service.cli.connect import _conn, _remote_errors, connection_options
+from service.cli.jobs import add_job_commands
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: Any) -> int | None:
@@ -274,112 +273,18 @@ def serve(
 # ---------------------------------------------------------------------------------------------
 
 
-def connection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    for opt in reversed(
-        [
-            click.option(
-                "--server",
-                envvar="WEIGHTSMITH_SERVER",
-                default=DEFAULT_SERVER,
-                show_default=True,
-                metavar="HOST:PORT",
-                help="Server address (or $WEIGHTSMITH_SERVER).",
-            ),
-            click.option(
-                "--token",
-                envvar="WEIGHTSMITH_TOKEN",
-                default=None,
-                help="Bearer token (or $WEIGHTSMITH_TOKEN).",
-            ),
-            click.option("--tls", is_flag=True, help="Use TLS with the system's CA certificates."),
-            click.option(
-                "--tls-ca",
-                type=click.Path(dir_okay=False, exists=True),
-                default=None,
-                help="CA certificate to verify the server with (implies --tls).",
-            ),
-            click.option(
-                "--tls-cert",
-                type=click.Path(dir_okay=False, exists=True),
-                default=None,
-                help="Client certificate for mTLS.",
-            ),
-            click.option(
-                "--tls-key",
-                type=click.Path(dir_okay=False, exists=True),
-                default=None,
-                help="Client private key for mTLS.",
-            ),
-            click.option(
-                "--timeout", default=30.0, show_default=True, type=float, help="Deadline of each call (s)."
-            ),
-        ]
-    ):
-        fn = opt(fn)
-    return fn
-
-
-def _client(
-    server: str,
-    token: str | None,
-    tls: bool,
-    tls_ca: str | None,
-    tls_cert: str | None,
-    tls_key: str | None,
-    timeout: float,
-) -> Any:
-    from service.client import Client
-
-    return Client(
-        server, token=token, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, timeout=timeout
-    )
-
-
-def _remote_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from merge.errors import WeightsmithError
-        from service.client import RemoteError
-
-        try:
-            return fn(*args, **kwargs)
-        except RemoteError as e:
-            click.echo(f"error: {e.code}: {e.message}", err=True)
-            sys.exit(2)
-        except (ValueError, OSError, WeightsmithError) as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-
-    return wrapper
-
-
-def _conn(kw: dict[str, Any]) -> Any:
-    keys = ("server", "token", "tls", "tls_ca", "tls_cert", "tls_key", "timeout")
-    return _client(*(kw.pop(k) for k in keys))
-
-
 def _job_json(job: Any) -> dict[str, Any]:
     from google.protobuf import json_format
 
     return json_format.MessageToDict(job, preserving_proto_field_name=True)
 
 
-def _job_line(job: Any) -> str:
-    from service.client import state_name
-
-    p = job.progress
-    prog = f"{p.tensors_done}/{p.tensors_total}" if p.tensors_total else "-"
-    extra = ""
-    if job.HasField("error"):
-        extra = f"  {job.error.code}: {job.error.message}"
-    elif job.HasField("result"):
-        extra = f"  -> {job.result.output_path}"
-    return f"{job.name.removeprefix('jobs/')}  {state_name(job.state):<11} {job.method:<12} {prog:>9}{extra}"
-
-
 @click.group()
 def remote() -> None:
     """Talk to a running weightsmith server (see `weightsmith serve`)."""
+
+
+add_job_commands(remote)
 
 
 _REF_KEYS = ("base_model", "tokenizer_source")
@@ -465,10 +370,11 @@ def remote_merge(
     as_json: bool,
     **kw: Any,
 ) -> None:
-    """Run RECIPE (YAML) as a merge job on the server, with a progress bar fed by WatchMergeJob."""
+    """Run RECIPE (YAML) as a merge job on the server, with a progress bar fed by the job's events."""
     import yaml
 
     from service.client import state_name
+    from service.messages import merge_job_pb
 
     text = Path(recipe).read_text()
     if download_dir and not dry_run:
@@ -509,16 +415,16 @@ def remote_merge(
             click.echo(json.dumps(_job_json(job), indent=2) if as_json else job.name)
             return
         try:
-            job = _follow(client, job)
+            job = merge_job_pb(_follow(client, job))
         except KeyboardInterrupt:
-            click.echo(f"\ndetached; the job keeps running (weightsmith remote cancel {job.name})", err=True)
+            click.echo(f"\ndetached; the job keeps running (weightsmith remote job cancel {job.name})", err=True)
             sys.exit(130)
         if as_json:
             click.echo(json.dumps(_job_json(job), indent=2))
         state = state_name(job.state)
         if state != "SUCCEEDED":
             msg = f"{job.error.code}: {job.error.message}" if job.HasField("error") else state
-            hint = f" (retry with: weightsmith remote retry {job.name})" if state == "INTERRUPTED" else ""
+            hint = f" (retry with: weightsmith remote job retry {job.name})" if state == "INTERRUPTED" else ""
             click.echo(f"error: {job.name} {state.lower()}: {msg}{hint}", err=True)
             sys.exit(2)
         r = job.result
@@ -564,67 +470,6 @@ def _follow(client: Any, job: Any) -> Any:
             bar.close()
     final = client.get_job(job.name)
     return final if final.state != job_pb2.JOB_STATE_UNSPECIFIED else last
-
-
-@remote.command("jobs")
-@click.option(
-    "--state",
-    "states",
-    multiple=True,
-    type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]),
-    help="Only jobs in this state (repeatable).",
-)
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100000))
-@click.option("--json", "as_json", is_flag=True)
-@connection_options
-@_remote_errors
-def remote_jobs(states: tuple[str, ...], limit: int, as_json: bool, **kw: Any) -> None:
-    """List jobs, newest first."""
-    with _conn(kw) as client:
-        jobs = []
-        for j in client.iter_jobs(list(states), page_size=min(limit, 1000)):
-            jobs.append(j)
-            if len(jobs) >= limit:
-                break
-    if as_json:
-        click.echo(json.dumps([_job_json(j) for j in jobs], indent=2))
-        return
-    for j in jobs:
-        click.echo(_job_line(j))
-
-
-@remote.command("show")
-@click.argument("job")
-@click.option("--json", "as_json", is_flag=True)
-@connection_options
-@_remote_errors
-def remote_show(job: str, as_json: bool, **kw: Any) -> None:
-    """Show one job."""
-    with _conn(kw) as client:
-        j = client.get_job(job)
-    click.echo(json.dumps(_job_json(j), indent=2) if as_json else _job_line(j))
-
-
-@remote.command("cancel")
-@click.argument("job")
-@click.option("--json", "as_json", is_flag=True)
-@connection_options
-@_remote_errors
-def remote_cancel(job: str, as_json: bool, **kw: Any) -> None:
-    """Cancel a queued, running or interrupted job (a running one stops at the next tensor)."""
-    with _conn(kw) as client:
-        j = client.cancel_job(job)
-    click.echo(json.dumps(_job_json(j), indent=2) if as_json else _job_line(j))
-
-
-@remote.command("retry")
-@click.argument("job")
-@connection_options
-@_remote_errors
-def remote_retry(job: str, **kw: Any) -> None:
-    """Queue an interrupted or failed job again."""
-    with _conn(kw) as client:
-        click.echo(_job_line(client.retry_job(job)))
 
 
 @remote.command("methods")

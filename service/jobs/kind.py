@@ -46,9 +46,7 @@ class WorkerContext:
     data_dir: Path
     output_path: Path | None
     overwrite: bool
-    spec: dict[str, Any]
-    recipe_yaml: str
-    options: dict[str, Any]
+    spec: dict[str, Any]  # the job's normalized request (JobRecord.spec)
     resolver: RefResolver
     roots: Roots
     device: str
@@ -56,6 +54,8 @@ class WorkerContext:
     delay: float  # --slow-down: seconds to sleep per step (tests and demos)
     cancel: threading.Event
     send: Callable[[dict[str, Any]], None]
+    #: what admission computed and handed over in memory (a merge's plan), None after a restart
+    prepared: Any = None
     _last: dict[str, Any] = field(default_factory=lambda: {"t": 0.0, "phase": None})
     _state: dict[str, Any] = field(default_factory=dict)
 

@@ -43,7 +43,6 @@ import shutil
 import signal
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
@@ -56,11 +55,9 @@ from service.jobs.kind import CANCELLED as CANCELLED_WHY
 from service.jobs.kind import FAILED as FAILED_WHY
 from service.jobs.kind import INTERRUPTED as INTERRUPTED_WHY
 from service.jobs.kind import get_kind
-from service.jobs.recipe_text import _canonical, parse_recipe_text
 from service.jobs.store import (
     ACTIVE,
     CANCELLED,
-    COMPUTE_DTYPES,
     FAILED,
     INTERRUPTED,
     QUEUED,
@@ -77,7 +74,6 @@ from service.paths import (
     JOB_SCHEME,
     UPLOAD_SCHEME,
     HubConfig,
-    HubDisabledError,
     InvalidPathError,
     RefResolver,
     Roots,
@@ -92,7 +88,7 @@ from service.paths import (
 
 @dataclass
 class Submission:
-    """A checked request of a kind other than "merge", ready to be queued (:meth:`JobManager.submit`)."""
+    """A checked request of any kind, ready to be queued (:meth:`JobManager.submit`)."""
 
     kind: str
     spec: dict[str, Any]  # the normalized request, stored with the job and handed to the worker
@@ -103,6 +99,9 @@ class Submission:
     progress: dict[str, Any] = field(default_factory=dict)  # the first progress report
     job_refs: dict[str, str] = field(default_factory=dict)  # job://<id> inputs -> their output folders
     serial_key: str | None = None  # what JobKind.serial_key will say of the job (checked at submission)
+    #: what admission computed that the worker may reuse (a merge's plan): handed over in memory when
+    #: the job starts in this server's life (WorkerContext.prepared), never stored
+    prepared: Any = None
 
 
 @dataclass
@@ -204,6 +203,7 @@ class JobManager:
         self.store = JobStore(config.data_dir / "jobs.sqlite3")
         self.accepting = True
         self._running: dict[str, _Running] = {}
+        self._prepared: dict[str, Any] = {}  # job id -> Submission.prepared, until the job starts
         self._changed: dict[str, asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sched_lock: asyncio.Lock | None = None
@@ -312,6 +312,7 @@ class JobManager:
         result: dict[str, Any] | None = None,
         error: tuple[str, str] | None = None,
     ) -> None:
+        self._prepared.pop(job_id, None)
         rec = self.store.get(job_id)
         assert rec is not None
         progress = dict(rec.progress)
@@ -383,137 +384,13 @@ class JobManager:
             self.roots, self.config.uploads_dir, job_output=self.job_output, hub=self.config.hub
         )
 
-    # -- create -------------------------------------------------------------------------------------
-    async def create(
-        self,
-        *,
-        recipe: dict[str, Any],
-        output_path: str,
-        overwrite: bool,
-        options: dict[str, Any],
-        request_id: str,
-        validate_only: bool,
-    ) -> tuple[JobRecord | None, dict[str, Any] | None]:
-        if not self.accepting:
-            raise ServiceError("UNAVAILABLE", "the server is shutting down and takes no new jobs")
-        options = self._check_options(options)
-        req_hash = hashlib.sha256(
-            _canonical(
-                {"recipe": recipe, "output_path": output_path, "overwrite": overwrite, "options": options}
-            ).encode()
-        ).hexdigest()
-        if request_id and not validate_only:
-            if len(request_id) > 200:
-                raise ServiceError("INVALID_ARGUMENT", "request_id: longer than 200 characters", "request_id")
-            prev = self.store.by_request_id(request_id)
-            if prev is not None:
-                if prev.request_hash != req_hash:
-                    raise ServiceError(
-                        "ALREADY_EXISTS",
-                        f"request_id '{request_id}' was used by {prev.name} for a different request",
-                        "request_id",
-                    )
-                return prev, None
-        from merge.recipe import load_recipe
-
-        r = load_recipe(recipe)
-        refs = r.model_refs()
-        if len(refs) > self.config.max_models:
-            raise ServiceError(
-                "RESOURCE_EXHAUSTED",
-                f"recipe: {len(refs)} models, more than this server's limit of {self.config.max_models}",
-                "recipe",
-            )
-        resolver = self.resolver()
-        kinds = {ref: resolver.kind(ref) for ref in refs}
-        for ref, kind in kinds.items():
-            if kind == "hub" and not self.config.hub.enabled:
-                raise HubDisabledError(
-                    f"model '{ref}': Hub references are disabled on this server "
-                    "(start it with --hub), and no such path exists under its roots"
-                )
-        job_id = uuid.uuid4().hex
-        if output_path:
-            out = self.roots.resolve_output(output_path, "output_path")
-        else:
-            out = self.config.outputs_dir / job_id
-        if output_path and overlaps(out, self.config.data_dir.resolve()):
-            raise InvalidPathError(f"output_path: {out} is inside the server's data folder")
-        if not overwrite:  # a plain refusal before planning; the overwrite rule after the overlap checks
-            _check_replaceable(out, overwrite, output_path or job_id)
-        self._check_output_free(out)
-        plan_summary: dict[str, Any] | None = None
-        est = self.config.worker_overhead_bytes
-        job_refs: dict[str, str] = {}
-        for ref, kind in kinds.items():
-            if kind == "job":
-                res = resolver(ref)
-                job_refs[ref[len(JOB_SCHEME) :]] = str(res.path)
-        if "hub" not in kinds.values():
-            plan = await asyncio.to_thread(self._plan, r, options, resolver)
-            for m in plan.models:
-                if overlaps(Path(m.path).resolve(), out):
-                    raise InvalidPathError(f"output_path: {out} overlaps input model '{m.ref}' ({m.path})")
-            plan_summary = plan.summary()
-            est += int(plan.peak_bytes_estimate)
-        else:
-            for ref, kind in kinds.items():
-                if kind != "hub":
-                    res = resolver(ref)
-                    if overlaps(Path(res.path), out):
-                        raise InvalidPathError(
-                            f"output_path: {out} overlaps input model '{ref}' ({res.path})"
-                        )
-        _check_replaceable(out, overwrite, output_path or job_id)
-        self._check_budget(est, "the merge")
-        if validate_only:
-            return None, plan_summary
-        prev = self._admit(request_id)
-        if prev is not None:
-            return prev, plan_summary
-        self._check_output_free(out)  # again: planning awaited, another request may have taken it
-        rec = JobRecord(
-            id=job_id,
-            rowid=0,
-            state=QUEUED,
-            recipe_yaml=r.to_yaml(),
-            method=r.merge_method,
-            output_path=str(out),
-            overwrite=overwrite,
-            options=options,
-            request_id=request_id,
-            request_hash=req_hash,
-            est_bytes=est,
-            attempt=1,
-            cancel_requested=False,
-            worker_pid=None,
-            create_time=time.time(),
-            start_time=None,
-            end_time=None,
-            progress={
-                "phase": "queued",
-                **(
-                    {"tensors_total": plan_summary["n_tensors"], "bytes_total": plan_summary["bytes_out"]}
-                    if plan_summary
-                    else {}
-                ),
-            },
-            error_code=None,
-            error_message=None,
-            result=None,
-            job_refs=job_refs,
-            last_seq=0,
-        )
-        (self.config.jobs_dir / job_id).mkdir(parents=True, exist_ok=False)
-        self.store.insert(rec)
-        self._event(job_id, QUEUED, rec.progress)
-        await self._schedule()
-        return self.get(job_id), plan_summary
-
+    # -- create (the shared half of every Create RPC; each kind's admit does the rest) ------------
     def previous_request(self, request_id: str, request: Any) -> tuple[JobRecord | None, str]:
         """Idempotency: the job an earlier request with this ``request_id`` created (None if none) and
         the request's hash; ALREADY_EXISTS when the id was used for a different request."""
-        req_hash = hashlib.sha256(_canonical(request).encode()).hexdigest()
+        req_hash = hashlib.sha256(
+            json.dumps(request, sort_keys=True, separators=(",", ":"), default=str).encode()
+        ).hexdigest()
         if not request_id:
             return None, req_hash
         if len(request_id) > 200:
@@ -536,11 +413,13 @@ class JobManager:
         serial_key: str | None = None,
         *,
         resumes: bool = False,
+        check_replaceable: bool = True,
     ) -> Path:
         """The folder a new job writes: inside a root (or ``data-dir/outputs/<job>``), not existing
         unless ``overwrite`` (and then only a previous weightsmith output: merge.atomic), overlapping no
         input and no other active job's output. ``resumes``: the kind resumes an existing folder of its
-        own and checks it itself (zoo builds)."""
+        own and checks it itself (zoo builds). ``check_replaceable=False``: only the checks that need no
+        inputs (a kind calls it again once it knows them: a merge, after planning)."""
         if not self.accepting:
             raise ServiceError("UNAVAILABLE", "the server is shutting down and takes no new jobs")
         if output_path:
@@ -551,6 +430,9 @@ class JobManager:
             out = self.config.outputs_dir / job_id
         if not overwrite:  # the plain refusal first, as before; the overwrite rule after the overlap checks
             _check_replaceable(out, overwrite, output_path or job_id)
+        if not check_replaceable:
+            self._check_output_free(out, serial_key=serial_key)
+            return out
         for p in inputs:
             if overlaps(Path(p).resolve(), out):
                 raise InvalidPathError(f"output_path: {out} overlaps input {p}")
@@ -559,14 +441,17 @@ class JobManager:
         self._check_output_free(out, serial_key=serial_key)
         return out
 
-    def _check_budget(self, est: int, what: str) -> None:
-        """Memory admission: ``what`` ("the merge", "the job") needs ``est`` bytes."""
+    def claim(self, sub: Submission) -> int:
+        """Memory admission: the bytes ``sub`` claims (its estimate + a worker's overhead);
+        RESOURCE_EXHAUSTED when more than the budget."""
+        est = self.config.worker_overhead_bytes + int(sub.est_bytes)
         if est > self.config.memory_budget:
             raise ServiceError(
                 "RESOURCE_EXHAUSTED",
-                f"{what} needs about {est:,} bytes of memory, more than this server's budget "
+                f"the {sub.kind} job needs about {est:,} bytes of memory, more than this server's budget "
                 f"of {self.config.memory_budget:,} bytes",
             )
+        return est
 
     def _admit(self, request_id: str) -> JobRecord | None:
         """Queue room and shutdown checks of every Create RPC; a concurrent twin's job if it won meanwhile."""
@@ -581,41 +466,28 @@ class JobManager:
 
     async def submit(self, job_id: str, sub: Submission, request_id: str, request_hash: str) -> JobRecord:
         """Queue a checked job of any kind (the shared half of every Create RPC)."""
-        est = self.config.worker_overhead_bytes + int(sub.est_bytes)
-        self._check_budget(est, "the job")
+        est = self.claim(sub)
         prev = self._admit(request_id)
         if prev is not None:
             return prev
-        self._check_output_free(sub.output_path, serial_key=sub.serial_key)
+        self._check_output_free(sub.output_path, serial_key=sub.serial_key)  # again: admission awaited
         rec = JobRecord(
             id=job_id,
-            rowid=0,
-            state=QUEUED,
-            recipe_yaml="",
-            method=sub.summary,
+            kind=sub.kind,
+            summary=sub.summary,
+            spec=sub.spec,
             output_path=str(sub.output_path),
             overwrite=sub.overwrite,
-            options={},
             request_id=request_id,
             request_hash=request_hash,
             est_bytes=est,
-            attempt=1,
-            cancel_requested=False,
-            worker_pid=None,
-            create_time=time.time(),
-            start_time=None,
-            end_time=None,
             progress={"phase": "queued", **sub.progress},
-            error_code=None,
-            error_message=None,
-            result=None,
             job_refs=sub.job_refs,
-            last_seq=0,
-            kind=sub.kind,
-            spec=sub.spec,
         )
         (self.config.jobs_dir / job_id).mkdir(parents=True, exist_ok=False)
         self.store.insert(rec)
+        if sub.prepared is not None:
+            self._prepared[job_id] = sub.prepared
         self._event(job_id, QUEUED, rec.progress)
         await self._schedule()
         return self.get(job_id)
@@ -632,43 +504,6 @@ class JobManager:
                     f"output_path: {out} overlaps the output of {other.name}, which is {other.state.lower()}",
                     "output_path",
                 )
-
-    def _check_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        cd = options.get("compute_dtype") or ""
-        if cd and cd not in COMPUTE_DTYPES:
-            raise ServiceError(
-                "INVALID_ARGUMENT",
-                f"options.compute_dtype: {cd!r} is not one of {', '.join(COMPUTE_DTYPES)}",
-                "options.compute_dtype",
-            )
-        shard = int(options.get("shard_size") or 0)
-        if shard < 0 or (0 < shard < 1024):
-            raise ServiceError(
-                "INVALID_ARGUMENT",
-                f"options.shard_size: {shard} (must be 0 for the default or >= 1024 bytes)",
-                "options.shard_size",
-            )
-        workers = int(options.get("workers") or 0)
-        if not 0 <= workers <= 16:
-            raise ServiceError(
-                "INVALID_ARGUMENT", f"options.workers: {workers} (must be 0..16)", "options.workers"
-            )
-        return {"compute_dtype": cd, "shard_size": shard, "workers": workers or self.config.job_workers}
-
-    def _plan(self, recipe: Any, options: dict[str, Any], resolver: RefResolver) -> Any:
-        from merge.plan import MergeOptions, plan_merge
-
-        mo = MergeOptions(
-            compute_dtype=options["compute_dtype"] or None,
-            shard_size=options["shard_size"] or 5 * 10**9,
-            allow_pickle=False,
-            workers=options["workers"],
-            path_resolver=self.confine_path,
-        )
-        plan = plan_merge(recipe, mo, resolver=resolver)
-        for c in plan.checkpoints:
-            c.close()
-        return plan
 
     # -- scheduling ---------------------------------------------------------------------------------
     async def _schedule(self) -> None:
@@ -706,8 +541,6 @@ class JobManager:
                 "output_path": rec.output_path,
                 "overwrite": rec.overwrite,
                 "spec": rec.spec,
-                "recipe_yaml": rec.recipe_yaml,
-                "options": rec.options,
             },
             "roots": [str(p) for p in self.roots.roots],
             "extra_roots": [str(p) for p in self.roots.extra],
@@ -721,6 +554,7 @@ class JobManager:
         write_json_atomic(
             job_dir / "spec.json", {**spec, "hub": {**spec["hub"], "token": None}}
         )  # for humans
+        spec["prepared"] = self._prepared.pop(rec.id, None)
         self._event(
             rec.id,
             RUNNING,
@@ -950,6 +784,5 @@ __all__ = [
     "JobRecord",
     "JobStore",
     "ServiceError",
-    "parse_recipe_text",
     "worker_main",
 ]

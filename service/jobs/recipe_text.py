@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import yaml
 
-from service.jobs.store import MAX_RECIPE_BYTES, ServiceError
+from service.jobs.store import ServiceError
+
+MAX_RECIPE_BYTES = 1 << 20
 
 # ---------------------------------------------------------------------------------------------
 # Recipe loading (server side: no file paths, no YAML aliases, bounded size)
@@ -37,7 +38,3 @@ def parse_recipe_text(text: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ServiceError("INVALID_ARGUMENT", "recipe: a recipe must be a YAML mapping", "recipe_yaml")
     return data
-
-
-def _canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)

@@ -29,9 +29,7 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, INTERRUPTED = (
 )
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 ACTIVE = frozenset({QUEUED, RUNNING, INTERRUPTED})
-COMPUTE_DTYPES = ("float32", "float64", "bfloat16", "float16")
-MAX_RECIPE_BYTES = 1 << 20
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class ServiceError(WeightsmithError):
@@ -50,31 +48,32 @@ class ServiceError(WeightsmithError):
 
 @dataclass
 class JobRecord:
+    """One job of any kind. ``spec`` is the kind's normalized request (a merge's: its validated recipe and
+    options, :mod:`service.jobs.kinds.merge`), stored once as JSON; ``summary`` a few words for listings."""
+
     id: str
-    rowid: int
-    state: str
-    recipe_yaml: str
-    method: str
+    kind: str
+    summary: str
+    spec: dict[str, Any]
     output_path: str
     overwrite: bool
-    options: dict[str, Any]
     request_id: str
     request_hash: str
     est_bytes: int
-    attempt: int
-    cancel_requested: bool
-    worker_pid: int | None
-    create_time: float
-    start_time: float | None
-    end_time: float | None
-    progress: dict[str, Any]
-    error_code: str | None
-    error_message: str | None
-    result: dict[str, Any] | None
-    job_refs: dict[str, str]
-    last_seq: int
-    kind: str = "merge"  # service.jobs.kind: what the worker runs
-    spec: dict[str, Any] = field(default_factory=dict)  # the kind's normalized request (not merges)
+    state: str = QUEUED
+    rowid: int = 0
+    attempt: int = 1
+    cancel_requested: bool = False
+    worker_pid: int | None = None
+    create_time: float = field(default_factory=time.time)
+    start_time: float | None = None
+    end_time: float | None = None
+    progress: dict[str, Any] = field(default_factory=lambda: {"phase": "queued"})
+    error_code: str | None = None
+    error_message: str | None = None
+    result: dict[str, Any] | None = None
+    job_refs: dict[str, str] = field(default_factory=dict)  # job://<id> inputs -> their output folders
+    last_seq: int = 0
 
     @property
     def name(self) -> str:
@@ -93,11 +92,11 @@ class JobEvent:
 _COLUMNS = (
     "id",
     "state",
-    "recipe_yaml",
-    "method",
+    "kind",
+    "summary",
+    "spec_json",
     "output_path",
     "overwrite",
-    "options_json",
     "request_id",
     "request_hash",
     "est_bytes",
@@ -113,9 +112,57 @@ _COLUMNS = (
     "result_json",
     "job_refs_json",
     "last_seq",
-    "kind",
-    "spec_json",
 )
+
+_JOBS_TABLE = """
+CREATE TABLE {name} (
+  rowid INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  state TEXT NOT NULL,
+  kind TEXT NOT NULL,
+  summary TEXT NOT NULL,
+  spec_json TEXT NOT NULL,
+  output_path TEXT NOT NULL,
+  overwrite INTEGER NOT NULL,
+  request_id TEXT,
+  request_hash TEXT NOT NULL,
+  est_bytes INTEGER NOT NULL,
+  attempt INTEGER NOT NULL,
+  cancel_requested INTEGER NOT NULL DEFAULT 0,
+  worker_pid INTEGER,
+  create_time REAL NOT NULL,
+  start_time REAL,
+  end_time REAL,
+  progress_json TEXT NOT NULL,
+  error_code TEXT,
+  error_message TEXT,
+  result_json TEXT,
+  job_refs_json TEXT NOT NULL,
+  last_seq INTEGER NOT NULL DEFAULT 0
+)"""
+_INDEXES = """
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_request_id ON jobs(request_id) WHERE request_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS jobs_kind ON jobs(kind);
+"""
+_EVENTS_TABLE = """
+CREATE TABLE IF NOT EXISTS events (
+  job_id TEXT NOT NULL REFERENCES jobs(id),
+  seq INTEGER NOT NULL,
+  time REAL NOT NULL,
+  state TEXT NOT NULL,
+  progress_json TEXT NOT NULL,
+  PRIMARY KEY (job_id, seq)
+);
+"""
+
+
+def merge_spec_from_v2(recipe_yaml: str, options_json: str) -> dict[str, Any]:
+    """A merge job of a version-1/2 store (its recipe as normalized YAML, its options in their own
+    column) as the merge kind's spec of version 3."""
+    import yaml
+
+    return {"recipe": yaml.safe_load(recipe_yaml) or {}, "options": json.loads(options_json)}
 
 
 def _locked(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -144,61 +191,49 @@ class JobStore:
         self.db.execute("PRAGMA foreign_keys=ON")
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
-            self.db.executescript(
-                """
-                CREATE TABLE IF NOT EXISTS jobs (
-                  rowid INTEGER PRIMARY KEY AUTOINCREMENT,
-                  id TEXT NOT NULL UNIQUE,
-                  state TEXT NOT NULL,
-                  recipe_yaml TEXT NOT NULL,
-                  method TEXT NOT NULL,
-                  output_path TEXT NOT NULL,
-                  overwrite INTEGER NOT NULL,
-                  options_json TEXT NOT NULL,
-                  request_id TEXT,
-                  request_hash TEXT NOT NULL,
-                  est_bytes INTEGER NOT NULL,
-                  attempt INTEGER NOT NULL,
-                  cancel_requested INTEGER NOT NULL DEFAULT 0,
-                  worker_pid INTEGER,
-                  create_time REAL NOT NULL,
-                  start_time REAL,
-                  end_time REAL,
-                  progress_json TEXT NOT NULL,
-                  error_code TEXT,
-                  error_message TEXT,
-                  result_json TEXT,
-                  job_refs_json TEXT NOT NULL,
-                  last_seq INTEGER NOT NULL DEFAULT 0
-                );
-                CREATE UNIQUE INDEX IF NOT EXISTS jobs_request_id ON jobs(request_id)
-                  WHERE request_id IS NOT NULL;
-                CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
-                CREATE TABLE IF NOT EXISTS events (
-                  job_id TEXT NOT NULL REFERENCES jobs(id),
-                  seq INTEGER NOT NULL,
-                  time REAL NOT NULL,
-                  state TEXT NOT NULL,
-                  progress_json TEXT NOT NULL,
-                  PRIMARY KEY (job_id, seq)
-                );
-                """
-            )
-            self.db.execute("PRAGMA user_version=1")
-            version = 1
-        if version == 1:  # v2: jobs of every kind (v1 stores held merge jobs only)
-            self.db.executescript(
-                """
-                ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'merge';
-                ALTER TABLE jobs ADD COLUMN spec_json TEXT NOT NULL DEFAULT '{}';
-                CREATE INDEX IF NOT EXISTS jobs_kind ON jobs(kind);
-                """
-            )
+            self.db.executescript(_JOBS_TABLE.format(name="jobs") + ";" + _INDEXES + _EVENTS_TABLE)
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        elif version in (1, 2):
+            self._migrate(version)
         elif version != SCHEMA_VERSION:
             raise RuntimeError(
                 f"{path}: job store schema version {version}, this server knows {SCHEMA_VERSION}"
             )
+
+    def _migrate(self, version: int) -> None:
+        """Versions 1 (merge jobs only) and 2 (``kind`` and ``spec_json`` added; merges kept their
+        ``recipe_yaml``, ``method`` and ``options_json`` columns) -> 3: every kind in the same columns.
+        One transaction; the events table is kept as it is."""
+        self.db.execute("PRAGMA foreign_keys=OFF")
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            if version == 1:
+                self.db.execute("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'merge'")
+                self.db.execute("ALTER TABLE jobs ADD COLUMN spec_json TEXT NOT NULL DEFAULT '{}'")
+            self.db.execute(_JOBS_TABLE.format(name="jobs_v3"))
+            kept = [c for c in _COLUMNS if c not in ("summary", "spec_json")]
+            for row in self.db.execute("SELECT * FROM jobs ORDER BY rowid").fetchall():
+                spec = (
+                    merge_spec_from_v2(row["recipe_yaml"], row["options_json"])
+                    if row["kind"] == "merge"
+                    else json.loads(row["spec_json"])
+                )
+                cols = ["rowid", *kept, "summary", "spec_json"]
+                vals = [row["rowid"], *(row[c] for c in kept), row["method"], json.dumps(spec)]
+                self.db.execute(
+                    f"INSERT INTO jobs_v3 ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", vals
+                )
+            self.db.execute("DROP TABLE jobs")
+            self.db.execute("ALTER TABLE jobs_v3 RENAME TO jobs")
+            for stmt in filter(None, (x.strip() for x in _INDEXES.split(";"))):
+                self.db.execute(stmt)
+            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        finally:
+            self.db.execute("PRAGMA foreign_keys=ON")
 
     @_locked
     def close(self) -> None:
@@ -210,11 +245,11 @@ class JobStore:
             id=row["id"],
             rowid=row["rowid"],
             state=row["state"],
-            recipe_yaml=row["recipe_yaml"],
-            method=row["method"],
+            kind=row["kind"],
+            summary=row["summary"],
+            spec=json.loads(row["spec_json"]),
             output_path=row["output_path"],
             overwrite=bool(row["overwrite"]),
-            options=json.loads(row["options_json"]),
             request_id=row["request_id"] or "",
             request_hash=row["request_hash"],
             est_bytes=row["est_bytes"],
@@ -230,8 +265,6 @@ class JobStore:
             result=json.loads(row["result_json"]) if row["result_json"] else None,
             job_refs=json.loads(row["job_refs_json"]),
             last_seq=row["last_seq"],
-            kind=row["kind"],
-            spec=json.loads(row["spec_json"]),
         )
 
     @_locked
@@ -239,11 +272,11 @@ class JobStore:
         vals = {
             "id": rec.id,
             "state": rec.state,
-            "recipe_yaml": rec.recipe_yaml,
-            "method": rec.method,
+            "kind": rec.kind,
+            "summary": rec.summary,
+            "spec_json": json.dumps(rec.spec),
             "output_path": rec.output_path,
             "overwrite": int(rec.overwrite),
-            "options_json": json.dumps(rec.options),
             "request_id": rec.request_id or None,
             "request_hash": rec.request_hash,
             "est_bytes": rec.est_bytes,
@@ -259,8 +292,6 @@ class JobStore:
             "result_json": None,
             "job_refs_json": json.dumps(rec.job_refs),
             "last_seq": 0,
-            "kind": rec.kind,
-            "spec_json": json.dumps(rec.spec),
         }
         self.db.execute(
             f"INSERT INTO jobs ({', '.join(vals)}) VALUES ({', '.join('?' * len(vals))})",
@@ -315,7 +346,7 @@ class JobStore:
         cols = []
         vals = []
         for k, v in fields.items():
-            if k in ("progress", "result", "options", "spec"):
+            if k in ("progress", "result", "spec", "job_refs"):
                 k, v = f"{k}_json", (json.dumps(v) if v is not None else None)
             elif isinstance(v, bool):
                 v = int(v)

@@ -15,7 +15,7 @@ from service._proto.weightsmith.v1 import alignment_service_pb2_grpc as apb_grpc
 from service.jobs.manager import JobManager
 from service.jobs.store import JobRecord
 from service.rpc.convert import handle_errors
-from service.rpc.jobs import CONVERT, any_job_pb
+from service.rpc.jobs import CONVERT, job_pb
 
 ALIGNMENT_SERVICE = apb.DESCRIPTOR.services_by_name["AlignmentService"].full_name
 
@@ -78,11 +78,11 @@ class AlignmentServicer(apb_grpc.AlignmentServiceServicer):
         )
         prev, req_hash = self.m.previous_request(request.request_id, {"kind": "align", **req})
         if prev is not None:
-            return apb.CreateAlignJobResponse(job=any_job_pb(prev))
+            return apb.CreateAlignJobResponse(job=job_pb(prev))
         job_id = uuid.uuid4().hex
         sub = await kind_align.admit(self.m, req, job_id)
         rec = await self.m.submit(job_id, sub, request.request_id, req_hash)
-        return apb.CreateAlignJobResponse(job=any_job_pb(rec))
+        return apb.CreateAlignJobResponse(job=job_pb(rec))
 
     @handle_errors()
     async def ListAlignmentMethods(

@@ -18,11 +18,6 @@ from merge.errors import WeightsmithError
 from service._proto.weightsmith.v1 import (
     job_pb2,
 )
-from service._proto.weightsmith.v1 import (
-    merge_service_pb2 as mpb,
-)
-from service.jobs.manager import INTERRUPTED
-from service.jobs.store import TERMINAL, JobEvent, JobRecord
 
 STATES = {
     "QUEUED": job_pb2.JOB_STATE_QUEUED,
@@ -184,81 +179,6 @@ def progress_pb(p: dict[str, Any]) -> job_pb2.JobProgress:
         steps_total=int(p.get("steps_total", 0)),
         unit=str(p.get("unit", "")),
         metrics={k: float(v) for k, v in (p.get("metrics") or {}).items()},
-    )
-
-
-def result_pb(job_id: str, res: dict[str, Any]) -> mpb.MergeResult:
-    return mpb.MergeResult(
-        output_path=res.get("out_dir", ""),
-        output_ref=f"job://{job_id}",
-        method=res.get("method", ""),
-        tensors_total=int(res.get("n_tensors", 0)),
-        bytes_written=int(res.get("bytes_written", 0)),
-        shards=list(res.get("shards", [])),
-        seconds=float(res.get("seconds", 0.0)),
-        models=[
-            mpb.ResolvedModel(
-                ref=m.get("ref") or "",
-                path=m.get("path") or "",
-                repo_id=m.get("repo_id") or "",
-                revision=m.get("revision") or "",
-                commit=m.get("commit") or "",
-            )
-            for m in res.get("models", [])
-        ],
-    )
-
-
-def job_pb(rec: JobRecord, event: JobEvent | None = None) -> mpb.MergeJob:
-    """The job as a message; with ``event``, as of that event."""
-    latest = event is None or event.seq >= rec.last_seq
-    state = rec.state if event is None else event.state
-    progress = rec.progress if event is None else event.progress
-    job = mpb.MergeJob(
-        name=rec.name,
-        state=STATES[state],
-        progress=progress_pb(progress),
-        create_time=ts(rec.create_time),
-        request_id=rec.request_id,
-        recipe_yaml=rec.recipe_yaml,
-        method=rec.method,
-        output_path=rec.output_path,
-        overwrite=rec.overwrite,
-        options=mpb.MergeJobOptions(
-            compute_dtype=rec.options.get("compute_dtype", ""),
-            shard_size=int(rec.options.get("shard_size", 0)),
-            workers=int(rec.options.get("workers", 0)),
-        ),
-        attempt=rec.attempt,
-        estimated_peak_bytes=rec.est_bytes,
-        cancel_requested=rec.cancel_requested and latest,
-        last_sequence=rec.last_seq if event is None else event.seq,
-    )
-    if rec.start_time is not None and (latest or state != "QUEUED"):
-        job.start_time.CopyFrom(ts(rec.start_time))
-    if latest:
-        if rec.end_time is not None:
-            job.end_time.CopyFrom(ts(rec.end_time))
-        if rec.error_code and (state in TERMINAL or state == INTERRUPTED):
-            job.error.CopyFrom(job_pb2.JobError(code=rec.error_code, message=rec.error_message or ""))
-        if rec.result is not None and state == "SUCCEEDED":
-            job.result.CopyFrom(result_pb(rec.id, rec.result))
-    return job
-
-
-def plan_pb(s: dict[str, Any] | None) -> mpb.MergePlanSummary | None:
-    if not s:
-        return None
-    return mpb.MergePlanSummary(
-        method=s["method"],
-        models=list(s["models"]),
-        tensors_total=s["n_tensors"],
-        tensors_merged=s["n_merged"],
-        tensors_copied=s["n_copied"],
-        bytes_in=s["bytes_in"],
-        bytes_out=s["bytes_out"],
-        compute_dtype=s["compute_dtype"],
-        peak_bytes_estimate=s["peak_bytes_estimate"],
     )
 
 

@@ -13,7 +13,6 @@ from typing import Any
 
 from service._proto.weightsmith.v1 import job_service_pb2 as jpb
 from service._proto.weightsmith.v1 import job_service_pb2_grpc as jpb_grpc
-from service._proto.weightsmith.v1 import merge_service_pb2 as mpb
 from service.jobs.kind import all_kinds
 from service.jobs.manager import INTERRUPTED, SUCCEEDED, JobManager
 from service.jobs.store import TERMINAL, JobEvent, JobRecord, ServiceError
@@ -23,34 +22,18 @@ from service.rpc.convert import (
     handle_errors,
     handle_stream_errors,
     progress_pb,
-    result_pb,
     ts,
 )
 
 JOB_SERVICE = jpb.DESCRIPTOR.services_by_name["JobService"].full_name
 
 
-def _merge_spec(rec: JobRecord) -> Any:
-    return mpb.CreateMergeJobRequest(
-        request_id=rec.request_id,
-        recipe_yaml=rec.recipe_yaml,
-        output_path=rec.output_path,
-        overwrite=rec.overwrite,
-        options=mpb.MergeJobOptions(
-            compute_dtype=rec.options.get("compute_dtype", ""),
-            shard_size=int(rec.options.get("shard_size", 0)),
-            workers=int(rec.options.get("workers", 0)),
-        ),
-    )
+#: per kind: (its normalized request as the Create message, its result message); each kind's service
+#: module adds its own
+CONVERT: dict[str, tuple[Callable[[JobRecord], Any], Callable[[JobRecord], Any]]] = {}
 
 
-#: per kind: (its normalized request as the Create message, its result message)
-CONVERT: dict[str, tuple[Callable[[JobRecord], Any], Callable[[JobRecord], Any]]] = {
-    "merge": (_merge_spec, lambda rec: result_pb(rec.id, rec.result or {})),
-}
-
-
-def any_job_pb(rec: JobRecord, event: JobEvent | None = None) -> jpb.Job:
+def job_pb(rec: JobRecord, event: JobEvent | None = None) -> jpb.Job:
     """A job of any kind as ``weightsmith.v1.Job``; with ``event``, as of that event."""
     latest = event is None or event.seq >= rec.last_seq
     state = rec.state if event is None else event.state
@@ -65,7 +48,7 @@ def any_job_pb(rec: JobRecord, event: JobEvent | None = None) -> jpb.Job:
         estimated_peak_bytes=rec.est_bytes,
         cancel_requested=rec.cancel_requested and latest,
         last_sequence=rec.last_seq if event is None else event.seq,
-        summary=rec.method,
+        summary=rec.summary,
         output_path=rec.output_path,
     )
     spec_of, result_of = CONVERT[rec.kind]
@@ -83,46 +66,60 @@ def any_job_pb(rec: JobRecord, event: JobEvent | None = None) -> jpb.Job:
     return job
 
 
+def list_jobs(
+    manager: JobManager, states: Any, kinds: list[str], page_size: int, page_token: str
+) -> tuple[list[jpb.Job], str]:
+    """A page of jobs (newest first) in ``states`` (JobState values) of ``kinds`` (all when empty)."""
+    names = []
+    for s in states:
+        if s not in STATE_NAMES:
+            raise ServiceError("INVALID_ARGUMENT", f"states: {s} is not a job state", "states")
+        names.append(STATE_NAMES[s])
+    known = {k.name for k in all_kinds()}
+    for k in kinds:
+        if k not in known:
+            raise ServiceError(
+                "INVALID_ARGUMENT", f"kinds: {k!r} is not a job kind (known: {', '.join(sorted(known))})", "kinds"
+            )
+    recs, token = manager.list(names, page_size, page_token, list(kinds) or None)
+    return [job_pb(r) for r in recs], token
+
+
+async def watch_jobs(
+    manager: JobManager, name: str, from_sequence: int, kind: str | None = None
+) -> AsyncIterator[jpb.WatchJobResponse]:
+    """The events of a job after ``from_sequence``, each with the job as of that event, until it ends."""
+    async for ev, rec in manager.watch(name, from_sequence, kind):
+        yield jpb.WatchJobResponse(sequence=ev.seq, time=ts(ev.time), job=job_pb(rec, ev))
+
+
 class JobServicer(jpb_grpc.JobServiceServicer):
     def __init__(self, manager: JobManager) -> None:
         self.m = manager
 
     @handle_errors("name")
     async def GetJob(self, request: jpb.GetJobRequest, context: Any) -> jpb.GetJobResponse:
-        return jpb.GetJobResponse(job=any_job_pb(self.m.get(request.name)))
+        return jpb.GetJobResponse(job=job_pb(self.m.get(request.name)))
 
     @handle_stream_errors("name")
     async def WatchJob(
         self, request: jpb.WatchJobRequest, context: Any
     ) -> AsyncIterator[jpb.WatchJobResponse]:
-        async for ev, rec in self.m.watch(request.name, request.from_sequence):
-            yield jpb.WatchJobResponse(sequence=ev.seq, time=ts(ev.time), job=any_job_pb(rec, ev))
+        async for ev in watch_jobs(self.m, request.name, request.from_sequence):
+            yield ev
 
     @handle_errors("name")
     async def CancelJob(self, request: jpb.CancelJobRequest, context: Any) -> jpb.CancelJobResponse:
-        return jpb.CancelJobResponse(job=any_job_pb(await self.m.cancel(request.name)))
+        return jpb.CancelJobResponse(job=job_pb(await self.m.cancel(request.name)))
 
     @handle_errors("name")
     async def RetryJob(self, request: jpb.RetryJobRequest, context: Any) -> jpb.RetryJobResponse:
-        return jpb.RetryJobResponse(job=any_job_pb(await self.m.retry(request.name)))
+        return jpb.RetryJobResponse(job=job_pb(await self.m.retry(request.name)))
 
     @handle_errors("states")
     async def ListJobs(self, request: jpb.ListJobsRequest, context: Any) -> jpb.ListJobsResponse:
-        states = []
-        for s in request.states:
-            if s not in STATE_NAMES:
-                raise ServiceError("INVALID_ARGUMENT", f"states: {s} is not a job state", "states")
-            states.append(STATE_NAMES[s])
-        known = {k.name for k in all_kinds()}
-        for k in request.kinds:
-            if k not in known:
-                raise ServiceError(
-                    "INVALID_ARGUMENT",
-                    f"kinds: {k!r} is not a job kind (known: {', '.join(sorted(known))})",
-                    "kinds",
-                )
-        recs, token = self.m.list(states, request.page_size, request.page_token, list(request.kinds) or None)
-        return jpb.ListJobsResponse(jobs=[any_job_pb(r) for r in recs], next_page_token=token)
+        jobs, token = list_jobs(self.m, request.states, list(request.kinds), request.page_size, request.page_token)
+        return jpb.ListJobsResponse(jobs=jobs, next_page_token=token)
 
     @handle_errors()
     async def ListJobKinds(self, request: jpb.ListJobKindsRequest, context: Any) -> jpb.ListJobKindsResponse:

@@ -25,7 +25,7 @@ from service.jobs.manager import SUCCEEDED, JobManager
 from service.jobs.recipe_text import parse_recipe_text
 from service.jobs.store import JobRecord, ServiceError
 from service.rpc.convert import handle_errors, ts
-from service.rpc.jobs import CONVERT, any_job_pb
+from service.rpc.jobs import CONVERT, job_pb
 
 METANET_SERVICE = npb.DESCRIPTOR.services_by_name["MetanetService"].full_name
 MAX_CHECKPOINTS = 1024
@@ -168,11 +168,11 @@ class MetanetServicer(npb_grpc.MetanetServiceServicer):
         req = {"config": config, "output_path": request.output_path, "workers": request.workers}
         prev, req_hash = self.m.previous_request(request.request_id, {"kind": "zoo", **req})
         if prev is not None:
-            return npb.CreateZooJobResponse(job=any_job_pb(prev))
+            return npb.CreateZooJobResponse(job=job_pb(prev))
         job_id = uuid.uuid4().hex
         sub = await kind_metanet.admit_zoo(self.m, req, job_id)
         return npb.CreateZooJobResponse(
-            job=any_job_pb(await self.m.submit(job_id, sub, request.request_id, req_hash))
+            job=job_pb(await self.m.submit(job_id, sub, request.request_id, req_hash))
         )
 
     @handle_errors()
@@ -185,11 +185,11 @@ class MetanetServicer(npb_grpc.MetanetServiceServicer):
         req.pop("request_id", None)
         prev, req_hash = self.m.previous_request(request.request_id, {"kind": "train", **req})
         if prev is not None:
-            return npb.CreateTrainJobResponse(job=any_job_pb(prev))
+            return npb.CreateTrainJobResponse(job=job_pb(prev))
         job_id = uuid.uuid4().hex
         sub = await kind_metanet.admit_train(self.m, req, job_id)
         return npb.CreateTrainJobResponse(
-            job=any_job_pb(await self.m.submit(job_id, sub, request.request_id, req_hash))
+            job=job_pb(await self.m.submit(job_id, sub, request.request_id, req_hash))
         )
 
     # -- stored metanets ------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from service._proto.weightsmith.v1 import soup_service_pb2_grpc as spb_grpc
 from service.jobs.manager import JobManager
 from service.jobs.store import JobRecord
 from service.rpc.convert import handle_errors
-from service.rpc.jobs import CONVERT, any_job_pb
+from service.rpc.jobs import CONVERT, job_pb
 
 SOUP_SERVICE = spb.DESCRIPTOR.services_by_name["SoupService"].full_name
 
@@ -128,12 +128,12 @@ class SoupServicer(spb_grpc.SoupServiceServicer):
         req.pop("request_id", None)
         prev, req_hash = self.m.previous_request(request.request_id, {"kind": "soup", "op": op, **req})
         if prev is not None:
-            return any_job_pb(prev)
+            return job_pb(prev)
         job_id = uuid.uuid4().hex
         sub = await kind_soup.admit(self.m, op, req, job_id)
         if op != "create":
             sub.spec["ref"] = req.get("soup", "")
-        return any_job_pb(await self.m.submit(job_id, sub, request.request_id, req_hash))
+        return job_pb(await self.m.submit(job_id, sub, request.request_id, req_hash))
 
     @handle_errors()
     async def CreateSoup(self, request: spb.CreateSoupRequest, context: Any) -> spb.CreateSoupResponse:

@@ -240,3 +240,32 @@ def test_an_overflow_of_finite_inputs_is_not_blamed_on_an_input(make_models, tmp
     rec = linear_recipe([a, b], parameters={"normalize": False})
     run_merge(rec, tmp_path / "out")  # written as computed (mergekit does the same)
     assert torch.isinf(open_checkpoint(tmp_path / "out")["model.norm.weight"]).all()
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs_ties"])
+def test_a_plan_survives_pickling(tmp_path: Path, method: str) -> None:
+    """The service plans a merge once, at admission, and hands the plan to its worker process pickled
+    (methods by registered name, checkpoints by their headers): the same bytes as planning again."""
+    import pickle
+
+    from merge.plan import plan_merge
+    from testkit.checkpoints import llama_like, write_checkpoint
+
+    paths = [tmp_path / f"m{i}" for i in range(3)]
+    for i, p in enumerate(paths):
+        write_checkpoint(p, llama_like(i))
+    per_model = {"weight": 0.5} if method == "linear" else {"weight": 0.5, "density": 0.6}
+    rec = {
+        "merge_method": method,
+        "models": [{"model": str(p), "parameters": per_model} for p in paths[1:]],
+        **({} if method == "linear" else {"base_model": str(paths[0])}),
+    }
+    plan = plan_merge(rec)
+    for c in plan.checkpoints:
+        c.close()
+    handed = pickle.loads(pickle.dumps(plan))
+    assert handed.method is plan.method  # the registered spec itself, found by name
+    run_merge(rec, tmp_path / "fresh")
+    run_merge(rec, tmp_path / "handed", plan=handed)
+    fresh, handed_out = (tmp_path / d / "model.safetensors" for d in ("fresh", "handed"))
+    assert fresh.read_bytes() == handed_out.read_bytes()

@@ -268,3 +268,20 @@ def test_identical_vocabularies_need_no_reindexing(make_models, tmp_path: Path) 
         {"merge_method": "linear", "models": [{"model": str(p)} for p in paths], "tokenizer_source": "union"}
     )
     assert plan.vocab is None  # the tokenizer files are copied as they are
+
+
+def test_a_union_plan_survives_pickling(two_vocabs, tmp_path: Path) -> None:
+    """The service plans a merge once, at admission, and hands the plan to its worker process pickled."""
+    import pickle
+
+    from merge.plan import plan_merge
+
+    a, b = two_vocabs
+    rec = {"merge_method": "linear", "models": [{"model": str(a)}, {"model": str(b)}], "tokenizer_source": "union"}
+    plan = plan_merge(rec)
+    for c in plan.checkpoints:
+        c.close()
+    run_merge(rec, tmp_path / "fresh")
+    run_merge(rec, tmp_path / "handed", plan=pickle.loads(pickle.dumps(plan)))
+    for f in ("model.safetensors", "tokenizer.json"):
+        assert (tmp_path / "fresh" / f).read_bytes() == (tmp_path / "handed" / f).read_bytes()

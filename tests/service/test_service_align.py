@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from merge.rebasin.api import rebasin
 from metanets.lineage.stats import single_torch_thread
+from service._proto.weightsmith.v1 import merge_service_pb2 as mpb
 from service.client import RemoteError, state_name
 from tests.support.service import ServerProcess, partials, tree_digest, wait_for, write_model
 
@@ -58,8 +59,8 @@ def test_align_job_equals_the_library_call(env: dict) -> None:
     c, a, b = env["client"], env["a"], env["b"]
     job = c.create_align_job(str(a), str(b), architecture="mlp", output_path="out/b-aligned", n_restarts=2)
     assert job.kind == "align" and job.name.startswith("jobs/")
-    phases = [ev.job.progress.phase for ev in c.watch_any(job.name, timeout=120)]
-    done = c.get_any_job(job.name)
+    phases = [ev.job.progress.phase for ev in c.watch(job.name, timeout=120)]
+    done = c.get_job(job.name)
     assert state_name(done.state) == "SUCCEEDED", done.error.message
     assert {"matching", "writing"} <= set(phases)
     res = c.job_result(done)
@@ -85,10 +86,11 @@ def test_align_job_equals_the_library_call(env: dict) -> None:
     perms = load_file(out / "alignment" / "permutations.safetensors")
     assert {k: v.tolist() for k, v in perms.items()} == {k: v.tolist() for k, v in lib.perms.items()}
     # JobService sees it; MergeService does not (a merge-only view)
-    assert done.name in [j.name for j in c.list_any_jobs(kinds=["align"])[0]]
-    assert done.name not in [j.name for j in c.iter_jobs()]
+    assert done.name in [j.name for j in c.list_jobs(kinds=["align"])[0]]
+    merge_jobs = c._call(c.merge.ListMergeJobs, mpb.ListMergeJobsRequest(page_size=1000)).jobs
+    assert done.name not in [j.name for j in merge_jobs]
     with pytest.raises(RemoteError) as e:
-        c.get_job(done.name)
+        c._call(c.merge.GetMergeJob, mpb.GetMergeJobRequest(name=done.name))
     assert e.value.code == "NOT_FOUND"
     assert {k.name for k in c.list_job_kinds()} >= {"merge", "align"}
     methods = c.list_alignment_methods()
@@ -99,7 +101,7 @@ def test_align_job_equals_the_library_call(env: dict) -> None:
         c.health(s) == "SERVING" for s in ("weightsmith.v1.JobService", "weightsmith.v1.AlignmentService")
     )
     # the aligned output is a reference other jobs take: re-aligning pi(B) to A finds the identity
-    again = c.wait_any(c.create_align_job(str(a), res.output_ref, architecture="mlp").name, timeout=120)
+    again = c.wait(c.create_align_job(str(a), res.output_ref, architecture="mlp").name, timeout=120)
     assert state_name(again.state) == "SUCCEEDED", again.error.message
     r2 = c.job_result(again)
     assert r2.units_fixed == r2.units_total
@@ -137,7 +139,7 @@ def test_align_bad_input_gets_the_right_code_and_writes_nothing(env: dict) -> No
         ({"model_a": a, "model_b": b, "architecture": "mlp", "output_path": "b"}, "ALREADY_EXISTS", "exists"),
         ({"model_a": a, "model_b": "org/model", "architecture": "mlp"}, "FAILED_PRECONDITION", "Hub"),
     ]
-    n_jobs = len(c.list_any_jobs(page_size=1000)[0])
+    n_jobs = len(c.list_jobs(page_size=1000)[0])
     before = tree_digest(root), tree_digest(env["outside"])
     for req, code, text in cases:
         req = dict(req)
@@ -146,7 +148,7 @@ def test_align_bad_input_gets_the_right_code_and_writes_nothing(env: dict) -> No
         assert (e.value.code, text in e.value.message) == (code, True), (req, e.value.message)
         assert "Traceback" not in e.value.message
     assert (tree_digest(root), tree_digest(env["outside"])) == before
-    assert len(c.list_any_jobs(page_size=1000)[0]) == n_jobs
+    assert len(c.list_jobs(page_size=1000)[0]) == n_jobs
 
 
 def test_align_cancel_leaves_nothing_and_idempotent_create(env: dict) -> None:
@@ -158,13 +160,13 @@ def test_align_cancel_leaves_nothing_and_idempotent_create(env: dict) -> None:
     with pytest.raises(RemoteError) as e:
         c.create_align_job(a, b, architecture="mlp", output_path="out/other", request_id="r-cancel")
     assert e.value.code == "ALREADY_EXISTS"
-    wait_for(lambda: c.get_any_job(job.name).progress.phase == "writing", 60, what="writing phase")
-    c.cancel_any_job(job.name)
-    end = c.wait_any(job.name, timeout=60)
+    wait_for(lambda: c.get_job(job.name).progress.phase == "writing", 60, what="writing phase")
+    c.cancel_job(job.name)
+    end = c.wait(job.name, timeout=60)
     assert state_name(end.state) == "CANCELLED"
     assert not (root / "out" / "cancelled").exists() and not partials(root)
     with pytest.raises(RemoteError) as e:
-        c.cancel_any_job(job.name)
+        c.cancel_job(job.name)
     assert e.value.code == "FAILED_PRECONDITION"
 
 

@@ -193,8 +193,8 @@ def test_merge_end_to_end_is_identical_to_the_cli(env: dict, tmp_path: Path) -> 
     job = c.wait(resp.job.name, timeout=60)
     assert state_name(job.state) == "SUCCEEDED", job.error
     out = root / "out" / "e2e"
-    assert job.result.output_path == str(out.resolve())
-    assert job.result.tensors_total == 10 and len(job.result.shards) > 1
+    assert c.job_result(job).output_path == str(out.resolve())
+    assert c.job_result(job).tensors_total == 10 and len(c.job_result(job).shards) > 1
     # the same recipe through the CLI
     rfile = tmp_path / "recipe.yaml"
     rfile.write_text(text)
@@ -212,7 +212,7 @@ def test_merge_end_to_end_is_identical_to_the_cli(env: dict, tmp_path: Path) -> 
 
     assert torch.equal(open_checkpoint(out)[name], expect)
     # the output is a reference too
-    info = c.inspect(job.result.output_ref)
+    info = c.inspect(c.job_result(job).output_ref)
     assert info["tensors_total"] == 10 and {t["dtype"] for t in info["tensors"]} == {"bfloat16"}
 
 
@@ -235,7 +235,8 @@ def test_watch_streams_progress_and_resumes_from_a_sequence(env: dict) -> None:
     assert sum(state_name(e.job.state) == "RUNNING" and 0 < e.job.progress.tensors_done for e in seen) >= 2
     # replay after the end: the same history
     replay = list(c.watch(job.name))
-    assert [e.sequence for e in replay] == seqs and replay[-1].job.result.tensors_total == 2 * SLOW_LAYERS + 2
+    assert [e.sequence for e in replay] == seqs
+    assert c.job_result(replay[-1].job).tensors_total == 2 * SLOW_LAYERS + 2
     assert list(c.watch(job.name, from_sequence=seqs[-1])) == []
 
 
@@ -574,7 +575,7 @@ def test_upload_merge_download_roundtrip(env: dict, tmp_path: Path) -> None:
     job = c.create_merge_job(linear_recipe(refs)).job  # no output_path: kept by the server
     final = c.wait(job.name, timeout=60)
     assert state_name(final.state) == "SUCCEEDED", final.error
-    got = c.download(final.result.output_ref, tmp_path / "down")
+    got = c.download(c.job_result(final).output_ref, tmp_path / "down")
     assert {p.name for p in got} >= {"model.safetensors", "config.json", "README.md"}
     ins = [load_file(str(p / "model.safetensors")) for p in local]
     out = load_file(str(tmp_path / "down" / "model.safetensors"))
@@ -735,3 +736,46 @@ def test_error_messages_reveal_no_server_path(env: dict, tmp_path: Path) -> None
         _assert_reveals_no_server_path(f"download {ref}", e.value.message, [ref], env)
         seen += 1
     assert seen == len(cases) + 5
+
+
+def test_merge_service_rpcs_are_the_merge_view_of_the_job_service(env: dict) -> None:
+    """A merge is an ordinary job: MergeService's Get/Watch/Cancel/Retry/List answer what JobService
+    answers for the same job, in the contract's MergeJob shape (recipe, method, options, result)."""
+    from service._proto.weightsmith.v1 import merge_service_pb2 as mpb
+    from service.messages import merge_job_pb
+
+    c = env["client"]
+    resp = c.create_merge_job(
+        linear_recipe(env["models"][:2]), output_path="out/view", workers=3, compute_dtype="float64"
+    )
+    created = resp.job
+    assert created.method == "linear" and created.options.workers == 3
+    assert created.options.compute_dtype == "float64"
+    assert yaml.safe_load(created.recipe_yaml)["merge_method"] == "linear"
+    events = list(c._watch(
+        lambda seq, remaining: c.merge.WatchMergeJob(
+            mpb.WatchMergeJobRequest(name=created.name, from_sequence=seq), metadata=c.metadata, timeout=remaining
+        ),
+        created.name, 0, reconnect=False, max_reconnect_s=0, timeout=60,
+    ))
+    generic = list(c.watch(created.name, timeout=60))
+    assert [e.sequence for e in events] == [e.sequence for e in generic]
+    assert [e.job for e in events] == [merge_job_pb(e.job) for e in generic]
+    got = c._call(c.merge.GetMergeJob, mpb.GetMergeJobRequest(name=created.name)).job
+    job = c.get_job(created.name)
+    assert job.kind == "merge" and got == merge_job_pb(job)
+    assert state_name(got.state) == "SUCCEEDED" and got.result.output_path.endswith("out/view")
+    assert (got.recipe_yaml, got.method, got.options) == (created.recipe_yaml, "linear", created.options)
+    assert c.job_result(job) == got.result
+    stored = json.loads((env["srv"].data_dir / "jobs" / created.name[5:] / "result.json").read_text())
+    assert stored["planned_in_worker"] is False  # planned once, at admission
+    listed = c._call(c.merge.ListMergeJobs, mpb.ListMergeJobsRequest(page_size=1000)).jobs
+    assert got in listed and all(j == merge_job_pb(c.get_job(j.name)) for j in listed[:3])
+    ended = ((c.merge.CancelMergeJob, mpb.CancelMergeJobRequest), (c.merge.RetryMergeJob, mpb.RetryMergeJobRequest))
+    for rpc, req in ended:
+        with pytest.raises(RemoteError) as e:
+            c._call(rpc, req(name=created.name))
+        assert e.value.code == "FAILED_PRECONDITION"  # it ended: nothing to cancel, nothing to retry
+    # the generic client calls reach merges too; the old names still work, with a warning
+    with pytest.warns(DeprecationWarning, match="get_job"):
+        assert c.get_any_job(created.name) == job

@@ -253,7 +253,7 @@ def test_hub_references_through_the_service_over_tls(tmp_path: Path, hub_server:
         assert not resp.HasField("plan")  # Hub inputs are planned by the worker, after the download
         done = c.wait(resp.job.name, timeout=120)
         assert state_name(done.state) == "SUCCEEDED", done.error
-        hub_model = [m for m in done.result.models if m.ref.startswith("org/")][0]
+        hub_model = [m for m in c.job_result(done).models if m.ref.startswith("org/")][0]
         assert hub_model.repo_id == "org/tiny" and hub_model.commit == sha
         from merge.checkpoint import open_checkpoint
 

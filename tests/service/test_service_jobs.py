@@ -21,11 +21,11 @@ def _record(job_id: str, out: Path, **kw: object) -> JobRecord:
         id=job_id,
         rowid=0,
         state=QUEUED,
-        recipe_yaml="merge_method: linear\n",
-        method="linear",
+        kind="merge",
+        summary="linear",
+        spec={"recipe": {"merge_method": "linear"}, "options": {}},
         output_path=str(out),
         overwrite=False,
-        options={},
         request_id="",
         request_hash="h",
         est_bytes=1,
@@ -115,6 +115,7 @@ def test_recovery_rules(tmp_path: Path) -> None:
 
 
 def test_output_may_not_touch_the_data_folder(tmp_path: Path) -> None:
+    from service.jobs.kinds import merge as kind_merge
     from service.paths import InvalidPathError
     from tests.support.service import linear_recipe
 
@@ -124,15 +125,74 @@ def test_output_may_not_touch_the_data_folder(tmp_path: Path) -> None:
     recipe = yaml.safe_load(linear_recipe(models))
     for out in ("state/jobs", "state", "state/outputs/x"):
         with pytest.raises(InvalidPathError, match="data folder"):
-            asyncio.run(
-                m.create(
-                    recipe=recipe,
-                    output_path=out,
-                    overwrite=True,
-                    options={},
-                    request_id="",
-                    validate_only=False,
-                )
-            )
+            asyncio.run(kind_merge.admit(m, recipe, out, True, {}, "f" * 32))
     assert m.store.in_states({QUEUED, RUNNING}) == []
+    m.store.close()
+
+
+def test_a_version_2_store_is_migrated_with_nothing_lost(tmp_path: Path) -> None:
+    """Schema 2 kept a merge's recipe (YAML), method and options in merge-only columns; schema 3 holds
+    every kind in the same columns: the merge's spec is its recipe and options, its summary the method."""
+    db = tmp_path / "jobs.sqlite3"
+    con = sqlite3.connect(db)
+    con.executescript(
+        """
+        CREATE TABLE jobs (rowid INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, state TEXT NOT NULL,
+          recipe_yaml TEXT NOT NULL, method TEXT NOT NULL, output_path TEXT NOT NULL, overwrite INTEGER NOT NULL,
+          options_json TEXT NOT NULL, request_id TEXT, request_hash TEXT NOT NULL, est_bytes INTEGER NOT NULL,
+          attempt INTEGER NOT NULL, cancel_requested INTEGER NOT NULL DEFAULT 0, worker_pid INTEGER,
+          create_time REAL NOT NULL, start_time REAL, end_time REAL, progress_json TEXT NOT NULL, error_code TEXT,
+          error_message TEXT, result_json TEXT, job_refs_json TEXT NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0,
+          kind TEXT NOT NULL DEFAULT 'merge', spec_json TEXT NOT NULL DEFAULT '{}');
+        CREATE UNIQUE INDEX jobs_request_id ON jobs(request_id) WHERE request_id IS NOT NULL;
+        CREATE TABLE events (job_id TEXT NOT NULL REFERENCES jobs(id), seq INTEGER NOT NULL, time REAL NOT NULL,
+          state TEXT NOT NULL, progress_json TEXT NOT NULL, PRIMARY KEY (job_id, seq));
+        PRAGMA user_version=2;
+        """
+    )
+    row = "INSERT INTO jobs (id, state, recipe_yaml, method, output_path, overwrite, options_json, request_id, "
+    row += "request_hash, est_bytes, attempt, create_time, progress_json, result_json, job_refs_json, last_seq, "
+    row += "kind, spec_json) VALUES (?, 'SUCCEEDED', ?, ?, '/o', 0, ?, ?, 'h', 5, 2, 1.0, '{}', ?, '{}', 1, ?, ?)"
+    con.execute(
+        row,
+        ("m" * 32, "merge_method: slerp\nmodels:\n- model: a\n", "slerp", '{"workers": 3}', "r1", '{"x": 1}',
+         "merge", "{}"),
+    )
+    con.execute(row, ("a" * 32, "", "weight matching", "{}", None, None, "align", '{"model_a": "p"}'))
+    con.execute("INSERT INTO events VALUES (?, 1, 1.0, 'SUCCEEDED', '{}')", ("m" * 32,))
+    con.commit()
+    con.close()
+    s = JobStore(db)
+    m, a = s.get("m" * 32), s.get("a" * 32)
+    assert m is not None and a is not None
+    assert (m.kind, m.summary, m.attempt, m.request_id, m.result) == ("merge", "slerp", 2, "r1", {"x": 1})
+    assert m.spec == {"recipe": {"merge_method": "slerp", "models": [{"model": "a"}]}, "options": {"workers": 3}}
+    assert (a.kind, a.summary, a.spec) == ("align", "weight matching", {"model_a": "p"})
+    assert [e.seq for e in s.events_after("m" * 32, 0)] == [1]
+    assert s.by_request_id("r1") is not None and s.by_request_id("r1").id == "m" * 32
+    cols = {r[1] for r in s.db.execute("PRAGMA table_info(jobs)")}
+    assert not cols & {"recipe_yaml", "method", "options_json"}
+    assert s.db.execute("PRAGMA user_version").fetchone()[0] == 3
+    s.close()
+
+
+def test_the_admitted_plan_is_used_only_while_its_inputs_are_unchanged(tmp_path: Path) -> None:
+    import pickle
+
+    from service.jobs.kinds import merge as kind_merge
+    from tests.support.service import linear_recipe
+
+    root = tmp_path / "root"
+    models = make_models(root, 2)
+    m = JobManager(JobManagerConfig(data_dir=root / "state", roots=[root]))
+    recipe = yaml.safe_load(linear_recipe(models))
+    options = kind_merge.normalize_options({}, 2)
+    sub, summary = asyncio.run(kind_merge.admit(m, recipe, "out/x", False, options, "e" * 32))
+    handed = pickle.loads(pickle.dumps(sub.prepared))  # as the worker process gets it
+    plan = kind_merge._usable_plan(handed)
+    assert plan is not None and plan.summary() == summary and plan.options.path_resolver is None
+    assert sub.spec == {"recipe": yaml.safe_load(kind_merge.recipe_yaml(sub.spec)), "options": options}
+    f = models[0] / "model.safetensors"
+    f.write_bytes(f.read_bytes())  # written to while the job waited: the worker plans again
+    assert kind_merge._usable_plan(handed) is None
     m.store.close()

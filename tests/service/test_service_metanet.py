@@ -50,7 +50,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
     lib_zoo = base / "lib-zoo"
     with single_torch_thread():  # as the server's workers (--job-threads 1)
         build_zoo(CONFIG, lib_zoo, workers=1, progress=False)
-    done = client.wait_any(zoo_job.name, timeout=300)
+    done = client.wait(zoo_job.name, timeout=300)
     assert state_name(done.state) == "SUCCEEDED", done.error.message
     yield {"base": base, "root": root, "outside": outside, "srv": srv, "client": client, "zoo_job": done,
            "lib_zoo": lib_zoo}  # fmt: skip
@@ -72,7 +72,7 @@ def test_train_predict_embed_equal_the_library(env: dict) -> None:
     c, root = env["client"], env["root"]
     zoo_ref = c.job_result(env["zoo_job"]).output_ref
     job = c.create_train_job(zoo_ref, model_args=MODEL_ARGS, display_name="acc", **TRAIN)
-    done = c.wait_any(job.name, timeout=300)
+    done = c.wait(job.name, timeout=300)
     assert state_name(done.state) == "SUCCEEDED", done.error.message
     mn = c.job_result(done).metanet
     assert mn.name == f"metanets/{job.name[5:]}" and mn.display_name == "acc" and mn.model == "gmn"
@@ -151,7 +151,7 @@ def test_metanet_bad_input_gets_the_right_code_and_writes_nothing(env: dict) -> 
         (lambda: c.create_zoo_job(dict(CONFIG, seed=9), "zoo"), "ALREADY_EXISTS", "another config"),
         (lambda: c.create_zoo_job(CONFIG, str(outside / "z")), "PERMISSION_DENIED", "output_path"),
     ]
-    n_jobs = len(c.list_any_jobs(page_size=1000)[0])
+    n_jobs = len(c.list_jobs(page_size=1000)[0])
     before = tree_digest(root), tree_digest(outside), tree_digest(env["srv"].data_dir / "jobs")
     for call, code, text in cases:
         with pytest.raises(RemoteError) as e:
@@ -159,16 +159,16 @@ def test_metanet_bad_input_gets_the_right_code_and_writes_nothing(env: dict) -> 
         assert (e.value.code, text in e.value.message) == (code, True), e.value.message
         assert "Traceback" not in e.value.message
     assert (tree_digest(root), tree_digest(outside), tree_digest(env["srv"].data_dir / "jobs")) == before
-    assert len(c.list_any_jobs(page_size=1000)[0]) == n_jobs
+    assert len(c.list_jobs(page_size=1000)[0]) == n_jobs
 
 
 def test_cancelled_training_leaves_nothing(env: dict) -> None:
     c = env["client"]
     zoo_ref = c.job_result(env["zoo_job"]).output_ref
     job = c.create_train_job(zoo_ref, model_args=MODEL_ARGS, **{**TRAIN, "epochs": 50})
-    wait_for(lambda: c.get_any_job(job.name).progress.steps_done >= 1, 120, what="first epoch")
-    c.cancel_any_job(job.name)
-    end = c.wait_any(job.name, timeout=60)
+    wait_for(lambda: c.get_job(job.name).progress.steps_done >= 1, 120, what="first epoch")
+    c.cancel_job(job.name)
+    end = c.wait(job.name, timeout=60)
     assert state_name(end.state) == "CANCELLED"
     out = Path(end.output_path)
     assert not out.exists() and not Path(f"{out}.partial").exists()
@@ -183,7 +183,7 @@ def test_training_interrupted_by_a_server_kill_resumes_to_the_same_metanet(tmp_p
     try:
         c = srv.client()
         job = c.create_train_job(str(root / "zoo"), model_args=MODEL_ARGS, output_path="mn", **cfg)
-        wait_for(lambda: c.get_any_job(job.name).progress.steps_done >= 2, 120, what="two epochs")
+        wait_for(lambda: c.get_job(job.name).progress.steps_done >= 2, 120, what="two epochs")
         srv.signal(signal.SIGKILL)
         srv.wait()
         c.close()
@@ -193,11 +193,11 @@ def test_training_interrupted_by_a_server_kill_resumes_to_the_same_metanet(tmp_p
     srv = ServerProcess(tmp_path / "data", [root], args=["--job-threads", "1"]).start()
     try:
         c = srv.client()
-        got = c.get_any_job(job.name)
+        got = c.get_job(job.name)
         assert state_name(got.state) == "INTERRUPTED" and "kept" in got.error.message
         assert (root / "mn.partial" / "train_state.pt").exists()
-        c.retry_any_job(job.name)
-        end = c.wait_any(job.name, timeout=300)
+        c.retry_job(job.name)
+        end = c.wait(job.name, timeout=300)
         assert state_name(end.state) == "SUCCEEDED", end.error.message
         mn = c.job_result(end).metanet
         assert [h.epoch for h in mn.history] == [1, 2, 3, 4, 5] and end.attempt == 2

@@ -39,7 +39,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _ok(c, job):
-    done = c.wait_any(job.name, timeout=120)
+    done = c.wait(job.name, timeout=120)
     assert state_name(done.state) == "SUCCEEDED", done.error.message
     return c.job_result(done)
 
@@ -117,7 +117,7 @@ def test_soup_bad_input_gets_the_right_code_and_leaves_the_soup_as_it_was(env: d
         assert (e.value.code, text in e.value.message) == (code, True), e.value.message
     assert (tree_digest(root), tree_digest(outside)) == before
     # a member that does not fit fails its job; the soup is unchanged
-    job = c.wait_any(c.add_soup_member(soup, str(root / "narrow")).name, timeout=60)
+    job = c.wait(c.add_soup_member(soup, str(root / "narrow")).name, timeout=60)
     assert state_name(job.state) == "FAILED" and "narrow" in job.error.message
     assert tree_digest(root) == before[0]
 
@@ -132,7 +132,7 @@ def test_sigkill_during_add_leaves_the_soup_as_it_was(tmp_path: Path) -> None:
     try:
         c = srv.client()
         job = c.add_soup_member(str(root / "s"), str(m[2]))
-        wait_for(lambda: c.get_any_job(job.name).progress.phase == "sum", 60, what="summing")
+        wait_for(lambda: c.get_job(job.name).progress.phase == "sum", 60, what="summing")
         srv.signal(signal.SIGKILL)
         srv.wait()
         c.close()
@@ -142,7 +142,7 @@ def test_sigkill_during_add_leaves_the_soup_as_it_was(tmp_path: Path) -> None:
     srv = ServerProcess(tmp_path / "data", [root]).start()
     try:
         c = srv.client()
-        got = c.get_any_job(job.name)
+        got = c.get_job(job.name)
         assert state_name(got.state) == "INTERRUPTED"
         shown = c.get_soup(str(root / "s"), verify=True)
         assert [x.id for x in shown.members] == ["m0", "m1"] and all(x.status == "ok" for x in shown.members)
@@ -151,8 +151,8 @@ def test_sigkill_during_add_leaves_the_soup_as_it_was(tmp_path: Path) -> None:
             files_of(root / "after")["model.safetensors"]
             == files_of(tmp_path / "before")["model.safetensors"]
         )
-        c.retry_any_job(job.name)  # the add, again: now it happens (and the leftovers are cleaned)
-        res = _ok(c, c.get_any_job(job.name))
+        c.retry_job(job.name)  # the add, again: now it happens (and the leftovers are cleaned)
+        res = _ok(c, c.get_job(job.name))
         assert [x.id for x in res.soup.members] == ["m0", "m1", "m2"] and not res.soup.leftovers
         c.close()
     finally:
