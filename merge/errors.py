@@ -34,7 +34,12 @@ class PickleRefusedError(CheckpointError):
     grpc_code = "FAILED_PRECONDITION"
 
 
-class RecipeError(WeightsmithError):
+class InvalidArgumentError(WeightsmithError):
+    """An argument of a call is invalid: a metanet's or a zoo's configuration, a lineage option, a
+    probe file... (the merge recipe's own errors are :class:`RecipeError`)."""
+
+
+class RecipeError(InvalidArgumentError):
     """The merge recipe is invalid (unknown method, bad parameter, bad model list...)."""
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from merge.errors import RecipeError
+from merge.errors import InvalidArgumentError
 from merge.symmetry import PermutationSpec, auto_spec  # noqa: F401 (metanets' callers import it from here)
 from merge.symmetry.spec import flat_to_heads
 
@@ -102,7 +102,7 @@ def node_permutation(layout: Any, spec: PermutationSpec, perms: Mapping[str, tor
     for p, hs in spec.heads.items():
         s, _ = flat_to_heads(torch.as_tensor(perms[p]), hs.head_dim)
         if s is None:
-            raise RecipeError(f"permutation '{p}' does not move whole heads")
+            raise InvalidArgumentError(f"permutation '{p}' does not move whole heads")
         sigma[f"heads:{hs.group}"] = s
     for s in layout.node_sets:
         if s.kind == "hidden" and s.perm is not None:

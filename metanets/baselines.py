@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from merge.errors import RecipeError
+from merge.errors import InvalidArgumentError
 from merge.symmetry import PermutationSpec, apply_permutation, natural_key
 from metanets.base import Metanet, auto_spec
 from metanets.graph import EDGE_TYPES, NODE_TYPES, build_graph
@@ -131,7 +131,7 @@ class StatNN(Metanet):
     ) -> torch.Tensor:
         names = _floating(state, spec)
         if not names:
-            raise RecipeError("model has no floating-point tensors: no statistics to compute")
+            raise InvalidArgumentError("model has no floating-point tensors: no statistics to compute")
         if not pooled:
             return torch.cat([tensor_stats(state[k]) for k in names])
         from metanets.graph import _leaf_kind
@@ -156,7 +156,7 @@ class StatNN(Metanet):
     ) -> torch.Tensor:
         f = self.features(state, spec, pooled=self.pooled)
         if f.numel() != self.in_features:
-            raise RecipeError(
+            raise InvalidArgumentError(
                 f"model gives {f.numel()} statistics, this StatNN reads {self.in_features} "
                 "(another architecture; use pooled=True for mixed architectures)"
             )
@@ -191,7 +191,7 @@ class FlatMLP(Metanet):
     ) -> None:
         super().__init__()
         if augment and spec is None:
-            raise RecipeError("FlatMLP(augment=True) needs the spec whose permutations it samples")
+            raise InvalidArgumentError("FlatMLP(augment=True) needs the spec whose permutations it samples")
         self.spec = (
             spec if spec is None or isinstance(spec, PermutationSpec) else PermutationSpec.from_dict(spec)
         )
@@ -221,10 +221,10 @@ class FlatMLP(Metanet):
         names = _floating(state, self.spec if self.spec is not None else spec)
         missing = [k for k in names if k not in state]
         if missing:
-            raise RecipeError(f"model lacks tensor '{missing[0]}' that this FlatMLP reads")
+            raise InvalidArgumentError(f"model lacks tensor '{missing[0]}' that this FlatMLP reads")
         v = torch.cat([state[k].detach().reshape(-1).float() for k in names])
         if v.numel() != self.in_features:
-            raise RecipeError(
+            raise InvalidArgumentError(
                 f"model has {v.numel()} parameters, this FlatMLP reads {self.in_features} (another architecture)"
             )
         return v

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merge.errors import RecipeError
+from merge.errors import InvalidArgumentError
 from merge.symmetry import PermutationSpec
 from metanets.base import Metanet
 from metanets.graph import EDGE_TYPES, NODE_TYPES, build_graph
@@ -180,9 +180,9 @@ class GMN(Metanet):
     ) -> None:
         super().__init__()
         if aggregation not in ("mean", "sum", "max"):
-            raise RecipeError(f"GMN aggregation must be mean, sum or max, not '{aggregation}'")
+            raise InvalidArgumentError(f"GMN aggregation must be mean, sum or max, not '{aggregation}'")
         if graph_mode == "channel" and kernel_grid is None:
-            raise RecipeError(
+            raise InvalidArgumentError(
                 "GMN with graph_mode='channel' needs kernel_grid (e.g. (3, 3)) so every graph has one edge width"
             )
         self.out_dim, self.hidden, self.n_layers = out_dim, hidden, layers
@@ -247,7 +247,7 @@ class GMN(Metanet):
     # -- the network -------------------------------------------------------------------------------
     def _encode(self, g: Data | Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, GraphIndex]:
         if g.edge_value.shape[1] != self.edge_dim:
-            raise RecipeError(
+            raise InvalidArgumentError(
                 f"graph edges carry {g.edge_value.shape[1]} values, this GMN reads {self.edge_dim} "
                 f"(graph_mode={self.graph_mode!r}, kernel_grid={self.kernel_grid})"
             )
@@ -311,7 +311,7 @@ class GMN(Metanet):
     def equivariant(self, g: Data | Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Per-edge ``[E, edge_out]`` and per-node ``[N, node_out]`` outputs (``None`` where not configured)."""
         if self.edge_head is None and self.node_head is None:
-            raise RecipeError("this GMN has no equivariant head (construct it with edge_out= or node_out=)")
+            raise InvalidArgumentError("this GMN has no equivariant head (construct it with edge_out= or node_out=)")
         with self._autocast():
             x, e, _, _ = self._encode(g)
             eo = self.edge_head(e).float() if self.edge_head is not None else None

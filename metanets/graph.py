@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from merge.checkpoint import require_finite
-from merge.errors import MissingTensorError, RecipeError, ShapeMismatchError
+from merge.errors import InvalidArgumentError, MissingTensorError, ShapeMismatchError
 from merge.symmetry import PermutationSpec, natural_key, resolve_spec
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ _EMBED = re.compile(
 _NORM_MODULE = re.compile(r"(?:^|[._])(?:bn|norm|ln|layernorm|batchnorm|rmsnorm|gn|groupnorm)[_0-9]*$", re.I)
 
 
-class GraphTooLargeError(RecipeError):
+class GraphTooLargeError(InvalidArgumentError):
     """A parameter graph would exceed the edge budget (raised before anything is allocated)."""
 
 
@@ -308,7 +308,7 @@ def _plan(
             plans.append(_Plan(name, "vector", _leaf_kind(name, state_names), layer, shape, n_edges=shape[0]))
             continue
         if len(perm_axes) > 2:
-            raise RecipeError(
+            raise InvalidArgumentError(
                 f"tensor '{name}': {len(perm_axes)} permuted axes; a parameter graph edge joins two units"
             )
         wa = _weight_axes(name, shape, axes)
@@ -325,7 +325,7 @@ def _plan(
             continue
         pos = tuple(i for i in range(nd) if i not in (out_ax, in_ax))
         if len(pos) > 3:
-            raise RecipeError(f"tensor '{name}' of shape {list(shape)} has more than three position axes")
+            raise InvalidArgumentError(f"tensor '{name}' of shape {list(shape)} has more than three position axes")
         is_conv = mode == "channel" and name not in spec.views and t.dim() >= 3 and (out_ax, in_ax) == (0, 1)
         kind = "embedding" if (out_ax, in_ax) == (1, 0) else "weight"
         pl = _Plan(name, kind, _ET[kind], layer, shape, out_axis=out_ax, in_axis=in_ax, pos_axes=pos)
@@ -377,7 +377,7 @@ def _plan(
         if kernel_grid is None:
             ranks = {len(k) for k in conv_kernels}
             if len(ranks) > 1:
-                raise RecipeError(
+                raise InvalidArgumentError(
                     f"model mixes convolutions of {sorted(ranks)} spatial dimensions; pass kernel_grid="
                 )
             kernel_grid = (
@@ -401,10 +401,10 @@ def _plan(
 def _check_state(state: Mapping[str, torch.Tensor], spec: PermutationSpec, name: str) -> None:
     floating = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
     if not floating:
-        raise RecipeError(f"model '{name}' has no floating-point tensors: nothing to build a graph from")
+        raise InvalidArgumentError(f"model '{name}' has no floating-point tensors: nothing to build a graph from")
     for k, v in state.items():
         if not isinstance(v, torch.Tensor):
-            raise RecipeError(f"model '{name}': entry '{k}' is a {type(v).__name__}, not a tensor")
+            raise InvalidArgumentError(f"model '{name}': entry '{k}' is a {type(v).__name__}, not a tensor")
     for k in spec.axes_to_perm:
         if k not in state:
             raise MissingTensorError(f"model '{name}': tensor '{k}' of the permutation spec is missing")
@@ -415,7 +415,7 @@ def _check_state(state: Mapping[str, torch.Tensor], spec: PermutationSpec, name:
             )
     extra = [k for k in floating if k not in spec.axes_to_perm]
     if extra:
-        raise RecipeError(
+        raise InvalidArgumentError(
             f"model '{name}': tensor '{sorted(extra, key=natural_key)[0]}' is not in the permutation spec "
             f"({len(extra)} such tensors); the spec must list every floating-point tensor"
         )
@@ -481,7 +481,7 @@ def build_graph(
     but the model lacks, a shape the spec does not expect, a NaN/Inf weight, an empty model.
     """
     if mode not in ("entry", "channel"):
-        raise RecipeError(f"unknown graph mode '{mode}' (expected 'entry' or 'channel')")
+        raise InvalidArgumentError(f"unknown graph mode '{mode}' (expected 'entry' or 'channel')")
     spec = resolve_spec(state, spec=spec, from_names=True, check=False, where=name)
     _check_state(state, spec, name)
     grid = tuple(int(g) for g in kernel_grid) if kernel_grid is not None else None
@@ -635,7 +635,7 @@ def _layout_of(graph: Data | GraphLayout) -> GraphLayout:
         return graph
     layout = getattr(graph, "layout", None)
     if not isinstance(layout, GraphLayout):
-        raise RecipeError(
+        raise InvalidArgumentError(
             "not a single parameter graph (no GraphLayout; split a Batch with split_edge_values)"
         )
     return layout

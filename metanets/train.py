@@ -29,7 +29,7 @@ import random
 import socket
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from merge.atomic import check_output, publish, write_marker
-from merge.errors import CheckpointError, RecipeError
+from merge.errors import CheckpointError, InvalidArgumentError
 from merge.symmetry import PermutationSpec
 from metanets.base import Metanet, auto_spec, to_device
 from metanets.zoo import Zoo
@@ -151,9 +151,9 @@ def make_metanet(
     from metanets.unf import UNF
 
     if name not in METANETS:
-        raise RecipeError(f"unknown metanet '{name}' (known: {', '.join(METANETS)})")
+        raise InvalidArgumentError(f"unknown metanet '{name}' (known: {', '.join(METANETS)})")
     if name in ("unf", "flat", "flat_aug") and archs > 1:
-        raise RecipeError(
+        raise InvalidArgumentError(
             f"metanet '{name}' reads one architecture, the selected records have {archs}; "
             "use gmn, deepsets or statnn (pooled) for mixed architectures, or filter the records"
         )
@@ -202,7 +202,7 @@ def split_records(zoo: Zoo, cfg: TrainConfig) -> tuple[list[int], tuple[list[int
     the training runs kept, seeded): what :func:`train_metanet` trains and tests on."""
     idx = _select(zoo, cfg.where)
     if len(idx) < 3:
-        raise RecipeError(f"zoo '{zoo.path}': only {len(idx)} records match {cfg.where}; need at least 3")
+        raise InvalidArgumentError(f"zoo '{zoo.path}': only {len(idx)} records match {cfg.where}; need at least 3")
     tr, va, te = zoo.split(cfg.split, seed=cfg.split_seed, subset=idx)
     if cfg.train_fraction < 1.0:
         runs = sorted({zoo.records[i]["run"] for i in tr})
@@ -210,7 +210,7 @@ def split_records(zoo: Zoo, cfg: TrainConfig) -> tuple[list[int], tuple[list[int
         keep = set(runs[: max(1, round(cfg.train_fraction * len(runs)))])
         tr = [i for i in tr if zoo.records[i]["run"] in keep]
     if not tr or not va or not te:
-        raise RecipeError(f"split {list(cfg.split)} of {len(idx)} records leaves a side empty")
+        raise InvalidArgumentError(f"split {list(cfg.split)} of {len(idx)} records leaves a side empty")
     return idx, (tr, va, te)
 
 
@@ -286,7 +286,7 @@ def train_metanet(
     zoo_path = Path(zoo.path if isinstance(zoo, Zoo) else zoo)
     out = check_output(out, overwrite=overwrite, inputs=[zoo_path])
     if cfg.model not in METANETS:
-        raise RecipeError(f"unknown metanet '{cfg.model}' (known: {', '.join(METANETS)})")
+        raise InvalidArgumentError(f"unknown metanet '{cfg.model}' (known: {', '.join(METANETS)})")
     if nproc > 1:
         import torch.multiprocessing as mp
 
@@ -363,8 +363,8 @@ def _train(
     for i in tr + va + te:
         try:
             feats[i] = net.featurize(zoo.state_dict(i), zoo.spec(i))
-        except RecipeError as e:
-            raise RecipeError(f"zoo record {zoo.records[i]['id']}: {e}") from None
+        except InvalidArgumentError as e:
+            raise InvalidArgumentError(f"zoo record {zoo.records[i]['id']}: {e}") from None
     t_feat = time.perf_counter() - t_feat
     norm = getattr(net, "norm", None)
     if norm is not None and hasattr(norm, "fit"):
@@ -435,7 +435,7 @@ def _train(
         for gb in batches(order, cfg.batch_size):
             mine = gb[rank::world]
             if not mine:
-                raise RecipeError(f"a batch of {len(gb)} cannot be shared by {world} processes; lower nproc")
+                raise InvalidArgumentError(f"a batch of {len(gb)} cannot be shared by {world} processes; lower nproc")
             opt.zero_grad(set_to_none=True)
             o = model(to_device(net.collate([feats[i] for i in mine]), device))
             # Σ over my share / global batch size × world: DDP's mean over processes = the global mean
@@ -576,18 +576,49 @@ def _read_checkpoint(
         ck.close()
 
 
-def _states_and_specs(
-    refs: Sequence[Any], spec: PermutationSpec | None, resolver: Any
-) -> list[tuple[str, dict[str, torch.Tensor], PermutationSpec]]:
-    out = []
+def _samples(
+    net: Metanet, refs: Sequence[Any], spec: PermutationSpec | None, resolver: Any
+) -> Iterator[tuple[str, Any]]:
+    """``(name, featurized sample)`` per checkpoint, reading one checkpoint at a time (its state dict
+    is dropped once featurized)."""
     for ref in refs:
         name, state = _read_checkpoint(ref, resolver)
         try:
             s = spec or auto_spec(state, name=name)
-        except RecipeError as e:
-            raise RecipeError(f"{name}: {e}") from None
-        out.append((name, state, s))
-    return out
+        except InvalidArgumentError as e:
+            raise InvalidArgumentError(f"{name}: {e}") from None
+        try:
+            sample = net.featurize(state, s)
+        except InvalidArgumentError as e:
+            raise InvalidArgumentError(f"{name}: the metanet cannot read this checkpoint: {e}") from None
+        del state
+        yield name, sample
+
+
+def _batched(
+    net: Metanet, refs: Sequence[Any], spec: PermutationSpec | None, resolver: Any, batch_size: int, embed: bool
+) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """The metanet (or its embedding) on ``batch_size`` checkpoints at a time: names and outputs (CPU)."""
+    if batch_size < 1:
+        raise InvalidArgumentError(f"batch_size must be at least 1, got {batch_size}")
+    names: list[str] = []
+    samples: list[Any] = []
+
+    def run() -> tuple[list[str], torch.Tensor]:
+        batch = to_device(net.collate(samples), net.device)
+        with torch.no_grad():
+            out = net.embed(batch) if embed else net(batch)
+        return list(names), out
+
+    for name, sample in _samples(net, refs, spec, resolver):
+        names.append(name)
+        samples.append(sample)
+        if len(samples) == batch_size:
+            yield run()
+            names.clear()
+            samples.clear()
+    if samples:
+        yield run()
 
 
 def predict(
@@ -597,29 +628,26 @@ def predict(
     spec: PermutationSpec | None = None,
     resolver: Any = None,
     device: str = "cpu",
+    batch_size: int = 32,
 ) -> list[dict[str, Any]]:
-    """Run a trained metanet on checkpoints (paths, Hub ids or state dicts): one result per checkpoint."""
+    """Run a trained metanet on checkpoints (paths, Hub ids or state dicts): one result per checkpoint.
+
+    Checkpoints are read one at a time and run ``batch_size`` at a time (one collated batch)."""
     net, card = load_metanet(metanet, device=device) if not isinstance(metanet, tuple) else metanet
     how, classes = card["target"]["loss"], card["target"]["classes"]
     results = []
-    for name, state, s in _states_and_specs(checkpoints, spec, resolver):
-        try:
-            sample = net.featurize(state, s)
-        except RecipeError as e:
-            raise RecipeError(f"{name}: the metanet cannot read this checkpoint: {e}") from None
-        with torch.no_grad():
-            o = net(to_device(net.collate([sample]), net.device))
-        r = _read(o, how)[0].float().cpu()
-        res: dict[str, Any] = {"checkpoint": name, "target": card["target"]["name"]}
-        if card["target"]["kind"] == "regression":
-            res["prediction"] = float(r)
-        else:
-            res["prediction"] = classes[int(r.argmax())]
-            res["probabilities"] = {
-                json.dumps(c) if not isinstance(c, str) else c: float(p)
-                for c, p in zip(classes, r, strict=True)
-            }
-        results.append(res)
+    for names, out in _batched(net, checkpoints, spec, resolver, batch_size, embed=False):
+        for name, r in zip(names, _read(out, how).float().cpu(), strict=True):
+            res: dict[str, Any] = {"checkpoint": name, "target": card["target"]["name"]}
+            if card["target"]["kind"] == "regression":
+                res["prediction"] = float(r)
+            else:
+                res["prediction"] = classes[int(r.argmax())]
+                res["probabilities"] = {
+                    json.dumps(c) if not isinstance(c, str) else c: float(p)
+                    for c, p in zip(classes, r, strict=True)
+                }
+            results.append(res)
     return results
 
 
@@ -630,16 +658,13 @@ def embed(
     spec: PermutationSpec | None = None,
     resolver: Any = None,
     device: str = "cpu",
+    batch_size: int = 32,
 ) -> list[dict[str, Any]]:
-    """Invariant embeddings of checkpoints (for search and clustering): ``{"checkpoint", "embedding"}``."""
+    """Invariant embeddings of checkpoints (for search and clustering): ``{"checkpoint", "embedding"}``;
+    read one at a time, run ``batch_size`` at a time."""
     net, _card = load_metanet(metanet, device=device) if not isinstance(metanet, tuple) else metanet
     out = []
-    for name, state, s in _states_and_specs(checkpoints, spec, resolver):
-        try:
-            sample = net.featurize(state, s)
-        except RecipeError as e:
-            raise RecipeError(f"{name}: the metanet cannot read this checkpoint: {e}") from None
-        with torch.no_grad():
-            z = net.embed(to_device(net.collate([sample]), net.device))
-        out.append({"checkpoint": name, "embedding": z[0].float().cpu().tolist()})
+    for names, z in _batched(net, checkpoints, spec, resolver, batch_size, embed=True):
+        out += [{"checkpoint": n, "embedding": row.float().cpu().tolist()} for n, row in zip(names, z, strict=True)]
     return out
+

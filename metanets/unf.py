@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merge.errors import MissingTensorError, RecipeError, ShapeMismatchError
+from merge.errors import InvalidArgumentError, MissingTensorError, ShapeMismatchError
 from merge.symmetry import PermutationSpec
 from metanets.base import Metanet
 
@@ -119,7 +119,7 @@ class WeightSpace:
                 )
             )
         if not self.tensors:
-            raise RecipeError("empty permutation spec: a UNF needs at least one tensor")
+            raise InvalidArgumentError("empty permutation spec: a UNF needs at least one tensor")
 
     @property
     def names(self) -> list[str]:
@@ -290,7 +290,7 @@ class UNF(Metanet):
             k for k, v in state.items() if v.is_floating_point() and k not in self.space.spec.axes_to_perm
         ]
         if extra:
-            raise RecipeError(
+            raise InvalidArgumentError(
                 f"model has tensor '{extra[0]}' that this UNF's weight space does not have "
                 f"({len(extra)} such tensors): a UNF reads one architecture"
             )
@@ -315,7 +315,7 @@ class UNF(Metanet):
 
     def equivariant(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.eq_head is None:
-            raise RecipeError("this UNF has no equivariant head (construct it with edge_out=)")
+            raise InvalidArgumentError("this UNF has no equivariant head (construct it with edge_out=)")
         with self._autocast():
             return {
                 k: v.float() for k, v in self.space.from_features(self.eq_head(self._trunk(batch))).items()

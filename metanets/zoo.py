@@ -35,7 +35,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from merge.errors import CheckpointError, RecipeError
+from merge.errors import CheckpointError, InvalidArgumentError
 from merge.symmetry import PermutationSpec
 from metanets.zoo_models import TASKS, arch_id, build_model
 
@@ -107,17 +107,17 @@ def load_zoo_config(path_or_dict: str | Path | Mapping[str, Any]) -> ZooConfig:
         try:
             data = yaml.safe_load(p.read_text())
         except FileNotFoundError:
-            raise RecipeError(f"zoo config '{p}' does not exist") from None
+            raise InvalidArgumentError(f"zoo config '{p}' does not exist") from None
         except (OSError, yaml.YAMLError) as e:
-            raise RecipeError(f"zoo config '{p}' is not readable YAML/JSON: {e}") from None
+            raise InvalidArgumentError(f"zoo config '{p}' is not readable YAML/JSON: {e}") from None
     if not isinstance(data, Mapping):
-        raise RecipeError(f"{where}: expected a mapping at the top level")
+        raise InvalidArgumentError(f"{where}: expected a mapping at the top level")
     try:
         cfg = ZooConfig.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
-        raise RecipeError(f"{where}: {loc}: {err['msg']}") from None
+        raise InvalidArgumentError(f"{where}: {loc}: {err['msg']}") from None
     for k, v in cfg.hparams.items():
         _check_sampler(f"{where}: hparams.{k}", v)
     return cfg
@@ -126,12 +126,12 @@ def load_zoo_config(path_or_dict: str | Path | Mapping[str, Any]) -> ZooConfig:
 def _check_sampler(where: str, v: Sampler) -> None:
     if isinstance(v, Mapping):
         if len(v) != 1 or next(iter(v)) not in ("uniform", "log_uniform", "int"):
-            raise RecipeError(f"{where}: a sampler is {{uniform|log_uniform|int: [lo, hi]}}, got {dict(v)}")
+            raise InvalidArgumentError(f"{where}: a sampler is {{uniform|log_uniform|int: [lo, hi]}}, got {dict(v)}")
         lo_hi = next(iter(v.values()))
         if not (isinstance(lo_hi, list | tuple) and len(lo_hi) == 2 and float(lo_hi[0]) <= float(lo_hi[1])):
-            raise RecipeError(f"{where}: bounds must be [lo, hi] with lo <= hi, got {lo_hi}")
+            raise InvalidArgumentError(f"{where}: bounds must be [lo, hi] with lo <= hi, got {lo_hi}")
         if "log_uniform" in v and float(lo_hi[0]) <= 0:
-            raise RecipeError(f"{where}: log_uniform bounds must be positive")
+            raise InvalidArgumentError(f"{where}: log_uniform bounds must be positive")
 
 
 def _sample(rng: random.Random, v: Sampler) -> Any:
@@ -303,11 +303,11 @@ def build_zoo(
         except (OSError, ValueError) as e:
             raise CheckpointError(f"zoo '{out}': zoo.json is unreadable ({e})") from None
         if old.get("config_sha256") != digest:
-            raise RecipeError(
+            raise InvalidArgumentError(
                 f"'{out}' holds a zoo of another config (config hash differs); use a new folder"
             )
     elif out.exists() and any(out.iterdir()):
-        raise RecipeError(f"'{out}' exists and is not a zoo; give a new or empty folder")
+        raise InvalidArgumentError(f"'{out}' exists and is not a zoo; give a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(
         head,
@@ -434,11 +434,11 @@ def _run_dask(
     try:
         from distributed import Client, as_completed
     except ImportError:
-        raise RecipeError("--scheduler needs Dask distributed: pip install 'weightsmith[dask]'") from None
+        raise InvalidArgumentError("--scheduler needs Dask distributed: pip install 'weightsmith[dask]'") from None
     try:
         client = Client(address, timeout="20s")
     except (OSError, TimeoutError) as e:
-        raise RecipeError(f"cannot reach the Dask scheduler at {address}: {e}") from None
+        raise InvalidArgumentError(f"cannot reach the Dask scheduler at {address}: {e}") from None
     try:
         futures = client.map(execute_run, list(pending), pure=False)
         for fut in as_completed(futures):
@@ -534,7 +534,7 @@ class Zoo:
             v: Any = r
             for part in name.split("."):
                 if not isinstance(v, Mapping) or part not in v:
-                    raise RecipeError(f"zoo '{self.path}': records have no field '{name}'")
+                    raise InvalidArgumentError(f"zoo '{self.path}': records have no field '{name}'")
                 v = v[part]
             out.append(v)
         return out
@@ -549,7 +549,7 @@ class Zoo:
         """Record indices split by **run** (all checkpoints of a run on one side), seeded."""
         fractions = list(fractions)
         if abs(sum(fractions) - 1.0) > 1e-6 or any(f < 0 for f in fractions):
-            raise RecipeError(f"split fractions must be non-negative and sum to 1, got {list(fractions)}")
+            raise InvalidArgumentError(f"split fractions must be non-negative and sum to 1, got {list(fractions)}")
         idx = list(range(len(self.records))) if subset is None else list(subset)
         runs = sorted({self.records[i]["run"] for i in idx})
         rng = random.Random(f"weightsmith-split:{seed}")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from merge.errors import RecipeError
+from merge.errors import InvalidArgumentError
 
 __all__ = ["TASKS", "ZooCNN", "ZooMLP", "arch_id", "build_model", "load_task", "train_run"]
 
@@ -53,7 +53,7 @@ class TaskData:
 def load_task(task: str, seed: int = 0, test_fraction: float = 0.3) -> TaskData:
     """The task's data: 64 features in [0, 1] (8×8 images for digits), a stratified split by ``seed``."""
     if task not in TASKS:
-        raise RecipeError(f"unknown zoo task '{task}' (known: {', '.join(TASKS)})")
+        raise InvalidArgumentError(f"unknown zoo task '{task}' (known: {', '.join(TASKS)})")
     from sklearn.datasets import load_digits, make_classification
     from sklearn.model_selection import train_test_split
 
@@ -86,7 +86,7 @@ def _norm(kind: str, n: int, conv: bool) -> nn.Module | None:
         return nn.BatchNorm2d(n) if conv else nn.BatchNorm1d(n)
     if kind == "layernorm":
         return nn.GroupNorm(1, n) if conv else nn.LayerNorm(n)
-    raise RecipeError(f"unknown normalisation '{kind}' (none, batchnorm, layernorm)")
+    raise InvalidArgumentError(f"unknown normalisation '{kind}' (none, batchnorm, layernorm)")
 
 
 class ZooMLP(nn.Module):
@@ -195,7 +195,7 @@ def build_model(arch: Mapping[str, Any]) -> nn.Module:
             arch.get("norm", "none"),
             bool(arch.get("residual", False)),
         )
-    raise RecipeError(f"unknown zoo architecture kind {kind!r} (mlp, cnn)")
+    raise InvalidArgumentError(f"unknown zoo architecture kind {kind!r} (mlp, cnn)")
 
 
 def arch_id(arch: Mapping[str, Any]) -> str:

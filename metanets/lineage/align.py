@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from merge.checkpoint import TensorSource
-from merge.errors import RecipeError, WeightsmithError
+from merge.errors import InvalidArgumentError, WeightsmithError
 from merge.symmetry import PermutationSpec, build_spec, mlp_spec, resolve_spec
 from metanets.lineage.stats import Pairing, PermutedSource, read
 
@@ -59,7 +59,7 @@ def child_spec(child: Model, spec: Any, architecture: str | None, n_heads: int) 
     try:
         return mlp_spec(shapes)
     except WeightsmithError as e:
-        raise RecipeError(
+        raise InvalidArgumentError(
             f"method 'aligned': cannot build a permutation spec for the child from its tensor names ({e}); "
             "pass architecture= (mlp, cnn, resnet, transformer with n_heads) or spec= (a JSON spec)"
         ) from None
@@ -117,7 +117,7 @@ def align_candidates(
                 continue
             for k in permuted:
                 if m.source.shape(k) != sub.shapes[k]:
-                    raise RecipeError(
+                    raise InvalidArgumentError(
                         f"tensor '{k}' has shape {list(m.source.shape(k))}, the spec expects "
                         f"{list(sub.shapes[k])}"
                     )

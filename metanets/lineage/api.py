@@ -61,9 +61,10 @@ from typing import Any
 import torch
 
 from merge.checkpoint import StateDictSource, TensorSource
-from merge.errors import RecipeError, WeightsmithError
+from merge.errors import InvalidArgumentError, WeightsmithError
+from metanets.lineage.methods import LineageMethod, Scoring, _geo_mean, _weight, get_lineage_method, lineage_methods
 from metanets.lineage.model import Model, Scored
-from metanets.lineage.result import CandidateScore, LayerEvidence, LineageResult, Skipped, TreeEdge
+from metanets.lineage.result import CandidateScore, LineageResult, Skipped, TreeEdge
 from metanets.lineage.stats import (
     NUCLEAR,
     Pairing,
@@ -74,16 +75,12 @@ from metanets.lineage.stats import (
     pair_tensors,
     read,
     single_torch_thread,
-    stream_distances,
 )
 
-__all__ = ["METHODS", "LineageResult", "detect_lineage"]
+__all__ = ["LineageMethod", "LineageResult", "detect_lineage", "get_lineage_method", "lineage_methods"]
 
-METHODS = ("weights", "aligned", "probe", "learned")
 ModelRef = str | Path | Mapping[str, torch.Tensor]
 Progress = Callable[[str, int, int], None]
-Q_FLOOR = 1e-4
-VECTOR_WEIGHT = 0.1
 #: ``behind`` a chain step needs (stricter than the path test: a wrong ancestor is worse than a short chain)
 CHAIN_THRESHOLD = 0.5
 
@@ -97,7 +94,7 @@ def _names(candidates: Sequence[ModelRef] | Mapping[str, ModelRef]) -> list[tupl
     if isinstance(candidates, Mapping) and not all(isinstance(v, torch.Tensor) for v in candidates.values()):
         items = [(str(k), v) for k, v in candidates.items()]
     elif isinstance(candidates, str | Path) or isinstance(candidates, Mapping):
-        raise RecipeError("detect_lineage: candidates must be a list of models (or a {name: model} mapping)")
+        raise InvalidArgumentError("detect_lineage: candidates must be a list of models (or a {name: model} mapping)")
     else:
         items = []
         for i, c in enumerate(candidates):
@@ -118,7 +115,7 @@ def _open(name: str, ref: ModelRef, resolver: Callable[[str], Any], allow_pickle
     if isinstance(ref, Mapping):
         bad = [k for k, v in ref.items() if not isinstance(v, torch.Tensor)]
         if bad:
-            raise RecipeError(f"model '{name}': entry '{bad[0]}' of the state dict is not a tensor")
+            raise InvalidArgumentError(f"model '{name}': entry '{bad[0]}' of the state dict is not a tensor")
         return Model(name, name, StateDictSource(ref))
     from merge.checkpoint import open_checkpoint
 
@@ -137,62 +134,6 @@ def _default_resolver() -> Callable[[str], Any]:
 # ---------------------------------------------------------------------------------------------
 # Scoring from per-tensor norms (weights, aligned)
 # ---------------------------------------------------------------------------------------------
-
-
-def _weight(shape: tuple[int, ...]) -> float:
-    return 1.0 if len(shape) >= 2 else VECTOR_WEIGHT
-
-
-def _geo_mean(values: Mapping[str, float], weights: Mapping[str, float]) -> float:
-    """Weighted geometric mean of per-tensor distances, each floored at ``Q_FLOOR`` (exactly 0 if all are)."""
-    if values and all(v == 0 for v in values.values()):
-        return 0.0
-    num = sum(weights[k] * math.log(max(v, Q_FLOOR)) for k, v in values.items())
-    den = sum(weights[k] for k in values)
-    return math.exp(num / den) if den > 0 else math.inf
-
-
-def _score_norms(
-    child: Model, models: list[Model], pairings: dict[int, Pairing], norms: dict[str, TensorNorms]
-) -> list[Scored]:
-    shapes = {n: child.source.shape(n) for n in norms}
-    weights = {n: _weight(shapes[n]) for n in norms}
-    total = sum(
-        math.prod(child.source.shape(n))
-        for n in child.source.keys()
-        if child.source.dtype(n).is_floating_point
-    )
-    best_q: dict[str, float] = {}
-    for n, tn in norms.items():
-        if tn.child > 0 and tn.diff:
-            best_q[n] = min(tn.diff.values()) / tn.child
-    out = []
-    for m in models:
-        q: dict[str, float] = {}
-        layers: list[LayerEvidence] = []
-        votes = 0.0
-        for n in pairings[m.index].shared:
-            tn = norms.get(n)
-            if tn is None or tn.child <= 0 or m.index not in tn.diff:
-                continue
-            q[n] = tn.diff[m.index] / tn.child
-            nearest = q[n] <= best_q[n] * (1 + 1e-12)
-            votes += weights[n] if nearest else 0.0
-            layers.append(LayerEvidence(n, tn.kind, q[n], tn.fro_rel[m.index], nearest))
-        wsum = sum(weights[n] for n in q)
-        covered = sum(norms[n].numel for n in q)
-        out.append(
-            Scored(
-                m,
-                _geo_mean(q, weights),
-                q,
-                layers,
-                pairings[m.index],
-                covered / total if total else 0.0,
-                votes / wsum if wsum else 0.0,
-            )
-        )
-    return out
 
 
 def _pair_distance(
@@ -342,10 +283,10 @@ def detect_lineage(
     done, total)`` is called as work proceeds.
     """
     t0 = time.perf_counter()
-    if method not in METHODS:
-        raise RecipeError(f"detect_lineage: unknown method '{method}' (known: {', '.join(METHODS)})")
+    how = get_lineage_method(method)
+    how.check({"probe": probe, "model_fn": model_fn, "detector": detector})
     if not (0 < family_threshold) or not math.isfinite(path_threshold):
-        raise RecipeError("detect_lineage: family_threshold must be > 0 and path_threshold finite")
+        raise InvalidArgumentError("detect_lineage: family_threshold must be > 0 and path_threshold finite")
     resolver = resolver or _default_resolver()
     cname = child_name or (str(child) if isinstance(child, str | Path) else "child")
     c = _open(cname, child, resolver, allow_pickle)
@@ -363,7 +304,7 @@ def detect_lineage(
         m.index = i
         models.append(m)
     if not models and not skipped:
-        raise RecipeError("detect_lineage: no candidates given")
+        raise InvalidArgumentError("detect_lineage: no candidates given")
 
     child_shapes = {n: c.source.shape(n) for n in c.source.keys()}
     if heads == "auto":
@@ -395,71 +336,34 @@ def detect_lineage(
         pairings[m.index] = pr
         comparable.append(m)
 
-    params: dict[str, Any] = {"spectral": spectral, "spectral_max_dim": spectral_max_dim}
-    norms: dict[str, TensorNorms] = {}
-    scored: list[Scored]
-    if method in ("weights", "aligned"):
-        extra: dict[int, dict[str, Any]] = {}
-        sources: dict[int, TensorSource] = {m.index: m.source for m in comparable}
-        if method == "aligned":
-            from metanets.lineage.align import align_candidates
-
-            sources, extra, bad, spec_used = align_candidates(
-                c,
-                comparable,
-                pairings,
-                spec=spec,
-                architecture=architecture,
-                n_heads=n_heads,
-                progress=progress,
-            )
-            params["spec"] = repr(spec_used)
-            for idx, why in bad.items():
-                m = next(x for x in comparable if x.index == idx)
-                skipped.append(Skipped(m.name, m.ref, why))
-            comparable = [m for m in comparable if m.index not in bad]
-            for m in comparable:
-                m.source = sources[m.index]
-        norms = stream_distances(
-            c.source,
-            {m.index: m.source for m in comparable},
-            {m.index: pairings[m.index] for m in comparable},
-            spectral=spectral,
-            spectral_max_dim=spectral_max_dim,
-            workers=workers,
-            progress=(lambda d, t: progress("reading tensors", d, t)) if progress else None,
-        )
-        scored = _score_norms(c, comparable, pairings, norms)
-        for s in scored:
-            s.extra = extra.get(s.model.index, {})
-    elif method == "probe":
-        from metanets.lineage.probe import PROBE_METRICS
-
-        if probe is None or model_fn is None:
-            raise RecipeError(
-                "method 'probe' needs probe (a batch of inputs) and model_fn (state dict -> module)"
-            )
-        if probe_metric not in PROBE_METRICS:
-            raise RecipeError(f"probe_metric must be one of {', '.join(PROBE_METRICS)}, got {probe_metric!r}")
-        scored = _score_probe(
-            c, comparable, pairings, probe, model_fn, probe_metric, alpha, skipped, progress
-        )
-        params |= {"probe_metric": probe_metric, "alpha": alpha}
-    else:
-        from metanets.lineage.learned import score_learned
-
-        if detector is None:
-            raise RecipeError("method 'learned' needs detector (a file written by metanets.lineage.learned)")
-        scored = score_learned(c, comparable, pairings, detector, skipped, progress)
-        params["detector"] = str(detector)
-
+    ctx = Scoring(
+        child=c,
+        candidates=comparable,
+        pairings=pairings,
+        skipped=skipped,
+        progress=progress,
+        options={
+            "probe": probe,
+            "model_fn": model_fn,
+            "detector": detector,
+            "spec": spec,
+            "architecture": architecture,
+            "n_heads": n_heads,
+            "probe_metric": probe_metric,
+            "alpha": alpha,
+            "workers": workers,
+        },
+        params={"spectral": spectral, "spectral_max_dim": spectral_max_dim},
+    )
+    scored = how.score(ctx)
+    comparable, norms, params = ctx.candidates, ctx.norms, ctx.params
     scored = [s for s in scored if math.isfinite(s.score)]
     scored.sort(key=lambda s: (s.score, s.model.index))
     result = _decide(
         c,
         scored,
         norms,
-        method,
+        how,
         family_threshold,
         path_threshold,
         max_family,
@@ -467,7 +371,7 @@ def detect_lineage(
     )
     result.skipped = skipped
     result.params = params
-    result.bytes_read = _bytes_read(c, comparable, pairings) if method in ("weights", "aligned") else 0
+    result.bytes_read = _bytes_read(c, comparable, pairings) if how.reads_weights else 0
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -496,7 +400,7 @@ def _decide(
     c: Model,
     scored: list[Scored],
     norms: dict[str, TensorNorms],
-    method: str,
+    method: LineageMethod,
     family_threshold: float,
     path_threshold: float,
     max_family: int,
@@ -507,7 +411,7 @@ def _decide(
         "family_rule": "the parent must score at most this (0 = the child itself; unrelated models score about 1 "
         "or more)",
     }
-    path_ok = method in ("weights", "aligned")
+    path_ok = method.reads_weights
     if path_ok:
         thresholds |= {
             "path": path_threshold,
@@ -537,16 +441,16 @@ def _decide(
             cs.permuted = cs.related and cs.fixed_fraction < 0.5
         cs.metrics = dict(s.extra.get("metrics", {}))
         cands.append(cs)
-    result = LineageResult(c.name, method, cands, None, "", thresholds)
+    result = LineageResult(c.name, method.name, cands, None, "", thresholds)
     if not scored:
         result.reason = "no candidate could be scored (see skipped)"
         return result
     best = scored[0]
     result.margin = math.log(scored[1].score / best.score) if len(scored) > 1 and best.score > 0 else None
-    if method == "learned":
+    if not method.open_set_by_threshold:
         return _decide_learned(result, scored)
     if best.score > family_threshold:
-        hint = " (hidden units may have been permuted: try method 'aligned')" if method == "weights" else ""
+        hint = " (hidden units may have been permuted: try method 'aligned')" if method.name == "weights" else ""
         result.reason = (
             f"no candidate is related: the nearest, {best.model.name}, scores {best.score:.3g} > the "
             f"family threshold {family_threshold:g}{hint}"
@@ -675,48 +579,3 @@ def _acyclic(edges: list[TreeEdge]) -> list[TreeEdge]:
 # ---------------------------------------------------------------------------------------------
 # probe
 # ---------------------------------------------------------------------------------------------
-
-
-def _full_state(src: TensorSource) -> dict[str, torch.Tensor]:
-    return {k: read(src, k) for k in src.keys()}
-
-
-def _score_probe(
-    c: Model,
-    models: list[Model],
-    pairings: dict[int, Pairing],
-    probe: Any,
-    model_fn: Callable[[Mapping[str, torch.Tensor]], torch.nn.Module],
-    metric: str,
-    alpha: float,
-    skipped: list[Skipped],
-    progress: Progress | None,
-) -> list[Scored]:
-    from metanets.lineage.probe import _features, probe_distances
-
-    child_state = _full_state(c.source)
-    try:
-        with torch.no_grad():
-            f_c = _features(model_fn(child_state).eval(), probe)
-    except WeightsmithError:
-        raise
-    except Exception as e:  # noqa: BLE001 - user code
-        raise RecipeError(f"probe: model_fn failed on the child: {type(e).__name__}: {e}") from None
-    out = []
-    for i, m in enumerate(models):
-        if progress is not None:
-            progress("probing candidates", i, len(models))
-        try:
-            metrics = probe_distances(
-                child_state, _full_state(m.source), model_fn, probe, alpha=alpha, child_features=f_c
-            )
-        except WeightsmithError as e:
-            skipped.append(Skipped(m.name, m.ref, str(e)))
-            continue
-        except Exception as e:  # noqa: BLE001 - user code (model_fn) may raise anything
-            skipped.append(Skipped(m.name, m.ref, f"model_fn failed: {type(e).__name__}: {e}"))
-            continue
-        out.append(Scored(m, metrics[metric], {}, [], pairings[m.index], 1.0, 0.0, {"metrics": metrics}))
-    if progress is not None:
-        progress("probing candidates", len(models), len(models))
-    return out

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from merge.checkpoint import TensorSource
-from merge.errors import CheckpointError, RecipeError, WeightsmithError
+from merge.errors import CheckpointError, InvalidArgumentError, WeightsmithError
 from merge.symmetry import PermutationSpec
 from metanets.lineage.align import align_candidates, restrict
 from metanets.lineage.result import Skipped
@@ -213,7 +213,7 @@ def _zoo_graphs(zoo: LineageZoo, queries: Sequence[str], candidates: Sequence[st
             pairings[i] = pair_tensors(src, m.source, heads=heads)
         sources, _, bad, spec = align_candidates(child, models, pairings)
         if bad:
-            raise RecipeError(f"lineage zoo: candidate {sorted(bad)[0]} does not fit the spec of {q}")
+            raise InvalidArgumentError(f"lineage zoo: candidate {sorted(bad)[0]} does not fit the spec of {q}")
         out[q] = [pair_graph(src, sources[i], spec, pairings[i].shared) for i in range(len(candidates))]
     return out
 
@@ -270,7 +270,7 @@ def train_detector(
         if progress is not None:
             progress(ep + 1, epochs, losses[-1])
     if not all(math.isfinite(x) for x in losses):
-        raise RecipeError("lineage detector training diverged (non-finite loss)")
+        raise InvalidArgumentError("lineage detector training diverged (non-finite loss)")
     log = {
         "epochs": epochs,
         "loss": losses,

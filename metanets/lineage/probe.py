@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch.func import functional_call, jvp
 
-from merge.errors import RecipeError, ShapeMismatchError
+from merge.errors import InvalidArgumentError, ShapeMismatchError
 
 PROBE_METRICS = ("linearized", "first_order", "l2", "cka")
 ModelFn = Callable[[Mapping[str, torch.Tensor]], torch.nn.Module]
@@ -49,7 +49,7 @@ def _features(model: torch.nn.Module, probe: Any) -> torch.Tensor:
     if hasattr(out, "last_hidden_state"):
         out = out.last_hidden_state
     if not isinstance(out, torch.Tensor):
-        raise RecipeError(
+        raise InvalidArgumentError(
             f"probe: model_fn's module returned {type(out).__name__}, expected a tensor of features"
         )
     return out.reshape(out.shape[0], -1).double() if out.dim() > 1 else out.reshape(-1, 1).double()

@@ -206,9 +206,9 @@ class LineageResult:
         out = Path(path)
         fmt = out.suffix.lower().lstrip(".")
         if fmt not in ("png", "svg", "pdf"):
-            from merge.errors import RecipeError
+            from merge.errors import InvalidArgumentError
 
-            raise RecipeError(f"tree file '{out}': use a .png, .svg or .pdf suffix")
+            raise InvalidArgumentError(f"tree file '{out}': use a .png, .svg or .pdf suffix")
         with atomic_output(out, overwrite=overwrite, kind="file") as tmp:
             render(self, tmp, fmt=fmt, title=title)
         return out

@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from merge.errors import RecipeError
+from merge.errors import InvalidArgumentError
 from merge.symmetry import PermutationSpec, apply_permutation, build_spec
 
 ARCHS = ("mlp", "cnn")
@@ -94,16 +94,16 @@ class ZooConfig:
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
-            raise RecipeError(f"lineage zoo: arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+            raise InvalidArgumentError(f"lineage zoo: arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         for k in ("roots", "siblings", "children", "root_steps", "parent_steps", "hidden", "batch"):
             if getattr(self, k) < 1:
-                raise RecipeError(f"lineage zoo: {k} must be >= 1, got {getattr(self, k)}")
+                raise InvalidArgumentError(f"lineage zoo: {k} must be >= 1, got {getattr(self, k)}")
         if not 0 <= self.grandchildren <= self.children:
-            raise RecipeError("lineage zoo: grandchildren must be between 0 and children")
+            raise InvalidArgumentError("lineage zoo: grandchildren must be between 0 and children")
         if not self.child_budgets:
-            raise RecipeError("lineage zoo: child_budgets is empty")
+            raise InvalidArgumentError("lineage zoo: child_budgets is empty")
         if not 0 <= self.freeze < 3:
-            raise RecipeError("lineage zoo: freeze must be 0, 1 or 2 (layers before the head)")
+            raise InvalidArgumentError("lineage zoo: freeze must be 0, 1 or 2 (layers before the head)")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -157,7 +157,7 @@ def build_model(arch: str, hidden: int = 64, n_out: int = N_CLASSES) -> nn.Seque
             nn.ReLU(),
             nn.Linear(hidden, n_out),
         )
-    raise RecipeError(f"lineage zoo: unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
+    raise InvalidArgumentError(f"lineage zoo: unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
 
 
 def head_prefix(arch: str) -> str:
@@ -344,7 +344,7 @@ class LineageZoo:
         try:
             d = json.loads((p / MANIFEST).read_text())
         except (OSError, ValueError) as e:
-            raise RecipeError(f"{p}: not a lineage zoo ({MANIFEST}: {e})") from None
+            raise InvalidArgumentError(f"{p}: not a lineage zoo ({MANIFEST}: {e})") from None
         return cls(p, ZooConfig.from_dict(d["config"]), [ZooMember(**m) for m in d["members"]])
 
     # -- structure ----------------------------------------------------------------------------------
@@ -601,7 +601,7 @@ def build_minilm_zoo(
 
     topics = list(TOPICS)
     if siblings + 1 > len(topics):
-        raise RecipeError(
+        raise InvalidArgumentError(
             f"MiniLM zoo: at most {len(topics) - 1} siblings (one topic each, one left for children)"
         )
     out = Path(out_dir)

@@ -70,3 +70,16 @@ def _resolver(token: str | None, endpoint: str | None, offline: bool, cache_dir:
 
     return hub.HubResolver(token=token, endpoint=endpoint, offline=offline, cache_dir=cache_dir,
                            revision=revision, progress=sys.stderr.isatty())
+
+
+class RegistryChoice(click.Choice):
+    """A choice among a registry's names (lineage methods...), read when first needed, so that the CLI
+    starts without importing the library."""
+
+    def __init__(self, names: Callable[[], list[str]]) -> None:
+        self._names = names
+        self.case_sensitive = True
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._names())

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from service.cli.common import _fail_cleanly, _resolver, hub_options
+from service.cli.common import RegistryChoice, _fail_cleanly, _resolver, hub_options
 
 
 class _Progress:
@@ -57,29 +57,35 @@ class _Progress:
 def _load_probe(path: str) -> Any:
     from safetensors.torch import load_file
 
-    from merge.errors import RecipeError
+    from merge.errors import InvalidArgumentError
 
     try:
         tensors = load_file(path)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own errors
-        raise RecipeError(f"probe file '{path}': not a readable safetensors file ({e})") from None
+        raise InvalidArgumentError(f"probe file '{path}': not a readable safetensors file ({e})") from None
     if "x" in tensors:
         return tensors["x"]
     if len(tensors) == 1:
         return next(iter(tensors.values()))
-    raise RecipeError(f"probe file '{path}': holds {len(tensors)} tensors; name the probe batch 'x'")
+    raise InvalidArgumentError(f"probe file '{path}': holds {len(tensors)} tensors; name the probe batch 'x'")
 
 
 def _load_model_fn(spec: str) -> Any:
-    from merge.errors import RecipeError
+    from merge.errors import InvalidArgumentError
 
     mod, _, fn = spec.partition(":")
     if not mod or not fn:
-        raise RecipeError(f"--model-fn '{spec}': expected module:function")
+        raise InvalidArgumentError(f"--model-fn '{spec}': expected module:function")
     try:
         return getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError) as e:
-        raise RecipeError(f"--model-fn '{spec}': {e}") from None
+        raise InvalidArgumentError(f"--model-fn '{spec}': {e}") from None
+
+
+def _method_names() -> list[str]:
+    from metanets.lineage.methods import lineage_methods
+
+    return [m.name for m in lineage_methods()]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -96,7 +102,7 @@ def _load_model_fn(spec: str) -> Any:
 @click.option(
     "-m",
     "--method",
-    type=click.Choice(["weights", "aligned", "probe", "learned"]),
+    type=RegistryChoice(_method_names),
     default="weights",
     show_default=True,
     help="How to compare (see docs/lineage.md).",
@@ -219,16 +225,16 @@ def lineage(
     cache_dir: str | None,
 ) -> None:
     """Which of the candidates is CHILD's parent (grandparent, ...), or none of them?"""
-    from merge.errors import RecipeError
+    from merge.errors import InvalidArgumentError
     from metanets.lineage import detect_lineage
 
     if more and not candidates:
-        raise RecipeError(
+        raise InvalidArgumentError(
             "give the candidate parents after --candidates: weightsmith lineage CHILD --candidates A B"
         )
     models = [*candidates, *more]
     if not models:
-        raise RecipeError("no candidates: weightsmith lineage CHILD --candidates A B C")
+        raise InvalidArgumentError("no candidates: weightsmith lineage CHILD --candidates A B C")
     if tree_path:
         from merge.atomic import check_output
 

@@ -55,7 +55,12 @@ def remote_align(model_a: str, model_b: str, architecture: str | None, spec_ref:
 @remote.command("lineage")
 @click.argument("child")
 @click.argument("candidates", nargs=-1, required=True)
-@click.option("--method", default="weights", type=click.Choice(["weights", "aligned", "learned"]))
+@click.option(
+    "--method",
+    default="weights",
+    show_default=True,
+    help="A lineage method the server serves (its ListLineageMethods: weights, aligned, learned here).",
+)
 @click.option("--architecture", default="", help="aligned: ready spec (mlp, cnn, resnet, transformer).")
 @click.option("--n-heads", default=0, type=int)
 @click.option("--spec", "spec_ref", default="", help="aligned: a spec JSON on the server.")

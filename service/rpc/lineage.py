@@ -27,16 +27,6 @@ from service.rpc.convert import handle_errors, handle_stream_errors
 
 LINEAGE_SERVICE = lpb.DESCRIPTOR.services_by_name["LineageService"].full_name
 
-METHODS = {
-    "weights": ("per-tensor relative distances (nuclear/Frobenius norms), data-free and streaming", []),
-    "aligned": (
-        "Git Re-Basin weight matching of every candidate to the child first, then 'weights' (permutation-robust)",
-        ["architecture or spec_ref (else built from the child's tensor names)"],
-    ),
-    "learned": ("a detector trained on a lineage zoo (metanets.lineage.learned)", ["detector_ref"]),
-}
-
-
 class _Stopped(Exception):
     """Raised from the library's progress callback when the client went away."""
 
@@ -93,11 +83,14 @@ class LineageServicer(lpb_grpc.LineageServiceServicer):
 
     def _kwargs(self, request: lpb.DetectLineageRequest) -> dict[str, Any]:
         """The library call's arguments, every reference checked against the roots (nothing read yet)."""
+        from metanets.lineage.methods import lineage_methods
+
         method = request.method or "weights"
-        if method not in METHODS:
+        served = [m.name for m in lineage_methods(served=True)]
+        if method not in served:
             raise ServiceError(
                 "INVALID_ARGUMENT",
-                f"method: unknown lineage method {method!r} (served: {', '.join(METHODS)})",
+                f"method: unknown lineage method {method!r} (served: {', '.join(served)})",
                 "method",
             )
         if not request.child:
@@ -218,8 +211,13 @@ class LineageServicer(lpb_grpc.LineageServiceServicer):
     async def ListLineageMethods(
         self, request: lpb.ListLineageMethodsRequest, context: Any
     ) -> lpb.ListLineageMethodsResponse:
+        from metanets.lineage.methods import lineage_methods
+
         return lpb.ListLineageMethodsResponse(
-            methods=[lpb.LineageMethod(name=k, summary=v[0], needs=v[1]) for k, v in METHODS.items()]
+            methods=[
+                lpb.LineageMethod(name=m.name, summary=m.summary, needs=list(m.service_needs or ()))
+                for m in lineage_methods(served=True)
+            ]
         )
 
 

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from merge.checkpoint import StateDictSource
-from merge.errors import ModelNotFoundError, RecipeError
+from merge.errors import InvalidArgumentError, ModelNotFoundError
 from merge.symmetry import mlp_spec
 from metanets.lineage import detect_lineage
 from metanets.lineage.stats import (
@@ -303,7 +303,7 @@ def test_probe_method_ranks_the_parent_first(family) -> None:
     r = detect_lineage(family["child"], cands, method="probe", probe=x, model_fn=model_fn)
     assert r.parent == "p0"
     assert set(r.candidates[0].metrics) == {"linearized", "first_order", "l2", "cka"}
-    with pytest.raises(RecipeError, match="needs probe"):
+    with pytest.raises(InvalidArgumentError, match="needs probe"):
         detect_lineage(family["child"], cands, method="probe")
 
 
@@ -360,7 +360,7 @@ def test_tree_renders_png_and_svg(family, tmp_path: Path) -> None:
     kinds = {(e.a, e.b): e.kind for e in r.tree}
     assert kinds[("child", "p0")] == "chain"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tree.png", "tree.svg"]  # no temporary left
-    with pytest.raises(RecipeError, match="suffix"):
+    with pytest.raises(InvalidArgumentError, match="suffix"):
         r.render_tree(tmp_path / "tree.gif")
 
 
@@ -396,3 +396,20 @@ def test_cli_lineage(family, tmp_path: Path) -> None:
     assert r.exit_code == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
     r = runner.invoke(main, ["lineage", p["child"]])
     assert r.exit_code == 2 and "no candidates" in r.stderr
+
+
+def test_lineage_methods_are_one_registry() -> None:
+    """The library, the CLI and the service list the lineage methods from one registry."""
+    from metanets.lineage.methods import get_lineage_method, lineage_methods
+    from service.cli.lineage import lineage
+
+    names = [m.name for m in lineage_methods()]
+    assert names == ["weights", "aligned", "probe", "learned"]
+    assert [m.name for m in lineage_methods(served=True)] == ["weights", "aligned", "learned"]  # probe runs user code
+    method_opt = next(p for p in lineage.params if p.name == "method")
+    assert list(method_opt.type.choices) == names
+    with pytest.raises(InvalidArgumentError, match="known: weights, aligned, probe, learned"):
+        get_lineage_method("nope")
+    assert get_lineage_method("weights").reads_weights and not get_lineage_method("learned").open_set_by_threshold
+    with pytest.raises(InvalidArgumentError, match="method 'learned' needs detector"):
+        detect_lineage(mlp_state(0), [mlp_state(1)], method="learned")

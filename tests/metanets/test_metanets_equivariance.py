@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merge.errors import RecipeError
+from merge.errors import InvalidArgumentError
 from merge.symmetry import apply_permutation
 from metanets.base import predict_states
 from metanets.baselines import DeepSets, FlatMLP, StatNN
@@ -122,7 +122,7 @@ def test_flat_mlp_augmentation_permutes_training_samples_only():
     assert not torch.equal(moved, x) and torch.equal(moved.sort().values, x.sort().values)
     net.eval()
     assert torch.equal(net(x), net(x))
-    with pytest.raises(RecipeError, match="needs the spec"):
+    with pytest.raises(InvalidArgumentError, match="needs the spec"):
         FlatMLP(n, augment=True)
 
 
@@ -138,14 +138,14 @@ def test_metanets_refuse_what_they_cannot_read():
     state, spec = model_and_spec("mlp", torch.float32)
     other, ospec = model_and_spec("cnn", torch.float32)
     other = {k: v for k, v in other.items() if v.is_floating_point()}
-    with pytest.raises(RecipeError, match="UNF's weight space does not have|UNF reads one architecture"):
+    with pytest.raises(InvalidArgumentError, match="UNF's weight space does not have|UNF reads one architecture"):
         UNF(spec).featurize(other)
-    with pytest.raises(RecipeError, match="another architecture"):
+    with pytest.raises(InvalidArgumentError, match="another architecture"):
         StatNN(StatNN.num_features(state, spec)).featurize(other, ospec)
     gmn = GMN(graph_mode="channel", kernel_grid=(3, 3))
-    with pytest.raises(RecipeError, match="edges carry 1 values, this GMN reads 9"):
+    with pytest.raises(InvalidArgumentError, match="edges carry 1 values, this GMN reads 9"):
         gmn(GMN().collate([GMN().featurize(state, spec)]))
-    with pytest.raises(RecipeError, match="needs kernel_grid"):
+    with pytest.raises(InvalidArgumentError, match="needs kernel_grid"):
         GMN(graph_mode="channel")
 
 

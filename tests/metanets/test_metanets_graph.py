@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch_geometric.data import Batch
 
-from merge.errors import MissingTensorError, NonFiniteError, RecipeError, ShapeMismatchError
+from merge.errors import InvalidArgumentError, MissingTensorError, NonFiniteError, ShapeMismatchError
 from merge.symmetry import PermutationSpec, apply_permutation, mlp_spec
 from metanets.base import auto_spec, node_permutation
 from metanets.graph import (
@@ -165,13 +165,13 @@ def test_bad_inputs_name_the_model_and_the_tensor():
     nan = dict(state, **{"0.bias": torch.tensor([1.0, float("nan"), 2.0])})
     with pytest.raises(NonFiniteError, match="'0.bias' has 1 NaN"):
         build_graph(nan, spec)
-    with pytest.raises(RecipeError, match="no floating-point tensors"):
+    with pytest.raises(InvalidArgumentError, match="no floating-point tensors"):
         build_graph({}, spec)
-    with pytest.raises(RecipeError, match="not in the permutation spec"):
+    with pytest.raises(InvalidArgumentError, match="not in the permutation spec"):
         build_graph(dict(state, extra=torch.zeros(3)), spec)
-    with pytest.raises(RecipeError, match="cannot build a permutation spec.*pass spec="):
+    with pytest.raises(InvalidArgumentError, match="cannot build a permutation spec.*pass spec="):
         build_graph({"a.weight": torch.zeros(3, 4), "b.weight": torch.zeros(5, 7)}, name="odd")
-    with pytest.raises(RecipeError, match="unknown graph mode"):
+    with pytest.raises(InvalidArgumentError, match="unknown graph mode"):
         build_graph(state, spec, mode="dense")
 
 

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from merge.errors import CheckpointError, OutputExistsError, RecipeError
+from merge.errors import CheckpointError, InvalidArgumentError, OutputExistsError
 from merge.symmetry import apply_permutation
 from metanets.train import TrainConfig, embed, load_metanet, predict, train_metanet
 from metanets.zoo import Zoo, build_zoo
@@ -106,6 +106,22 @@ def test_gmn_prediction_ignores_a_hidden_permutation(zoo, tmp_path):
     assert a["prediction"] == pytest.approx(b["prediction"], abs=1e-5)
 
 
+def test_predict_and_embed_in_batches_answer_as_one_at_a_time(zoo, tmp_path):
+    """Checkpoints are read one at a time and run ``batch_size`` at a time: the batch size changes nothing."""
+    r = train_metanet(zoo, _cfg(), tmp_path / "g", progress=False)
+    refs = [str(zoo.path / zoo.records[i]["file"]) for i in range(5)]
+    one = predict(r.path, refs, spec=zoo.spec(0), batch_size=1)
+    many = predict(r.path, refs, spec=zoo.spec(0), batch_size=2)  # batches of 2, 2 and 1
+    assert [x["checkpoint"] for x in many] == refs
+    assert [x["prediction"] for x in many] == pytest.approx([x["prediction"] for x in one], abs=1e-5)
+    e1 = embed(r.path, refs, spec=zoo.spec(0), batch_size=1)
+    e5 = embed(r.path, refs, spec=zoo.spec(0), batch_size=5)
+    z1, z5 = (torch.tensor([x["embedding"] for x in e]) for e in (e1, e5))
+    assert torch.allclose(z1, z5, atol=1e-5)
+    with pytest.raises(InvalidArgumentError, match="batch_size"):
+        predict(r.path, refs, spec=zoo.spec(0), batch_size=0)
+
+
 def test_classification_targets_and_errors(zoo, tmp_path):
     r = train_metanet(zoo, _cfg(target="task"), tmp_path / "task", progress=False)
     assert r.card["target"] == {
@@ -116,13 +132,13 @@ def test_classification_targets_and_errors(zoo, tmp_path):
     }
     p = predict(r.path, [zoo.state_dict(0)], spec=zoo.spec(0))[0]
     assert p["prediction"] in ("digits", "parity") and sum(p["probabilities"].values()) == pytest.approx(1.0)
-    with pytest.raises(RecipeError, match="unknown metanet"):
+    with pytest.raises(InvalidArgumentError, match="unknown metanet"):
         train_metanet(zoo, _cfg(model="transformer"), tmp_path / "x", progress=False)
     with pytest.raises(OutputExistsError, match="exists"):  # the one output rule (merge.atomic)
         train_metanet(zoo, _cfg(target="task"), tmp_path / "task", progress=False)
-    with pytest.raises(RecipeError, match="no field 'nonsense'"):
+    with pytest.raises(InvalidArgumentError, match="no field 'nonsense'"):
         train_metanet(zoo, _cfg(target="nonsense"), tmp_path / "y", progress=False)
-    with pytest.raises(RecipeError, match="reads one architecture"):
+    with pytest.raises(InvalidArgumentError, match="reads one architecture"):
         train_metanet(zoo, _cfg(model="unf"), tmp_path / "u", progress=False)
 
 
@@ -130,7 +146,7 @@ def test_unreadable_checkpoints_and_metanets_are_named(zoo, tmp_path):
     where = {"arch.depth": 1}
     r = train_metanet(zoo, _cfg(model="statnn", model_args={}, where=where), tmp_path / "s", progress=False)
     other = next(i for i, rec in enumerate(zoo.records) if rec["arch"]["depth"] == 2)
-    with pytest.raises(RecipeError, match="cannot read this checkpoint.*another architecture"):
+    with pytest.raises(InvalidArgumentError, match="cannot read this checkpoint.*another architecture"):
         predict(r.path, [str(zoo.path / zoo.records[other]["file"])], spec=zoo.spec(other))
     with pytest.raises(CheckpointError, match="no card.json"):
         load_metanet(tmp_path)

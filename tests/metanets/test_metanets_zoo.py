@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from merge.errors import CheckpointError, RecipeError
+from merge.errors import CheckpointError, InvalidArgumentError
 from metanets.zoo import Zoo, build_zoo, load_zoo_config, plan_runs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -115,7 +115,7 @@ def test_splits_never_put_one_run_on_two_sides(tiny_zoo):
         runs = [{z.records[i]["run"] for i in p} for p in parts]
         assert sum(len(p) for p in parts) == len(z)
         assert not (runs[0] & runs[1]) and not (runs[0] & runs[2]) and not (runs[1] & runs[2])
-    with pytest.raises(RecipeError, match="sum to 1"):
+    with pytest.raises(InvalidArgumentError, match="sum to 1"):
         z.split((0.5, 0.2))
 
 
@@ -167,19 +167,19 @@ def test_local_processes_and_a_dask_cluster_build_the_same_zoo(tiny_zoo, tmp_pat
 
 
 def test_bad_configs_and_folders(tmp_path, tiny_zoo):
-    with pytest.raises(RecipeError, match="tasks.*unknown task"):
+    with pytest.raises(InvalidArgumentError, match="tasks.*unknown task"):
         load_zoo_config(dict(TINY, tasks=["imagenet"]))
-    with pytest.raises(RecipeError, match="hparams.lr: a sampler is"):
+    with pytest.raises(InvalidArgumentError, match="hparams.lr: a sampler is"):
         load_zoo_config(dict(TINY, hparams={"lr": {"normal": [0, 1]}}))
-    with pytest.raises(RecipeError, match="runs"):
+    with pytest.raises(InvalidArgumentError, match="runs"):
         load_zoo_config(dict(TINY, runs=0))
-    with pytest.raises(RecipeError, match="does not exist"):
+    with pytest.raises(InvalidArgumentError, match="does not exist"):
         load_zoo_config(tmp_path / "nope.yaml")
-    with pytest.raises(RecipeError, match="another config"):
+    with pytest.raises(InvalidArgumentError, match="another config"):
         build_zoo(dict(TINY, seed=99), tiny_zoo, workers=1, progress=False)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x.txt").write_text("x")
-    with pytest.raises(RecipeError, match="not a zoo"):
+    with pytest.raises(InvalidArgumentError, match="not a zoo"):
         build_zoo(TINY, tmp_path / "busy", workers=1, progress=False)
 
 

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from merge.errors import CheckpointError, RecipeError
+from merge.errors import CheckpointError, InvalidArgumentError
 from service.jobs.kind import CANCELLED, FAILED, JobKind, WorkerContext, register
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ async def admit_train(manager: JobManager, req: dict[str, Any], job_id: str) -> 
     cfg = train_config(req, manager.config.device)
     try:
         split_records(Zoo(zoo, verify=False), cfg)  # an empty selection or split fails here, not in the job
-    except (RecipeError, ValueError) as e:
+    except (InvalidArgumentError, ValueError) as e:
         raise ServiceError("INVALID_ARGUMENT", f"training config: {e}") from None
     out_text = req.get("output_path") or ""
     if out_text:
