@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -43,6 +43,28 @@ Kind = Literal["dir", "file"]
 def partial_name(out: Path) -> Path:
     """A fresh temporary name beside ``out``: ``<out>.partial-<id>`` (the one convention)."""
     return out.parent / f"{out.name}.partial-{uuid.uuid4().hex[:12]}"
+
+
+def replace_file(path: Path, write: Callable[[Path], object]) -> None:
+    """An internal file written at once (a zoo's manifest, a job's result, a training state, a saved
+    detector): ``write(tmp)`` fills :func:`partial_name` beside ``path``, which is fsynced and renamed
+    over ``path`` (the folder fsynced too); on an error the temporary file is removed. No overwrite
+    rule: these files belong to a folder weightsmith owns (outputs go through :func:`atomic_output`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_name(path)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
 
 
 def is_weightsmith_output(path: Path) -> bool:

@@ -21,6 +21,7 @@ The result is ``<out>/metanet.safetensors`` (weights and normalisation buffers) 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from merge.atomic import check_output, publish, write_marker
+from merge.atomic import check_output, publish, replace_file, write_marker
 from merge.errors import CheckpointError, InvalidArgumentError
 from merge.symmetry import PermutationSpec
 from metanets.base import Metanet, auto_spec, to_device
@@ -461,14 +462,10 @@ def _train(
             bar.update(1)
             bar.set_postfix(val=f"{val_loss:.4f}", best=f"{best_val:.4f}")
         if rank == 0:
-            tmp = state_file.with_name("train_state.pt.tmp")
-            torch.save(
-                {"digest": digest, "world": world, "model": net.state_dict(), "opt": opt.state_dict(),
-                 "epoch": epoch + 1, "best_val": best_val, "bad": bad, "best_state": best_state,
-                 "history": json.dumps(history)},
-                tmp,
-            )  # fmt: skip
-            os.replace(tmp, state_file)
+            snapshot = {"digest": digest, "world": world, "model": net.state_dict(), "opt": opt.state_dict(),
+                        "epoch": epoch + 1, "best_val": best_val, "bad": bad, "best_state": best_state,
+                        "history": json.dumps(history)}  # fmt: skip
+            replace_file(state_file, functools.partial(_torch_save, snapshot))
         if stop_after_epochs is not None and epoch + 1 - start >= stop_after_epochs:
             if bar is not None:
                 bar.close()
@@ -668,3 +665,7 @@ def embed(
         out += [{"checkpoint": n, "embedding": row.float().cpu().tolist()} for n, row in zip(names, z, strict=True)]
     return out
 
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    torch.save(obj, path)

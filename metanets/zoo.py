@@ -35,6 +35,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from merge.atomic import replace_file
 from merge.errors import CheckpointError, InvalidArgumentError
 from merge.symmetry import PermutationSpec
 from metanets.zoo_models import TASKS, arch_id, build_model
@@ -241,13 +242,7 @@ def execute_run(plan: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_file(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _json_bytes(obj: Any) -> bytes:

@@ -39,14 +39,13 @@ import math
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from merge.atomic import atomic_output, check_output
+from merge.atomic import atomic_output, check_output, fsync_dir, replace_file
 from merge.checkpoint import Checkpoint, CheckpointWriter, OutputTensor, open_checkpoint
 from merge.errors import (
     IntegrityError,
@@ -86,14 +85,6 @@ OUT_DTYPES = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,7 +298,7 @@ class Soup:
         for f in sorted(self.path.iterdir()):
             if f.name in (MANIFEST, LOCK) or f.name == keep:
                 continue
-            if f.name.startswith("state-") or f.name.startswith(f"{MANIFEST}.tmp-"):
+            if f.name.startswith(("state-", f"{MANIFEST}.partial-", f"{MANIFEST}.tmp-")):  # .tmp-: older releases
                 out.append(f)
         return out
 
@@ -472,17 +463,8 @@ def _copied(members: list[Member]) -> list[str]:
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    tmp = folder / f"{MANIFEST}.tmp-{uuid.uuid4().hex[:12]}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(manifest, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / MANIFEST)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(folder)
+    text = json.dumps(manifest, indent=2) + "\n"
+    replace_file(folder / MANIFEST, lambda tmp: tmp.write_text(text))
 
 
 def _state_name(comp: str, tensor: str) -> str:
@@ -632,4 +614,4 @@ def _fsync_tree(folder: Path) -> None:
         for f in files:
             with open(Path(dirpath) / f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))

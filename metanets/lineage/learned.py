@@ -26,10 +26,8 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import random
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from merge.atomic import replace_file
 from merge.checkpoint import TensorSource
 from merge.errors import CheckpointError, InvalidArgumentError, WeightsmithError
 from merge.symmetry import PermutationSpec
@@ -99,15 +98,14 @@ def save_detector(model: PairDetector, path: str | Path, meta: Mapping[str, Any]
     from safetensors.torch import save_file
 
     out = Path(path)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}")
     header = {
         "format": FORMAT,
         "version": "1",
         "config": json.dumps(model.config()),
         "meta": json.dumps(dict(meta)),
     }
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp, metadata=header)
-    os.replace(tmp, out)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    replace_file(out, lambda tmp: save_file(state, tmp, metadata=header))
     return out
 
 

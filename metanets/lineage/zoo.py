@@ -48,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from merge.atomic import replace_file
 from merge.errors import InvalidArgumentError
 from merge.symmetry import PermutationSpec, apply_permutation, build_spec
 
@@ -474,25 +475,20 @@ def _frozen_layers(cfg: ZooConfig) -> list[str]:
 
 
 def _atomic_save(sd: Mapping[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    save_file(dict(sd), tmp)
-    os.replace(tmp, path)
+    replace_file(path, lambda tmp: save_file(dict(sd), tmp))
 
 
 def _write_manifest(out: Path, cfg: ZooConfig, members: list[ZooMember]) -> None:
-    tmp = out / f".{MANIFEST}.{uuid.uuid4().hex[:8]}"
-    tmp.write_text(
-        json.dumps(
-            {
-                "format": "weightsmith.lineage_zoo",
-                "version": 1,
-                "config": cfg.to_dict(),
-                "members": [asdict(m) for m in members],
-            },
-            indent=1,
-        )
+    text = json.dumps(
+        {
+            "format": "weightsmith.lineage_zoo",
+            "version": 1,
+            "config": cfg.to_dict(),
+            "members": [asdict(m) for m in members],
+        },
+        indent=1,
     )
-    os.replace(tmp, out / MANIFEST)
+    replace_file(out / MANIFEST, lambda tmp: tmp.write_text(text))
 
 
 # ---------------------------------------------------------------------------------------------

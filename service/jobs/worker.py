@@ -15,11 +15,11 @@ import os
 import signal
 import sys
 import threading
-import uuid
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from merge.atomic import replace_file
 from merge.errors import MergeCancelled, WeightsmithError
 from service.paths import (
     HubConfig,
@@ -42,12 +42,7 @@ def _die_with_parent() -> None:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_file(path, lambda tmp: tmp.write_text(json.dumps(obj)))
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import grpc
 
+from merge.atomic import replace_file
 from service.auth import BearerTokenInterceptor, server_credentials
 from service.jobs.manager import JobManager, JobManagerConfig
 from service.paths import HubConfig
@@ -158,9 +159,7 @@ class Server:
             self.port = self._bind(lambda: self.server.add_insecure_port(address), address)
         await self.server.start()
         if cfg.port_file:
-            tmp = Path(f"{cfg.port_file}.tmp")
-            tmp.write_text(f"{self.port}\n")
-            os.replace(tmp, cfg.port_file)
+            replace_file(Path(cfg.port_file), lambda tmp: tmp.write_text(f"{self.port}\n"))
         return self.port
 
     @staticmethod

@@ -232,3 +232,22 @@ def test_a_crash_mid_replacement_leaves_the_old_or_the_new_output(tmp_path: Path
     assert (out / "v").read_text() == ("new" if mode == "exchange" else "old")
     assert (out / MARKER).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_replace_file_leaves_the_old_file_or_the_new_one(tmp_path: Path) -> None:
+    """Internal files (manifests, job results, training states) are written beside and renamed once."""
+    from merge.atomic import replace_file
+
+    f = tmp_path / "sub" / "state.json"
+    replace_file(f, lambda tmp: tmp.write_text("old"))
+    assert f.read_text() == "old"
+
+    def fail(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        replace_file(f, fail)
+    assert f.read_text() == "old" and sorted(p.name for p in f.parent.iterdir()) == ["state.json"]
+    replace_file(f, lambda tmp: tmp.write_text("new"))
+    assert f.read_text() == "new" and sorted(p.name for p in f.parent.iterdir()) == ["state.json"]
