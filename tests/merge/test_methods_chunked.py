@@ -37,6 +37,8 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("model_stock", {"filter_wise": True}),
     ("slerp", {"t": 0.35}),
     ("passthrough", {"scale": [0.5]}),
+    ("consensus_ta", {"tall_lambda": [0.2, 0.4, 0.6], "k": 2, "lambda_": 0.8}),
+    ("tall_mask", {"task": 1, "tall_lambda": 0.3}),
 ]
 SHAPES = [(41, 13), (120,), (6, 5, 7), ()]
 
