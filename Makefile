@@ -29,7 +29,7 @@ install: $(STAMP)
 lock:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	test -x $(BIN)/uv || $(BIN)/pip install -q uv
-	$(BIN)/uv pip compile pyproject.toml requirements/tools.in --extra dev --extra dask --extra zoo \
+	$(BIN)/uv pip compile pyproject.toml requirements/tools.in --extra dev --extra dask --extra zoo --extra gguf \
 	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 $(TORCH_SOURCE) \
 	  --constraint requirements/torch-cpu.txt --no-emit-find-links --no-emit-index-url \
 	  --custom-compile-command "make lock" -o $(LOCK)

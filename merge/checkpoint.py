@@ -311,9 +311,11 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         self._handles: dict[Path, Any] = {}
         self._mmaps: dict[Path, mmap.mmap] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
+        self._gguf: Any = None  # merge.gguf.GGUFTensors for a GGUF checkpoint
+        self._scales: dict[str, Any] = {}  # FP8 weight -> merge.quantized.Scale
         self._lock = threading.Lock()
         files = self._discover(allow_pickle)
-        if self._pickled is not None:
+        if self._pickled is not None or self._gguf is not None:
             return
         for f in files:
             for name, info in read_safetensors_header(
@@ -323,6 +325,39 @@ class Checkpoint(Mapping[str, torch.Tensor]):
                     raise CheckpointError(f"{self.path}: tensor '{name}' is stored in two shards "
                                           f"({self._infos[name].file.name}, {f.name})")
                 self._infos[name] = info
+        self._scaled_fp8()
+
+    def _scaled_fp8(self) -> None:
+        """FP8 weights with their scales (merge.quantized): served dequantized, the scales hidden; any other
+        quantization refused."""
+        from merge.quantized import DEQUANTIZED, check_quantization, find_scales, quantization_config
+
+        qcfg = quantization_config(self.root) if self.path.is_dir() else None
+        check_quantization(self.path, qcfg, self._infos)
+        try:
+            self._scales = find_scales(self._infos, qcfg)
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
+        self._raw: dict[str, TensorInfo] = {}
+        for wname, sc in self._scales.items():
+            self._raw[wname] = self._infos[wname]
+            self._raw[sc.name] = self._infos.pop(sc.name)
+            w = self._raw[wname]
+            self._infos[wname] = TensorInfo(wname, DEQUANTIZED, w.shape, w.file)
+
+    def _fp8_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        from merge.quantized import dequantize_rows, scale_rows
+
+        sc = self._scales[name]
+        w, s = self._raw[name], self._raw[sc.name]
+        a, b = scale_rows(sc, r0, r1)
+        try:
+            raw = self._handle(w.file).get_slice(name)[r0:r1]
+            scale = self._handle(s.file).get_tensor(sc.name) if sc.block is None else \
+                self._handle(s.file).get_slice(sc.name)[a:b]
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{w.file}: cannot read rows {r0}:{r1} of FP8 tensor '{name}': {e}") from None
+        return dequantize_rows(raw, scale, sc.block, r0)
 
     # -- discovery ------------------------------------------------------------------------------
     def _discover(self, allow_pickle: bool) -> list[Path]:
@@ -335,7 +370,10 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             if p.suffix in PICKLE_SUFFIXES:
                 self._load_pickles([p], allow_pickle)
                 return []
-            raise CheckpointError(f"{p}: not a checkpoint (expected .safetensors)")
+            if p.suffix == ".gguf":
+                self._load_gguf(p)
+                return []
+            raise CheckpointError(f"{p}: not a checkpoint (expected .safetensors or .gguf)")
         index = p / INDEX_NAME
         if not index.exists():
             # diffusers names its weights diffusion_pytorch_model*.safetensors: any one <name>.safetensors.index.json
@@ -365,7 +403,24 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         if (p / PICKLE_INDEX_NAME).exists() or pickles:
             self._load_pickles(pickles, allow_pickle)
             return []
-        raise ModelNotFoundError(f"{p}: no checkpoint found (no .safetensors file or {INDEX_NAME})")
+        if any(p.glob("*.gguf")):
+            self._load_gguf(p)
+            return []
+        raise ModelNotFoundError(f"{p}: no checkpoint found (no .safetensors file, {INDEX_NAME} or .gguf file)")
+
+    def _load_gguf(self, path: Path) -> None:
+        """A GGUF file or split set (merge.gguf): tensors dequantized per row range as they are read."""
+        from merge.gguf import GGUFTensors, gguf_files
+
+        g = GGUFTensors(gguf_files(path))
+        for name in g.names():
+            self._infos[name] = TensorInfo(name, g.dtype(name), g.shape(name), g._entry(name)[1])
+        self._gguf = g
+
+    @property
+    def gguf(self) -> Any:
+        """The :class:`merge.gguf.GGUFTensors` of a GGUF checkpoint (its metadata...), else None."""
+        return self._gguf
 
     def _load_pickles(self, files: list[Path], allow_pickle: bool) -> None:
         if not allow_pickle:
@@ -394,6 +449,10 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         info = self.info(name)
         if self._pickled is not None:
             return self._pickled[name]
+        if self._gguf is not None:
+            return self._gguf.read(name)
+        if name in self._scales:
+            return self._fp8_rows(name, 0, info.shape[0])
         try:
             return self._handle(info.file).get_tensor(name)
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
@@ -453,6 +512,10 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             return self[name]
         if self._pickled is not None:
             return self._pickled[name][r0:r1]
+        if self._gguf is not None:
+            return self._gguf.rows(name, r0, r1)
+        if name in self._scales:
+            return self._fp8_rows(name, r0, r1)
         try:
             return self._handle(info.file).get_slice(name)[r0:r1]
         except Exception as e:  # noqa: BLE001
@@ -467,7 +530,8 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         None where there is no mapping to view (pickles, 0-d or empty tensors, big-endian hosts).
         """
         info = self.info(name)
-        if self._pickled is not None or info.offset < 0 or not info.shape or sys.byteorder != "little":
+        if self._pickled is not None or self._gguf is not None or info.offset < 0 or not info.shape or \
+                sys.byteorder != "little":
             return None
         rows = info.shape[0]
         r0, r1 = max(0, min(r0, rows)), max(0, min(r1, rows))

@@ -96,6 +96,8 @@ def _config_update(text: str, plan: MergePlan) -> str:
         for c in (cfg, cfg.get("text_config")):
             if isinstance(c, dict) and "vocab_size" in c:
                 c["vocab_size"] = plan.vocab.size
+    # FP8 inputs are read dequantized (merge.quantized): the merge is not quantized
+    cfg.pop("quantization_config", None)
     return json.dumps(cfg, indent=2) + "\n"
 
 

@@ -1,0 +1,114 @@
+"""Small GGUF files for tests and benches, written with the ``gguf`` package (no download).
+
+:func:`llama_gguf` converts a Hugging Face llama state dict the way llama.cpp's ``convert_hf_to_gguf.py``
+does for this architecture: GGUF tensor names from the package's name map, the Q and K projections'
+rows interleaved for the rotary kernel, the hyperparameters transformers reads back as metadata,
+each tensor stored in the requested type (F32, F16, BF16 or a type the package can quantize, e.g.
+Q8_0, Q4_0, Q5_1). :func:`raw_kquant_gguf` writes arbitrary blocks of a K-quant type (the package
+dequantizes K-quants but cannot quantize them) to check the reader against the package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def tiny_llama(seed: int = 0, *, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+               inter: int = 128, vocab: int = 256) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A random ``LlamaForCausalLM`` (transformers builds it from its config, offline) and its state dict."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms away from 1 so that a mix-up shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's Q/K row interleaving (HF -> GGUF)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_gguf(path: Path, model: Any, state: dict[str, torch.Tensor], qtype: str = "F16",
+               *, keep_f32: tuple[str, ...] = ("norm",)) -> Path:
+    """Write ``state`` (a llama model's) as a GGUF file at ``path``; 1-D tensors and names containing
+    one of ``keep_f32`` stay F32 (as llama.cpp keeps norms)."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    cfg = model.config
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float((getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    want = Q[qtype]
+    for hf_name, t in state.items():
+        base, suffix = hf_name.rsplit(".", 1)
+        name = tmap.get_name(base)
+        if name is None:
+            raise ValueError(f"no GGUF name for {hf_name}")
+        a = t.float().numpy()
+        if name.endswith("attn_q"):
+            a = _permute(a, cfg.num_attention_heads)
+        elif name.endswith("attn_k"):
+            a = _permute(a, cfg.num_key_value_heads)
+        gname = f"{name}.{suffix}"
+        if a.ndim == 1 or any(k in hf_name for k in keep_f32) or want == Q.F32:
+            w.add_tensor(gname, np.ascontiguousarray(a, dtype=np.float32))
+        elif want == Q.F16:
+            w.add_tensor(gname, a.astype(np.float16))
+        else:
+            q = gguf.quants.quantize(np.ascontiguousarray(a, dtype=np.float32), want)
+            w.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=want)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def raw_kquant_gguf(path: Path, shape: tuple[int, int], qtype: str = "Q4_K", seed: int = 0) -> Path:
+    """A GGUF file holding one tensor ``w`` of ``shape`` in a K-quant type, with random blocks whose two
+    float16 scales are small and finite (the package dequantizes K-quants but cannot quantize them)."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    qt = Q[qtype]
+    block, nbytes = gguf.GGML_QUANT_SIZES[qt]
+    rows, cols = shape
+    if cols % block:
+        raise ValueError(f"{qtype}: the row length must be a multiple of {block}")
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.01, size=(rows, cols // block, 2)).astype(np.float16)
+    raw[..., :4] = scales.view(np.uint8).reshape(rows, cols // block, 4)  # d and dmin (Q4_K, Q5_K layouts)
+    raw = raw.reshape(rows, -1)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("w", raw, raw_shape=raw.shape, raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
