@@ -206,6 +206,8 @@ class GGUFTensors:
         if t.tensor_type == Q.BF16:
             raw = np.ascontiguousarray(data).view(np.int16)
             return torch.from_numpy(raw.copy()).view(torch.bfloat16)
+        if t.tensor_type == Q.Q8_0:
+            return _q8_0(data)
         return torch.from_numpy(np.ascontiguousarray(dequantize(data, t.tensor_type), dtype=np.float32))
 
     def read(self, name: str) -> torch.Tensor:
@@ -229,6 +231,15 @@ class GGUFTensors:
             return self._decode(t, t.data[r0:r1]).reshape(r1 - r0, *shape[1:])
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{f}: cannot read rows {r0}:{r1} of tensor '{t.name}': {e}") from None
+
+
+def _q8_0(data: np.ndarray) -> torch.Tensor:
+    """Q8_0 blocks (a float16 scale d, then 32 int8 values q) as float32 d · q, in torch (multi-threaded; the
+    same products as the package's numpy dequantizer, bit for bit: both factors are exact in float32)."""
+    raw = torch.from_numpy(np.array(data, dtype=np.uint8)).reshape(-1, 34)  # a copy: the map is read-only
+    d = raw[:, :2].contiguous().view(torch.float16).float()
+    q = raw[:, 2:].view(torch.int8).float()
+    return (q * d).reshape(*data.shape[:-1], data.shape[-1] // 34 * 32)
 
 
 def _unpermute_rows(w: torch.Tensor, heads: int, groups: int) -> torch.Tensor:

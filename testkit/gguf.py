@@ -43,41 +43,54 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 def llama_gguf(path: Path, model: Any, state: dict[str, torch.Tensor], qtype: str = "F16",
                *, keep_f32: tuple[str, ...] = ("norm",)) -> Path:
-    """Write ``state`` (a llama model's) as a GGUF file at ``path``; 1-D tensors and names containing
-    one of ``keep_f32`` stay F32 (as llama.cpp keeps norms)."""
+    """Write ``state`` (a transformers llama model's) as a GGUF file at ``path`` (:func:`write_llama_gguf`)."""
+    c = model.config
+    rope = float((getattr(c, "rope_parameters", None) or {}).get("rope_theta", 10000.0))
+    hp = {"hidden": c.hidden_size, "inter": c.intermediate_size, "layers": c.num_hidden_layers,
+          "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads, "vocab": c.vocab_size,
+          "context": c.max_position_embeddings, "eps": c.rms_norm_eps, "rope_theta": rope}
+    return write_llama_gguf(path, hp, state.items(), qtype, keep_f32=keep_f32)
+
+
+def write_llama_gguf(path: Path, hp: dict[str, Any], tensors: Any, qtype: str = "F16",
+                     *, keep_f32: tuple[str, ...] = ("norm",)) -> Path:
+    """Write llama ``tensors`` (``(hf_name, tensor)`` pairs, Hugging Face names) as llama.cpp converts them
+    (module docstring); ``hp``: hidden, inter, layers, heads, kv_heads, vocab, context, eps, rope_theta.
+    1-D tensors and names containing one of ``keep_f32`` stay F32 (as llama.cpp keeps norms); a matrix
+    whose rows do not split into the type's blocks falls back to F16 (as llama.cpp does)."""
     import gguf
     from gguf import GGMLQuantizationType as Q
 
-    cfg = model.config
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, hp["layers"])
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny-llama")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(float((getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_context_length(hp["context"])
+    w.add_embedding_length(hp["hidden"])
+    w.add_block_count(hp["layers"])
+    w.add_feed_forward_length(hp["inter"])
+    w.add_head_count(hp["heads"])
+    w.add_head_count_kv(hp["kv_heads"])
+    w.add_rope_freq_base(hp["rope_theta"])
+    w.add_layer_norm_rms_eps(hp["eps"])
+    w.add_vocab_size(hp["vocab"])
+    w.add_rope_dimension_count(hp["hidden"] // hp["heads"])
     w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     want = Q[qtype]
-    for hf_name, t in state.items():
+    block = gguf.GGML_QUANT_SIZES[want][0]
+    for hf_name, t in tensors:
         base, suffix = hf_name.rsplit(".", 1)
         name = tmap.get_name(base)
         if name is None:
             raise ValueError(f"no GGUF name for {hf_name}")
         a = t.float().numpy()
         if name.endswith("attn_q"):
-            a = _permute(a, cfg.num_attention_heads)
+            a = _permute(a, hp["heads"])
         elif name.endswith("attn_k"):
-            a = _permute(a, cfg.num_key_value_heads)
+            a = _permute(a, hp["kv_heads"])
         gname = f"{name}.{suffix}"
         if a.ndim == 1 or any(k in hf_name for k in keep_f32) or want == Q.F32:
             w.add_tensor(gname, np.ascontiguousarray(a, dtype=np.float32))
-        elif want == Q.F16:
+        elif want == Q.F16 or a.shape[-1] % block:
             w.add_tensor(gname, a.astype(np.float16))
         else:
             q = gguf.quants.quantize(np.ascontiguousarray(a, dtype=np.float32), want)
