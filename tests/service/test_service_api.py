@@ -779,3 +779,27 @@ def test_merge_service_rpcs_are_the_merge_view_of_the_job_service(env: dict) -> 
     # the generic client calls reach merges too; the old names still work, with a warning
     with pytest.warns(DeprecationWarning, match="get_job"):
         assert c.get_any_job(created.name) == job
+
+
+def test_a_gguf_model_under_the_roots_merges_through_the_service(env: dict) -> None:
+    """GGUF inputs are checkpoints like any other on the server: planned at admission (the plan handed to
+    the worker pickled by file list), merged with a safetensors model of the family."""
+    pytest.importorskip("gguf")
+    from merge.checkpoint import open_checkpoint
+    from testkit.gguf import llama_gguf, tiny_llama
+
+    root = env["root"]
+    model, sd = tiny_llama(0)
+    g = llama_gguf(root / "tiny-q8.gguf", model, sd, "Q8_0")
+    m1, _ = tiny_llama(1)
+    m1.save_pretrained(root / "tiny-hf")
+    c = env["client"]
+    recipe = yaml.safe_dump({"merge_method": "linear", "dtype": "float32",
+                             "models": [{"model": str(root / "tiny-hf")}, {"model": str(g)}]})
+    resp = c.create_merge_job(recipe, output_path="out/from-gguf")
+    assert resp.plan.tensors_total == len(sd)
+    done = c.wait(resp.job.name, timeout=120)
+    assert state_name(done.state) == "SUCCEEDED", done.error
+    out, gg = open_checkpoint(root / "out" / "from-gguf"), open_checkpoint(g)
+    for k, v in m1.state_dict().items():
+        torch.testing.assert_close(out[k], (v + gg[k].float()) / 2, rtol=0, atol=1e-6)
