@@ -244,6 +244,9 @@ def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
             _run_tasks(plan.tasks, do_task, max(1, options.workers), check_cancel)
             check_cancel()
             _write_aux(plan, writer)
+            from merge.chat_template import check_tokenizer
+
+            check_tokenizer(writer.tmp, {t.name: t.shape for t in plan.tasks})
             # a plan's own files (e.g. a learned mask and coefficients) travel with the output
             for rel, data in (getattr(whole_plan, "artifacts", dict)() if whole_plan is not None else {}).items():
                 writer.add_bytes(rel, data)
@@ -347,6 +350,15 @@ def _write_aux(plan: MergePlan, writer: CheckpointWriter) -> None:
         with tempfile.TemporaryDirectory() as d:
             for f in plan.vocab.save_tokenizer(Path(d)):
                 writer.add_file(f)
+    if plan.chat_template is not None:  # the recipe's choice (merge.chat_template), in one place
+        from merge.chat_template import tokenizer_config_without_template
+
+        for stale in ("chat_template.json", "chat_template.jinja"):
+            (writer.tmp / stale).unlink(missing_ok=True)
+        cfg = writer.tmp / "tokenizer_config.json"
+        if cfg.is_file():
+            cfg.write_text(tokenizer_config_without_template(cfg.read_text()))
+        writer.add_text("chat_template.jinja", plan.chat_template)
     writer.add_text("weightsmith_recipe.yml", plan.recipe.to_yaml())
     from merge.card import render_model_card
 

@@ -96,6 +96,7 @@ class MergePlan:
     options: MergeOptions
     whole_model_plan: Any = None
     vocab: Any = None  # merge.vocab.VocabularyPlan when the inputs' vocabularies are re-indexed
+    chat_template: str | None = None  # the output's, when the recipe chooses one (merge.chat_template)
 
     @property
     def n_tensors(self) -> int:
@@ -313,8 +314,11 @@ class _Planner:
         else:
             tasks, layers_out = self._plan_slices(base_idx)
         aux = self._aux_source(base_idx, tasks)
+        from merge.chat_template import resolve
+
+        chat = resolve(r.chat_template, [m.ref for m in self.models], self.ckpts, r.base_model)
         plan = MergePlan(r, self.method, self.models, self.ckpts, tasks, aux, self.compute_dtype,
-                         layers_out, self.options, vocab=self.vocab)
+                         layers_out, self.options, vocab=self.vocab, chat_template=chat)
         return plan
 
     def _plan_vocabulary(self, base_idx: int | None) -> Any:
