@@ -12,6 +12,7 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -26,7 +27,12 @@ def main() -> None:
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(),
+              help="Output folder (a .gguf file with --out-format gguf).")
+@click.option("--out-format", type=click.Choice(["safetensors", "gguf"]), default="safetensors", show_default=True,
+              help="gguf: one GGUF file with the header of the recipe's GGUF model (its base when that is one).")
+@click.option("--out-type", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]),
+              default="f16", show_default=True, help="With --out-format gguf: the type of the matrices.")
 @click.option("--device", default="cpu", show_default=True, help="Compute device (cpu, cuda, cuda:1...).")
 @click.option("--shard-size", default="5GB", show_default=True, callback=_size, help="Max bytes per output shard.")
 @click.option("--compute-dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16"]), default=None,
@@ -45,7 +51,8 @@ def main() -> None:
 @click.option("--private", is_flag=True, help="With --push-to-hub: create a private repo.")
 @hub_options
 @_fail_cleanly
-def merge(recipe: str, out_dir: str, device: str, shard_size: int, compute_dtype: str | None, workers: int,
+def merge(recipe: str, out_dir: str, out_format: str, out_type: str, device: str, shard_size: int,
+          compute_dtype: str | None, workers: int,
           allow_pickle: bool, allow_code: bool, overwrite: bool, direct_io: bool, dry_run: bool, as_json: bool,
           push_repo: str | None, private: bool, token: str | None, endpoint: str | None, offline: bool,
           cache_dir: str | None) -> None:
@@ -75,7 +82,10 @@ def merge(recipe: str, out_dir: str, device: str, shard_size: int, compute_dtype
                        f"{summary['n_merged']} tensors merged, {summary['n_copied']} copied, "
                        f"{_human(summary['bytes_out'])} out; nothing written (dry run)")
         return
-    result = run_merge(plan.recipe, out_dir, options, plan=plan)  # refuses an output overlapping an input
+    if out_format == "gguf":
+        result = _merge_to_gguf(plan, Path(out_dir), out_type, options)
+    else:
+        result = run_merge(plan.recipe, out_dir, options, plan=plan)  # refuses an output overlapping an input
     out = result.to_json()
     if push_repo:
         from merge import hub
@@ -87,6 +97,36 @@ def merge(recipe: str, out_dir: str, device: str, shard_size: int, compute_dtype
         click.echo(f"merged {result.n_tensors} tensors ({_human(result.bytes_written)}) with {result.method} "
                    f"into {out_dir} in {result.seconds:.1f} s"
                    + (f"; pushed to {push_repo}" if push_repo else ""))
+
+
+def _merge_to_gguf(plan: Any, out: Path, out_type: str, options: Any) -> Any:
+    """The merge into a temporary safetensors folder beside ``out``, then one GGUF file (merge.gguf_write)."""
+    import dataclasses
+    import tempfile
+
+    from merge.atomic import check_output
+    from merge.checkpoint import open_checkpoint
+    from merge.errors import RecipeError
+    from merge.execute import run_merge
+    from merge.gguf_write import write_gguf
+
+    refs = [m.ref for m in plan.models]
+    order = ([refs.index(plan.recipe.base_model)] if plan.recipe.base_model in refs else []) + list(range(len(refs)))
+    template = next((plan.checkpoints[i].gguf for i in order if plan.checkpoints[i].gguf is not None), None)
+    if template is None:
+        raise RecipeError("--out-format gguf copies its header (hyperparameters, tokenizer, chat template) from a "
+                          "GGUF model of the recipe, and none of its models is one")
+    check_output(out, overwrite=options.overwrite, inputs=plan.input_paths, kind="file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.merging-") as d:
+        staged = Path(d) / "merged"
+        result = run_merge(plan.recipe, staged, dataclasses.replace(options, overwrite=False), plan=plan)
+        ck = open_checkpoint(staged)
+        try:
+            write_gguf(ck, list(ck), out, template, out_type, overwrite=options.overwrite, inputs=plan.input_paths)
+        finally:
+            ck.close()
+    return dataclasses.replace(result, out_dir=str(out), bytes_written=out.stat().st_size, shards=[out.name])
 
 
 @main.command()

@@ -157,3 +157,48 @@ def test_split_sets_and_folders(llama: dict, tmp_path: Path) -> None:
     (folder / "other.gguf").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="2 GGUF models in one folder"):
         open_checkpoint(folder)
+
+
+def test_a_merge_written_as_gguf_loads_in_transformers_with_the_logits_of_the_safetensors_merge(
+    llama: dict, tmp_path: Path
+) -> None:
+    """``weightsmith merge --out-format gguf``: the header of the GGUF input, GGUF names, Q/K interleaved again,
+    Q8_0 matrices; transformers reads it back and computes the safetensors merge's logits (Q8_0's tolerance)."""
+    import yaml
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from service.cli.main import main
+
+    hf = tmp_path / "hf"
+    m1, _ = tiny_llama(1)
+    m1.save_pretrained(hf)
+    rec = {"merge_method": "linear", "dtype": "float32", "base_model": str(llama["files"]["F16"]),
+           "models": [{"model": str(hf), "parameters": {"weight": 0.5}},
+                      {"model": str(llama["files"]["F16"]), "parameters": {"weight": 0.5}}]}
+    rfile = tmp_path / "r.yaml"
+    rfile.write_text(yaml.safe_dump(rec))
+    out = tmp_path / "merged.gguf"
+    r = CliRunner().invoke(main, ["merge", str(rfile), "-o", str(out), "--out-format", "gguf", "--out-type", "q8_0"])
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and not list(tmp_path.glob(".merged.gguf*"))  # no staging left behind
+    g = open_checkpoint(out)
+    assert g.gguf.stored_type("model.layers.0.mlp.up_proj.weight") == "Q8_0"
+    assert g.gguf.stored_type("model.norm.weight") == "F32"
+    assert g.gguf.metadata["tokenizer.chat_template"] == open_checkpoint(llama["files"]["F16"]).gguf.metadata[
+        "tokenizer.chat_template"]
+    run_merge(rec, tmp_path / "st")
+    (tmp_path / "st" / "config.json").write_text((hf / "config.json").read_text())  # a GGUF base has none
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "st").eval()
+    got = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name).eval()
+    x = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        a, b = ref(x).logits, got(x).logits
+    assert (a - b).abs().max() < 0.05 * a.abs().max()  # Q8_0
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+    # a recipe without a GGUF model has no header to take: refused before any work
+    rec2 = {"merge_method": "linear", "models": [{"model": str(hf)}, {"model": str(hf)}]}
+    rfile.write_text(yaml.safe_dump(rec2))
+    r = CliRunner().invoke(main, ["merge", str(rfile), "-o", str(tmp_path / "x.gguf"), "--out-format", "gguf"])
+    assert r.exit_code == 2 and "none of its models is one" in r.output
+    assert not (tmp_path / "x.gguf").exists()
