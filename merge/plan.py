@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,8 @@ class MergePlan:
     whole_model_plan: Any = None
     vocab: Any = None  # merge.vocab.VocabularyPlan when the inputs' vocabularies are re-indexed
     chat_template: str | None = None  # the output's, when the recipe chooses one (merge.chat_template)
+    #: things that are not errors but probably not what was meant (a parameter filter that matches no tensor)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def n_tensors(self) -> int:
@@ -141,6 +143,7 @@ class MergePlan:
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
             "peak_bytes_estimate": self.peak_bytes_estimate,
             **({"vocabulary": self.vocab.summary()} if self.vocab is not None else {}),
+            **({"warnings": list(self.warnings)} if self.warnings else {}),
         }
 
 
@@ -318,7 +321,8 @@ class _Planner:
 
         chat = resolve(r.chat_template, [m.ref for m in self.models], self.ckpts, r.base_model)
         plan = MergePlan(r, self.method, self.models, self.ckpts, tasks, aux, self.compute_dtype,
-                         layers_out, self.options, vocab=self.vocab, chat_template=chat)
+                         layers_out, self.options, vocab=self.vocab, chat_template=chat,
+                         warnings=_unmatched_filters(r, tasks))
         return plan
 
     def _plan_vocabulary(self, base_idx: int | None) -> Any:
@@ -547,6 +551,19 @@ class _Planner:
                 out_layer += 1
         non_layer_tasks(post, r.slices[-1])
         return tasks, out_layer
+
+
+def _unmatched_filters(recipe: Recipe, tasks: list[TensorTask]) -> list[str]:
+    """A warning per parameter filter that is a substring of no tensor the merge reads or writes: such a
+    condition changes nothing (``{filter: self_attn}`` on a BERT, whose tensors say ``attention``)."""
+    from merge.recipe import filters
+
+    names = {t.name for t in tasks} | {s.name for t in tasks for s in (*t.sources, *([t.base] if t.base else []))}
+    out = []
+    for where, f in filters(recipe):
+        if not any(f in n for n in names):
+            out.append(f"{where}: filter '{f}' matches no tensor of the merge, so this condition changes nothing")
+    return out
 
 
 def plan_merge(recipe: Recipe | str | Path | dict[str, Any], options: MergeOptions | None = None, *,

@@ -214,6 +214,34 @@ def load_recipe(src: str | Path | dict[str, Any] | Recipe) -> Recipe:
         raise RecipeError(f"{where}: {loc}: {msg}" if loc else f"{where}: {msg}") from None
 
 
+def filters(recipe: Recipe) -> list[tuple[str, str]]:
+    """Every ``filter`` of the recipe's parameter conditions, as ``(where, filter)`` (``where``: e.g.
+    ``parameters.weight``, ``models[1].parameters.density``); ``*`` and absent filters left out."""
+    out: list[tuple[str, str]] = []
+
+    def walk(setting: Any, where: str) -> None:
+        if isinstance(setting, Condition):
+            if setting.filter not in (None, "*"):
+                out.append((where, setting.filter))
+            walk(setting.value, where)
+        elif isinstance(setting, list):
+            for e in setting:
+                walk(e, where)
+
+    def scope(params: Parameters | None, prefix: str) -> None:
+        for name, setting in (params or {}).items():
+            walk(setting, f"{prefix}parameters.{name}")
+
+    scope(recipe.parameters, "")
+    for i, m in enumerate(recipe.models or []):
+        scope(m.parameters, f"models[{i}].")
+    for i, sl in enumerate(recipe.slices or []):
+        scope(sl.parameters, f"slices[{i}].")
+        for j, src in enumerate(sl.sources):
+            scope(src.parameters, f"slices[{i}].sources[{j}].")
+    return out
+
+
 def evaluate_setting(setting: ParameterSetting | None, tensor_name: str, t: float) -> Any:
     """Resolve filters and gradients for one tensor (mergekit's ``evaluate_setting`` semantics).
 

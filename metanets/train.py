@@ -106,7 +106,8 @@ class TrainResult:
 
 
 def regression_metrics(pred: Sequence[float], true: Sequence[float]) -> dict[str, float]:
-    """Kendall τ, Spearman ρ, R² and RMSE of predictions against targets."""
+    """Kendall τ, Spearman ρ, R², RMSE and the spread of the predictions (their standard deviation over the
+    targets'; near 0 when a metanet predicts about the same value for every model, whatever its τ)."""
     from scipy.stats import kendalltau, spearmanr
 
     p = torch.tensor(list(pred), dtype=torch.float64)
@@ -122,7 +123,24 @@ def regression_metrics(pred: Sequence[float], true: Sequence[float]) -> dict[str
         "spearman": float(rho) if rho == rho else 0.0,
         "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else 0.0,
         "rmse": math.sqrt(ss_res / max(1, len(p))),
+        "prediction_spread": float(p.std() / t.std()) if len(t) > 1 and float(t.std()) > 0 else 0.0,
     }
+
+
+#: below this spread (prediction std / target std on the test split) a regression metanet is reported as collapsed
+COLLAPSE_SPREAD = 0.2
+
+
+def collapse_warning(metrics: Mapping[str, Any], train_records: int) -> str | None:
+    """A line saying that a regression metanet's predictions collapsed (nearly constant), or None."""
+    spread = metrics.get("prediction_spread")
+    if spread is None or spread >= COLLAPSE_SPREAD:
+        return None
+    return (
+        f"predictions collapse: their spread is {spread:.2f} of the targets' (R² {metrics.get('r2', 0.0):.2f}, "
+        f"Kendall τ {metrics.get('kendall_tau', 0.0):.2f}); the metanet barely tells models apart. It trained on "
+        f"{train_records} records: try a larger zoo (hundreds of runs), more epochs, or --model statnn"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,6 +505,7 @@ def _train(
         )
     metrics.update({"test_records": len(te), "train_records": len(tr), "val_records": len(va),
                     "featurize_seconds": t_feat})  # fmt: skip
+    collapsed = collapse_warning(metrics, len(tr)) if kind == "regression" else None
     card = {
         "format": CARD_FORMAT,
         "version": 1,
@@ -501,6 +520,7 @@ def _train(
         "metrics": metrics,
         "history": history,
         "test_predictions": {"ids": [zoo.records[i]["id"] for i in te], "pred": pred.tolist(), "true": truth},
+        "warnings": [collapsed] if collapsed else [],
     }
     if rank == 0:
         from safetensors.torch import save_file

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,16 @@ from service.cli.common import _fail_cleanly, _human, _resolver, _size, hub_opti
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="weightsmith")
 def main() -> None:
-    """weightsmith: merge, align and inspect neural-network checkpoints."""
+    """weightsmith: merge, align, inspect and read neural-network checkpoints (adapters, soups, MoE,
+    metanets, lineage), locally or on a weightsmith server (serve, remote)."""
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(),
-              help="Output folder (a .gguf file with --out-format gguf).")
+@click.argument("out_pos", metavar="[OUT]", required=False, type=click.Path())
+@click.option("-o", "--out", "out_dir", default=None, type=click.Path(),
+              help="Output folder (a .gguf file with --out-format gguf); also accepted as the second argument, "
+                   "as mergekit-yaml takes it.")
 @click.option("--out-format", type=click.Choice(["safetensors", "gguf"]), default="safetensors", show_default=True,
               help="gguf: one GGUF file with the header of the recipe's GGUF model (its base when that is one).")
 @click.option("--out-type", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]),
@@ -46,17 +50,24 @@ def main() -> None:
 @click.option("--direct-io/--no-direct-io", default=True, show_default=True,
               help="Write the output with O_DIRECT where the file system allows it (else buffered).")
 @click.option("--dry-run", is_flag=True, help="Validate and plan only; read no tensor data, write nothing.")
+@click.option("--strict", is_flag=True, help="Treat the plan's warnings (a filter that matches no tensor) as errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("--push-to-hub", "push_repo", default=None, metavar="ORG/NAME", help="Upload the result to the Hub.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create a private repo.")
 @hub_options
 @_fail_cleanly
-def merge(recipe: str, out_dir: str, out_format: str, out_type: str, device: str, shard_size: int,
+def merge(recipe: str, out_pos: str | None, out_dir: str | None, out_format: str, out_type: str, device: str,
+          shard_size: int,
           compute_dtype: str | None, workers: int,
-          allow_pickle: bool, allow_code: bool, overwrite: bool, direct_io: bool, dry_run: bool, as_json: bool,
-          push_repo: str | None, private: bool, token: str | None, endpoint: str | None, offline: bool,
-          cache_dir: str | None) -> None:
-    """Merge the models of RECIPE (YAML, mergekit's format) into OUT."""
+          allow_pickle: bool, allow_code: bool, overwrite: bool, direct_io: bool, dry_run: bool, strict: bool,
+          as_json: bool, push_repo: str | None, private: bool, token: str | None, endpoint: str | None,
+          offline: bool, cache_dir: str | None) -> None:
+    """Merge the models of RECIPE (YAML, mergekit's format) into OUT (-o OUT, or OUT after RECIPE)."""
+    if out_pos is not None and out_dir is not None and Path(out_pos) != Path(out_dir):
+        raise click.UsageError(f"two outputs given: '{out_pos}' and -o '{out_dir}'; give one")
+    out_dir = out_dir or out_pos
+    if out_dir is None:
+        raise click.UsageError("no output: weightsmith merge RECIPE -o OUT (or RECIPE OUT)")
     from merge.execute import run_merge, tune_allocator
     from merge.plan import MergeOptions, plan_merge
 
@@ -73,6 +84,10 @@ def merge(recipe: str, out_dir: str, out_format: str, out_type: str, device: str
     if not overwrite:  # a plain refusal before planning; overlap with the inputs once the plan has them
         check_output(out_dir, overwrite=False)
     plan = plan_merge(Path(recipe), options, resolver=resolver)
+    for w in plan.warnings:
+        click.echo(f"{'error' if strict else 'warning'}: {w}", err=True)
+    if strict and plan.warnings:
+        sys.exit(2)
     if dry_run:
         summary = plan.summary()
         if as_json:

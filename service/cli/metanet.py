@@ -131,8 +131,11 @@ def metanet_train(zoo_dir: str, model: str, target: str, out_dir: str, epochs: i
     )  # fmt: skip
     r = train_metanet(zoo_dir, cfg, out_dir, nproc=nproc, overwrite=overwrite, progress=sys.stderr.isatty())
     assert r is not None
+    warned = r.card.get("warnings", [])
+    for w in warned:
+        click.echo(f"warning: {w}", err=True)
     if as_json:
-        click.echo(json.dumps({"path": str(r.path), "metrics": r.metrics}, indent=2))
+        click.echo(json.dumps({"path": str(r.path), "metrics": r.metrics, "warnings": warned}, indent=2))
     else:
         shown = {k: v for k, v in r.metrics.items() if isinstance(v, float) and not k.endswith("seconds")}
         m = ", ".join(f"{k} {v:.4f}" for k, v in shown.items())

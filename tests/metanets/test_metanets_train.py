@@ -199,3 +199,17 @@ def test_predict_and_embed_refuse_nan_weights_naming_the_tensor(zoo, tmp_path, m
     for fn in (predict, embed):
         with pytest.raises(NonFiniteError, match=f"tensor '{name}' has 1 NaN/Inf"):
             fn(r.path, [state])
+
+
+def test_a_collapsed_metanet_is_reported_whatever_its_rank_correlation() -> None:
+    """A metanet whose predictions barely vary can still rank well (τ high): the spread and R² say it."""
+    from metanets.train import collapse_warning, regression_metrics
+
+    true = [0.1, 0.3, 0.5, 0.7, 0.9]
+    flat = [0.4166 + 1e-4 * i for i in range(5)]  # ranks perfectly, predicts ~a constant
+    m = regression_metrics(flat, true)
+    assert m["kendall_tau"] == pytest.approx(1.0) and m["prediction_spread"] < 0.01 and m["r2"] < 0
+    w = collapse_warning(m, 24)
+    assert w is not None and "spread is 0.00" in w and "24 records" in w
+    good = regression_metrics([0.12, 0.28, 0.55, 0.66, 0.93], true)
+    assert good["prediction_spread"] > 0.9 and collapse_warning(good, 24) is None

@@ -1,0 +1,57 @@
+"""Rough edges of the first hour (issue 28): a positional merge output, filters that match nothing, the top help."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner
+
+from merge.checkpoint import open_checkpoint
+from service.cli.main import main
+from tests.support.service import linear_recipe, make_models
+
+
+def test_the_output_may_follow_the_recipe_as_in_mergekit(tmp_path: Path) -> None:
+    models = make_models(tmp_path / "m", 2)
+    rfile = tmp_path / "r.yaml"
+    rfile.write_text(linear_recipe(models))
+    run = CliRunner().invoke
+    assert run(main, ["merge", str(rfile), str(tmp_path / "pos")]).exit_code == 0
+    assert run(main, ["merge", str(rfile), "-o", str(tmp_path / "opt")]).exit_code == 0
+    a, b = open_checkpoint(tmp_path / "pos"), open_checkpoint(tmp_path / "opt")
+    assert all(a[k].equal(b[k]) for k in a)
+    r = run(main, ["merge", str(rfile), str(tmp_path / "x"), "-o", str(tmp_path / "y")])
+    assert r.exit_code == 2 and "two outputs given" in r.output
+    r = run(main, ["merge", str(rfile)])
+    assert r.exit_code == 2 and "no output" in r.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_filter_that_matches_no_tensor_is_a_warning_or_under_strict_an_error(tmp_path: Path) -> None:
+    models = make_models(tmp_path / "m", 2)
+    names = list(open_checkpoint(models[0]))
+    assert not any("self_attn" in n for n in names)
+    recipe = {"merge_method": "linear", "models": [
+        {"model": str(models[0]), "parameters": {"weight": [{"filter": "self_attn", "value": 0.9}, {"value": 0.5}]}},
+        {"model": str(models[1]), "parameters": {"weight": 0.5}},
+    ]}
+    rfile = tmp_path / "r.yaml"
+    rfile.write_text(yaml.safe_dump(recipe))
+    r = CliRunner().invoke(main, ["merge", str(rfile), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0 and "warning: models[0].parameters.weight: filter 'self_attn' matches no tensor" in r.stderr
+    r = CliRunner().invoke(main, ["merge", str(rfile), "-o", str(tmp_path / "strict"), "--strict"])
+    assert r.exit_code == 2 and "error: models[0].parameters.weight" in r.stderr
+    assert not (tmp_path / "strict").exists()
+    r = CliRunner().invoke(main, ["merge", str(rfile), "-o", str(tmp_path / "dry"), "--dry-run", "--json"])
+    assert r.exit_code == 0 and "matches no tensor" in r.stdout  # the plan summary carries it too
+    # a filter that matches is silent
+    recipe["models"][0]["parameters"]["weight"][0]["filter"] = names[0].split(".")[0]
+    rfile.write_text(yaml.safe_dump(recipe))
+    r = CliRunner().invoke(main, ["merge", str(rfile), "-o", str(tmp_path / "quiet")])
+    assert r.exit_code == 0 and "warning" not in r.stderr
+
+
+def test_the_top_help_names_the_whole_system() -> None:
+    r = CliRunner().invoke(main, ["--help"])
+    assert r.exit_code == 0 and all(w in r.output for w in ("metanets", "lineage", "server"))
