@@ -83,3 +83,23 @@ class RegistryChoice(click.Choice):
     @property  # type: ignore[override]
     def choices(self) -> tuple[str, ...]:
         return tuple(self._names())
+
+
+class LogEvery:
+    """Progress for a log, not a terminal: ``line(text)`` prints at most one line per ``seconds`` to stderr
+    (and always when ``force``); for commands whose bar is shown only on a terminal."""
+
+    def __init__(self, seconds: float = 10.0, *, clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.seconds = seconds
+        self.clock = clock or time.monotonic
+        self.last: float | None = None
+
+    def line(self, text: str, *, force: bool = False) -> bool:
+        now = self.clock()
+        if not force and self.last is not None and now - self.last < self.seconds:
+            return False
+        self.last = now
+        click.echo(text, err=True)
+        return True

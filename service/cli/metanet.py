@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from service.cli.common import _fail_cleanly, _resolver, hub_options
+from service.cli.common import LogEvery, _fail_cleanly, _resolver, hub_options
 
 
 @click.group()
@@ -129,7 +129,16 @@ def metanet_train(zoo_dir: str, model: str, target: str, out_dir: str, epochs: i
         train_fraction=train_fraction, where=_model_args(where), seed=seed, device=device,
         model_args=_model_args(model_args), compile=compile_,
     )  # fmt: skip
-    r = train_metanet(zoo_dir, cfg, out_dir, nproc=nproc, overwrite=overwrite, progress=sys.stderr.isatty())
+    tty = sys.stderr.isatty()
+    logger = None if tty else LogEvery(10.0)
+
+    def log(row: dict) -> None:  # not a terminal: an epoch line every 10 s at most, and the last one
+        assert logger is not None
+        logger.line(f"train {model}: epoch {row['epoch']}/{epochs} train_loss {row['train_loss']:.4g} "
+                    f"val_loss {row['val_loss']:.4g}", force=row["epoch"] == epochs)
+
+    r = train_metanet(zoo_dir, cfg, out_dir, nproc=nproc, overwrite=overwrite, progress=tty,
+                      log=None if tty else log)
     assert r is not None
     warned = r.card.get("warnings", [])
     for w in warned:

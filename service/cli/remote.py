@@ -9,10 +9,12 @@ prints the job name and returns, ``--json`` prints the messages as JSON.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import click
 
+from service.cli.common import LogEvery
 from service.cli.connect import _conn, _remote_errors, connection_options
 from service.cli.jobs import _follow, _json
 from service.cli.service import remote
@@ -82,12 +84,16 @@ def remote_lineage(child: str, candidates: tuple[str, ...], method: str, archite
     if path_threshold is not None:
         fields["path_threshold"] = path_threshold
     ranked, answer = [], None
+    # one line per stage and then at most one every 2 s (a terminal) or 10 s (a log), not one per step
+    logger, stage = LogEvery(2.0 if sys.stderr.isatty() else 10.0), None
     with _conn(kw) as client:
         for ev in client.detect_lineage(child, list(candidates), **fields):
             which = ev.WhichOneof("event")
             if which == "progress":
                 if not as_json:
-                    click.echo(f"{ev.progress.stage}: {ev.progress.done}/{ev.progress.total}", err=True)
+                    p = ev.progress
+                    logger.line(f"{p.stage}: {p.done}/{p.total}", force=p.stage != stage or p.done == p.total)
+                    stage = p.stage
             elif which == "candidate":
                 ranked.append(ev.candidate)
             else:

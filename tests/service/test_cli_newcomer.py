@@ -55,3 +55,15 @@ def test_a_filter_that_matches_no_tensor_is_a_warning_or_under_strict_an_error(t
 def test_the_top_help_names_the_whole_system() -> None:
     r = CliRunner().invoke(main, ["--help"])
     assert r.exit_code == 0 and all(w in r.output for w in ("metanets", "lineage", "server"))
+
+
+def test_progress_for_a_log_is_a_line_every_so_often() -> None:
+    from service.cli.common import LogEvery
+
+    now = [0.0]
+    log = LogEvery(10.0, clock=lambda: now[0])
+    printed = []
+    for step in range(100):  # one step a second for 100 s
+        now[0] = float(step)
+        printed.append(log.line(f"step {step}", force=step == 99))
+    assert [i for i, p in enumerate(printed) if p] == [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99]
