@@ -170,6 +170,7 @@ def merge_adapters(
     dtype: str | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    exact_svd: bool = False,
 ) -> AdapterReport:
     """Merge LoRA adapters into one adapter (peft ``add_weighted_adapter`` semantics; see ``merge.lora.factors``).
 
@@ -251,7 +252,7 @@ def merge_adapters(
                         )
                 g = torch.Generator().manual_seed(derive_seed(seed, m))
                 delta = combine_residuals(deltas, ws, _RESIDUAL_COMBINE[method], density=density, generator=g)
-                tr = truncated_svd(delta, default_rank, clamp=clamp)
+                tr = truncated_svd(delta, default_rank, clamp=clamp, exact=True if exact_svd else None)
                 f = tr.factors
                 report.targets.append(TargetReport(m, f.rank, tr.energy, tr.rel_error))
             outs.append(OutTarget(m, f, layout, _conv_kernel(have[0][0], m), transposed))
@@ -318,6 +319,7 @@ def extract_adapter(
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    exact_svd: bool = False,
 ) -> AdapterReport:
     """mergekit's LoRA extract: per 2-D weight, the rank-``rank`` truncated SVD of ``θ_ft − θ_base``.
 
@@ -386,7 +388,8 @@ def extract_adapter(
                     progress(i + 1, len(plan), module)
                 continue
             emb = is_embedding_name(module)
-            tr: Truncation = truncated_svd(delta.T if emb else delta, rank, clamp=clamp)
+            tr: Truncation = truncated_svd(delta.T if emb else delta, rank, clamp=clamp,
+                                           exact=True if exact_svd else None)
             del delta, w0
             outs.append(OutTarget(module, tr.factors, "embedding" if emb else "linear"))
             report.targets.append(TargetReport(module, tr.factors.rank, tr.energy, tr.rel_error))

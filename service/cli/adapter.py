@@ -184,6 +184,8 @@ def fold_cmd(
     help="Dtype of the written factors (default: the first adapter's).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--exact-svd", is_flag=True,
+              help="Full SVDs (default: a randomized SVD where the rank is at most 1/8 of the matrix's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_fail_cleanly
 def merge_cmd(
@@ -197,6 +199,7 @@ def merge_cmd(
     seed: int,
     dtype: str | None,
     overwrite: bool,
+    exact_svd: bool,
     as_json: bool,
 ) -> None:
     """Merge LoRA ADAPTERS into one adapter (no base model needed)."""
@@ -213,6 +216,7 @@ def merge_cmd(
         seed=seed,
         dtype=dtype,
         overwrite=overwrite,
+        exact_svd=exact_svd,
     )
     if as_json:
         click.echo(json.dumps(rep.to_json(), indent=2))
@@ -248,6 +252,8 @@ def merge_cmd(
     help="Dtype of the factors (default float32).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--exact-svd", is_flag=True,
+              help="Full SVDs (default: a randomized SVD where the rank is at most 1/8 of the matrix's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (kept energy per tensor) as JSON.")
 @_fail_cleanly
 def extract_cmd(
@@ -261,6 +267,7 @@ def extract_cmd(
     min_rel_change: float,
     dtype: str | None,
     overwrite: bool,
+    exact_svd: bool,
     as_json: bool,
 ) -> None:
     """Extract a rank-R LoRA from FINETUNED − BASE (mergekit's LoRA extract), kept energy per tensor."""
@@ -277,6 +284,7 @@ def extract_cmd(
         min_rel_change=min_rel_change,
         dtype=dtype,
         overwrite=overwrite,
+        exact_svd=exact_svd,
     )
     if as_json:
         click.echo(json.dumps(rep.to_json(), indent=2))
