@@ -18,26 +18,47 @@ def _json(msg: Any) -> dict[str, Any]:
     return json_format.MessageToDict(msg, preserving_proto_field_name=True)
 
 
+JOB_HEADER = f"{'JOB':<32}  {'KIND':<6} {'STATE':<11} {'SUMMARY':<24} {'CREATED':<19} {'TOOK':>7}  PROGRESS"
+
+
+def _took(job: Any) -> str:
+    if not job.HasField("start_time"):
+        return "-"
+    end = job.end_time.ToNanoseconds() if job.HasField("end_time") else None
+    if end is None:
+        import time
+
+        end = time.time_ns()
+    return f"{(end - job.start_time.ToNanoseconds()) / 1e9:.1f}s"
+
+
 def _job_line(job: Any) -> str:
+    """One job as a row under :data:`JOB_HEADER`: a running job's progress; an ended job's output or error."""
+    import datetime
+
     from service.client import state_name
 
+    state = state_name(job.state)
     p = job.progress
-    if p.steps_total:
-        prog = f"{p.steps_done}/{p.steps_total} {p.unit}"
+    if state in ("SUCCEEDED", "FAILED", "CANCELLED"):
+        prog = f"-> {job.output_path}" if state == "SUCCEEDED" else ""
+    elif p.steps_total:
+        prog = f"{p.phase or '-'} {p.steps_done}/{p.steps_total} {p.unit}"
     elif p.tensors_total:
-        prog = f"{p.tensors_done}/{p.tensors_total} tensors"
+        prog = f"{p.phase or '-'} {p.tensors_done}/{p.tensors_total} tensors"
     else:
-        prog = "-"
-    extra = f"  {job.error.code}: {job.error.message}" if job.HasField("error") else ""
-    if not extra and state_name(job.state) == "SUCCEEDED":
-        extra = f"  -> {job.output_path}"
+        prog = p.phase or "-"
+    if job.HasField("error"):
+        prog = f"{prog}  {job.error.code}: {job.error.message}".strip()
+    created = datetime.datetime.fromtimestamp(job.create_time.ToSeconds()).strftime("%Y-%m-%d %H:%M:%S")
     name = job.name.removeprefix("jobs/")
-    return f"{name}  {job.kind:<6} {state_name(job.state):<11} {job.summary:<24} {prog}{extra}"
+    return f"{name:<32}  {job.kind:<6} {state:<11} {job.summary:<24} {created:<19} {_took(job):>7}  {prog}"
 
 
 def _follow(client: Any, job: Any, detach: bool, as_json: bool) -> None:
     """Print the job (detach) or follow it, one stderr line per phase or step, then its result."""
     from service._proto.weightsmith.v1 import job_pb2
+    from service.client import TERMINAL_STATES as TERMINAL
 
     if detach:
         click.echo(job.name)
@@ -46,6 +67,8 @@ def _follow(client: Any, job: Any, detach: bool, as_json: bool) -> None:
     for ev in client.watch(job.name):
         p = ev.job.progress
         key = (p.phase, p.steps_done, ev.job.state)
+        if ev.job.state in TERMINAL:  # the closing row below says how it ended (not "done" twice)
+            continue
         if key != last:
             last = key
             metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(p.metrics.items()))
@@ -60,6 +83,7 @@ def _follow(client: Any, job: Any, detach: bool, as_json: bool) -> None:
             json.dumps({"job": _json(final), "result": _json(res) if res is not None else None}, indent=2)
         )
     else:
+        click.echo(JOB_HEADER)
         click.echo(_job_line(final))
     if final.state != job_pb2.JOB_STATE_SUCCEEDED:
         sys.exit(2)
@@ -99,6 +123,7 @@ def remote_job_list(kinds: tuple[str, ...], states: tuple[str, ...], limit: int,
     if as_json:
         click.echo(json.dumps([_json(j) for j in jobs], indent=2))
         return
+    click.echo(JOB_HEADER)
     for j in jobs:
         click.echo(_job_line(j))
 
@@ -112,7 +137,7 @@ def remote_job_show(job: str, as_json: bool, **kw: Any) -> None:
     """Show one job (with --json, its request and result too)."""
     with _conn(kw) as client:
         j = client.get_job(job)
-        click.echo(json.dumps(_job_and_result(client, j), indent=2) if as_json else _job_line(j))
+        click.echo(json.dumps(_job_and_result(client, j), indent=2) if as_json else f"{JOB_HEADER}\n{_job_line(j)}")
 
 
 @remote_job.command("cancel")
@@ -124,7 +149,7 @@ def remote_job_cancel(job: str, as_json: bool, **kw: Any) -> None:
     """Cancel a queued, running or interrupted job (a running one stops at its next step)."""
     with _conn(kw) as client:
         j = client.cancel_job(job)
-        click.echo(json.dumps(_job_and_result(client, j), indent=2) if as_json else _job_line(j))
+        click.echo(json.dumps(_job_and_result(client, j), indent=2) if as_json else f"{JOB_HEADER}\n{_job_line(j)}")
 
 
 @remote_job.command("retry")

@@ -67,3 +67,24 @@ def test_progress_for_a_log_is_a_line_every_so_often() -> None:
         now[0] = float(step)
         printed.append(log.line(f"step {step}", force=step == 99))
     assert [i for i, p in enumerate(printed) if p] == [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99]
+
+
+def test_job_rows_have_a_header_times_and_no_stale_progress() -> None:
+    from service._proto.weightsmith.v1 import job_pb2
+    from service._proto.weightsmith.v1 import job_service_pb2 as jpb
+    from service.cli.jobs import JOB_HEADER, _job_line
+
+    job = jpb.Job(name="jobs/" + "a" * 32, kind="align", state=job_pb2.JOB_STATE_SUCCEEDED, summary="weight matching",
+                  output_path="/srv/out/b-aligned",
+                  progress=job_pb2.JobProgress(phase="writing", steps_done=2, steps_total=3, unit="phase"))
+    job.create_time.FromSeconds(1_700_000_000)
+    job.start_time.FromSeconds(1_700_000_001)
+    job.end_time.FromSeconds(1_700_000_004)
+    row = _job_line(job)
+    assert "2/3" not in row and "-> /srv/out/b-aligned" in row and "3.0s" in row and "SUCCEEDED" in row
+    assert JOB_HEADER.split()[:4] == ["JOB", "KIND", "STATE", "SUMMARY"]
+    assert row.index("align") == JOB_HEADER.index("KIND")  # the columns line up
+    running = jpb.Job(name="jobs/" + "b" * 32, kind="train", state=job_pb2.JOB_STATE_RUNNING, summary="gmn",
+                      progress=job_pb2.JobProgress(phase="training", steps_done=4, steps_total=40, unit="epoch"))
+    running.create_time.FromSeconds(1_700_000_000)
+    assert "training 4/40 epoch" in _job_line(running)
