@@ -104,7 +104,9 @@ def check_output(
     if not (out.exists() or out.is_symlink()):
         return out
     if not overwrite:
-        raise OutputExistsError(f"{out}: output already exists (pass --overwrite to replace it)")
+        raise OutputExistsError(
+            f"{out}: output already exists (to replace it: overwrite, --overwrite on the command line)"
+        )
     replaceable(out, kind)
     return out
 
@@ -115,17 +117,17 @@ def replaceable(out: Path, kind: Kind, *, shown: str | None = None) -> None:
     ``shown``: how the message names the output (a server names it as the caller sent it)."""
     name = shown if shown is not None else str(out)
     if out.is_symlink():
-        raise OutputExistsError(f"{name}: is a symbolic link; --overwrite replaces only a previous output, not a link")
+        raise OutputExistsError(f"{name}: is a symbolic link; overwrite replaces only a previous output, not a link")
     if kind == "file":
         if not out.is_file():
-            raise OutputExistsError(f"{name}: exists and is not a file; --overwrite replaces only a file here")
+            raise OutputExistsError(f"{name}: exists and is not a file; overwrite replaces only a file here")
         return
     if not out.is_dir():
-        raise OutputExistsError(f"{name}: exists and is not a folder; --overwrite replaces only an output folder")
+        raise OutputExistsError(f"{name}: exists and is not a folder; overwrite replaces only an output folder")
     if is_weightsmith_output(out) or not any(out.iterdir()):
         return
     raise OutputExistsError(
-        f"{name}: exists and is not a previous weightsmith output (it has no {MARKER} file); --overwrite "
+        f"{name}: exists and is not a previous weightsmith output (it has no {MARKER} file); overwrite "
         "replaces only a folder weightsmith wrote. Move it away yourself or choose another output"
     )
 

@@ -146,10 +146,10 @@ class _Running:
 
 def _left_behind(rec: JobRecord) -> str:
     """What an interrupted attempt leaves, for its error message."""
-    retry = "RetryMergeJob" if rec.kind == "merge" else "JobService.RetryJob"
+    retry = f"retry {rec.name}: weightsmith remote job retry, Client.retry_job or the RetryJob RPC"
     if get_kind(rec.kind).resumable:
-        return f"what it did is kept (retry the job with {retry} to resume)"
-    return f"no output was written (retry the job with {retry})"
+        return f"what it did is kept ({retry} resumes it)"
+    return f"no output was written ({retry})"
 
 
 def _check_replaceable(out: Path, overwrite: bool, shown: str) -> None:

@@ -379,7 +379,7 @@ def test_init_build_and_open_errors(tmp_path: Path) -> None:
     with pytest.raises(OutputExistsError):
         Soup.init(tmp_path / "soup", ms)
     Soup(tmp_path / "soup").build(tmp_path / "out")
-    with pytest.raises(OutputExistsError, match="pass --overwrite"):
+    with pytest.raises(OutputExistsError, match="already exists .to replace it: overwrite, --overwrite"):
         Soup(tmp_path / "soup").build(tmp_path / "out")
     Soup(tmp_path / "soup").build(tmp_path / "out", overwrite=True)
     with pytest.raises(ModelNotFoundError, match="no such soup folder"):
