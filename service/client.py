@@ -493,7 +493,12 @@ class Client:
             resp = self._call(
                 self.checkpoints.InspectCheckpoint, cpb.InspectCheckpointRequest(ref=ref, page_token=token)
             )
-            tensors += [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in resp.tensors]
+            # numbers as numbers (protobuf's JSON mapping writes int64 as strings)
+            tensors += [
+                {"name": t.name, "dtype": t.dtype, "shape": [int(d) for d in t.shape], "nbytes": int(t.nbytes),
+                 "file": t.file}
+                for t in resp.tensors
+            ]
             token = resp.next_page_token
             if not token:
                 break

@@ -803,3 +803,9 @@ def test_a_gguf_model_under_the_roots_merges_through_the_service(env: dict) -> N
     out, gg = open_checkpoint(root / "out" / "from-gguf"), open_checkpoint(g)
     for k, v in m1.state_dict().items():
         torch.testing.assert_close(out[k], (v + gg[k].float()) / 2, rtol=0, atol=1e-6)
+
+
+def test_inspect_gives_shapes_and_sizes_as_numbers(env: dict) -> None:
+    info = env["client"].inspect(str(env["models"][0]))
+    t = info["tensors"][0]
+    assert all(isinstance(d, int) for d in t["shape"]) and isinstance(t["nbytes"], int) and t["nbytes"] > 0
