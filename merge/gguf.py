@@ -219,7 +219,7 @@ class GGUFTensors:
             raise CheckpointError(f"{f}: cannot read tensor '{t.name}': {type(e).__name__}: {e}") from None
         qk = self._permuted(t.name)
         if qk is not None:
-            out = _unpermute_rows(out, *qk)
+            out = _unpermute_rows(out, qk[1])
         return out
 
     def rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
@@ -242,11 +242,10 @@ def _q8_0(data: np.ndarray) -> torch.Tensor:
     return (q * d).reshape(*data.shape[:-1], data.shape[-1] // 34 * 32)
 
 
-def _unpermute_rows(w: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
+def _unpermute_rows(w: torch.Tensor, groups: int) -> torch.Tensor:
     """Hugging Face row order of a Q/K projection that llama.cpp stored for its rotary kernel.
 
     ``convert_hf_to_gguf.py`` reshapes the rows as (groups, 2, head_dim/2) and swaps the last two axes,
     interleaving each head's two rotary halves; this swaps them back (``groups`` = KV heads for K)."""
-    n = groups if groups != heads else heads
-    half = w.shape[0] // n // 2
-    return w.reshape(n, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    half = w.shape[0] // groups // 2
+    return w.reshape(groups, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

@@ -33,9 +33,21 @@ def _qtype(out_type: str) -> Any:
     return Q[out_type.upper()]
 
 
-def _interleave(a: np.ndarray, groups: int) -> np.ndarray:
+def interleave_rows(a: np.ndarray, groups: int) -> np.ndarray:
     """llama.cpp's Q/K row order from Hugging Face's (the inverse of merge.gguf._unpermute_rows)."""
     return a.reshape(groups, 2, a.shape[0] // groups // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+
+def gguf_template(plan: Any) -> Any:
+    """The GGUF model of a merge plan whose header a GGUF output copies: its base when that is one, else the
+    first GGUF model; RecipeError when the recipe has none."""
+    refs = [m.ref for m in plan.models]
+    order = ([refs.index(plan.recipe.base_model)] if plan.recipe.base_model in refs else []) + list(range(len(refs)))
+    template = next((plan.checkpoints[i].gguf for i in order if plan.checkpoints[i].gguf is not None), None)
+    if template is None:
+        raise RecipeError("--out-format gguf copies its header (hyperparameters, tokenizer, chat template) from a "
+                          "GGUF model of the recipe, and none of its models is one")
+    return template
 
 
 def _copy_header(writer: Any, template: Any) -> None:
@@ -108,8 +120,7 @@ def write_gguf(
             a = source[name].float().numpy()
             qk = template._permuted(gname)
             if qk is not None:
-                heads, groups = qk
-                a = _interleave(a, groups if groups != heads else heads)
+                a = interleave_rows(a, qk[1])
             if qt == Q.F32:
                 data = np.ascontiguousarray(a, dtype=np.float32)
             elif qt == Q.F16:

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from merge.gguf_write import interleave_rows
+
 
 def tiny_llama(seed: int = 0, *, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
                inter: int = 128, vocab: int = 256) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -34,11 +36,6 @@ def tiny_llama(seed: int = 0, *, layers: int = 2, hidden: int = 64, heads: int =
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
     return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _permute(w: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's Q/K row interleaving (HF -> GGUF)."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def llama_gguf(path: Path, model: Any, state: dict[str, torch.Tensor], qtype: str = "F16",
@@ -84,9 +81,9 @@ def write_llama_gguf(path: Path, hp: dict[str, Any], tensors: Any, qtype: str = 
             raise ValueError(f"no GGUF name for {hf_name}")
         a = t.float().numpy()
         if name.endswith("attn_q"):
-            a = _permute(a, hp["heads"])
+            a = interleave_rows(a, hp["heads"])
         elif name.endswith("attn_k"):
-            a = _permute(a, hp["kv_heads"])
+            a = interleave_rows(a, hp["kv_heads"])
         gname = f"{name}.{suffix}"
         if a.ndim == 1 or any(k in hf_name for k in keep_f32) or want == Q.F32:
             w.add_tensor(gname, np.ascontiguousarray(a, dtype=np.float32))

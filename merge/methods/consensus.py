@@ -21,25 +21,12 @@ from __future__ import annotations
 import torch
 
 from merge.errors import RecipeError
-from merge.methods.registry import PerModel, broadcast_per_model, merge_method
-
-
-def _deltas(tensors: list[torch.Tensor], base: torch.Tensor | None, method: str) -> list[torch.Tensor]:
-    if base is None:
-        raise RecipeError(f"method '{method}' requires a base_model (task vectors are θ_t − θ_0)")
-    for t in tensors:
-        if t.shape != base.shape:
-            raise RecipeError(
-                f"method '{method}': input of shape {list(t.shape)} does not match the base's {list(base.shape)}"
-            )
-    return [t - base for t in tensors]
+from merge.methods.registry import PerModel, merge_method
+from merge.methods.task_arithmetic import _deltas, _per_model
 
 
 def _lambdas(value: object, n: int, method: str) -> list[float]:
-    try:
-        out = [float(v) for v in broadcast_per_model(value, n)]
-    except RecipeError as e:
-        raise RecipeError(f"method '{method}': parameter 'tall_lambda': {e}") from None
+    out = _per_model(value, n, "tall_lambda", method)
     for v in out:
         if not v >= 0:
             raise RecipeError(f"method '{method}': tall_lambda must be >= 0, got {v}")

@@ -29,17 +29,7 @@ import torch
 
 from merge.errors import RecipeError
 from merge.methods.registry import merge_method
-
-
-def _deltas(tensors: list[torch.Tensor], base: torch.Tensor | None, method: str) -> list[torch.Tensor]:
-    if base is None:
-        raise RecipeError(f"method '{method}' requires a base_model (task vectors are θ_t − θ_0)")
-    for t in tensors:
-        if t.shape != base.shape:
-            raise RecipeError(
-                f"method '{method}': input of shape {list(t.shape)} does not match the base's {list(base.shape)}"
-            )
-    return [t - base for t in tensors]
+from merge.methods.task_arithmetic import _deltas
 
 
 def _is_matrix(base: torch.Tensor) -> bool:

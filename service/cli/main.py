@@ -121,16 +121,10 @@ def _merge_to_gguf(plan: Any, out: Path, out_type: str, options: Any) -> Any:
 
     from merge.atomic import check_output
     from merge.checkpoint import open_checkpoint
-    from merge.errors import RecipeError
     from merge.execute import run_merge
-    from merge.gguf_write import write_gguf
+    from merge.gguf_write import gguf_template, write_gguf
 
-    refs = [m.ref for m in plan.models]
-    order = ([refs.index(plan.recipe.base_model)] if plan.recipe.base_model in refs else []) + list(range(len(refs)))
-    template = next((plan.checkpoints[i].gguf for i in order if plan.checkpoints[i].gguf is not None), None)
-    if template is None:
-        raise RecipeError("--out-format gguf copies its header (hyperparameters, tokenizer, chat template) from a "
-                          "GGUF model of the recipe, and none of its models is one")
+    template = gguf_template(plan)
     check_output(out, overwrite=options.overwrite, inputs=plan.input_paths, kind="file")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.merging-") as d:
