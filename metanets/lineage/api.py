@@ -494,17 +494,48 @@ def _decide(
             vals.append(((db[n] ** p - da[n] ** p) / d**p, _weight(tuple(c.source.shape(n)))))
         return _weighted_median(vals) if vals else math.nan
 
+    # the directed model graph of the child and its relatives: direction, merges, descendants
+    graph = _family_graph(c, related, family_threshold)
+    rel = {cs.name: graph.relation(c.name, cs.name) for cs in cands if graph is not None and cs.name in by_name}
+    for cs in cands:
+        cs.relation = rel.get(cs.name)
+    if graph is not None and c.name in graph.merges:
+        mn = graph.merges[c.name]
+        result.merge_of = dict(mn.components)
+        parts = ", ".join(f"{k} ({v:.2f})" for k, v in mn.components.items())
+        result.reason = (
+            f"the child is a merge of {parts}" + (f" on base {mn.base}" if mn.base else "")
+            + f" (fit residual {mn.residual:.2f}): it has several parents, not one"
+        )
+        result.tree = [TreeEdge(c.name, k, dist(c.name, k), "chain") for k in mn.components]
+        return result
+    younger = {n for n, r in rel.items() if r in ("descendant", "child", "merge of it")}
+    if graph is not None and graph.parent(c.name) is None and younger:
+        result.reason = (
+            f"the related candidates are the child's descendants or merges of it ({', '.join(sorted(younger))}), "
+            "not its ancestors: the parent is probably not among the candidates"
+        )
+        result.tree = [TreeEdge(e.child, e.parent, e.distance, "family") for e in graph.edges if e.kind == "fine-tune"]
+        result.tree = _acyclic(result.tree)
+        return result
+    if graph is not None and graph.parent(c.name) in by_name:
+        best = by_name[graph.parent(c.name)]  # type: ignore[index]
     name = best.model.name
     path_val, path_from = math.nan, None
-    for other in related[1:]:
+    for other in related:
+        if other.model.name in (name, *younger) or other.model.name in (graph.merges if graph else {}):
+            continue
         if dist(name, other.model.name) > family_threshold:
             continue
         rho = behind(c.name, name, other.model.name)
         if math.isfinite(rho) and (not math.isfinite(path_val) or rho < path_val):
             path_val, path_from = rho, other.model.name
-    cands[0].path = path_val if math.isfinite(path_val) else None
+    next(cs for cs in cands if cs.name == name).path = path_val if math.isfinite(path_val) else None
     family = [s.model.name for s in related]
-    edges = _mst(family, dist)
+    if graph is not None:  # the graph's directed edges among the candidates (the child's own are drawn apart)
+        edges = [(e.parent, e.child, e.distance) for e in graph.edges if c.name not in (e.parent, e.child)]
+    else:
+        edges = _mst(family, dist)
     if math.isfinite(path_val) and path_val < path_threshold:
         result.reason = (
             f"{name} is related (score {best.score:.3g}) but not an ancestor: seen from its relative "
@@ -514,14 +545,21 @@ def _decide(
         result.tree = [TreeEdge(c.name, name, best.score, "guess")] + [TreeEdge(a, b, d) for a, b, d in edges]
         return result
     result.parent = name
+    if best is not scored[0]:
+        near = scored[0].model.name
+        runner = f"; nearest candidate {near} ({scored[0].score:.3g}) is its {rel.get(near)}"
     if math.isfinite(path_val):
         test = (
             f"; the child lies behind it as seen from {path_from} (path {path_val:.3g} >= {path_threshold:g})"
         )
     else:
         test = "; path test not applicable (no relative of it among the candidates)"
-    result.reason = f"{name} is the nearest related candidate (score {best.score:.3g}{runner}){test}"
-    result.chain = _chain(name, family, dist, behind, CHAIN_THRESHOLD)
+    what = "the nearest related candidate" if best is scored[0] else "the child's parent in the model graph"
+    result.reason = f"{name} is {what} (score {best.score:.3g}{runner}){test}"
+    if graph is not None:
+        result.chain = [name] + [a for a in graph.ancestors(name) if a in by_name]
+    else:
+        result.chain = _chain(name, family, dist, behind, CHAIN_THRESHOLD)
     links = list(zip(result.chain, result.chain[1:], strict=False))
     on_chain = {frozenset(e) for e in links}
     result.tree = [TreeEdge(c.name, name, best.score, "chain")]
@@ -530,6 +568,20 @@ def _decide(
     # the drawing is a tree: drop family edges that would close a cycle with the chain
     result.tree = _acyclic(result.tree)
     return result
+
+
+def _family_graph(c: Model, related: list[Scored], family_threshold: float) -> Any:
+    """The model graph of the child and its related candidates (None with fewer than two of them: a
+    lone candidate's answer needs no direction)."""
+    from metanets.lineage.graph import graph_of_models
+
+    if len(related) < 2 or any(s.score == 0 for s in related):  # an identical copy is the answer as it is
+        return None
+    models = [Model(c.name, c.ref, c.source)] + [Model(s.model.name, s.model.ref, s.model.source) for s in related]
+    g = graph_of_models(models, family_threshold=max(family_threshold, 0.8), workers=1)
+    if c.name not in g.models or len(g.clusters[g.cluster_of(c.name)]) < 2:
+        return None
+    return g
 
 
 def _decide_learned(result: LineageResult, scored: list[Scored]) -> LineageResult:

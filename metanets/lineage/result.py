@@ -53,6 +53,9 @@ class CandidateScore:
     permuted: bool | None = None  # aligned: related, but its hidden units had been permuted
     metrics: dict[str, float] = field(default_factory=dict)  # probe / learned: every metric computed
     path: float | None = None  # path test of the best candidate (see LineageResult.thresholds)
+    #: what the candidate is to the child in the recovered model graph (weights/aligned): parent, ancestor,
+    #: sibling, descendant, child, merge of it, merge component, relative
+    relation: str | None = None
 
     def to_json(self, *, layers: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -72,6 +75,8 @@ class CandidateScore:
             d["metrics"] = {k: _num(v) for k, v in self.metrics.items()}
         if self.path is not None:
             d["path"] = _num(self.path, 4)
+        if self.relation is not None:
+            d["relation"] = self.relation
         if layers:
             d["layers"] = [
                 {**asdict(e), "distance": _num(e.distance), "frobenius": _num(e.frobenius)}
@@ -117,6 +122,8 @@ class LineageResult:
     seconds: float = 0.0
     bytes_read: int = 0
     params: dict[str, Any] = field(default_factory=dict)
+    #: the child is a merge of these candidates (name -> share), when the model graph recognises one
+    merge_of: dict[str, float] = field(default_factory=dict)
 
     @property
     def best(self) -> CandidateScore | None:
@@ -150,6 +157,7 @@ class LineageResult:
             "reason": self.reason,
             "margin": _num(self.margin, 4),
             "chain": list(self.chain),
+            "merge_of": {k: _num(v, 4) for k, v in self.merge_of.items()},
             "thresholds": dict(self.thresholds),
             "candidates": [c.to_json(layers=layers) for c in self.candidates],
             "skipped": [asdict(s) for s in self.skipped],
@@ -183,6 +191,8 @@ class LineageResult:
                 extra.append(f"fixed {c.fixed_fraction:.2f}" + (" PERMUTED" if c.permuted else ""))
             if c.path is not None:
                 extra.append(f"path {c.path:.2f}")
+            if c.relation is not None and c.relation not in ("parent", "relative"):
+                extra.append(c.relation.upper() if c.relation in ("descendant", "child", "merge of it") else c.relation)
             if c.coverage < 0.999:
                 extra.append(f"coverage {c.coverage:.0%}")
             lines.append(

@@ -91,6 +91,7 @@ class ZooConfig:
     hidden: int = 64
     batch: int = 64
     input_noise: float = 0.3
+    merges: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -133,6 +134,11 @@ class ZooMember:
     file: str = ""
     key: str = ""
     seconds: float = 0.0
+    #: merges (generation 5): the merged members, their weights, the merge method and its base
+    components: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    method: str = ""
+    base: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +315,60 @@ def _plan(cfg: ZooConfig) -> list[ZooMember]:
                             f"{child}.g0", 4, child, root, "noisy digits 5-9", cfg.grandchild_steps, cfg.lr
                         )
                     )
+        if cfg.merges:
+            out += _merges(cfg, root)
+    return out
+
+
+#: the family's merges: (members as (sibling, child) indices, weights, method, base, density)
+MERGES = (
+    (((0, None), (1, None)), (0.6, 0.4), "linear", None, 1.0),
+    (((0, 0), (0, 1)), (0.5, 0.5), "ties", (0, None), 0.5),
+    (((1, 0), (1, 1), (1, 2)), (0.5, 0.3, 0.2), "dare_linear", (1, None), 0.7),
+)
+
+
+def _merges(cfg: ZooConfig, root: str) -> list[ZooMember]:
+    """Merges of every family (``merges=True``): a linear merge of two siblings (no base), a TIES merge
+    of two children on their parent, a DARE merge of three children on theirs (as many as the
+    family's size allows)."""
+
+    def name(ix: tuple[int, int | None]) -> str:
+        s, c = ix
+        return f"{root}.p{s}" + (f".c{c}" if c is not None else "")
+
+    out = []
+    for k, (members, weights, method, base, _density) in enumerate(MERGES):
+        if any(s >= cfg.siblings or (c is not None and c >= cfg.children) for s, c in members):
+            continue
+        out.append(
+            ZooMember(
+                f"{root}.m{k}", 5, None, root, f"{method} merge", 0, 0.0,
+                components=[name(m) for m in members], weights=list(weights), method=method,
+                base=None if base is None else name(base),
+            )
+        )
+    return out
+
+
+def _merge_state(
+    cfg: ZooConfig, m: ZooMember, states: Mapping[str, Mapping[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """A merge member's weights, made by weightsmith's own merge methods (:mod:`merge.methods`)."""
+    from merge.methods import get_method
+    from merge.methods.runner import merge_tensors
+
+    spec = get_method(m.method)
+    density = next(d for _, w, meth, _, d in MERGES if meth == m.method)
+    params: dict[str, Any] = {"weight": list(m.weights)}
+    if m.method != "linear":
+        params["density"] = density
+    first = states[m.components[0]]
+    out = {}
+    for t in first:
+        tensors = [states[c][t].float() for c in m.components]
+        base = states[m.base][t].float() if m.base else None
+        out[t] = merge_tensors(spec, tensors, base, params, name=t, seed=_member_seed(cfg.seed, m.name)).contiguous()
     return out
 
 
@@ -424,7 +484,10 @@ def build_lineage_zoo(
     done: list[ZooMember] = []
     with _single_thread():
         for i, m in enumerate(plan):
-            key = _member_key(config, m, keys.get(m.parent or "", ""))
+            parent_key = keys.get(m.parent or "", "")
+            if m.generation == 5:  # a merge: its members' keys and its recipe
+                parent_key = json.dumps([[keys[c] for c in m.components], m.weights, m.method, m.base])
+            key = _member_key(config, m, parent_key)
             keys[m.name] = key
             m.key, m.file = key, f"{m.name}.safetensors"
             prev = old.get(m.name)
@@ -433,6 +496,15 @@ def build_lineage_zoo(
                 m.accuracy, m.seconds = float(prev["accuracy"]), float(prev.get("seconds", 0.0))
             else:
                 t0 = time.perf_counter()
+                if m.generation == 5:
+                    states[m.name] = _merge_state(config, m, states)
+                    _atomic_save(states[m.name], out / m.file)
+                    m.seconds = time.perf_counter() - t0
+                    done.append(m)
+                    if progress is not None:
+                        progress(i + 1, len(plan), m)
+                    _write_manifest(out, config, done)
+                    continue
                 gen = torch.Generator().manual_seed(_member_seed(config.seed, m.name))
                 torch.manual_seed(_member_seed(config.seed, m.name))  # module initialisation
                 model = build_model(config.arch, config.hidden)

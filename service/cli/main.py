@@ -221,9 +221,9 @@ from service.cli.soup import soup  # noqa: E402
 main.add_command(soup)
 
 # weightsmith lineage (issue 11)
-from service.cli.lineage import lineage  # noqa: E402
+from service.cli.lineage_graph import lineage_group  # noqa: E402  (lineage CHILD -c ..., lineage graph: issue 24)
 
-main.add_command(lineage)
+main.add_command(lineage_group, name="lineage")
 
 from service.cli.moe import moe  # noqa: E402
 

@@ -1,0 +1,749 @@
+"""Whole-pool lineage: recover the directed model graph (families, fine-tune edges, merges).
+
+:func:`recover_model_graph` answers for a folder or list of models what :func:`detect_lineage`
+answers for one child: who was fine-tuned from whom, which models are merges of which, and which
+models are unrelated families. Following MoTHer (Horwitz, Shul, Hoshen, "On the Origin of Llamas:
+Model Tree Heritage Recovery", 2024): pairwise distances, a direction signal from per-model weight
+statistics, and the minimum spanning arborescence of the directed graph (Edmonds' algorithm,
+networkx), one per family; extended with merge nodes (several parents) and calibrated direction.
+
+Steps (one streamed read per model: :func:`metanets.lineage.pool.pool_stats`)
+------------------------------------------------------------------------------
+1. **Distance** ``d(a, b) = sqrt(mean_k ‖θ_a − θ_b‖²_k / ½(‖θ_a‖²_k + ‖θ_b‖²_k))`` over the weight
+   matrices ``k`` both share: the RMS relative distance (0 for a copy, ≈√2 for independent
+   initialisations of any scale). Squared, it adds up along a chain of independent updates.
+2. **Families**: connected components of ``d ≤ family_threshold`` (0.8).
+3. **Merges**: a member ``X`` is a merge if, for a base ``R`` of its family, its delta ``X − R`` is
+   a non-negative combination of two to four other members' deltas ``P − R`` (NNLS on the Gram
+   matrices; DARE's random drops and TIES' trimming leave the expected combination) with a
+   relative residual ``≤ merge_threshold`` (0.3) and clearly better than any single member's
+   (``≤ 0.7 ×``); or lies on the segment between two members (a linear merge without its base in the
+   pool: weight 0.1–0.9). Components' shares are the fitted weights normalised to sum 1. A merge
+   gets its components as parents instead of one tree parent.
+4. **Direction**: per pair, ``y(a→b) ∈ [−1, 1]`` is the weighted mean over shared matrices of
+   ``sign(s_b − s_a)`` for the statistic ``s`` (``norm``: log of the Frobenius norm; ``kurtosis``:
+   excess kurtosis, MoTHer's). Which sign means "younger" depends on the training regime (MoTHer
+   flips it by hand for continued pre-training); ``auto`` calibrates it per family on the leaves of
+   the undirected minimum spanning tree (a leaf is almost always a descendant of its only
+   neighbour) and picks the statistic that agrees best there.
+5. **Tree**: edge cost ``c(a→b) = d(a, b) · (1 + λ (1 − y(a→b)) / 2)`` (``λ = direction_weight``,
+   default 1: a fully contradicted direction doubles the cost), minimum spanning arborescence per
+   family over the non-merge members plus a virtual root (free edges to merges, so merges may
+   have fine-tunes of their own). Confidence of an edge ``p→b``: ``1 − c(p→b) / c(q→b)`` for the
+   cheapest other parent ``q``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.optimize import nnls
+
+from merge.errors import InvalidArgumentError, WeightsmithError
+from metanets.lineage.model import Model
+from metanets.lineage.pool import PoolStats, pool_stats
+
+ModelRef = Any  # str | Path | Mapping[str, torch.Tensor]
+GRAPH_FORMAT = "weightsmith.model_graph"
+STATISTICS = ("norm", "kurtosis")
+MIN_SHARE = 0.1
+MAX_COMPONENTS = 4
+#: a member that keeps its base's entries exactly this much more often than its components: sparsified merge
+SPARSE_MIN = 0.08
+#: a merge must fit this much better than the best single member (relative residual ratio)
+SINGLE_RATIO = 0.7
+#: a linear merge without its base lies on the segment between its two components (relative residual)
+SEGMENT_RESIDUAL = 0.15
+#: cosines of unrelated updates below this are noise (no path penalty)
+PATH_FLOOR = 0.05
+#: leaf edges a family needs before its own leaves choose the direction statistic and sign
+MIN_LEAVES = 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The result
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GraphEdge:
+    """``parent → child``: a fine-tune (``kind="fine-tune"``) or a merge component (``kind="merge"``)."""
+
+    parent: str
+    child: str
+    kind: str
+    distance: float
+    confidence: float
+    weight: float | None = None  # merge components: share of the merge
+    direction: float | None = None  # fine-tunes: y(parent→child), calibrated, in [-1, 1]
+
+
+@dataclass
+class MergeNode:
+    """A model recognised as a merge: its components with shares, the base it was fitted on."""
+
+    name: str
+    components: dict[str, float]
+    base: str | None
+    residual: float
+    single_residual: float
+    #: the residual's own size (not relative to the merge's delta from its base): how fits on different bases compare
+    residual_norm: float = 0.0
+
+
+@dataclass
+class ModelGraph:
+    """The directed model graph of a pool: families (clusters), fine-tune edges and merges."""
+
+    models: list[str]
+    refs: dict[str, str]
+    clusters: list[list[str]]
+    edges: list[GraphEdge]
+    merges: dict[str, MergeNode]
+    roots: list[str]
+    distances: dict[tuple[str, str], float]
+    params: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    bytes_read: int = 0
+
+    # -- questions ----------------------------------------------------------------------------------
+    def parents(self, name: str) -> list[str]:
+        """The model's parents: one for a fine-tune, the components for a merge, none for a root."""
+        return [e.parent for e in self.edges if e.child == name]
+
+    def parent(self, name: str) -> str | None:
+        """The fine-tuning parent (``None`` for a root or a merge)."""
+        for e in self.edges:
+            if e.child == name and e.kind == "fine-tune":
+                return e.parent
+        return None
+
+    def children(self, name: str) -> list[str]:
+        return [e.child for e in self.edges if e.parent == name]
+
+    def ancestors(self, name: str) -> list[str]:
+        """Fine-tuning ancestors, nearest first (the chain stops at a root or at a merge)."""
+        out: list[str] = []
+        cur = self.parent(name)
+        while cur is not None and cur not in out:
+            out.append(cur)
+            cur = self.parent(cur)
+        return out
+
+    def descendants(self, name: str) -> list[str]:
+        out: list[str] = []
+        todo = [name]
+        while todo:
+            for c in self.children(todo.pop()):
+                if c not in out and c != name:
+                    out.append(c)
+                    todo.append(c)
+        return out
+
+    def siblings(self, name: str) -> list[str]:
+        p = self.parent(name)
+        if p is None:
+            return []
+        return [c for c in self.children(p) if c != name and c not in self.merges]
+
+    def cluster_of(self, name: str) -> int:
+        for i, c in enumerate(self.clusters):
+            if name in c:
+                return i
+        raise KeyError(name)
+
+    def relation(self, a: str, b: str) -> str:
+        """What ``b`` is to ``a``: parent, child, ancestor, descendant, sibling, merge component, merge of
+        it, relative (same family) or unrelated."""
+        if a == b:
+            return "self"
+        if self.cluster_of(a) != self.cluster_of(b):
+            return "unrelated"
+        if b == self.parent(a):
+            return "parent"
+        if a in self.merges and b in self.merges[a].components:
+            return "merge component"
+        if b in self.merges and a in self.merges[b].components:
+            return "merge of it"
+        if b in self.ancestors(a):
+            return "ancestor"
+        if a == self.parent(b):
+            return "child"
+        if b in self.descendants(a):
+            return "descendant"
+        if b in self.siblings(a):
+            return "sibling"
+        return "relative"
+
+    # -- output -------------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": GRAPH_FORMAT,
+            "version": 1,
+            "models": [{"name": m, "ref": self.refs.get(m, m), "cluster": self.cluster_of(m)} for m in self.models],
+            "clusters": self.clusters,
+            "roots": self.roots,
+            "edges": [
+                {
+                    "parent": e.parent,
+                    "child": e.child,
+                    "kind": e.kind,
+                    "distance": round(e.distance, 6),
+                    "confidence": round(e.confidence, 4),
+                    **({"weight": round(e.weight, 4)} if e.weight is not None else {}),
+                    **({"direction": round(e.direction, 4)} if e.direction is not None else {}),
+                }
+                for e in self.edges
+            ],
+            "merges": [
+                {
+                    "name": m.name,
+                    "components": {k: round(v, 4) for k, v in m.components.items()},
+                    "base": m.base,
+                    "residual": round(m.residual, 4),
+                    "single_residual": round(m.single_residual, 4),
+                }
+                for m in self.merges.values()
+            ],
+            "skipped": [{"name": k, "reason": v} for k, v in self.skipped.items()],
+            "params": self.params,
+            "seconds": round(self.seconds, 3),
+            "bytes_read": self.bytes_read,
+        }
+
+    def summary(self) -> list[str]:
+        """Human-readable lines: one indented tree per family, merges as joins (the CLI's output)."""
+        lines: list[str] = []
+        for i, cl in enumerate(self.clusters):
+            roots = [r for r in self.roots if r in cl]
+            lines.append(f"family {i + 1} ({len(cl)} model{'s' if len(cl) != 1 else ''})")
+            shown: set[str] = set()
+
+            def walk(n: str, depth: int, shown: set[str] = shown) -> None:
+                if n in shown:
+                    return
+                shown.add(n)
+                for e in sorted((e for e in self.edges if e.parent == n and e.kind == "fine-tune"),
+                                key=lambda e: e.child):
+                    lines.append(
+                        f"{'  ' * depth}└─ {e.child}   (d {e.distance:.3g}, confidence {e.confidence:.2f})"
+                    )
+                    walk(e.child, depth + 1)
+
+            for r in roots:
+                lines.append(f"  {r}" + ("   [merge]" if r in self.merges else "   [root]"))
+                walk(r, 2)
+            for m in (m for m in self.merges.values() if m.name in cl):
+                parts = " + ".join(f"{w:.2f}·{c}" for c, w in m.components.items())
+                base = f" on base {m.base}" if m.base else ""
+                lines.append(f"  merge {m.name} = {parts}{base}   (residual {m.residual:.2f})")
+                if m.name not in shown:
+                    walk(m.name, 2)
+        for k, v in self.skipped.items():
+            lines.append(f"skipped {k}: {v}")
+        return lines
+
+    def render(self, path: str | Path, *, title: str | None = None, overwrite: bool = False) -> Path:
+        """Draw the graph (families side by side, merges as joins); format from the suffix (png, svg, pdf)."""
+        from merge.atomic import atomic_output
+        from metanets.lineage.graph_draw import render_graph
+
+        out = Path(path)
+        fmt = out.suffix.lower().lstrip(".")
+        if fmt not in ("png", "svg", "pdf"):
+            raise InvalidArgumentError(f"graph picture '{out}': use a .png, .svg or .pdf suffix")
+        with atomic_output(out, overwrite=overwrite, kind="file") as tmp:
+            render_graph(self, tmp, fmt=fmt, title=title)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairwise quantities from the pool statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def distance_matrix(stats: PoolStats) -> np.ndarray:
+    """RMS relative distance between every pair (``inf`` where they share no weight matrix)."""
+    n = len(stats.names)
+    acc = np.zeros((n, n))
+    cnt = np.zeros((n, n))
+    for g in stats.groups:
+        idx = np.array(g.members)
+        sq = g.sq_dist()
+        scale = 0.5 * (g.sq_norm[:, None] + g.sq_norm[None, :])
+        rel = np.where(scale > 0, sq / np.where(scale > 0, scale, 1.0), 0.0)
+        acc[np.ix_(idx, idx)] += rel
+        cnt[np.ix_(idx, idx)] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = np.where(cnt > 0, np.sqrt(acc / np.maximum(cnt, 1)), np.inf)
+    np.fill_diagonal(d, 0.0)
+    return d
+
+
+def direction_matrix(stats: PoolStats, statistic: str) -> np.ndarray:
+    """``y[a, b]``: mean over shared matrices of ``sign(s_b − s_a)`` (antisymmetric, in [-1, 1])."""
+    n = len(stats.names)
+    acc = np.zeros((n, n))
+    cnt = np.zeros((n, n))
+    for g in stats.groups:
+        idx = np.array(g.members)
+        s = np.log(np.maximum(g.sq_norm, 1e-300)) if statistic == "norm" else g.kurtosis
+        acc[np.ix_(idx, idx)] += np.sign(s[None, :] - s[:, None])
+        cnt[np.ix_(idx, idx)] += 1
+    return np.where(cnt > 0, acc / np.maximum(cnt, 1), 0.0)
+
+
+def family_gram(stats: PoolStats, members: Sequence[int]) -> np.ndarray:
+    """Gram of the family's weights (each matrix scaled by its mean squared norm, then averaged over the
+    matrices every member has): inner products of differences are read off it."""
+    m = len(members)
+    pos = {i: j for j, i in enumerate(members)}
+    out = np.zeros((m, m))
+    used = 0
+    for g in stats.groups:
+        if not all(i in g.members for i in members):
+            continue
+        sel = [g.members.index(i) for i in members]
+        scale = float(np.mean(g.sq_norm[sel]))
+        if scale <= 0:
+            continue
+        out += g.gram[np.ix_(sel, sel)] / scale
+        used += 1
+    del pos
+    return out / max(used, 1)
+
+
+def _delta_gram(G: np.ndarray, r: int, idx: Sequence[int]) -> np.ndarray:
+    """Gram of ``θ_i − θ_r`` for ``i`` in ``idx``."""
+    idx = np.asarray(idx)
+    return G[np.ix_(idx, idx)] - G[idx, r][:, None] - G[r, idx][None, :] + G[r, r]
+
+
+def _nnls_gram(A: np.ndarray, b: np.ndarray, xx: float) -> tuple[np.ndarray, float]:
+    """``min_w≥0 ‖Σ w_i p_i − x‖²`` given ``A = PᵀP``, ``b = Pᵀx``, ``xx = ‖x‖²``: (w, relative residual)."""
+    k = len(b)
+    jitter = 1e-10 * max(float(np.trace(A)) / max(k, 1), 1e-300)
+    try:
+        L = np.linalg.cholesky(A + jitter * np.eye(k))
+    except np.linalg.LinAlgError:
+        L = np.linalg.cholesky(A + 1e-6 * max(float(np.trace(A)), 1e-300) * np.eye(k))
+    w, _ = nnls(L.T, np.linalg.solve(L, b))
+    res2 = max(xx - 2 * float(w @ b) + float(w @ A @ w), 0.0)
+    return w, math.sqrt(res2 / xx) if xx > 0 else math.inf
+
+
+def family_equal(stats: PoolStats, members: Sequence[int]) -> list[np.ndarray]:
+    """Per weight matrix every member has: the fraction of exactly equal entries between members."""
+    out = []
+    for g in stats.groups:
+        if all(i in g.members for i in members):
+            sel = [g.members.index(i) for i in members]
+            out.append(g.equal[np.ix_(sel, sel)])
+    return out
+
+
+def sparse_excess(equal: Sequence[np.ndarray], x: int, r: int, comps: Sequence[int]) -> float:
+    """How much more often ``x`` keeps base ``r``'s entries exactly than its components do, in the matrix
+    where that is least (frozen matrices aside): > 0 when ``x − r`` is sparse where the components'
+    deltas are not, as after TIES trimming or DARE dropping (a fine-tune changes what it trains; units
+    that never train, such as dead ReLUs, stay equal in every relative alike)."""
+    vals = [float(e[x, r] - max(e[c, r] for c in comps)) for e in equal if e[x, r] < 0.99]
+    return min(vals) if vals else 0.0
+
+
+def _fit_merge(
+    G: np.ndarray,
+    equal: Sequence[np.ndarray],
+    x: int,
+    others: Sequence[int],
+    d: np.ndarray,
+    neighbours: int,
+    threshold: float,
+    older: np.ndarray | None = None,
+) -> MergeNode | None:
+    """The best accepted merge explanation of member ``x`` of a family, or None (module docstring).
+
+    ``G``: the family Gram, ``equal``: :func:`family_equal`, ``d``: distances, all in family indices;
+    ``older[r, c]``: the direction signal says ``r`` is older than ``c`` (a merge's base is older than
+    its components; among the members of one linear relation, only the merge has such a fit)."""
+    near = sorted(others, key=lambda j: d[x, j])[:neighbours]
+    fits: list[MergeNode] = []
+    for r in near:
+        comps = [j for j in near if j != r]
+        if not comps:
+            continue
+        A = _delta_gram(G, r, comps)
+        b = G[x, comps] - G[x, r] - G[r, comps] + G[r, r]
+        xx = float(G[x, x] - 2 * G[x, r] + G[r, r])
+        if xx <= 0:
+            continue
+        w1s = [max(b[t] / A[t, t], 0.0) if A[t, t] > 0 else 0.0 for t in range(len(comps))]
+        singles = [math.sqrt(max(xx - 2 * w1 * b[t] + w1 * w1 * A[t, t], 0.0) / xx) for t, w1 in enumerate(w1s)]
+        r_single = min(singles)
+        w, _ = _nnls_gram(A, b, xx)
+        order = [int(t) for t in np.argsort(-w) if w[t] > 0][:MAX_COMPONENTS]
+        total = float(sum(w[t] for t in order))
+        keep = [t for t in order if total > 0 and w[t] / total >= MIN_SHARE]
+        fit: MergeNode | None = None
+        if len(keep) >= 2:
+            w2, res = _nnls_gram(A[np.ix_(keep, keep)], b[keep], xx)
+            sparse = sparse_excess(equal, x, r, [comps[t] for t in keep]) >= SPARSE_MIN
+            ok = res <= threshold and (res <= SINGLE_RATIO * r_single or (sparse and res < r_single))
+            if older is not None and not all(older[r, comps[t]] for t in keep):
+                ok = False
+            if ok and all(v > 0 for v in w2):
+                fit = MergeNode(str(x), {str(comps[t]): float(v) for t, v in zip(keep, w2, strict=True)},
+                                str(r), res, r_single, res * math.sqrt(xx))
+        else:
+            # x on the segment between r and one other member: a linear merge whose base is not in the pool
+            t = int(np.argmin(singles))
+            if MIN_SHARE <= w1s[t] <= 1 - MIN_SHARE and singles[t] <= SEGMENT_RESIDUAL:
+                fit = MergeNode(str(x), {str(r): 1.0 - w1s[t], str(comps[t]): w1s[t]}, None, singles[t],
+                                min([s for u, s in enumerate(singles) if u != t] + [1.0]), singles[t] * math.sqrt(xx))
+        if fit is not None:
+            fits.append(fit)
+    best = None
+    if fits:
+        # a merge whose weights sum to 1 is an affine combination: any component can pose as the base and
+        # fit as well; the fit that names the most components (the true base among them) is the merge's
+        low = min(f.residual_norm for f in fits)
+        close = [f for f in fits if f.residual_norm <= 1.15 * low + 1e-12]
+        best = max(close, key=lambda f: (len(f.components), -f.residual_norm))
+    if best is not None:
+        tot = sum(best.components.values())
+        best.components = {k: v / tot for k, v in sorted(best.components.items(), key=lambda kv: -kv[1])}
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# The library call
+# ---------------------------------------------------------------------------------------------
+
+
+def _components(n: int, close: np.ndarray) -> list[list[int]]:
+    seen = [False] * n
+    out = []
+    for s in range(n):
+        if seen[s]:
+            continue
+        comp, todo = [], [s]
+        seen[s] = True
+        while todo:
+            i = todo.pop()
+            comp.append(i)
+            for j in np.nonzero(close[i])[0]:
+                if not seen[j]:
+                    seen[j] = True
+                    todo.append(int(j))
+        out.append(sorted(comp))
+    return out
+
+
+def _backtrack(G: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``β[a, b]``: the largest cosine between the step ``b − a`` and the way back ``q − a`` to any member
+    ``q`` older than ``a`` (``y[q, a] > 0``). A fine-tune's update is unrelated to its parent's history
+    (``β ≈ 0``); a step from a sibling to a sibling that share an update goes partly back towards
+    their parent (``β > 0``): the path test of :mod:`metanets.lineage.api` as an edge cost."""
+    m = len(G)
+    dg = np.diag(G)
+    out = np.zeros((m, m))
+    for a in range(m):
+        # V[i, j] = <i − a, j − a>
+        V = G - G[a][None, :] - G[:, a][:, None] + G[a, a]
+        nrm = np.sqrt(np.maximum(np.diag(V), 0.0))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            C = V / (nrm[:, None] * nrm[None, :])
+        C[~np.isfinite(C)] = 0.0
+        olders = [q for q in range(m) if q != a and y[q, a] > 0]
+        for b in range(m):
+            if b == a:
+                continue
+            qs = [q for q in olders if q != b]
+            out[a, b] = max((C[b, q] for q in qs), default=0.0)
+    del dg
+    return out
+
+
+def _undirected_mst(members: list[int], d: np.ndarray) -> list[tuple[int, int]]:
+    from scipy.sparse.csgraph import minimum_spanning_tree
+
+    sub = d[np.ix_(members, members)].copy()
+    sub[~np.isfinite(sub)] = 0  # no edge
+    sub = np.where(sub > 0, sub, 0) + np.where((sub == 0) & ~np.eye(len(members), dtype=bool), 1e-12, 0)
+    t = minimum_spanning_tree(sub).tocoo()
+    return [(members[i], members[j]) for i, j in zip(t.row, t.col, strict=True)]
+
+
+def _calibrate(members: list[int], d: np.ndarray, ys: Mapping[str, np.ndarray], which: str) -> tuple[str, float, float]:
+    """(statistic, sign, agreement): which statistic orients the family's edges and which way.
+
+    On the undirected minimum spanning tree, a leaf is a descendant of its only neighbour (roots with
+    one child aside); the statistic and sign that agree with most leaf edges win."""
+    edges = _undirected_mst(members, d)
+    deg: dict[int, int] = {}
+    for a, b in edges:
+        deg[a] = deg.get(a, 0) + 1
+        deg[b] = deg.get(b, 0) + 1
+    leaf_edges = [(b, a) if deg[a] == 1 else (a, b) for a, b in edges if deg[a] == 1 or deg[b] == 1]
+    names = [which] if which in STATISTICS else list(STATISTICS)
+    # the prior: an update unrelated to the weights adds to their norm (Pythagoras); MoTHer's kurtosis falls
+    best = (names[0], 1.0 if names[0] == "norm" else -1.0, 0.0)
+    if len(leaf_edges) < MIN_LEAVES:  # too few leaves to overrule the prior (a chain's root is a leaf too)
+        return best
+    for s in names:
+        v = float(np.mean([ys[s][p, c] for p, c in leaf_edges]))
+        if abs(v) > abs(best[2]) or (s == best[0] and best[2] == 0.0):
+            best = (s, 1.0 if v >= 0 else -1.0, abs(v))
+    return best
+
+
+def recover_model_graph(
+    models: Sequence[ModelRef] | Mapping[str, ModelRef],
+    *,
+    family_threshold: float = 0.8,
+    merge_threshold: float = 0.6,
+    merges: bool = True,
+    direction: str = "auto",
+    direction_weight: float = 1.0,
+    path_weight: float = 4.0,
+    neighbours: int = 12,
+    heads: str | Sequence[str] | None = "auto",
+    exclude: Sequence[str] = (),
+    resolver: Callable[[str], Any] | None = None,
+    allow_pickle: bool = False,
+    workers: int = 2,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> ModelGraph:
+    """The directed model graph of a pool of models (module docstring).
+
+    ``models``: a list of paths, Hub ids or state dicts, a ``{name: model}`` mapping, or one folder
+    whose sub-folders and ``*.safetensors`` files are the models. ``direction``: ``"auto"``
+    (calibrated per family), ``"norm"``, ``"kurtosis"`` (MoTHer's: kurtosis falls from parent to
+    child) or ``"none"``. A model that cannot be read is skipped with its reason (``graph.skipped``).
+    """
+    from metanets.lineage.api import _default_resolver, _names, _open
+
+    t0 = time.perf_counter()
+    _check_options(direction, family_threshold, merge_threshold)
+    items = _pool_items(models)
+    resolver = resolver or _default_resolver()
+    opened: list[Model] = []
+    skipped: dict[str, str] = {}
+    for name, ref in _names(items):
+        try:
+            m = _open(name, ref, resolver, allow_pickle)
+        except (WeightsmithError, OSError) as e:
+            skipped[name] = str(e)
+            continue
+        m.index = len(opened)
+        opened.append(m)
+    if len(opened) < 2:
+        raise InvalidArgumentError(
+            f"recover_model_graph: need at least two readable models, got {len(opened)}"
+            + (f" (skipped: {'; '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else "")
+        )
+    g = graph_of_models(
+        opened,
+        family_threshold=family_threshold,
+        merge_threshold=merge_threshold,
+        merges=merges,
+        direction=direction,
+        direction_weight=direction_weight,
+        path_weight=path_weight,
+        neighbours=neighbours,
+        heads=heads,
+        exclude=exclude,
+        workers=workers,
+        progress=progress,
+    )
+    g.skipped = {**skipped, **g.skipped}
+    g.seconds = time.perf_counter() - t0
+    return g
+
+
+def _check_options(direction: str, family_threshold: float, merge_threshold: float) -> None:
+    if direction not in (*STATISTICS, "auto", "none"):
+        raise InvalidArgumentError(
+            f"recover_model_graph: direction must be auto, norm, kurtosis or none, got {direction!r}"
+        )
+    if not 0 < family_threshold or not 0 < merge_threshold < 1:
+        raise InvalidArgumentError(
+            "recover_model_graph: family_threshold must be > 0 and merge_threshold in (0, 1)"
+        )
+
+
+def graph_of_models(
+    opened: Sequence[Model],
+    *,
+    family_threshold: float = 0.8,
+    merge_threshold: float = 0.6,
+    merges: bool = True,
+    direction: str = "auto",
+    direction_weight: float = 1.0,
+    path_weight: float = 4.0,
+    neighbours: int = 12,
+    heads: str | Sequence[str] | None = "auto",
+    exclude: Sequence[str] = (),
+    workers: int = 2,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> ModelGraph:
+    """:func:`recover_model_graph` on models already opened (what :func:`detect_lineage` calls)."""
+    import networkx as nx
+
+    from metanets.lineage.stats import single_torch_thread
+
+    t0 = time.perf_counter()
+    _check_options(direction, family_threshold, merge_threshold)
+    skipped: dict[str, str] = {}
+    opened = list(opened)
+    with single_torch_thread():
+        stats = pool_stats(
+            opened, heads=heads, exclude=exclude, workers=workers,
+            progress=(lambda a, b: progress("read", a, b)) if progress else None,
+        )
+    names = [m.name for m in opened]
+    n = len(names)
+    for i, m in enumerate(opened):
+        if not any(i in g.members for g in stats.groups):
+            skipped[m.name] = "no weight matrix to compare (heads and vectors are not compared)"
+    d = distance_matrix(stats)
+    ys = {s: direction_matrix(stats, s) for s in STATISTICS}
+    live = [i for i in range(n) if names[i] not in skipped]
+    close = np.zeros((n, n), dtype=bool)
+    close[np.ix_(live, live)] = d[np.ix_(live, live)] <= family_threshold
+    clusters = [c for c in _components(n, close) if all(names[i] not in skipped for i in c)]
+    edges: list[GraphEdge] = []
+    merge_nodes: dict[str, MergeNode] = {}
+    roots: list[str] = []
+    calib: list[dict[str, Any]] = []
+    for ci, cl in enumerate(clusters):
+        if progress:
+            progress("families", ci, len(clusters))
+        found: dict[int, MergeNode] = {}
+        if merges and len(cl) >= 3:
+            G = family_gram(stats, cl)
+            S = family_equal(stats, cl)
+            dl = d[np.ix_(cl, cl)]
+            older = None
+            if direction != "none":
+                stat0, sign0, _ = _calibrate(cl, d, ys, direction)
+                older = (sign0 * ys[stat0])[np.ix_(cl, cl)] >= 0
+            first = {
+                j
+                for j in range(len(cl))
+                if _fit_merge(G, S, j, [o for o in range(len(cl)) if o != j], dl, neighbours, merge_threshold, older)
+            }
+            for j, x in enumerate(cl):
+                if j not in first:
+                    continue
+                # refit without the other merges: a merge is made of models, not of merges of the same models
+                mn = _fit_merge(
+                    G, S, j, [o for o in range(len(cl)) if o != j and o not in first], dl, neighbours,
+                    merge_threshold, older,
+                )
+                if mn is not None:
+                    mn.name = names[x]
+                    mn.components = {names[cl[int(k)]]: v for k, v in mn.components.items()}
+                    mn.base = None if mn.base is None else names[cl[int(mn.base)]]
+                    found[x] = mn
+            # a component of a merge is not itself a merge of the others (keep the better-fitting one)
+            for x in sorted(found, key=lambda i: found[i].residual):
+                if x in found and any(names[x] in found[o].components for o in found if o != x):
+                    if any(found[o].residual <= found[x].residual for o in found if names[x] in found[o].components):
+                        del found[x]
+        tree_nodes = [i for i in cl if i not in found]
+        if direction == "none":
+            stat, sign, agree = "none", 1.0, 0.0
+            y = np.zeros((n, n))
+        else:
+            stat, sign, agree = _calibrate(tree_nodes if len(tree_nodes) > 1 else cl, d, ys, direction)
+            y = sign * ys[stat]
+        calib.append(
+            {"family": ci, "statistic": stat, "sign": "+" if sign > 0 else "-", "leaf_agreement": round(agree, 3)}
+        )
+        for x, mn in found.items():
+            merge_nodes[mn.name] = mn
+            for c, w in mn.components.items():
+                edges.append(GraphEdge(c, mn.name, "merge", float(d[names.index(c), x]), 1.0 - mn.residual, w))
+
+        back = _backtrack(family_gram(stats, cl), y[np.ix_(cl, cl)]) if len(cl) >= 3 else np.zeros((len(cl),) * 2)
+        pos = {i: j for j, i in enumerate(cl)}
+
+        def cost(a: int, b: int, back: np.ndarray = back, pos: dict[int, int] = pos, y: np.ndarray = y) -> float:
+            turn = 1.0 + path_weight * max(float(back[pos[a], pos[b]]) - PATH_FLOOR, 0.0)
+            return float(d[a, b]) * (1.0 + direction_weight * (1.0 - float(y[a, b])) / 2.0) * turn
+
+        g = nx.DiGraph()
+        top = "\x00root"
+        g.add_node(top)
+        big = 1e6 * (1.0 + float(np.nanmax(np.where(np.isfinite(d), d, 0))))
+        for b in cl:
+            g.add_node(b)
+            g.add_edge(top, b, weight=0.0 if b in found else big)
+            if b in found:
+                continue
+            for a in cl:
+                if a != b and a not in found and math.isfinite(d[a, b]):
+                    g.add_edge(a, b, weight=cost(a, b))
+        arb = nx.minimum_spanning_arborescence(g, attr="weight")
+        for a, b in arb.edges():
+            if a == top:
+                if b not in found:
+                    roots.append(names[b])
+                continue
+            alts = [cost(q, b) for q in cl if q not in (a, b) and q not in found and math.isfinite(d[q, b])]
+            c_best = cost(a, b)
+            conf = 1.0 - c_best / min(alts) if alts and min(alts) > 0 else 1.0
+            edges.append(
+                GraphEdge(names[a], names[b], "fine-tune", float(d[a, b]), max(conf, 0.0), None, float(y[a, b]))
+            )
+    dist = {
+        (names[i], names[j]): float(d[i, j])
+        for i in range(n)
+        for j in range(i + 1, n)
+        if math.isfinite(d[i, j])
+    }
+    return ModelGraph(
+        models=[nm for nm in names if nm not in skipped],
+        refs={m.name: m.ref for m in opened},
+        clusters=[[names[i] for i in c] for c in clusters],
+        edges=edges,
+        merges=merge_nodes,
+        roots=roots,
+        distances=dist,
+        params={
+            "family_threshold": family_threshold,
+            "merge_threshold": merge_threshold,
+            "direction": direction,
+            "direction_weight": direction_weight,
+            "calibration": calib,
+            "tensors": len(stats.groups),
+        },
+        skipped=skipped,
+        seconds=time.perf_counter() - t0,
+        bytes_read=stats.bytes_read,
+    )
+
+
+def _pool_items(models: Any) -> Any:
+    """A folder of models becomes its sub-folders and ``*.safetensors`` files, by name."""
+    if isinstance(models, str | Path) and Path(models).is_dir():
+        folder = Path(models)
+        found = {}
+        for p in sorted(folder.iterdir()):
+            if p.is_dir() and any(p.glob("*.safetensors")) or p.suffix == ".safetensors":
+                found[p.stem if p.is_file() else p.name] = str(p)
+        if len(found) < 2:
+            raise InvalidArgumentError(f"recover_model_graph: '{folder}' holds fewer than two models "
+                                       "(sub-folders with *.safetensors, or *.safetensors files)")
+        return found
+    if isinstance(models, str | Path):
+        raise InvalidArgumentError(f"recover_model_graph: '{models}' is not a folder; give a list of models")
+    return models
