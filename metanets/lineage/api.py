@@ -60,10 +60,13 @@ from typing import Any
 
 import torch
 
-from merge.checkpoint import StateDictSource, TensorSource
+from merge.checkpoint import TensorSource
 from merge.errors import InvalidArgumentError, WeightsmithError
 from metanets.lineage.methods import LineageMethod, Scoring, _geo_mean, _weight, get_lineage_method, lineage_methods
 from metanets.lineage.model import Model, Scored
+from metanets.lineage.model import default_resolver as _default_resolver
+from metanets.lineage.model import named_refs as _names
+from metanets.lineage.model import open_model as _open
 from metanets.lineage.result import CandidateScore, LineageResult, Skipped, TreeEdge
 from metanets.lineage.stats import (
     NUCLEAR,
@@ -88,47 +91,6 @@ CHAIN_THRESHOLD = 0.5
 # ---------------------------------------------------------------------------------------------
 # Opening models
 # ---------------------------------------------------------------------------------------------
-
-
-def _names(candidates: Sequence[ModelRef] | Mapping[str, ModelRef]) -> list[tuple[str, ModelRef]]:
-    if isinstance(candidates, Mapping) and not all(isinstance(v, torch.Tensor) for v in candidates.values()):
-        items = [(str(k), v) for k, v in candidates.items()]
-    elif isinstance(candidates, str | Path) or isinstance(candidates, Mapping):
-        raise InvalidArgumentError("detect_lineage: candidates must be a list of models (or a {name: model} mapping)")
-    else:
-        items = []
-        for i, c in enumerate(candidates):
-            items.append((str(c) if isinstance(c, str | Path) else f"candidate{i}", c))
-    seen: dict[str, int] = {}
-    out = []
-    for n, c in items:
-        if n in seen:
-            seen[n] += 1
-            n = f"{n}#{seen[n]}"
-        else:
-            seen[n] = 0
-        out.append((n, c))
-    return out
-
-
-def _open(name: str, ref: ModelRef, resolver: Callable[[str], Any], allow_pickle: bool) -> Model:
-    if isinstance(ref, Mapping):
-        bad = [k for k, v in ref.items() if not isinstance(v, torch.Tensor)]
-        if bad:
-            raise InvalidArgumentError(f"model '{name}': entry '{bad[0]}' of the state dict is not a tensor")
-        return Model(name, name, StateDictSource(ref))
-    from merge.checkpoint import open_checkpoint
-
-    resolved = resolver(str(ref))
-    ckpt = open_checkpoint(resolved.path, allow_pickle=allow_pickle)
-    shown = str(ref) + (f" ({resolved.commit[:12]})" if getattr(resolved, "commit", None) else "")
-    return Model(name, shown, ckpt, Path(resolved.path))
-
-
-def _default_resolver() -> Callable[[str], Any]:
-    from merge.plan import default_resolver
-
-    return default_resolver
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,7 +471,14 @@ def _decide(
         )
         result.tree = [TreeEdge(c.name, k, dist(c.name, k), "chain") for k in mn.components]
         return result
-    younger = {n for n, r in rel.items() if r in ("descendant", "child", "merge of it")}
+    from metanets.lineage.graph import WEAK_NEED
+
+    # a merge the child is only a weak component of may be the child's parent (a light fine-tune of the merge)
+    weak = {
+        n for n, r in rel.items()
+        if r == "merge of it" and graph is not None and graph.merges[n].need.get(c.name, math.inf) < WEAK_NEED
+    }
+    younger = {n for n, r in rel.items() if r in ("descendant", "child", "merge of it")} - weak
     if graph is not None and graph.parent(c.name) is None and younger:
         result.reason = (
             f"the related candidates are the child's descendants or merges of it ({', '.join(sorted(younger))}), "
@@ -518,7 +487,9 @@ def _decide(
         result.tree = [TreeEdge(e.child, e.parent, e.distance, "family") for e in graph.edges if e.kind == "fine-tune"]
         result.tree = _acyclic(result.tree)
         return result
-    if graph is not None and graph.parent(c.name) in by_name:
+    if best.model.name in weak:
+        pass  # the nearest candidate is such a merge: it stays the answer, subject to the path test
+    elif graph is not None and graph.parent(c.name) in by_name:
         best = by_name[graph.parent(c.name)]  # type: ignore[index]
     name = best.model.name
     path_val, path_from = math.nan, None

@@ -60,6 +60,10 @@ SPARSE_MIN = 0.08
 SINGLE_RATIO = 0.7
 #: a linear merge without its base lies on the segment between its two components (relative residual)
 SEGMENT_RESIDUAL = 0.15
+#: a merge component must be needed: dropping it raises the fit's residual by more than this factor
+NEEDED = 1.15
+#: a component whose need is below this may be the merge's light fine-tune rather than its part
+WEAK_NEED = 1.3
 #: cosines of unrelated updates below this are noise (no path penalty)
 PATH_FLOOR = 0.05
 #: leaf edges a family needs before its own leaves choose the direction statistic and sign
@@ -95,6 +99,9 @@ class MergeNode:
     single_residual: float
     #: the residual's own size (not relative to the merge's delta from its base): how fits on different bases compare
     residual_norm: float = 0.0
+    #: per component, how much the residual grows without it (≥ NEEDED; near it: a weak component, which may
+    #: instead be a light fine-tune of the merge)
+    need: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -209,6 +216,7 @@ class ModelGraph:
                     "base": m.base,
                     "residual": round(m.residual, 4),
                     "single_residual": round(m.single_residual, 4),
+                    "need": {k: round(v, 3) for k, v in m.need.items()},
                 }
                 for m in self.merges.values()
             ],
@@ -394,13 +402,28 @@ def _fit_merge(
         fit: MergeNode | None = None
         if len(keep) >= 2:
             w2, res = _nnls_gram(A[np.ix_(keep, keep)], b[keep], xx)
+            # drop components the fit does not need (removing one raises the residual by less than NEEDED ×)
+            while len(keep) > 2:
+                trials = []
+                for t in keep:
+                    rest = [u for u in keep if u != t]
+                    wr, rr = _nnls_gram(A[np.ix_(rest, rest)], b[rest], xx)
+                    trials.append((rr, t, rest, wr))
+                rr, t, rest, wr = min(trials, key=lambda z: z[0])
+                if rr > NEEDED * res:
+                    break
+                keep, w2, res = rest, wr, rr
+            need = {}
+            for t in keep:
+                rest = [u for u in keep if u != t]
+                need[str(comps[t])] = _nnls_gram(A[np.ix_(rest, rest)], b[rest], xx)[1] / max(res, 1e-12)
             sparse = sparse_excess(equal, x, r, [comps[t] for t in keep]) >= SPARSE_MIN
             ok = res <= threshold and (res <= SINGLE_RATIO * r_single or (sparse and res < r_single))
             if older is not None and not all(older[r, comps[t]] for t in keep):
                 ok = False
             if ok and all(v > 0 for v in w2):
                 fit = MergeNode(str(x), {str(comps[t]): float(v) for t, v in zip(keep, w2, strict=True)},
-                                str(r), res, r_single, res * math.sqrt(xx))
+                                str(r), res, r_single, res * math.sqrt(xx), need)
         else:
             # x on the segment between r and one other member: a linear merge whose base is not in the pool
             t = int(np.argmin(singles))
@@ -446,11 +469,12 @@ def _components(n: int, close: np.ndarray) -> list[list[int]]:
     return out
 
 
-def _backtrack(G: np.ndarray, y: np.ndarray) -> np.ndarray:
+def _backtrack(G: np.ndarray, older: np.ndarray) -> np.ndarray:
     """``β[a, b]``: the largest cosine between the step ``b − a`` and the way back ``q − a`` to any member
-    ``q`` older than ``a`` (``y[q, a] > 0``). A fine-tune's update is unrelated to its parent's history
-    (``β ≈ 0``); a step from a sibling to a sibling that share an update goes partly back towards
-    their parent (``β > 0``): the path test of :mod:`metanets.lineage.api` as an edge cost."""
+    ``q`` older than ``a`` (``older[q, a]``, from the direction signal). A fine-tune's update is unrelated
+    to its parent's history (``β ≈ 0``); a step from a sibling to a sibling that share an update goes
+    partly back towards their parent (``β > 0``): the path test of :mod:`metanets.lineage.api` as an
+    edge cost."""
     m = len(G)
     dg = np.diag(G)
     out = np.zeros((m, m))
@@ -461,7 +485,7 @@ def _backtrack(G: np.ndarray, y: np.ndarray) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
             C = V / (nrm[:, None] * nrm[None, :])
         C[~np.isfinite(C)] = 0.0
-        olders = [q for q in range(m) if q != a and y[q, a] > 0]
+        olders = [q for q in range(m) if q != a and older[q, a]]
         for b in range(m):
             if b == a:
                 continue
@@ -528,7 +552,9 @@ def recover_model_graph(
     (calibrated per family), ``"norm"``, ``"kurtosis"`` (MoTHer's: kurtosis falls from parent to
     child) or ``"none"``. A model that cannot be read is skipped with its reason (``graph.skipped``).
     """
-    from metanets.lineage.api import _default_resolver, _names, _open
+    from metanets.lineage.model import default_resolver as _default_resolver
+    from metanets.lineage.model import named_refs as _names
+    from metanets.lineage.model import open_model as _open
 
     t0 = time.perf_counter()
     _check_options(direction, family_threshold, merge_threshold)
@@ -635,22 +661,23 @@ def graph_of_models(
             if direction != "none":
                 stat0, sign0, _ = _calibrate(cl, d, ys, direction)
                 older = (sign0 * ys[stat0])[np.ix_(cl, cl)] >= 0
-            first = {
-                j
+            fits1 = {
+                j: _fit_merge(G, S, j, [o for o in range(len(cl)) if o != j], dl, neighbours, merge_threshold, older)
                 for j in range(len(cl))
-                if _fit_merge(G, S, j, [o for o in range(len(cl)) if o != j], dl, neighbours, merge_threshold, older)
             }
+            first = {j for j, f in fits1.items() if f is not None}
             for j, x in enumerate(cl):
                 if j not in first:
                     continue
                 # refit without the other merges: a merge is made of models, not of merges of the same models
                 mn = _fit_merge(
-                    G, S, j, [o for o in range(len(cl)) if o != j and o not in first], dl, neighbours,
-                    merge_threshold, older,
+                    G, S, j, [o for o in range(len(cl)) if o != j and o not in first], dl,
+                    neighbours, merge_threshold, older,
                 )
                 if mn is not None:
                     mn.name = names[x]
                     mn.components = {names[cl[int(k)]]: v for k, v in mn.components.items()}
+                    mn.need = {names[cl[int(k)]]: v for k, v in mn.need.items()}
                     mn.base = None if mn.base is None else names[cl[int(mn.base)]]
                     found[x] = mn
             # a component of a merge is not itself a merge of the others (keep the better-fitting one)
@@ -673,8 +700,13 @@ def graph_of_models(
             for c, w in mn.components.items():
                 edges.append(GraphEdge(c, mn.name, "merge", float(d[names.index(c), x]), 1.0 - mn.residual, w))
 
-        back = _backtrack(family_gram(stats, cl), y[np.ix_(cl, cl)]) if len(cl) >= 3 else np.zeros((len(cl),) * 2)
         pos = {i: j for j, i in enumerate(cl)}
+        old_q = y[np.ix_(cl, cl)] > 0
+        for x, mn in found.items():  # a merge's components and base are older than it, whatever the statistic
+            for q in [*mn.components, *([mn.base] if mn.base else [])]:
+                old_q[pos[names.index(q)], pos[x]] = True
+                old_q[pos[x], pos[names.index(q)]] = False
+        back = _backtrack(family_gram(stats, cl), old_q) if len(cl) >= 3 else np.zeros((len(cl),) * 2)
 
         def cost(a: int, b: int, back: np.ndarray = back, pos: dict[int, int] = pos, y: np.ndarray = y) -> float:
             turn = 1.0 + path_weight * max(float(back[pos[a], pos[b]]) - PATH_FLOOR, 0.0)
@@ -690,7 +722,7 @@ def graph_of_models(
             if b in found:
                 continue
             for a in cl:
-                if a != b and a not in found and math.isfinite(d[a, b]):
+                if a != b and a not in found and math.isfinite(d[a, b]):  # merges are leaves (docstring)
                     g.add_edge(a, b, weight=cost(a, b))
         arb = nx.minimum_spanning_arborescence(g, attr="weight")
         for a, b in arb.edges():
@@ -698,7 +730,11 @@ def graph_of_models(
                 if b not in found:
                     roots.append(names[b])
                 continue
-            alts = [cost(q, b) for q in cl if q not in (a, b) and q not in found and math.isfinite(d[q, b])]
+            alts = [
+                cost(q, b)
+                for q in cl
+                if q not in (a, b) and q not in found and math.isfinite(d[q, b])
+            ]
             c_best = cost(a, b)
             conf = 1.0 - c_best / min(alts) if alts and min(alts) > 0 else 1.0
             edges.append(

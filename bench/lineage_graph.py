@@ -1,0 +1,314 @@
+"""Benchmark: lineage in real pools (issue 24): the whole-pool model graph and open-set answers with
+descendants and merges among the candidates; MoTHer's recipe beside ours; seconds at scale.
+
+Parts (one JSON, ``bench/out/lineage_graph.json``, and printed tables):
+
+1. **Graph** on lineage zoos *with merges* (:mod:`metanets.lineage.zoo`, ``merges=True``; bench seed 1,
+   the thresholds were set on seed 0): per zoo, the whole pool (4 families × 25 models: root, 3
+   parents, 12 children, 6 grandchildren, 3 merges: linear of two parents, TIES of two children,
+   DARE of three) through :func:`recover_model_graph`: families found, fine-tune edge precision and
+   recall, direction accuracy (of recovered edges that join a true parent–child pair), merges found,
+   components exact, shares within 0.1 of the recipe's normalised weights, false merges. **MoTHer**
+   (Horwitz et al. 2024, as in its code: per-layer max |ΔW| min-max normalised over the family's pairs,
+   max over layers; summed excess kurtosis; cost ``D + 0.3·mean(D)·[ku_child > ku_parent]``;
+   Edmonds) on the same pools with the *true* families given (its code takes the number of trees),
+   and without merge nodes (it has none: a merge gets one parent, counted wrong).
+2. **Open set with descendants**: every child (G3) and grandchild (G4) asked with *all* other members
+   of its family as candidates (its parent, siblings, cousins, its own descendants, merges that
+   contain it, the root) plus the other families' roots: right if the answer is its parent; and
+   asked again with the parent withheld: right if the answer is "none". ``weights`` on the zoo as
+   trained, ``aligned`` on the permutation-attacked zoo.
+3. **Scale**: ``recover_model_graph`` on 50 and 200 small models (seconds, MB read), and
+   ``weightsmith lineage graph`` on the four 1.5 GB checkpoints of ``bench/out/models/big-bfloat16``
+   against ``cat`` of the same files.
+
+Run: ``.venv/bin/python bench/lineage_graph.py [--parts graph,open,scale] [--zoos mlp,cnn,mlp-knobs]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import networkx as nx  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench._common import (  # noqa: E402
+    OUT,
+    machine_info,
+    print_table,
+    run_measured,
+    safetensors_files,
+    tool_env,
+    total_bytes,
+    warm_page_cache,
+    weightsmith_base_cmd,
+    write_json,
+)
+from metanets.lineage import detect_lineage, recover_model_graph  # noqa: E402
+from metanets.lineage.stats import head_tensors  # noqa: E402
+from metanets.lineage.zoo import Budget, LineageZoo, ZooConfig, build_lineage_zoo  # noqa: E402
+
+WORK = OUT / "lineage"
+ZOOS: dict[str, dict[str, Any]] = {
+    "mlp": {},
+    "cnn": {"arch": "cnn"},
+    "mlp-knobs": {
+        "new_head": False,
+        "freeze": 1,
+        "weight_decay": 0.05,
+        "child_budgets": (Budget(200, 1e-3), Budget(500, 3e-3)),
+    },
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def zoo(name: str, seed: int = 1) -> LineageZoo:
+    cfg = ZooConfig(**{**ZOOS[name], "seed": seed, "merges": True})
+    return build_lineage_zoo(cfg, WORK / f"zoo-{name}-s{seed}-merges")
+
+
+def truth(z: LineageZoo) -> tuple[set[tuple[str, str]], dict[str, dict[str, float]]]:
+    edges = {(m.parent, n) for n, m in z.members.items() if m.parent}
+    merges = {
+        n: {c: w / sum(m.weights) for c, w in zip(m.components, m.weights, strict=True)}
+        for n, m in z.members.items()
+        if m.generation == 5
+    }
+    return edges, merges
+
+
+def score_graph(z: LineageZoo, parents: dict[str, str], merges: dict[str, dict[str, float]],
+                families: list[list[str]]) -> dict[str, Any]:
+    edges, true_merges = truth(z)
+    ft = {(p, c) for c, p in parents.items()}
+    tp = len(ft & edges)
+    und = {frozenset(e) for e in edges}
+    joined = [e for e in ft if frozenset(e) in und]
+    roots = {m.root for m in z.members.values()}
+    fam_ok = sorted(sorted(f) for f in families) == sorted(
+        sorted(n for n, m in z.members.items() if m.root == r) for r in roots
+    )
+    found = [n for n in true_merges if n in merges]
+    comp = [n for n in found if set(merges[n]) == set(true_merges[n])]
+    wts = [n for n in comp if all(abs(merges[n][c] - w) <= 0.1 for c, w in true_merges[n].items())]
+    return {
+        "families_exact": fam_ok,
+        "edge_precision": tp / max(len(ft), 1),
+        "edge_recall": tp / len(edges),
+        "direction": sum(e in edges for e in joined) / max(len(joined), 1),
+        "merges_found": len(found) / len(true_merges),
+        "merge_components": len(comp) / len(true_merges),
+        "merge_weights_0.1": len(wts) / len(true_merges),
+        "false_merges": len(set(merges) - set(true_merges)),
+    }
+
+
+def ours(z: LineageZoo) -> tuple[dict[str, Any], dict[str, Any]]:
+    pool = {n: z.state(n) for n in z.members}
+    t0 = time.perf_counter()
+    g = recover_model_graph(pool, workers=1)
+    secs = time.perf_counter() - t0
+    parents = {e.child: e.parent for e in g.edges if e.kind == "fine-tune"}
+    merges = {n: dict(m.components) for n, m in g.merges.items()}
+    row = score_graph(z, parents, merges, g.clusters)
+    row["seconds"] = secs
+    return row, g.params
+
+
+def mother(z: LineageZoo, lam: float = 0.3) -> dict[str, Any]:
+    """MoTHer's recipe (module docstring) on the true families; every model is a tree node."""
+    t0 = time.perf_counter()
+    parents: dict[str, str] = {}
+    fams: dict[str, list[str]] = {}
+    for n, m in z.members.items():
+        fams.setdefault(m.root, []).append(n)
+    for members in fams.values():
+        states = {n: z.state(n) for n in members}
+        shapes = {k: tuple(v.shape) for k, v in states[members[0]].items()}
+        heads = head_tensors(list(shapes), shapes)
+        layers = [k for k, s in shapes.items() if len(s) >= 2 and k not in heads]
+        n = len(members)
+        per_layer = []
+        ku = np.zeros(n)
+        for k in layers:
+            w = torch.stack([states[m][k].double().reshape(-1) for m in members])
+            d = np.zeros((n, n))
+            for i in range(n):
+                d[i] = (w - w[i]).abs().amax(1).numpy()
+            off = d[~np.eye(n, dtype=bool)]
+            lo, hi = off.min(), off.max()
+            per_layer.append((d - lo) / (hi - lo) if hi > lo else np.zeros_like(d))
+            x = w - w.mean(1, keepdim=True)
+            ku += ((x**4).mean(1) / (x**2).mean(1) ** 2 - 3.0).numpy()
+        D = np.max(per_layer, axis=0)
+        np.fill_diagonal(D, 0)
+        T = (ku[None, :] > ku[:, None]).astype(float)  # [i, j]: the child j has the higher kurtosis
+        cost = D + lam * D.mean() * T
+        g = nx.DiGraph()
+        for i in range(n):
+            for j in range(n):
+                if i != j:
+                    g.add_edge(i, j, weight=float(cost[i, j]))
+        arb = nx.minimum_spanning_arborescence(g, attr="weight")
+        for i, j in arb.edges():
+            parents[members[j]] = members[i]
+    merge_nodes = {n for n, m in z.members.items() if m.generation == 5}
+    ft = {c: p for c, p in parents.items() if c not in merge_nodes}
+    row = score_graph(z, ft, {}, list(fams.values()))
+    # a merge's in-edge (one parent) is wrong by construction; count it against precision
+    row["edge_precision"] = len({(p, c) for c, p in ft.items()} & truth(z)[0]) / max(len(parents), 1)
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def part_graph(names: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for name in names:
+        log(f"graph: zoo {name} (seed 1, merges)")
+        z = zoo(name)
+        row, params = ours(z)
+        rows.append({"zoo": name, "method": "weightsmith", **row, "calibration": params["calibration"]})
+        rows.append({"zoo": name, "method": "MoTHer (true families)", **mother(z)})
+    return rows
+
+
+def part_open(names: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for name in names:
+        z = zoo(name)
+        for method, attack in (("weights", False), ("aligned", True)):
+            zz = z.with_attack(attack)
+            roots = [n for n, m in zz.members.items() if m.generation == 1]
+            states = {n: zz.state(n) for n in zz.members}
+            hit = none_ok = asked = 0
+            named_descendant = 0
+            t0 = time.perf_counter()
+            queries = [n for n, m in zz.members.items() if m.generation in (3, 4)]
+            for c in queries:
+                root = zz.members[c].root
+                fam = [n for n, m in zz.members.items() if m.root == root and n != c]
+                cands = {n: states[n] for n in fam + [r for r in roots if r != root]}
+                kw: dict[str, Any] = {"method": method}
+                if method == "aligned":
+                    kw["spec"] = zz.spec
+                r = detect_lineage(states[c], cands, **kw)
+                hit += r.parent == zz.parent(c)
+                desc = {n for n, m in zz.members.items() if c in zz.ancestors(n) or c in m.components}
+                named_descendant += r.parent in desc
+                withheld = {k: v for k, v in cands.items() if k != zz.parent(c)}
+                r2 = detect_lineage(states[c], withheld, **kw)
+                none_ok += r2.parent is None
+                asked += 1
+            rows.append({
+                "zoo": name,
+                "method": method + (" (attack)" if attack else ""),
+                "queries": asked,
+                "parent_answer": hit / asked,
+                "none_when_withheld": none_ok / asked,
+                "named_a_descendant": named_descendant / asked,
+                "s_per_query": (time.perf_counter() - t0) / (2 * asked),
+            })
+            log(f"open: {name} {method}: parent {hit}/{asked}, none {none_ok}/{asked}")
+    return rows
+
+
+def part_scale(rounds: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    pool: dict[str, dict[str, torch.Tensor]] = {}
+    for name in ("mlp", "mlp-knobs"):
+        z = zoo(name)
+        pool |= {f"{name}/{n}": z.state(n) for n in z.members}
+    names = sorted(pool)
+    for n in (50, 200):
+        sub = {k: pool[k] for k in names[:n]}
+        secs = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            g = recover_model_graph(sub, workers=2)
+            secs.append(time.perf_counter() - t0)
+        out[f"small-{n}"] = {"models": n, "seconds_median": statistics.median(secs), "families": len(g.clusters),
+                             "mb_read": g.bytes_read / 1e6}
+        log(f"scale: {n} small models {statistics.median(secs):.2f} s")
+    root = OUT / "models" / "big-bfloat16"
+    models = [root / n for n in ("base", "ft1", "ft2", "ft3")]
+    if not all(p.exists() for p in models):
+        out["big"] = {"skipped": "run bench/make_models.py --size big"}
+        return out
+    files = [f for p in models for f in safetensors_files(p)]
+    nbytes = total_bytes(files)
+    warm_page_cache(files)
+    cases = {
+        "cat": ["sh", "-c", 'exec cat "$@" > /dev/null', "cat", *map(str, files)],
+        "lineage graph": weightsmith_base_cmd() + ["lineage", "graph", *map(str, models), "--json", "-q"],
+        "lineage (one child)": weightsmith_base_cmd()
+        + ["lineage", str(models[1]), "-c", str(models[0]), str(models[2]), str(models[3]), "--json", "-q"],
+    }
+    runs: dict[str, list[Any]] = {k: [] for k in cases}
+    for rnd in range(rounds):
+        for case, cmd in cases.items():
+            m = run_measured(cmd, env=tool_env())
+            if m.rc != 0:
+                raise SystemExit(f"{case} failed: {m.stderr[-2000:]}")
+            runs[case].append(m)
+            log(f"big round {rnd + 1} {case}: {m.wall_s:.2f} s")
+    cat = statistics.median(m.wall_s for m in runs["cat"])
+    out["big"] = {
+        case: {
+            "wall_s_median": statistics.median(m.wall_s for m in ms),
+            "x_cat": statistics.median(m.wall_s for m in ms) / cat,
+            "peak_anon_mb_max": max(m.peak_anon_mb for m in ms),
+            "mb_per_s": nbytes / statistics.median(m.wall_s for m in ms) / 1e6,
+        }
+        for case, ms in runs.items()
+    } | {"bytes": nbytes}
+    return out
+
+
+def fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.3f}"
+    return str(x)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="graph,open,scale")
+    ap.add_argument("--zoos", default="mlp,cnn,mlp-knobs")
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    parts, names = a.parts.split(","), a.zoos.split(",")
+    WORK.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"machine": machine_info()}
+    if "graph" in parts:
+        rows = part_graph(names)
+        result["graph"] = rows
+        cols = ["zoo", "method", "families_exact", "edge_precision", "edge_recall", "direction", "merges_found",
+                "merge_components", "merge_weights_0.1", "false_merges", "seconds"]
+        print("Whole-pool model graph (zoos with merges, seed 1)")
+        print_table(cols, [[fmt(r[c]) for c in cols] for r in rows])
+    if "open" in parts:
+        rows = part_open(names)
+        result["open"] = rows
+        cols = ["zoo", "method", "queries", "parent_answer", "none_when_withheld", "named_a_descendant", "s_per_query"]
+        print("Open-set parent answer, descendants and merges in the pool")
+        print_table(cols, [[fmt(r[c]) for c in cols] for r in rows])
+    if "scale" in parts:
+        result["scale"] = part_scale(a.rounds)
+        print(result["scale"])
+    write_json(OUT / "lineage_graph.json", result)
+
+
+if __name__ == "__main__":
+    main()
