@@ -457,7 +457,9 @@ def _decide(
         return _weighted_median(vals) if vals else math.nan
 
     # the directed model graph of the child and its relatives: direction, merges, descendants
-    graph = _family_graph(c, related, family_threshold)
+    every_related = [s for s in scored if s.score <= family_threshold]
+    graph = _family_graph(c, every_related, family_threshold)
+    by_name |= {s.model.name: s for s in every_related}
     rel = {cs.name: graph.relation(c.name, cs.name) for cs in cands if graph is not None and cs.name in by_name}
     for cs in cands:
         cs.relation = rel.get(cs.name)
@@ -489,12 +491,15 @@ def _decide(
         return result
     if best.model.name in weak:
         pass  # the nearest candidate is such a merge: it stays the answer, subject to the path test
-    elif graph is not None and graph.parent(c.name) in by_name:
-        best = by_name[graph.parent(c.name)]  # type: ignore[index]
+    elif graph is not None and best.model.name in younger | set(graph.merges):
+        # the nearest is younger than the child (or a merge): the nearest candidate that is not
+        best = next((s for s in every_related if s.model.name not in younger | set(graph.merges)), best)
     name = best.model.name
     path_val, path_from = math.nan, None
+    # seen from the parent's other relatives (not the child's descendants or merges)
     for other in related:
-        if other.model.name in (name, *younger) or other.model.name in (graph.merges if graph else {}):
+        o = other.model.name
+        if o in (name, *younger) or o in (graph.merges if graph else {}):
             continue
         if dist(name, other.model.name) > family_threshold:
             continue
@@ -549,7 +554,7 @@ def _family_graph(c: Model, related: list[Scored], family_threshold: float) -> A
     if len(related) < 2 or any(s.score == 0 for s in related):  # an identical copy is the answer as it is
         return None
     models = [Model(c.name, c.ref, c.source)] + [Model(s.model.name, s.model.ref, s.model.source) for s in related]
-    g = graph_of_models(models, family_threshold=max(family_threshold, 0.8), workers=1)
+    g = graph_of_models(models, family_threshold=max(family_threshold, 0.8), workers=1, sample=1 << 16)
     if c.name not in g.models or len(g.clusters[g.cluster_of(c.name)]) < 2:
         return None
     return g

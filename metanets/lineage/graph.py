@@ -538,6 +538,7 @@ def recover_model_graph(
     direction_weight: float = 1.0,
     path_weight: float = 4.0,
     neighbours: int = 12,
+    sample: int | None = 1 << 18,
     heads: str | Sequence[str] | None = "auto",
     exclude: Sequence[str] = (),
     resolver: Callable[[str], Any] | None = None,
@@ -550,7 +551,9 @@ def recover_model_graph(
     ``models``: a list of paths, Hub ids or state dicts, a ``{name: model}`` mapping, or one folder
     whose sub-folders and ``*.safetensors`` files are the models. ``direction``: ``"auto"``
     (calibrated per family), ``"norm"``, ``"kurtosis"`` (MoTHer's: kurtosis falls from parent to
-    child) or ``"none"``. A model that cannot be read is skipped with its reason (``graph.skipped``).
+    child) or ``"none"``. ``sample``: matrices with more entries are compared on the same evenly spaced
+    rows of every model (about this many entries; ``None``: all of them). A model that cannot be read is
+    skipped with its reason (``graph.skipped``).
     """
     from metanets.lineage.model import default_resolver as _default_resolver
     from metanets.lineage.model import named_refs as _names
@@ -584,6 +587,7 @@ def recover_model_graph(
         direction_weight=direction_weight,
         path_weight=path_weight,
         neighbours=neighbours,
+        sample=sample,
         heads=heads,
         exclude=exclude,
         workers=workers,
@@ -615,6 +619,7 @@ def graph_of_models(
     direction_weight: float = 1.0,
     path_weight: float = 4.0,
     neighbours: int = 12,
+    sample: int | None = 1 << 18,
     heads: str | Sequence[str] | None = "auto",
     exclude: Sequence[str] = (),
     workers: int = 2,
@@ -631,7 +636,7 @@ def graph_of_models(
     opened = list(opened)
     with single_torch_thread():
         stats = pool_stats(
-            opened, heads=heads, exclude=exclude, workers=workers,
+            opened, heads=heads, exclude=exclude, workers=workers, sample=sample,
             progress=(lambda a, b: progress("read", a, b)) if progress else None,
         )
     names = [m.name for m in opened]
@@ -761,6 +766,7 @@ def graph_of_models(
             "direction_weight": direction_weight,
             "calibration": calib,
             "tensors": len(stats.groups),
+            "sample": sample,
         },
         skipped=skipped,
         seconds=time.perf_counter() - t0,

@@ -62,6 +62,15 @@ class PoolStats:
     bytes_read: int
 
 
+def _rows(t: torch.Tensor, sample: int | None) -> torch.Tensor:
+    """The tensor, or evenly spaced rows of it holding about ``sample`` entries (the same rows for every model)."""
+    if sample is None or t.numel() <= sample or t.dim() < 2:
+        return t
+    keep = max(1, sample * t.shape[0] // t.numel())
+    idx = torch.linspace(0, t.shape[0] - 1, keep).round().long().unique()
+    return t[idx]
+
+
 def _moments(x: torch.Tensor) -> tuple[float, float]:
     """(sum of squares, excess kurtosis) of a tensor's entries, in float64 chunks."""
     flat = x.reshape(-1)
@@ -106,10 +115,14 @@ def pool_stats(
     heads: str | Sequence[str] | None = "auto",
     exclude: Sequence[str] = (),
     workers: int = 2,
+    sample: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> PoolStats:
     """One streamed pass over every model's weight matrices (module docstring).
 
+    ``sample``: matrices with more entries are compared on the same evenly spaced rows in every model
+    (about ``sample`` entries): distances, inner products, kurtosis and equal fractions are then
+    estimates from those rows, at a fraction of the compute (``None``: every entry).
     ``heads``: ``"auto"`` leaves out classifier heads (by name, or the last layer of a plain chain),
     a list of regexes names them, ``None`` keeps them; ``exclude`` adds regexes of tensors to leave
     out. ``progress(done_bytes, total_bytes)`` is called after each tensor group.
@@ -156,7 +169,7 @@ def pool_stats(
         nonlocal done, nbytes
         name, shape = key
         members = by_key[key]
-        ts = [read(models[i].source, name) for i in members]
+        ts = [_rows(read(models[i].source, name), sample) for i in members]
         mom = [_moments(t) for t in ts]
         g, eq = _gram(ts) if len(ts) > 1 else (np.zeros((1, 1)), np.ones((1, 1)))
         b = sum(t.numel() * t.element_size() for t in ts)
