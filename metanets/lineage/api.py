@@ -411,11 +411,18 @@ def _decide(
     result.margin = math.log(scored[1].score / best.score) if len(scored) > 1 and best.score > 0 else None
     if not method.open_set_by_threshold:
         return _decide_learned(result, scored)
+    lookalikes = _permuted_lookalikes(c, scored, cands, family_threshold) if method.name == "weights" else []
+    look_hint = (
+        f"; {', '.join(lookalikes)} look{'s' if len(lookalikes) == 1 else ''} like a relative with permuted hidden "
+        "units (its rows match the child's one to one): try method 'aligned'"
+        if lookalikes
+        else ""
+    )
     if best.score > family_threshold:
         hint = " (hidden units may have been permuted: try method 'aligned')" if method.name == "weights" else ""
         result.reason = (
             f"no candidate is related: the nearest, {best.model.name}, scores {best.score:.3g} > the "
-            f"family threshold {family_threshold:g}{hint}"
+            f"family threshold {family_threshold:g}{look_hint or hint}"
         )
         return result
     runner = (
@@ -531,7 +538,7 @@ def _decide(
     else:
         test = "; path test not applicable (no relative of it among the candidates)"
     what = "the nearest related candidate" if best is scored[0] else "the child's parent in the model graph"
-    result.reason = f"{name} is {what} (score {best.score:.3g}{runner}){test}"
+    result.reason = f"{name} is {what} (score {best.score:.3g}{runner}){test}{look_hint}"
     if graph is not None:
         result.chain = [name] + [a for a in graph.ancestors(name) if a in by_name]
     else:
@@ -544,6 +551,25 @@ def _decide(
     # the drawing is a tree: drop family edges that would close a cycle with the chain
     result.tree = _acyclic(result.tree)
     return result
+
+
+def _permuted_lookalikes(
+    c: Model, scored: list[Scored], cands: list[CandidateScore], family_threshold: float
+) -> list[str]:
+    """Unrelated-looking candidates whose rows match the child's one to one (:mod:`.lookalike`); flagged
+    ``permuted`` on their :class:`CandidateScore`."""
+    from metanets.lineage.lookalike import LOOKALIKE, permuted_match
+
+    out = []
+    for s, cs in zip(scored, cands, strict=True):
+        if s.score <= family_threshold:
+            continue
+        match = permuted_match(c.source, s.model.source, s.pairing.shared)
+        cs.metrics["row_match"] = match
+        if match >= LOOKALIKE:
+            cs.permuted = True
+            out.append(s.model.name)
+    return out
 
 
 def _family_graph(c: Model, related: list[Scored], family_threshold: float) -> Any:

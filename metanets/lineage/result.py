@@ -71,6 +71,8 @@ class CandidateScore:
         if self.fixed_fraction is not None:
             d["fixed_fraction"] = _num(self.fixed_fraction, 4)
             d["permuted"] = self.permuted
+        elif self.permuted:
+            d["permuted"] = True
         if self.metrics:
             d["metrics"] = {k: _num(v) for k, v in self.metrics.items()}
         if self.path is not None:
@@ -189,6 +191,8 @@ class LineageResult:
             extra = []
             if c.fixed_fraction is not None:
                 extra.append(f"fixed {c.fixed_fraction:.2f}" + (" PERMUTED" if c.permuted else ""))
+            elif c.permuted:
+                extra.append("looks PERMUTED (try --method aligned)")
             if c.path is not None:
                 extra.append(f"path {c.path:.2f}")
             if c.relation is not None and c.relation not in ("parent", "relative"):

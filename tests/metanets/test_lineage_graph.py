@@ -128,3 +128,22 @@ def test_cli_lineage_graph_on_a_folder(pool, tmp_path) -> None:
     # the default command is still one child's parent
     r = CliRunner().invoke(main, ["lineage", str(folder / "ft1"), "-c", str(folder / "base"), "-q"])
     assert r.exit_code == 0 and "parent:" in r.output
+
+
+def test_a_permuted_relative_is_flagged_with_the_aligned_hint(pool) -> None:
+    from merge.symmetry import mlp_spec
+    from metanets.lineage.lookalike import permuted_match
+    from metanets.lineage.zoo import permutation_attack
+
+    spec = mlp_spec(pool["ft1"])
+    hidden_ft1 = permutation_attack(pool["ft1"], spec, seed=5)
+    child = fine_tune(pool["ft1"], 77, 0.3, rank=4, noise=0.1)
+    r = detect_lineage(child, {"base": pool["base"], "ft1-permuted": hidden_ft1, "stranger": pool["stranger"]})
+    assert r.candidate("ft1-permuted").permuted and not r.candidate("stranger").permuted, r.summary()
+    assert "try method 'aligned'" in r.reason and "ft1-permuted" in r.reason
+    assert r.candidate("stranger").metrics["row_match"] < 0.6 < 0.9 < r.candidate("ft1-permuted").metrics["row_match"]
+    # the statistic is permutation-blind for the copy itself, and low for an independent model
+    from merge.checkpoint import StateDictSource
+
+    shared = [k for k in pool["ft1"] if pool["ft1"][k].dim() == 2]
+    assert permuted_match(StateDictSource(pool["ft1"]), StateDictSource(hidden_ft1), shared) == pytest.approx(1.0)
