@@ -487,7 +487,11 @@ def _decide(
         n for n, r in rel.items()
         if r == "merge of it" and graph is not None and graph.merges[n].need.get(c.name, math.inf) < WEAK_NEED
     }
-    younger = {n for n, r in rel.items() if r in ("descendant", "child", "merge of it")} - weak
+    # descendants only where the family's direction was calibrated on its own leaves; merges of it always
+    young_kinds = ("descendant", "child", "merge of it") if graph is not None and graph.directed(c.name) else (
+        "merge of it",
+    )
+    younger = {n for n, r in rel.items() if r in young_kinds} - weak
     if graph is not None and graph.parent(c.name) is None and younger:
         result.reason = (
             f"the related candidates are the child's descendants or merges of it ({', '.join(sorted(younger))}), "

@@ -62,12 +62,14 @@ SINGLE_RATIO = 0.7
 SEGMENT_RESIDUAL = 0.15
 #: a merge component must be needed: dropping it raises the fit's residual by more than this factor
 NEEDED = 1.15
+#: leaf agreement a family's direction needs before detect_lineage trusts who is whose descendant
+DIRECTED_AGREEMENT = 0.5
 #: a component whose need is below this may be the merge's light fine-tune rather than its part
 WEAK_NEED = 1.3
 #: cosines of unrelated updates below this are noise (no path penalty)
 PATH_FLOOR = 0.05
 #: leaf edges a family needs before its own leaves choose the direction statistic and sign
-MIN_LEAVES = 4
+MIN_LEAVES = 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +167,13 @@ class ModelGraph:
             if name in c:
                 return i
         raise KeyError(name)
+
+    def directed(self, name: str) -> bool:
+        """Whether the direction of ``name``'s family was calibrated on its own leaves (not the prior)."""
+        for c in self.params.get("calibration", []):
+            if name in c.get("members", []):
+                return c.get("leaf_agreement") is not None and c["leaf_agreement"] >= DIRECTED_AGREEMENT
+        return False
 
     def relation(self, a: str, b: str) -> str:
         """What ``b`` is to ``a``: parent, child, ancestor, descendant, sibling, merge component, merge of
@@ -520,7 +529,7 @@ def _calibrate(members: list[int], d: np.ndarray, ys: Mapping[str, np.ndarray], 
     # the prior: an update unrelated to the weights adds to their norm (Pythagoras); MoTHer's kurtosis falls
     best = (names[0], 1.0 if names[0] == "norm" else -1.0, 0.0)
     if len(leaf_edges) < MIN_LEAVES:  # too few leaves to overrule the prior (a chain's root is a leaf too)
-        return best
+        return (*best[:2], math.nan)
     for s in names:
         v = float(np.mean([ys[s][p, c] for p, c in leaf_edges]))
         if abs(v) > abs(best[2]) or (s == best[0] and best[2] == 0.0):
@@ -692,13 +701,20 @@ def graph_of_models(
                         del found[x]
         tree_nodes = [i for i in cl if i not in found]
         if direction == "none":
-            stat, sign, agree = "none", 1.0, 0.0
+            stat, sign, agree = "none", 1.0, math.nan
             y = np.zeros((n, n))
         else:
             stat, sign, agree = _calibrate(tree_nodes if len(tree_nodes) > 1 else cl, d, ys, direction)
             y = sign * ys[stat]
         calib.append(
-            {"family": ci, "statistic": stat, "sign": "+" if sign > 0 else "-", "leaf_agreement": round(agree, 3)}
+            {
+                "family": ci,
+                "members": [names[i] for i in cl],
+                "statistic": stat,
+                "sign": "+" if sign > 0 else "-",
+                # nan: too few leaves, the prior decided (norm grows from parent to child)
+                "leaf_agreement": None if math.isnan(agree) else round(agree, 3),
+            }
         )
         for x, mn in found.items():
             merge_nodes[mn.name] = mn

@@ -5,10 +5,11 @@ unchanged and defeats every comparison of weights by position, so the ``weights`
 permuted relative like a stranger. The input side of the first layers is not permuted (the inputs are
 fixed features; in a transformer the token rows of the embedding), so a relative's rows (or columns)
 still match the child's one to one, in some order, while an independent model's do not. For up to
-three shared matrices (convolutions read as out × in·k·k), in the model's order, each row of the child is matched to its most similar
-row of the candidate (cosine), and likewise for columns; the *match* is the larger of the two mean
-best cosines, maximised over the matrices: ≈1 for a permuted copy of a relative, far lower for an
-independent initialisation. Method ``aligned`` (Git Re-Basin weight matching) then scores it properly.
+three shared matrices (convolutions read as out × in·k·k), in the model's order, each row of the
+child is matched to its most similar row of the candidate (cosine), and likewise for columns; the
+*match* is the larger of the two mean best cosines, maximised over the matrices: ≈1 for a permuted
+copy of a relative, far lower for an independent initialisation. Method ``aligned`` (Git Re-Basin
+weight matching) then scores it properly.
 """
 
 from __future__ import annotations
