@@ -411,6 +411,32 @@ class Client:
             raise RemoteError("INTERNAL", "DetectLineage ended without an answer")
         return cands, answer, progress
 
+    def recover_model_graph(
+        self,
+        models: list[str] | dict[str, str],
+        *,
+        timeout: float | None = 600.0,
+        progress: Any = None,
+        **fields: Any,
+    ) -> lpb.ModelGraph:
+        """``RecoverModelGraph``: the directed model graph of a pool on the server. ``models``: references,
+        or ``{name: reference}``; ``progress(LineageProgress)`` is called as the server reports;
+        ``fields``: of RecoverModelGraphRequest."""
+        items = models.items() if isinstance(models, dict) else [("", m) for m in models]
+        req = lpb.RecoverModelGraphRequest(models=[lpb.LineageCandidate(name=n, model=m) for n, m in items], **fields)
+        graph = None
+        try:
+            for ev in self.lineage.RecoverModelGraph(req, timeout=timeout, metadata=self.metadata):
+                if ev.WhichOneof("event") == "graph":
+                    graph = ev.graph
+                elif progress is not None:
+                    progress(ev.progress)
+        except grpc.RpcError as e:
+            raise RemoteError.from_rpc(e) from None
+        if graph is None:
+            raise RemoteError("INTERNAL", "RecoverModelGraph ended without a graph")
+        return graph
+
     def list_lineage_methods(self) -> list[lpb.LineageMethod]:
         return list(self._call(self.lineage.ListLineageMethods, lpb.ListLineageMethodsRequest()).methods)
 

@@ -113,6 +113,50 @@ def remote_lineage(child: str, candidates: tuple[str, ...], method: str, archite
         click.echo(f"parent: none   ({answer.reason})")
 
 
+@remote.command("lineage-graph")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--direction", default="auto", show_default=True, help="auto, norm, kurtosis or none.")
+@click.option("--family-threshold", default=None, type=float)
+@click.option("--merge-threshold", default=None, type=float)
+@click.option("--no-merges", is_flag=True, help="Do not look for merges.")
+@click.option("--keep-heads", is_flag=True, help="Compare classifier heads too.")
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_lineage_graph(models: tuple[str, ...], direction: str, family_threshold: float | None,
+                         merge_threshold: float | None, no_merges: bool, keep_heads: bool, as_json: bool,
+                         **kw: Any) -> None:  # fmt: skip
+    """The directed model graph of MODELS on the server: families, fine-tune edges, merges (RecoverModelGraph)."""
+    fields: dict[str, Any] = {"direction": direction, "no_merges": no_merges, "keep_heads": keep_heads}
+    if family_threshold is not None:
+        fields["family_threshold"] = family_threshold
+    if merge_threshold is not None:
+        fields["merge_threshold"] = merge_threshold
+    logger, stage = LogEvery(2.0 if sys.stderr.isatty() else 10.0), None
+
+    def progress(p: Any) -> None:
+        nonlocal stage
+        if not as_json:
+            logger.line(f"{p.stage}: {p.done}/{p.total}", force=p.stage != stage or p.done == p.total)
+            stage = p.stage
+
+    with _conn(kw) as client:
+        g = client.recover_model_graph(list(models), progress=progress, **fields)
+    if as_json:
+        click.echo(json.dumps(_json(g.graph), indent=2))
+        return
+    for i, fam in enumerate(g.families, 1):
+        click.echo(f"family {i}: {', '.join(fam.models)}")
+    for e in g.edges:
+        if e.kind == "fine-tune":
+            click.echo(f"  {e.parent} -> {e.child}   (d {e.distance:.3g}, confidence {e.confidence:.2f})")
+    for m in g.merges:
+        parts = " + ".join(f"{w:.2f}*{c}" for c, w in sorted(m.components.items(), key=lambda kv: -kv[1]))
+        click.echo(f"  merge {m.name} = {parts}" + (f" on base {m.base}" if m.base else ""))
+    for s in g.skipped:
+        click.echo(f"  skipped {s.name}: {s.reason}")
+
+
 # -- metanets ---------------------------------------------------------------------------------------
 @remote.command("predict")
 @click.argument("metanet")

@@ -76,6 +76,29 @@ def _answer_pb(r: Any) -> lpb.LineageAnswer:
     return msg
 
 
+def _graph_pb(g: Any) -> lpb.ModelGraph:
+    return lpb.ModelGraph(
+        models=list(g.models),
+        families=[lpb.ModelGraphFamily(models=list(c)) for c in g.clusters],
+        roots=list(g.roots),
+        edges=[
+            lpb.ModelGraphEdge(
+                parent=e.parent, child=e.child, kind=e.kind, distance=e.distance, confidence=e.confidence,
+                weight=e.weight,
+            )
+            for e in g.edges
+        ],
+        merges=[
+            lpb.ModelGraphMerge(name=m.name, components=dict(m.components), base=m.base or "", residual=m.residual)
+            for m in g.merges.values()
+        ],
+        skipped=[lpb.LineageSkipped(name=k, ref=g.refs.get(k, k), reason=v) for k, v in g.skipped.items()],
+        seconds=g.seconds,
+        bytes_read=g.bytes_read,
+        graph=_struct(g.to_json()),
+    )
+
+
 class LineageServicer(lpb_grpc.LineageServiceServicer):
     def __init__(self, manager: JobManager) -> None:
         self.m = manager
@@ -163,11 +186,10 @@ class LineageServicer(lpb_grpc.LineageServiceServicer):
             kw["detector"] = self.m.confine_path(request.detector_ref, "detector_ref")
         return {"child": request.child, "candidates": names, **kw}
 
-    @handle_stream_errors()
-    async def DetectLineage(self, request: lpb.DetectLineageRequest, context: Any) -> Any:
-        from metanets.lineage import detect_lineage
-
-        kw = self._kwargs(request)
+    async def _in_thread(self, fn: Any) -> Any:
+        """Run ``fn(progress)`` in a worker thread under the server's slots; yield ``("progress", (stage,
+        done, total))`` as it reports and finally ``("result", value)``. Closing the stream (a cancelled
+        call) stops the work at its next progress report."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         stop = threading.Event()
@@ -179,7 +201,7 @@ class LineageServicer(lpb_grpc.LineageServiceServicer):
 
         def work() -> None:
             try:
-                out: tuple[str, Any] = ("result", detect_lineage(**kw, progress=progress))
+                out: tuple[str, Any] = ("result", fn(progress))
             except BaseException as e:  # noqa: BLE001 - handed to the RPC, which maps it to a status
                 out = ("error", e)
             loop.call_soon_threadsafe(queue.put_nowait, out)
@@ -189,23 +211,94 @@ class LineageServicer(lpb_grpc.LineageServiceServicer):
             try:
                 while True:
                     what, value = await queue.get()
-                    if what == "progress":
-                        stage, done, total = value
-                        yield lpb.DetectLineageResponse(
-                            progress=lpb.LineageProgress(stage=stage, done=done, total=total)
-                        )
-                        continue
                     if what == "error":
                         if isinstance(value, WeightsmithError | _Stopped):
                             raise value
-                        raise RuntimeError("detect_lineage failed") from value
-                    break
+                        raise RuntimeError("lineage work failed") from value
+                    yield what, value
+                    if what == "result":
+                        break
             finally:
                 stop.set()
                 await asyncio.shield(task)
+
+    @handle_stream_errors()
+    async def DetectLineage(self, request: lpb.DetectLineageRequest, context: Any) -> Any:
+        from metanets.lineage import detect_lineage
+
+        kw = self._kwargs(request)
+        value = None
+        async for what, v in self._in_thread(lambda progress: detect_lineage(**kw, progress=progress)):
+            if what == "progress":
+                yield lpb.DetectLineageResponse(progress=lpb.LineageProgress(stage=v[0], done=v[1], total=v[2]))
+            else:
+                value = v
         for c in value.candidates:
             yield lpb.DetectLineageResponse(candidate=_candidate_pb(c, request.layers))
         yield lpb.DetectLineageResponse(answer=_answer_pb(value))
+
+    def _graph_kwargs(self, request: lpb.RecoverModelGraphRequest) -> dict[str, Any]:
+        """recover_model_graph's arguments, every reference checked against the roots (nothing read yet)."""
+        if len(request.models) < 2:
+            raise ServiceError("INVALID_ARGUMENT", "models: give at least two models", "models")
+        if len(request.models) > self.m.config.max_models:
+            raise ServiceError(
+                "RESOURCE_EXHAUSTED",
+                f"models: {len(request.models)}, more than this server's limit of {self.m.config.max_models}",
+                "models",
+            )
+        if request.direction not in ("", "auto", "norm", "kurtosis", "none"):
+            raise ServiceError("INVALID_ARGUMENT", "direction: auto, norm, kurtosis or none", "direction")
+        resolver = self.m.resolver()
+        names: dict[str, str] = {}
+        for i, c in enumerate(request.models):
+            field = f"models[{i}].model"
+            if not c.model:
+                raise ServiceError("INVALID_ARGUMENT", f"{field}: empty reference", "models")
+            if resolver.kind(c.model) == "hub":
+                raise ServiceError(
+                    "FAILED_PRECONDITION",
+                    f"{field}: {c.model!r}: lineage takes server paths, upload:// and job:// references, "
+                    "not Hub models",
+                    "models",
+                )
+            try:
+                resolver(c.model, field)
+            except ModelNotFoundError:
+                pass  # skipped by the library, with its reason
+            name = c.name or c.model
+            if name in names:
+                raise ServiceError("INVALID_ARGUMENT", f"models[{i}]: duplicate name {name!r}", "models")
+            names[name] = c.model
+        kw: dict[str, Any] = {
+            "direction": request.direction or "auto",
+            "merges": not request.no_merges,
+            "heads": None if request.keep_heads else "auto",
+            "exclude": list(request.exclude),
+            "resolver": lambda ref: resolver(ref, f"model '{ref}'"),
+            "allow_pickle": False,
+            "workers": 1,
+        }
+        if request.HasField("family_threshold"):
+            kw["family_threshold"] = request.family_threshold
+        if request.HasField("merge_threshold"):
+            kw["merge_threshold"] = request.merge_threshold
+        return {"models": names, **kw}
+
+    @handle_stream_errors()
+    async def RecoverModelGraph(self, request: lpb.RecoverModelGraphRequest, context: Any) -> Any:
+        from metanets.lineage import recover_model_graph
+
+        kw = self._graph_kwargs(request)
+        g = None
+        async for what, v in self._in_thread(lambda progress: recover_model_graph(**kw, progress=progress)):
+            if what == "progress":
+                yield lpb.RecoverModelGraphResponse(
+                    progress=lpb.LineageProgress(stage=v[0], done=v[1], total=v[2])
+                )
+            else:
+                g = v
+        yield lpb.RecoverModelGraphResponse(graph=_graph_pb(g))
 
     @handle_errors()
     async def ListLineageMethods(

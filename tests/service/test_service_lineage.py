@@ -145,3 +145,37 @@ def test_cli_remote_lineage(env: dict) -> None:
         main, ["remote", "lineage", str(p["child"]), str(env["outside"] / "secret"), *conn]
     )
     assert r.exit_code == 2 and "error: PERMISSION_DENIED" in r.output
+
+
+def test_recover_model_graph_over_the_service_equals_the_library(env: dict) -> None:
+    from metanets.lineage import recover_model_graph
+
+    c = env["client"]
+    models = _cands(env, ["root", "p0", "p1", "p2", "child", "stranger"])
+    seen = []
+    g = c.recover_model_graph(models, progress=seen.append)
+    lib = recover_model_graph(models)
+    assert seen and sorted(map(sorted, (f.models for f in g.families))) == sorted(map(sorted, lib.clusters))
+    got = {(e.parent, e.child, e.kind) for e in g.edges}
+    assert got == {(e.parent, e.child, e.kind) for e in lib.edges}
+    assert ("p0", "child", "fine-tune") in got and set(g.roots) == set(lib.roots)
+    assert g.graph["format"] == "weightsmith.model_graph"
+    # bad input: one model, a path outside the roots, an unknown direction
+    with pytest.raises(RemoteError) as e:
+        c.recover_model_graph(_cands(env, ["root"]))
+    assert e.value.code == "INVALID_ARGUMENT" and "at least two" in str(e.value)
+    with pytest.raises(RemoteError) as e:
+        c.recover_model_graph({**_cands(env, ["root"]), "x": str(env["outside"] / "secret")})
+    assert e.value.code == "PERMISSION_DENIED"
+    with pytest.raises(RemoteError) as e:
+        c.recover_model_graph(_cands(env, ["root", "p0"]), direction="sideways")
+    assert e.value.code == "INVALID_ARGUMENT"
+    # the CLI
+    from click.testing import CliRunner
+
+    from service.cli.main import main
+    from tests.support.service import TOKEN
+
+    conn = ["--server", c.target, "--token", TOKEN]
+    r = CliRunner().invoke(main, ["remote", "lineage-graph", *models.values(), *conn])
+    assert r.exit_code == 0 and f"{env['paths']['p0']} -> {env['paths']['child']}" in r.stdout, r.output

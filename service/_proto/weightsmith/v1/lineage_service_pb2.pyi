@@ -159,3 +159,92 @@ class ListLineageMethodsResponse(_message.Message):
     METHODS_FIELD_NUMBER: _ClassVar[int]
     methods: _containers.RepeatedCompositeFieldContainer[LineageMethod]
     def __init__(self, methods: _Optional[_Iterable[_Union[LineageMethod, _Mapping]]] = ...) -> None: ...
+
+class RecoverModelGraphRequest(_message.Message):
+    __slots__ = ("models", "family_threshold", "merge_threshold", "direction", "no_merges", "exclude", "keep_heads")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MERGE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    NO_MERGES_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_FIELD_NUMBER: _ClassVar[int]
+    KEEP_HEADS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[LineageCandidate]
+    family_threshold: float
+    merge_threshold: float
+    direction: str
+    no_merges: bool
+    exclude: _containers.RepeatedScalarFieldContainer[str]
+    keep_heads: bool
+    def __init__(self, models: _Optional[_Iterable[_Union[LineageCandidate, _Mapping]]] = ..., family_threshold: _Optional[float] = ..., merge_threshold: _Optional[float] = ..., direction: _Optional[str] = ..., no_merges: _Optional[bool] = ..., exclude: _Optional[_Iterable[str]] = ..., keep_heads: _Optional[bool] = ...) -> None: ...
+
+class ModelGraphEdge(_message.Message):
+    __slots__ = ("parent", "child", "kind", "distance", "confidence", "weight")
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    CHILD_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    parent: str
+    child: str
+    kind: str
+    distance: float
+    confidence: float
+    weight: float
+    def __init__(self, parent: _Optional[str] = ..., child: _Optional[str] = ..., kind: _Optional[str] = ..., distance: _Optional[float] = ..., confidence: _Optional[float] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class ModelGraphMerge(_message.Message):
+    __slots__ = ("name", "components", "base", "residual")
+    class ComponentsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    components: _containers.ScalarMap[str, float]
+    base: str
+    residual: float
+    def __init__(self, name: _Optional[str] = ..., components: _Optional[_Mapping[str, float]] = ..., base: _Optional[str] = ..., residual: _Optional[float] = ...) -> None: ...
+
+class ModelGraphFamily(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, models: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ModelGraph(_message.Message):
+    __slots__ = ("models", "families", "roots", "edges", "merges", "skipped", "seconds", "bytes_read", "graph")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    FAMILIES_FIELD_NUMBER: _ClassVar[int]
+    ROOTS_FIELD_NUMBER: _ClassVar[int]
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    MERGES_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_READ_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedScalarFieldContainer[str]
+    families: _containers.RepeatedCompositeFieldContainer[ModelGraphFamily]
+    roots: _containers.RepeatedScalarFieldContainer[str]
+    edges: _containers.RepeatedCompositeFieldContainer[ModelGraphEdge]
+    merges: _containers.RepeatedCompositeFieldContainer[ModelGraphMerge]
+    skipped: _containers.RepeatedCompositeFieldContainer[LineageSkipped]
+    seconds: float
+    bytes_read: int
+    graph: _struct_pb2.Struct
+    def __init__(self, models: _Optional[_Iterable[str]] = ..., families: _Optional[_Iterable[_Union[ModelGraphFamily, _Mapping]]] = ..., roots: _Optional[_Iterable[str]] = ..., edges: _Optional[_Iterable[_Union[ModelGraphEdge, _Mapping]]] = ..., merges: _Optional[_Iterable[_Union[ModelGraphMerge, _Mapping]]] = ..., skipped: _Optional[_Iterable[_Union[LineageSkipped, _Mapping]]] = ..., seconds: _Optional[float] = ..., bytes_read: _Optional[int] = ..., graph: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class RecoverModelGraphResponse(_message.Message):
+    __slots__ = ("progress", "graph")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    progress: LineageProgress
+    graph: ModelGraph
+    def __init__(self, progress: _Optional[_Union[LineageProgress, _Mapping]] = ..., graph: _Optional[_Union[ModelGraph, _Mapping]] = ...) -> None: ...

@@ -47,6 +47,11 @@ class LineageServiceStub:
                 request_serializer=weightsmith_dot_v1_dot_lineage__service__pb2.ListLineageMethodsRequest.SerializeToString,
                 response_deserializer=weightsmith_dot_v1_dot_lineage__service__pb2.ListLineageMethodsResponse.FromString,
                 _registered_method=True)
+        self.RecoverModelGraph = channel.unary_stream(
+                '/weightsmith.v1.LineageService/RecoverModelGraph',
+                request_serializer=weightsmith_dot_v1_dot_lineage__service__pb2.RecoverModelGraphRequest.SerializeToString,
+                response_deserializer=weightsmith_dot_v1_dot_lineage__service__pb2.RecoverModelGraphResponse.FromString,
+                _registered_method=True)
 
 
 class LineageServiceServicer:
@@ -73,6 +78,16 @@ class LineageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecoverModelGraph(self, request, context):
+        """RecoverModelGraph streams progress, then the directed model graph of a whole pool (the library's
+        recover_model_graph): families, fine-tune edges with a confidence, merges with their components
+        and shares. Models that cannot be read are skipped with their reason; references outside the
+        roots are refused (PERMISSION_DENIED). Cancelling the call stops the computation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LineageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -85,6 +100,11 @@ def add_LineageServiceServicer_to_server(servicer, server):
                     servicer.ListLineageMethods,
                     request_deserializer=weightsmith_dot_v1_dot_lineage__service__pb2.ListLineageMethodsRequest.FromString,
                     response_serializer=weightsmith_dot_v1_dot_lineage__service__pb2.ListLineageMethodsResponse.SerializeToString,
+            ),
+            'RecoverModelGraph': grpc.unary_stream_rpc_method_handler(
+                    servicer.RecoverModelGraph,
+                    request_deserializer=weightsmith_dot_v1_dot_lineage__service__pb2.RecoverModelGraphRequest.FromString,
+                    response_serializer=weightsmith_dot_v1_dot_lineage__service__pb2.RecoverModelGraphResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -144,6 +164,33 @@ class LineageService:
             '/weightsmith.v1.LineageService/ListLineageMethods',
             weightsmith_dot_v1_dot_lineage__service__pb2.ListLineageMethodsRequest.SerializeToString,
             weightsmith_dot_v1_dot_lineage__service__pb2.ListLineageMethodsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecoverModelGraph(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/weightsmith.v1.LineageService/RecoverModelGraph',
+            weightsmith_dot_v1_dot_lineage__service__pb2.RecoverModelGraphRequest.SerializeToString,
+            weightsmith_dot_v1_dot_lineage__service__pb2.RecoverModelGraphResponse.FromString,
             options,
             channel_credentials,
             insecure,
