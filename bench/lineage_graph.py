@@ -13,11 +13,12 @@ Parts (one JSON, ``bench/out/lineage_graph.json``, and printed tables):
    max over layers; summed excess kurtosis; cost ``D + 0.3·mean(D)·[ku_child > ku_parent]``;
    Edmonds) on the same pools with the *true* families given (its code takes the number of trees),
    and without merge nodes (it has none: a merge gets one parent, counted wrong).
-2. **Open set with descendants**: every child (G3) and grandchild (G4) asked with *all* other members
-   of its family as candidates (its parent, siblings, cousins, its own descendants, merges that
-   contain it, the root) plus the other families' roots: right if the answer is its parent; and
-   asked again with the parent withheld: right if the answer is "none". ``weights`` on the zoo as
-   trained, ``aligned`` on the permutation-attacked zoo.
+2. **Open set with descendants**: every child (G3) asked with two pools: ``issue`` (issue 24's setting:
+   the 12 G2 models, the parent among them, the child's siblings, its own descendants, the merges
+   that contain it, the family's root) and ``family`` (every other member of its family, cousins and
+   all merges included, plus the other roots): right if the answer is its parent; and asked again
+   with the parent withheld: right if the answer is "none". ``weights`` on the zoo as trained,
+   ``aligned`` on the permutation-attacked zoo.
 3. **Scale**: ``recover_model_graph`` on 50 and 200 small models (seconds, MB read), and
    ``weightsmith lineage graph`` on the four 1.5 GB checkpoints of ``bench/out/models/big-bfloat16``
    against ``cat`` of the same files.
@@ -184,43 +185,57 @@ def part_graph(names: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def _pool_for(zz: LineageZoo, c: str, kind: str) -> list[str]:
+    """Candidates for child ``c``. ``issue``: every G2 model (the parent and 11 others, siblings of the parent
+    included), the child's own siblings, its descendants and the merges that contain it, the family's root
+    (issue 24's setting); ``family``: every other member of its family (cousins, uncles, all merges) plus
+    the other families' roots."""
+    m = zz.members
+    root = m[c].root
+    if kind == "family":
+        return [n for n in m if m[n].root == root and n != c] + [r for r in m if m[r].generation == 1 and r != root]
+    desc = [n for n in m if c in zz.ancestors(n)]
+    merges = [n for n in m if c in m[n].components]
+    sibs = [n for n in m if m[n].generation == 3 and m[n].parent == m[c].parent and n != c]
+    g2 = [n for n in m if m[n].generation == 2]
+    return g2 + sibs + desc + merges + [root]
+
+
 def part_open(names: list[str]) -> list[dict[str, Any]]:
     rows = []
     for name in names:
         z = zoo(name)
-        for method, attack in (("weights", False), ("aligned", True)):
-            zz = z.with_attack(attack)
-            roots = [n for n, m in zz.members.items() if m.generation == 1]
-            states = {n: zz.state(n) for n in zz.members}
-            hit = none_ok = asked = 0
-            named_descendant = 0
-            t0 = time.perf_counter()
-            queries = [n for n, m in zz.members.items() if m.generation in (3, 4)]
-            for c in queries:
-                root = zz.members[c].root
-                fam = [n for n, m in zz.members.items() if m.root == root and n != c]
-                cands = {n: states[n] for n in fam + [r for r in roots if r != root]}
-                kw: dict[str, Any] = {"method": method}
-                if method == "aligned":
-                    kw["spec"] = zz.spec
-                r = detect_lineage(states[c], cands, **kw)
-                hit += r.parent == zz.parent(c)
-                desc = {n for n, m in zz.members.items() if c in zz.ancestors(n) or c in m.components}
-                named_descendant += r.parent in desc
-                withheld = {k: v for k, v in cands.items() if k != zz.parent(c)}
-                r2 = detect_lineage(states[c], withheld, **kw)
-                none_ok += r2.parent is None
-                asked += 1
-            rows.append({
-                "zoo": name,
-                "method": method + (" (attack)" if attack else ""),
-                "queries": asked,
-                "parent_answer": hit / asked,
-                "none_when_withheld": none_ok / asked,
-                "named_a_descendant": named_descendant / asked,
-                "s_per_query": (time.perf_counter() - t0) / (2 * asked),
-            })
-            log(f"open: {name} {method}: parent {hit}/{asked}, none {none_ok}/{asked}")
+        for kind in ("issue", "family"):
+            for method, attack in (("weights", False), ("aligned", True)):
+                zz = z.with_attack(attack)
+                states = {n: zz.state(n) for n in zz.members}
+                hit = none_ok = asked = named_descendant = 0
+                t0 = time.perf_counter()
+                queries = [n for n, m in zz.members.items() if m.generation == 3]
+                for c in queries:
+                    cands = {n: states[n] for n in _pool_for(zz, c, kind)}
+                    kw: dict[str, Any] = {"method": method}
+                    if method == "aligned":
+                        kw["spec"] = zz.spec
+                    r = detect_lineage(states[c], cands, **kw)
+                    hit += r.parent == zz.parent(c)
+                    desc = {n for n, m in zz.members.items() if c in zz.ancestors(n) or c in m.components}
+                    named_descendant += r.parent in desc
+                    withheld = {k: v for k, v in cands.items() if k != zz.parent(c)}
+                    r2 = detect_lineage(states[c], withheld, **kw)
+                    none_ok += r2.parent is None
+                    asked += 1
+                rows.append({
+                    "zoo": name,
+                    "pool": kind,
+                    "method": method + (" (attack)" if attack else ""),
+                    "queries": asked,
+                    "parent_answer": hit / asked,
+                    "none_when_withheld": none_ok / asked,
+                    "named_a_descendant": named_descendant / asked,
+                    "s_per_query": (time.perf_counter() - t0) / (2 * asked),
+                })
+                log(f"open: {name} {kind} {method}: parent {hit}/{asked}, none {none_ok}/{asked}")
     return rows
 
 
@@ -301,7 +316,8 @@ def main() -> None:
     if "open" in parts:
         rows = part_open(names)
         result["open"] = rows
-        cols = ["zoo", "method", "queries", "parent_answer", "none_when_withheld", "named_a_descendant", "s_per_query"]
+        cols = ["zoo", "pool", "method", "queries", "parent_answer", "none_when_withheld", "named_a_descendant",
+                "s_per_query"]
         print("Open-set parent answer, descendants and merges in the pool")
         print_table(cols, [[fmt(r[c]) for c in cols] for r in rows])
     if "scale" in parts:

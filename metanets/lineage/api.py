@@ -507,10 +507,16 @@ def _decide(
         best = next((s for s in every_related if s.model.name not in younger | set(graph.merges)), best)
     name = best.model.name
     path_val, path_from = math.nan, None
-    # seen from the parent's other relatives (not the child's descendants or merges)
-    for other in related:
+    # seen from the parent's other relatives (not the child's descendants or merges); where the directed graph
+    # agrees that it is the parent, from its ancestors only (its other children and its siblings share
+    # updates with the child or with it, which the statistic would read as a side branch)
+    agreed = graph is not None and graph.directed(c.name) and graph.parent(c.name) == name
+    viewers = set(graph.ancestors(name)) if agreed else None
+    for other in every_related if agreed else related:
         o = other.model.name
         if o in (name, *younger) or o in (graph.merges if graph else {}):
+            continue
+        if viewers is not None and o not in viewers:
             continue
         if dist(name, other.model.name) > family_threshold:
             continue
@@ -541,7 +547,11 @@ def _decide(
         )
     else:
         test = "; path test not applicable (no relative of it among the candidates)"
-    what = "the nearest related candidate" if best is scored[0] else "the child's parent in the model graph"
+    what = (
+        "the nearest related candidate"
+        if best is scored[0]
+        else "the nearest related candidate that is not the child's descendant or a merge of it"
+    )
     result.reason = f"{name} is {what} (score {best.score:.3g}{runner}){test}{look_hint}"
     if graph is not None:
         result.chain = [name] + [a for a in graph.ancestors(name) if a in by_name]

@@ -63,7 +63,7 @@ SEGMENT_RESIDUAL = 0.15
 #: a merge component must be needed: dropping it raises the fit's residual by more than this factor
 NEEDED = 1.15
 #: leaf agreement a family's direction needs before detect_lineage trusts who is whose descendant
-DIRECTED_AGREEMENT = 0.5
+DIRECTED_AGREEMENT = 0.2
 #: a component whose need is below this may be the merge's light fine-tune rather than its part
 WEAK_NEED = 1.3
 #: cosines of unrelated updates below this are noise (no path penalty)
