@@ -41,8 +41,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import networkx as nx  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench._common import (  # noqa: E402
@@ -58,7 +56,7 @@ from bench._common import (  # noqa: E402
     write_json,
 )
 from metanets.lineage import detect_lineage, recover_model_graph  # noqa: E402
-from metanets.lineage.stats import head_tensors  # noqa: E402
+from metanets.lineage.mother import mother_tree  # noqa: E402
 from metanets.lineage.zoo import Budget, LineageZoo, ZooConfig, build_lineage_zoo  # noqa: E402
 
 WORK = OUT / "lineage"
@@ -131,43 +129,13 @@ def ours(z: LineageZoo) -> tuple[dict[str, Any], dict[str, Any]]:
     return row, g.params
 
 
-def mother(z: LineageZoo, lam: float = 0.3) -> dict[str, Any]:
-    """MoTHer's recipe (module docstring) on the true families; every model is a tree node."""
+def mother(z: LineageZoo, lam: float = 0.3, rev: bool = False) -> dict[str, Any]:
+    """MoTHer's recipe (:mod:`metanets.lineage.mother`) on the true families; every model is a tree node."""
     t0 = time.perf_counter()
-    parents: dict[str, str] = {}
     fams: dict[str, list[str]] = {}
     for n, m in z.members.items():
         fams.setdefault(m.root, []).append(n)
-    for members in fams.values():
-        states = {n: z.state(n) for n in members}
-        shapes = {k: tuple(v.shape) for k, v in states[members[0]].items()}
-        heads = head_tensors(list(shapes), shapes)
-        layers = [k for k, s in shapes.items() if len(s) >= 2 and k not in heads]
-        n = len(members)
-        per_layer = []
-        ku = np.zeros(n)
-        for k in layers:
-            w = torch.stack([states[m][k].double().reshape(-1) for m in members])
-            d = np.zeros((n, n))
-            for i in range(n):
-                d[i] = (w - w[i]).abs().amax(1).numpy()
-            off = d[~np.eye(n, dtype=bool)]
-            lo, hi = off.min(), off.max()
-            per_layer.append((d - lo) / (hi - lo) if hi > lo else np.zeros_like(d))
-            x = w - w.mean(1, keepdim=True)
-            ku += ((x**4).mean(1) / (x**2).mean(1) ** 2 - 3.0).numpy()
-        D = np.max(per_layer, axis=0)
-        np.fill_diagonal(D, 0)
-        T = (ku[None, :] > ku[:, None]).astype(float)  # [i, j]: the child j has the higher kurtosis
-        cost = D + lam * D.mean() * T
-        g = nx.DiGraph()
-        for i in range(n):
-            for j in range(n):
-                if i != j:
-                    g.add_edge(i, j, weight=float(cost[i, j]))
-        arb = nx.minimum_spanning_arborescence(g, attr="weight")
-        for i, j in arb.edges():
-            parents[members[j]] = members[i]
+    parents = mother_tree({n: z.state(n) for n in z.members}, list(fams.values()), lam=lam, rev=rev)
     merge_nodes = {n for n, m in z.members.items() if m.generation == 5}
     ft = {c: p for c, p in parents.items() if c not in merge_nodes}
     row = score_graph(z, ft, {}, list(fams.values()))
@@ -185,6 +153,7 @@ def part_graph(names: list[str]) -> list[dict[str, Any]]:
         row, params = ours(z)
         rows.append({"zoo": name, "method": "weightsmith", **row, "calibration": params["calibration"]})
         rows.append({"zoo": name, "method": "MoTHer (true families)", **mother(z)})
+        rows.append({"zoo": name, "method": "MoTHer, kurtosis flipped", **mother(z, rev=True)})
     return rows
 
 
