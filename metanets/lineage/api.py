@@ -468,6 +468,9 @@ def _decide(
     graph = _family_graph(c, every_related, family_threshold)
     by_name |= {s.model.name: s for s in every_related}
     rel = {cs.name: graph.relation(c.name, cs.name) for cs in cands if graph is not None and cs.name in by_name}
+    if graph is not None and not graph.directed(c.name):
+        # who descends from whom is not known where the direction was not calibrated: merges only
+        rel = {k: v if v in ("merge of it", "merge component", "unrelated") else "relative" for k, v in rel.items()}
     for cs in cands:
         cs.relation = rel.get(cs.name)
     if graph is not None and c.name in graph.merges:
@@ -538,6 +541,9 @@ def _decide(
         result.tree = [TreeEdge(c.name, name, best.score, "guess")] + [TreeEdge(a, b, d) for a, b, d in edges]
         return result
     result.parent = name
+    chosen = next(cs for cs in cands if cs.name == name)
+    if chosen.relation is not None:
+        chosen.relation = "parent"
     if best is not scored[0]:
         near = scored[0].model.name
         runner = f"; nearest candidate {near} ({scored[0].score:.3g}) is its {rel.get(near)}"

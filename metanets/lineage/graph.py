@@ -23,9 +23,11 @@ Steps (one streamed read per model: :func:`metanets.lineage.pool.pool_stats`)
 4. **Direction**: per pair, ``y(a→b) ∈ [−1, 1]`` is the weighted mean over shared matrices of
    ``sign(s_b − s_a)`` for the statistic ``s`` (``norm``: log of the Frobenius norm; ``kurtosis``:
    excess kurtosis, MoTHer's). Which sign means "younger" depends on the training regime (MoTHer
-   flips it by hand for continued pre-training); ``auto`` calibrates it per family on the leaves of
-   the undirected minimum spanning tree (a leaf is almost always a descendant of its only
-   neighbour) and picks the statistic that agrees best there.
+   flips it by hand for continued pre-training). ``auto`` starts from the prior "the norm grows" (an
+   update unrelated to the weights adds to their norm) and checks it per family on the leaves of the
+   undirected minimum spanning tree (a leaf is usually a descendant of its only neighbour): a mean
+   leaf vote below −0.5 overrules it with the statistic and sign the leaves agree on most. The
+   agreement is recorded; :func:`detect_lineage` trusts descendants only where it is ≥ 0.2.
 5. **Tree**: edge cost ``c(a→b) = d(a, b) · (1 + λ (1 − y(a→b)) / 2)`` (``λ = direction_weight``,
    default 1: a fully contradicted direction doubles the cost), minimum spanning arborescence per
    family over the non-merge members plus a virtual root (free edges to merges, so merges may
@@ -64,6 +66,8 @@ SEGMENT_RESIDUAL = 0.15
 NEEDED = 1.15
 #: leaf agreement a family's direction needs before detect_lineage trusts who is whose descendant
 DIRECTED_AGREEMENT = 0.2
+#: mean leaf vote against the prior (norm grows from parent to child) that overrules it
+FLIP_VOTE = 0.5
 #: a component whose need is below this may be the merge's light fine-tune rather than its part
 WEAK_NEED = 1.3
 #: cosines of unrelated updates below this are noise (no path penalty)
@@ -530,11 +534,15 @@ def _calibrate(members: list[int], d: np.ndarray, ys: Mapping[str, np.ndarray], 
     best = (names[0], 1.0 if names[0] == "norm" else -1.0, 0.0)
     if len(leaf_edges) < MIN_LEAVES:  # too few leaves to overrule the prior (a chain's root is a leaf too)
         return (*best[:2], math.nan)
-    for s in names:
-        v = float(np.mean([ys[s][p, c] for p, c in leaf_edges]))
-        if abs(v) > abs(best[2]) or (s == best[0] and best[2] == 0.0):
-            best = (s, 1.0 if v >= 0 else -1.0, abs(v))
-    return best
+    votes = {s: float(np.mean([ys[s][p, c] for p, c in leaf_edges])) for s in names}
+    first = names[0]
+    prior = 1.0 if first == "norm" else -1.0
+    if votes[first] * prior > -FLIP_VOTE:
+        # the prior holds unless the leaves clearly contradict it (a root can be a leaf of the tree too);
+        # a weak or negative agreement leaves the family undirected for detect_lineage (DIRECTED_AGREEMENT)
+        return (first, prior, votes[first] * prior)
+    s = max(names, key=lambda k: abs(votes[k]))
+    return (s, 1.0 if votes[s] >= 0 else -1.0, abs(votes[s]))
 
 
 def recover_model_graph(

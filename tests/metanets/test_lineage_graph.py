@@ -78,7 +78,7 @@ def test_the_whole_pool_graph_has_direction_merges_and_families(pool) -> None:
 def test_a_sibling_is_never_the_parent_or_an_ancestor(pool) -> None:
     r = detect_lineage(pool["ft1"], {k: pool[k] for k in ("base", "ft2")})
     assert r.parent == "base" and r.chain == ["base"], r.summary()
-    assert r.candidate("ft2").relation == "sibling"
+    assert r.candidate("ft2").relation in ("sibling", "relative")  # 3 models: no calibrated direction
 
 
 def test_a_merge_in_the_pool_does_not_hide_the_parent(pool) -> None:
