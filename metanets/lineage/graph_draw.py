@@ -1,4 +1,4 @@
-"""Drawing a :class:`~metanets.lineage.graph.ModelGraph` (matplotlib, no pyplot state).
+"""Drawing a :class:`~metanets.lineage.graph_result.ModelGraph` (matplotlib, no pyplot state).
 
 Each family is a top-down tree from its root (fine-tune edges as arrows, labelled with their
 confidence); a merge sits one row below its deepest component and its component edges join in it
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from metanets.lineage.graph import ModelGraph
+    from metanets.lineage.graph_result import ModelGraph
 
 
 def layout(graph: ModelGraph) -> dict[str, tuple[float, float]]:
