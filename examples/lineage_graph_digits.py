@@ -33,21 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metanets.lineage import recover_model_graph  # noqa: E402
 from metanets.lineage.mother import mother_tree  # noqa: E402
-from metanets.lineage.zoo import LineageZoo, ZooConfig, build_lineage_zoo  # noqa: E402
-
-
-def scores(z: LineageZoo, parents: dict[str, str]) -> dict[str, float]:
-    """Recall and precision of fine-tune edges (merges excluded), direction of edges joining true pairs."""
-    truth = {(m.parent, n) for n, m in z.members.items() if m.parent}
-    merges = {n for n, m in z.members.items() if m.generation == 5}
-    got = {(p, c) for c, p in parents.items() if c not in merges}
-    pairs = {frozenset(e) for e in truth}
-    joined = [e for e in got if frozenset(e) in pairs]
-    return {
-        "edge_recall": len(got & truth) / len(truth),
-        "edge_precision": len(got & truth) / max(len(parents), 1),
-        "direction": sum(e in truth for e in joined) / max(len(joined), 1),
-    }
+from metanets.lineage.zoo import ZooConfig, build_lineage_zoo  # noqa: E402
 
 
 def main(seed: int = 0, out: Path | None = None) -> dict[str, Any]:
@@ -59,15 +45,11 @@ def main(seed: int = 0, out: Path | None = None) -> dict[str, Any]:
     states = {n: z.state(n) for n in z.members}
     print(f"zoo: {len(states)} models in {time.perf_counter() - t0:.0f} s")
     g = recover_model_graph(states)
-    ours = scores(z, {e.child: e.parent for e in g.edges if e.kind == "fine-tune"})
+    ours = z.edge_scores({e.child: e.parent for e in g.edges if e.kind == "fine-tune"})
     families = [[n for n, m in z.members.items() if m.root == r] for r in z.names(1)]
-    theirs = scores(z, mother_tree(states, families))
-    flipped = scores(z, mother_tree(states, families, rev=True))
-    true_merges = {
-        n: {c: w / sum(m.weights) for c, w in zip(m.components, m.weights, strict=True)}
-        for n, m in z.members.items()
-        if m.generation == 5
-    }
+    theirs = z.edge_scores(mother_tree(states, families))  # a merge's one parent counts as a wrong edge
+    flipped = z.edge_scores(mother_tree(states, families, rev=True))
+    true_merges = z.merge_shares()
     found = {n: dict(g.merges[n].components) for n in true_merges if n in g.merges}
     exact = [n for n in found if set(found[n]) == set(true_merges[n])]
     res = {

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from examples.merge_digits import (  # noqa: E402
     Merger,
+    _ms,
     accuracies,
     init_backbone,
     load_data,
@@ -151,10 +152,6 @@ def run_one(cfg: Config, data: dict[str, Any], regime: str, lr: float, seed: int
         lam = max(tried, key=lambda v: tried[v][0])
         res["tall_mask"][t] = {"lambda": lam, "test": tried[lam][1], "normalised": tried[lam][1] / own[t]}
     return res
-
-
-def _ms(xs: list[float]) -> dict[str, float]:
-    return {"mean": float(np.mean(xs)), "std": float(np.std(xs)), "n": len(xs)}
 
 
 def summarise(cfg: Config, runs: list[dict[str, Any]]) -> dict[str, Any]:

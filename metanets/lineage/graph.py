@@ -113,7 +113,6 @@ def family_gram(stats: PoolStats, members: Sequence[int]) -> np.ndarray:
     """Gram of the family's weights (each matrix scaled by its mean squared norm, then averaged over the
     matrices every member has): inner products of differences are read off it."""
     m = len(members)
-    pos = {i: j for j, i in enumerate(members)}
     out = np.zeros((m, m))
     used = 0
     for g in stats.groups:
@@ -125,7 +124,6 @@ def family_gram(stats: PoolStats, members: Sequence[int]) -> np.ndarray:
             continue
         out += g.gram[np.ix_(sel, sel)] / scale
         used += 1
-    del pos
     return out / max(used, 1)
 
 
@@ -277,7 +275,6 @@ def _backtrack(G: np.ndarray, older: np.ndarray) -> np.ndarray:
     partly back towards their parent (``β > 0``): the path test of :mod:`metanets.lineage.api` as an
     edge cost."""
     m = len(G)
-    dg = np.diag(G)
     out = np.zeros((m, m))
     for a in range(m):
         # V[i, j] = <i − a, j − a>
@@ -292,7 +289,6 @@ def _backtrack(G: np.ndarray, older: np.ndarray) -> np.ndarray:
                 continue
             qs = [q for q in olders if q != b]
             out[a, b] = max((C[b, q] for q in qs), default=0.0)
-    del dg
     return out
 
 
@@ -463,8 +459,8 @@ def graph_of_models(
         if progress:
             progress("families", ci, len(clusters))
         found: dict[int, MergeNode] = {}
-        if merges and len(cl) >= 3:
-            G = family_gram(stats, cl)
+        G = family_gram(stats, cl) if len(cl) >= 3 else None
+        if merges and G is not None:
             S = family_equal(stats, cl)
             dl = d[np.ix_(cl, cl)]
             older = None
@@ -523,7 +519,7 @@ def graph_of_models(
             for q in [*mn.components, *([mn.base] if mn.base else [])]:
                 old_q[pos[names.index(q)], pos[x]] = True
                 old_q[pos[x], pos[names.index(q)]] = False
-        back = _backtrack(family_gram(stats, cl), old_q) if len(cl) >= 3 else np.zeros((len(cl),) * 2)
+        back = _backtrack(G, old_q) if G is not None else np.zeros((len(cl),) * 2)
 
         def cost(a: int, b: int, back: np.ndarray = back, pos: dict[int, int] = pos, y: np.ndarray = y) -> float:
             turn = 1.0 + path_weight * max(float(back[pos[a], pos[b]]) - PATH_FLOOR, 0.0)

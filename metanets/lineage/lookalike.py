@@ -14,6 +14,7 @@ weight matching) then scores it properly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -34,18 +35,11 @@ def _best_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((an @ bn.T).amax(1).mean())
 
 
-def _cols(shape: tuple[int, ...]) -> int:
-    out = 1
-    for s in shape[1:]:
-        out *= s
-    return out
-
-
 def permuted_match(child: TensorSource, candidate: TensorSource, shared: Sequence[str], matrices: int = 3) -> float:
     """The match statistic of the module docstring (0 when no shared matrix is small enough)."""
     names = [
         n for n in sorted(shared, key=natural_key)
-        if len(child.shape(n)) >= 2 and child.shape(n)[0] <= MAX_SIDE and 1 < _cols(child.shape(n)) <= MAX_SIDE
+        if len(child.shape(n)) >= 2 and child.shape(n)[0] <= MAX_SIDE and 1 < math.prod(child.shape(n)[1:]) <= MAX_SIDE
     ][:matrices]
     best = 0.0
     for n in names:

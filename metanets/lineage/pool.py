@@ -19,6 +19,7 @@ model size; compute ``O(n² · numel)`` per tensor as one float64 matrix product
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -127,8 +128,6 @@ def pool_stats(
     a list of regexes names them, ``None`` keeps them; ``exclude`` adds regexes of tensors to leave
     out. ``progress(done_bytes, total_bytes)`` is called after each tensor group.
     """
-    import re
-
     rx = [re.compile(p) for p in exclude]
     by_key: dict[tuple[str, tuple[int, ...]], list[int]] = {}
     excluded: dict[int, dict[str, str]] = {}

@@ -424,6 +424,31 @@ class LineageZoo:
             p = self.members[p].parent
         return out
 
+    def fine_tune_edges(self) -> set[tuple[str, str]]:
+        """Every ``(parent, child)`` fine-tuning edge of the zoo (merges have components, not a parent)."""
+        return {(m.parent, n) for n, m in self.members.items() if m.parent}
+
+    def merge_shares(self) -> dict[str, dict[str, float]]:
+        """Every merge's components and their recipe weights normalised to sum 1."""
+        return {
+            n: {c: w / sum(m.weights) for c, w in zip(m.components, m.weights, strict=True)}
+            for n, m in self.members.items()
+            if m.generation == 5
+        }
+
+    def edge_scores(self, parents: Mapping[str, str]) -> dict[str, float]:
+        """How well ``{child: parent}`` (a recovered tree) matches the zoo: precision over every given edge,
+        recall of the true fine-tune edges, and direction over the given edges that join a true pair."""
+        truth = self.fine_tune_edges()
+        given = {(p, c) for c, p in parents.items()}
+        pairs = {frozenset(e) for e in truth}
+        joined = [e for e in given if frozenset(e) in pairs]
+        return {
+            "edge_precision": len(given & truth) / max(len(given), 1),
+            "edge_recall": len(given & truth) / len(truth),
+            "direction": sum(e in truth for e in joined) / max(len(joined), 1),
+        }
+
     def with_attack(self, attack: bool) -> LineageZoo:
         """The same zoo with children and grandchildren permuted (``attack=True``) or as trained."""
         return LineageZoo(self.path, replace(self.config, attack=attack), list(self.members.values()))

@@ -99,6 +99,36 @@ def _graph_pb(g: Any) -> lpb.ModelGraph:
     )
 
 
+def _check_ref(resolver: Any, ref: str, field: str, *, required: bool) -> None:
+    """A lineage input: a server path, upload:// or job:// reference inside the roots (not a Hub model);
+    a missing one is an error only when ``required`` (the library skips a missing candidate, with why)."""
+    if resolver.kind(ref) == "hub":
+        raise ServiceError(
+            "FAILED_PRECONDITION",
+            f"{field}: {ref!r}: lineage takes server paths, upload:// and job:// references, not Hub models",
+            field,
+        )
+    try:
+        resolver(ref, field)
+    except ModelNotFoundError:
+        if required:
+            raise
+
+
+def _named_refs(resolver: Any, entries: Any, field: str) -> dict[str, str]:
+    """``{name: reference}`` of repeated LineageCandidate ``entries``, each checked (:func:`_check_ref`)."""
+    names: dict[str, str] = {}
+    for i, c in enumerate(entries):
+        if not c.model:
+            raise ServiceError("INVALID_ARGUMENT", f"{field}[{i}].model: empty reference", field)
+        _check_ref(resolver, c.model, f"{field}[{i}].model", required=False)
+        name = c.name or c.model
+        if name in names:
+            raise ServiceError("INVALID_ARGUMENT", f"{field}[{i}]: duplicate name {name!r}", field)
+        names[name] = c.model
+    return names
+
+
 class LineageServicer(lpb_grpc.LineageServiceServicer):
     def __init__(self, manager: JobManager) -> None:
         self.m = manager
@@ -127,34 +157,8 @@ class LineageServicer(lpb_grpc.LineageServiceServicer):
                 "candidates",
             )
         resolver = self.m.resolver()
-
-        def check(ref: str, field: str, required: bool) -> None:
-            if resolver.kind(ref) == "hub":
-                raise ServiceError(
-                    "FAILED_PRECONDITION",
-                    f"{field}: {ref!r}: lineage takes server paths, upload:// and job:// references, not Hub models",
-                    field,
-                )
-            try:
-                resolver(ref, field)
-            except ModelNotFoundError:
-                if required:
-                    raise  # a missing candidate is skipped by the library, with its reason
-
-        check(request.child, "child", True)
-        names: dict[str, str] = {}
-        for i, c in enumerate(request.candidates):
-            if not c.model:
-                raise ServiceError(
-                    "INVALID_ARGUMENT", f"candidates[{i}].model: empty reference", "candidates"
-                )
-            check(c.model, f"candidates[{i}].model", False)
-            name = c.name or c.model
-            if name in names:
-                raise ServiceError(
-                    "INVALID_ARGUMENT", f"candidates[{i}]: duplicate name {name!r}", "candidates"
-                )
-            names[name] = c.model
+        _check_ref(resolver, request.child, "child", required=True)
+        names = _named_refs(resolver, request.candidates, "candidates")
         if method == "learned" and not request.detector_ref:
             raise ServiceError(
                 "INVALID_ARGUMENT", "detector_ref: method 'learned' needs a detector", "detector_ref"
@@ -250,26 +254,7 @@ class LineageServicer(lpb_grpc.LineageServiceServicer):
         if request.direction not in ("", "auto", "norm", "kurtosis", "none"):
             raise ServiceError("INVALID_ARGUMENT", "direction: auto, norm, kurtosis or none", "direction")
         resolver = self.m.resolver()
-        names: dict[str, str] = {}
-        for i, c in enumerate(request.models):
-            field = f"models[{i}].model"
-            if not c.model:
-                raise ServiceError("INVALID_ARGUMENT", f"{field}: empty reference", "models")
-            if resolver.kind(c.model) == "hub":
-                raise ServiceError(
-                    "FAILED_PRECONDITION",
-                    f"{field}: {c.model!r}: lineage takes server paths, upload:// and job:// references, "
-                    "not Hub models",
-                    "models",
-                )
-            try:
-                resolver(c.model, field)
-            except ModelNotFoundError:
-                pass  # skipped by the library, with its reason
-            name = c.name or c.model
-            if name in names:
-                raise ServiceError("INVALID_ARGUMENT", f"models[{i}]: duplicate name {name!r}", "models")
-            names[name] = c.model
+        names = _named_refs(resolver, request.models, "models")
         kw: dict[str, Any] = {
             "direction": request.direction or "auto",
             "merges": not request.no_merges,
