@@ -503,10 +503,9 @@ def _decide(
         result.tree = [TreeEdge(e.child, e.parent, e.distance, "family") for e in graph.edges if e.kind == "fine-tune"]
         result.tree = _acyclic(result.tree)
         return result
-    if best.model.name in weak:
-        pass  # the nearest candidate is such a merge: it stays the answer, subject to the path test
-    elif graph is not None and best.model.name in younger | set(graph.merges):
-        # the nearest is younger than the child (or a merge): the nearest candidate that is not
+    # the nearest is younger than the child (or a merge): the nearest candidate that is not, unless it is a merge
+    # the child is only a weak part of (it stays the answer, subject to the path test)
+    if graph is not None and best.model.name not in weak and best.model.name in younger | set(graph.merges):
         best = next((s for s in every_related if s.model.name not in younger | set(graph.merges)), best)
     name = best.model.name
     path_val, path_from = math.nan, None
@@ -526,7 +525,8 @@ def _decide(
         rho = behind(c.name, name, other.model.name)
         if math.isfinite(rho) and (not math.isfinite(path_val) or rho < path_val):
             path_val, path_from = rho, other.model.name
-    next(cs for cs in cands if cs.name == name).path = path_val if math.isfinite(path_val) else None
+    chosen = next(cs for cs in cands if cs.name == name)
+    chosen.path = path_val if math.isfinite(path_val) else None
     family = [s.model.name for s in related]
     if graph is not None:  # the graph's directed edges among the candidates (the child's own are drawn apart)
         edges = [(e.parent, e.child, e.distance) for e in graph.edges if c.name not in (e.parent, e.child)]
@@ -541,7 +541,6 @@ def _decide(
         result.tree = [TreeEdge(c.name, name, best.score, "guess")] + [TreeEdge(a, b, d) for a, b, d in edges]
         return result
     result.parent = name
-    chosen = next(cs for cs in cands if cs.name == name)
     if chosen.relation is not None:
         chosen.relation = "parent"
     if best is not scored[0]:
