@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 LOCK := requirements/dev.lock
 STAMP := $(VENV)/.installed
-EXTRAS := dev,dask,zoo
+EXTRAS := dev,dask,zoo,evolve
 # the CPU build of torch: this workplace keeps its wheel on disk (pip's find-links); elsewhere
 # it comes from PyTorch's CPU index
 TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
@@ -29,7 +29,7 @@ install: $(STAMP)
 lock:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	test -x $(BIN)/uv || $(BIN)/pip install -q uv
-	$(BIN)/uv pip compile pyproject.toml requirements/tools.in --extra dev --extra dask --extra zoo --extra gguf \
+	$(BIN)/uv pip compile pyproject.toml requirements/tools.in --extra dev --extra dask --extra zoo --extra gguf --extra evolve \
 	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 $(TORCH_SOURCE) \
 	  --constraint requirements/torch-cpu.txt --no-emit-find-links --no-emit-index-url \
 	  --custom-compile-command "make lock" -o $(LOCK)

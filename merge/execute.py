@@ -101,6 +101,151 @@ def _config_update(text: str, plan: MergePlan) -> str:
     return json.dumps(cfg, indent=2) + "\n"
 
 
+class _Execution:
+    """One run of a plan: progress reports, cancellation, the whole-model first pass, and the streamed
+    tasks, handing every output row chunk to ``write_rows`` (a checkpoint writer's, or tensors in memory)."""
+
+    def __init__(self, plan: MergePlan, progress: Callable[[Progress], None] | None,
+                 cancel: threading.Event | None) -> None:
+        self.plan, self.progress, self.cancel = plan, progress, cancel
+        self.options = plan.options
+        self.device = torch.device(self.options.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RecipeError("--device cuda was asked for, but no CUDA device is available")
+        self.state = {"tensors": 0, "bytes": 0}
+        self.lock = threading.Lock()
+        self.whole_plan: Any = None
+
+    def report(self, phase: str, current: str = "") -> None:
+        if self.progress is not None:
+            p = self.plan
+            self.progress(Progress(phase, self.state["tensors"], p.n_tensors, self.state["bytes"], p.bytes_out,
+                                   current))
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise MergeCancelled("merge cancelled; nothing was written")
+
+    def first_pass(self) -> None:
+        """A whole-model method's plan (its first pass over the inputs); nothing for per-tensor methods."""
+        plan = self.plan
+        if plan.method.kind != "whole_model":
+            return
+        self.report("planning", plan.method.name)
+        merged = next((t for t in plan.tasks if not t.copy), None)
+        inputs = [s.model for s in merged.sources] if merged else []  # recipe order
+        base_i = merged.base.model if merged and merged.base else None
+        params = _whole_model_params(plan)
+        accepts = inspect.signature(plan.method.fn).parameters
+        if "progress" in accepts:  # a long first pass (an optimisation) reports steps and can be cancelled
+
+            def step_report(line: str) -> None:
+                self.check_cancel()
+                self.report("planning", line)
+
+            params["progress"] = step_report
+        if "device" in accepts:
+            params["device"] = self.options.device
+        # whole-model methods read the inputs as TensorSources (merge.checkpoint): lazy, headers first
+        self.whole_plan = plan.method.fn([plan.checkpoints[i] for i in inputs],
+                                         plan.checkpoints[base_i] if base_i is not None else None, **params)
+
+    def stream(self, write_rows: Callable[[str, int, int, torch.Tensor], None]) -> None:
+        """Every task, on ``options.workers`` threads (one torch thread each when there are several)."""
+        # Parallelism comes from our workers, one torch thread each: torch's OpenMP threads spin-wait,
+        # and several pools on few cores made a linear merge 10x slower in CPU time under load.
+        prev_threads = torch.get_num_threads()
+        if self.options.workers > 1:
+            torch.set_num_threads(1)
+        try:
+            self.report("merging")
+            _run_tasks(self.plan.tasks, lambda task: self._task(task, write_rows), max(1, self.options.workers),
+                       self.check_cancel)
+            self.check_cancel()
+        finally:
+            torch.set_num_threads(prev_threads)
+
+    # NaN/Inf: every floating input chunk is checked as it is read, or, for methods whose output is
+    # non-finite wherever an input is (sums), the output chunk is, and the inputs only when it fails.
+    @property
+    def _check_inputs(self) -> bool:
+        return self.options.check_finite and not self.plan.method.propagates_nonfinite
+
+    def _reader(self, task: TensorTask, src: Source, check: bool) -> Callable[[int, int], torch.Tensor]:
+        plan = self.plan
+        ckpt = plan.checkpoints[src.model]
+        src_dtype = ckpt.dtype(src.name) if task.vocab is None else torch.float32
+        checked: set[tuple[int, int]] = set()  # rows already checked (a stats pass reads them twice)
+
+        def read(r0: int, r1: int) -> torch.Tensor:
+            self.check_cancel()
+            x = None
+            if task.vocab is None and not task.copy and src_dtype != plan.compute_dtype and src_dtype.is_floating_point:
+                # converting anyway: read the page cache in place (no intermediate copy of the rows)
+                x = ckpt.rows_view(src.name, r0, r1)
+            if x is None:
+                x = task.vocab.rows(src.model, r0, r1) if task.vocab is not None else ckpt.rows(src.name, r0, r1)
+            if task.copy or not x.is_floating_point():
+                return x
+            x = x.to(device=self.device, dtype=plan.compute_dtype)
+            if check and (r0, r1) not in checked:
+                if _nonfinite(x):
+                    raise NonFiniteError(f"{ckpt.path}: tensor '{src.name}' contains NaN or Inf values")
+                checked.add((r0, r1))
+            return x
+
+        return read
+
+    def _task(self, task: TensorTask, write_rows: Callable[[str, int, int, torch.Tensor], None]) -> None:
+        self.check_cancel()
+        plan, options = self.plan, self.options
+        check_outputs = options.check_finite and plan.method.propagates_nonfinite
+        rows = task.shape[0] if task.shape else 0
+
+        def emit(r0: int, r1: int, out: torch.Tensor) -> None:
+            if check_outputs and not task.copy and out.is_floating_point() and _nonfinite(out):
+                for src in [*task.sources, *([task.base] if task.base else [])]:
+                    self._reader(task, src, True)(r0, r1)  # raises naming the input
+                # all inputs finite: an overflow of the merge itself, written as computed
+            out = out.to(task.out_dtype)
+            write_rows(task.name, r0, r1, out)
+            with self.lock:
+                self.state["bytes"] += out.numel() * out.element_size()
+
+        if task.copy:
+            read = self._reader(task, task.sources[0], options.check_finite)
+            if task.shape and task.shape[0] > 0:
+                from merge.methods.runner import chunk_grid
+
+                for r0, r1 in chunk_grid(task.shape, options.chunk_elems):
+                    emit(r0, r1, read(r0, r1))
+            else:
+                emit(0, 0, read(0, 0))
+        elif self.whole_plan is not None:
+            tensors = [self._reader(task, s, options.check_finite)(0, rows).to(plan.compute_dtype)
+                       for s in task.sources]
+            base = (self._reader(task, task.base, options.check_finite)(0, rows).to(plan.compute_dtype)
+                    if task.base else None)
+            emit(0, rows, self.whole_plan.apply(task.name, tensors, base))
+        else:
+            merge_chunks(
+                plan.method, task.params, name=task.name, shape=task.shape,
+                readers=[self._reader(task, s, self._check_inputs) for s in task.sources],
+                base_reader=self._reader(task, task.base, self._check_inputs) if task.base else None,
+                emit=emit, seed=plan.recipe.seed, chunk_elems=options.chunk_elems, device=self.device,
+                compute_dtype=plan.compute_dtype,
+            )
+        with self.lock:
+            self.state["tensors"] += 1
+        self.report("merging", task.name)
+
+
+def _nonfinite(x: torch.Tensor) -> bool:
+    # A sum is ~30x cheaper than isfinite().all(); NaN/Inf anywhere makes it non-finite, and
+    # the exact check runs only then (it also tells a mere overflow of the sum apart).
+    return not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all())
+
+
 def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
               options: MergeOptions | None = None, *,
               progress: Callable[[Progress], None] | None = None,
@@ -113,146 +258,27 @@ def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
     plan = plan or plan_merge(recipe, options, resolver=resolver)
     input_paths = plan.input_paths
     check_output(out_dir, overwrite=options.overwrite, inputs=input_paths)  # before any work
-    device = torch.device(options.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("--device cuda was asked for, but no CUDA device is available")
     total_bytes = plan.bytes_out
-    state = {"tensors": 0, "bytes": 0}
-    lock = threading.Lock()
-
     bar = _progress_bar(total_bytes, plan.n_tensors) if progress is None else None
-    sink = progress or (bar.update_to if bar is not None else None)
-
-    def report(phase: str, current: str = "") -> None:
-        if sink is not None:
-            sink(Progress(phase, state["tensors"], plan.n_tensors, state["bytes"], total_bytes, current))
-
-    def check_cancel() -> None:
-        if cancel is not None and cancel.is_set():
-            raise MergeCancelled("merge cancelled; nothing was written")
-
-    whole_plan = None
-    if plan.method.kind == "whole_model":
-        report("planning", plan.method.name)
-        merged = next((t for t in plan.tasks if not t.copy), None)
-        inputs = [s.model for s in merged.sources] if merged else []  # recipe order
-        base_i = merged.base.model if merged and merged.base else None
-        params = _whole_model_params(plan)
-        accepts = inspect.signature(plan.method.fn).parameters
-        if "progress" in accepts:  # a long first pass (an optimisation) reports steps and can be cancelled
-
-            def step_report(line: str) -> None:
-                check_cancel()
-                report("planning", line)
-
-            params["progress"] = step_report
-        if "device" in accepts:
-            params["device"] = options.device
-        # whole-model methods read the inputs as TensorSources (merge.checkpoint): lazy, headers first
-        whole_plan = plan.method.fn([plan.checkpoints[i] for i in inputs],
-                                    plan.checkpoints[base_i] if base_i is not None else None,
-                                    **params)
-
-    outputs = [OutputTensor(t.name, t.shape, t.out_dtype) for t in plan.tasks]
-    meta = {"weightsmith_method": plan.method.name}
-    writer = CheckpointWriter(out_dir, outputs, shard_size=options.shard_size, overwrite=options.overwrite,
-                              metadata=meta, direct_io=options.direct_io, inputs=input_paths, what="merge")
-
-    # NaN/Inf: every floating input chunk is checked as it is read, or, for methods whose output is
-    # non-finite wherever an input is (sums), the output chunk is, and the inputs only when it fails.
-    check_inputs = options.check_finite and not plan.method.propagates_nonfinite
-    check_outputs = options.check_finite and plan.method.propagates_nonfinite
-
-    def nonfinite(x: torch.Tensor) -> bool:
-        # A sum is ~30x cheaper than isfinite().all(); NaN/Inf anywhere makes it non-finite, and
-        # the exact check runs only then (it also tells a mere overflow of the sum apart).
-        return not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all())
-
-    def reader(task: TensorTask, src: Source, check: bool = options.check_finite) -> Callable[[int, int], torch.Tensor]:
-        ckpt = plan.checkpoints[src.model]
-        src_dtype = ckpt.dtype(src.name) if task.vocab is None else torch.float32
-        checked: set[tuple[int, int]] = set()  # rows already checked (a stats pass reads them twice)
-
-        def read(r0: int, r1: int) -> torch.Tensor:
-            check_cancel()
-            x = None
-            if task.vocab is None and not task.copy and src_dtype != plan.compute_dtype and src_dtype.is_floating_point:
-                # converting anyway: read the page cache in place (no intermediate copy of the rows)
-                x = ckpt.rows_view(src.name, r0, r1)
-            if x is None:
-                x = task.vocab.rows(src.model, r0, r1) if task.vocab is not None else ckpt.rows(src.name, r0, r1)
-            if task.copy or not x.is_floating_point():
-                return x
-            x = x.to(device=device, dtype=plan.compute_dtype)
-            if check and (r0, r1) not in checked:
-                if nonfinite(x):
-                    raise NonFiniteError(f"{ckpt.path}: tensor '{src.name}' contains NaN or Inf values")
-                checked.add((r0, r1))
-            return x
-
-        return read
-
-    def do_task(task: TensorTask) -> None:
-        check_cancel()
-
-        def emit(r0: int, r1: int, out: torch.Tensor) -> None:
-            if check_outputs and not task.copy and out.is_floating_point() and nonfinite(out):
-                for src in [*task.sources, *([task.base] if task.base else [])]:
-                    reader(task, src, check=True)(r0, r1)  # raises naming the input
-                # all inputs finite: an overflow of the merge itself, written as computed
-            out = out.to(task.out_dtype)
-            writer.write_rows(task.name, r0, r1, out)
-            with lock:
-                state["bytes"] += out.numel() * out.element_size()
-
-        if task.copy:
-            src = task.sources[0]
-            read = reader(task, src)
-            if task.shape and task.shape[0] > 0:
-                from merge.methods.runner import chunk_grid
-
-                for r0, r1 in chunk_grid(task.shape, options.chunk_elems):
-                    emit(r0, r1, read(r0, r1))
-            else:
-                emit(0, 0, read(0, 0))
-        elif whole_plan is not None:
-            tensors = [reader(task, s)(0, task.shape[0] if task.shape else 0).to(plan.compute_dtype)
-                       for s in task.sources]
-            base = (reader(task, task.base)(0, task.shape[0] if task.shape else 0).to(plan.compute_dtype)
-                    if task.base else None)
-            emit(0, task.shape[0] if task.shape else 0, whole_plan.apply(task.name, tensors, base))
-        else:
-            merge_chunks(
-                plan.method, task.params, name=task.name, shape=task.shape,
-                readers=[reader(task, s, check_inputs) for s in task.sources],
-                base_reader=reader(task, task.base, check_inputs) if task.base else None,
-                emit=emit, seed=plan.recipe.seed, chunk_elems=options.chunk_elems, device=device,
-                compute_dtype=plan.compute_dtype,
-            )
-        with lock:
-            state["tensors"] += 1
-        report("merging", task.name)
-
-    # Parallelism comes from our workers, one torch thread each: torch's OpenMP threads spin-wait,
-    # and several pools on few cores made a linear merge 10x slower in CPU time under load.
-    prev_threads = torch.get_num_threads()
-    if options.workers > 1:
-        torch.set_num_threads(1)
+    run = _Execution(plan, progress or (bar.update_to if bar is not None else None), cancel)
     try:
+        run.first_pass()
+        outputs = [OutputTensor(t.name, t.shape, t.out_dtype) for t in plan.tasks]
+        meta = {"weightsmith_method": plan.method.name}
+        writer = CheckpointWriter(out_dir, outputs, shard_size=options.shard_size, overwrite=options.overwrite,
+                                  metadata=meta, direct_io=options.direct_io, inputs=input_paths, what="merge")
         with writer:
-            report("merging")
-            _run_tasks(plan.tasks, do_task, max(1, options.workers), check_cancel)
-            check_cancel()
+            run.stream(writer.write_rows)
             _write_aux(plan, writer)
             from merge.chat_template import check_tokenizer
 
             check_tokenizer(writer.tmp, {t.name: t.shape for t in plan.tasks})
             # a plan's own files (e.g. a learned mask and coefficients) travel with the output
-            for rel, data in (getattr(whole_plan, "artifacts", dict)() if whole_plan is not None else {}).items():
+            artifacts = getattr(run.whole_plan, "artifacts", dict)() if run.whole_plan is not None else {}
+            for rel, data in artifacts.items():
                 writer.add_bytes(rel, data)
-            report("finalizing")
+            run.report("finalizing")
     finally:
-        torch.set_num_threads(prev_threads)
         if bar is not None:
             bar.close()
     result = MergeResult(
@@ -267,6 +293,31 @@ def run_merge(recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path,
     if progress:
         progress(Progress("done", plan.n_tensors, plan.n_tensors, total_bytes, total_bytes))
     return result
+
+
+def merge_in_memory(recipe: Recipe | str | Path | dict[str, Any], options: MergeOptions | None = None, *,
+                    progress: Callable[[Progress], None] | None = None,
+                    cancel: threading.Event | None = None,
+                    resolver: Callable[[str], ResolvedModel] | None = None,
+                    plan: MergePlan | None = None) -> dict[str, torch.Tensor]:
+    """Plan and run a merge into a state dict in memory (CPU tensors, the output dtypes): the same
+    streaming engine as :func:`run_merge`, so the tensors are bit-identical to the files it would write;
+    no file is written. For searches (``merge.evolve``) and scorers that need the merged weights at once."""
+    options = options or MergeOptions()
+    plan = plan or plan_merge(recipe, options, resolver=resolver)
+    out = {t.name: torch.empty(t.shape, dtype=t.out_dtype) for t in plan.tasks}
+
+    def write_rows(name: str, r0: int, r1: int, rows: torch.Tensor) -> None:
+        dst = out[name]
+        if dst.dim() == 0 or dst.shape[0] == 0:
+            dst.copy_(rows.reshape(dst.shape))
+        else:
+            dst[r0:r1].copy_(rows.reshape(r1 - r0, *dst.shape[1:]))
+
+    run = _Execution(plan, progress, cancel)
+    run.first_pass()
+    run.stream(write_rows)
+    return out
 
 
 def tune_allocator() -> None:
@@ -409,6 +460,7 @@ __all__ = [
     "default_resolver",
     "tune_allocator",
     "layer_stack",
+    "merge_in_memory",
     "plan_merge",
     "run_merge",
 ]

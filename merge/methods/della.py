@@ -34,7 +34,7 @@ import torch
 
 from merge.errors import RecipeError
 from merge.methods._sparsify import _rescale_factor
-from merge.methods.registry import ChunkSource, PerModel, Variant, merge_method, merge_variant, whole
+from merge.methods.registry import ChunkSource, Fraction, PerModel, Variant, merge_method, merge_variant, whole
 from merge.methods.task_arithmetic import _check_density, _deltas, _n_models, _per_model, combine
 
 _PAPER = "Deep, Bhardwaj & Poria, DELLA-Merging: Reducing Interference in Model Merging, 2024"
@@ -259,7 +259,7 @@ def della(
     base: torch.Tensor | None,
     *,
     weight: PerModel[float] = 1.0,
-    density: PerModel[float] = 1.0,
+    density: PerModel[Fraction] = 1.0,
     epsilon: PerModel[float] = 0.15,
     lambda_: float = 1.0,
     normalize: bool = True,

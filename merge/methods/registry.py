@@ -57,6 +57,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol
 
+import annotated_types
 import pydantic
 import torch
 
@@ -95,6 +96,13 @@ FILE = _FileMarker()
 #: passes such values through ``MergeOptions.path_resolver`` when one is set (the service sets it to
 #: its roots, so a recipe cannot make the server open a file outside them).
 FilePath = Annotated[str, FILE]
+
+
+#: A number in [0, 1] (a density, a fraction of entries kept, an interpolation point): the bounds are
+#: part of the parameter's schema. Recipes are checked against them, ``weightsmith methods`` lists them,
+#: and the recipe search (``merge.evolve``) takes them as the range it may search and must stay inside.
+#: Any ``annotated_types`` bound (``Ge``, ``Le``, ``Gt``, ``Lt``, ``Interval``) on a parameter works alike.
+Fraction = Annotated[float, annotated_types.Interval(ge=0.0, le=1.0)]
 
 
 class _VariantMarker:
@@ -141,10 +149,28 @@ class ParamInfo:
     per_model: bool
     code: bool = False  # names Python code to run (see Code)
     path: bool = False  # names a file or folder the method opens (see FilePath)
+    #: (low, high) from the annotation's ``annotated_types`` bounds (``Fraction``); None where open
+    bounds: tuple[float | None, float | None] = (None, None)
 
     @property
     def required(self) -> bool:
         return self.default is inspect.Parameter.empty
+
+    @property
+    def numeric(self) -> bool:
+        """A number (int or float, not bool): what a recipe search can search over a range."""
+        return self.type in (int, float)
+
+    def check_bounds(self, value: Any, where: str, method: str) -> None:
+        """Raise RecipeError when a number lies outside the declared bounds."""
+        lo, hi = self.bounds
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise RecipeError(
+                f"{where}parameter '{self.name}' of method '{method}' must be in "
+                f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]: got {value!r}"
+            )
 
     def type_name(self) -> str:
         t = self.type
@@ -218,6 +244,7 @@ class MethodSpec:
                     "default": None if p.required else p.default,
                     **({"code": True} if p.code else {}),
                     **({"path": True} if p.path else {}),
+                    **({"bounds": list(p.bounds)} if p.bounds != (None, None) else {}),
                 }
                 for p in self.params.values()
             ],
@@ -231,13 +258,15 @@ class MethodSpec:
             known = ", ".join(sorted(self.params)) or "none"
             raise RecipeError(f"{where}method '{self.name}' has no parameter '{param}' (known: {known})")
         try:
-            return pydantic.TypeAdapter(info.type).validate_python(value)
+            value = pydantic.TypeAdapter(info.type).validate_python(value)
         except pydantic.ValidationError as e:
             msg = e.errors()[0]["msg"]
             raise RecipeError(
                 f"{where}parameter '{param}' of method '{self.name}' must be {info.type_name()}: "
                 f"got {value!r} ({msg})"
             ) from None
+        info.check_bounds(value, where, self.name)
+        return value
 
     def check_inputs(self, n_models: int, has_base: bool) -> None:
         """The input contract, checked before any tensor is read."""
@@ -275,8 +304,12 @@ def _param_infos(fn: Callable[..., Any]) -> dict[str, ParamInfo]:
             continue
         hint = hints.get(arg, Any)
         per_model = code = path = False
+        bounds: tuple[float | None, float | None] = (None, None)
         if typing.get_origin(hint) is Annotated:
             base_t, *meta = typing.get_args(hint)
+            bounds = _bounds(meta)
+            if bounds != (None, None):
+                hint = base_t
             if any(m is VARIANT for m in meta):
                 continue
             if any(m is PER_MODEL for m in meta):
@@ -289,8 +322,20 @@ def _param_infos(fn: Callable[..., Any]) -> dict[str, ParamInfo]:
                 path = True
                 hint = base_t
         public = arg[:-1] if arg.endswith("_") else arg
-        out[public] = ParamInfo(public, arg, hint, p.default, per_model, code, path)
+        out[public] = ParamInfo(public, arg, hint, p.default, per_model, code, path, bounds)
     return out
+
+
+def _bounds(meta: list[Any]) -> tuple[float | None, float | None]:
+    """(low, high) of ``annotated_types`` bounds among an annotation's metadata (strict ones as closed)."""
+    lo = hi = None
+    for m in meta:
+        for b in list(m) if isinstance(m, annotated_types.Interval) else [m]:
+            if isinstance(b, annotated_types.Ge | annotated_types.Gt):
+                lo = float(b.ge if isinstance(b, annotated_types.Ge) else b.gt)
+            elif isinstance(b, annotated_types.Le | annotated_types.Lt):
+                hi = float(b.le if isinstance(b, annotated_types.Le) else b.lt)
+    return lo, hi
 
 
 def merge_method(
@@ -416,6 +461,7 @@ __all__ = [
     "ChunkSource",
     "Code",
     "FilePath",
+    "Fraction",
     "Mapping",
     "MethodSpec",
     "ModelPlan",

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from merge.methods._select import TopK, select_top
-from merge.methods.registry import ChunkSource, merge_method, whole
+from merge.methods.registry import ChunkSource, Fraction, merge_method, whole
 from merge.methods.slerp import RowSums
 from merge.methods.task_arithmetic import _deltas
 
@@ -119,7 +119,7 @@ def sce(
     tensors: list[torch.Tensor],
     base: torch.Tensor | None,
     *,
-    select_topk: float = 1.0,
+    select_topk: Fraction = 1.0,
     int8_mask: bool = False,
     stats: SceStats | None = None,
     chunk: int = 0,
