@@ -225,9 +225,11 @@ from service.cli.lineage_graph import lineage_group  # noqa: E402  (lineage CHIL
 
 main.add_command(lineage_group, name="lineage")
 
+from service.cli.evolve import evolve  # noqa: E402  (recipe search: issue 25)
 from service.cli.moe import moe  # noqa: E402
 
 main.add_command(moe)
+main.add_command(evolve)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
