@@ -29,7 +29,7 @@ cd "$ROOT/proto"
   --python_out="$OUT" --pyi_out="$OUT" --grpc_python_out="$OUT" \
   weightsmith/v1/job.proto weightsmith/v1/merge_service.proto weightsmith/v1/checkpoint_service.proto \
   weightsmith/v1/job_service.proto weightsmith/v1/alignment_service.proto weightsmith/v1/soup_service.proto \
-  weightsmith/v1/metanet_service.proto weightsmith/v1/lineage_service.proto
+  weightsmith/v1/metanet_service.proto weightsmith/v1/lineage_service.proto weightsmith/v1/evolve_service.proto
 # absolute imports -> package imports
 find "$OUT/weightsmith" -name '*.py' -o -name '*.pyi' | sort | while read -r f; do
   sed -i -E 's/^from weightsmith\.v1 import /from service._proto.weightsmith.v1 import /' "$f"

@@ -30,6 +30,8 @@ from service._proto.weightsmith.v1 import alignment_service_pb2 as apb
 from service._proto.weightsmith.v1 import alignment_service_pb2_grpc as apb_grpc
 from service._proto.weightsmith.v1 import checkpoint_service_pb2 as cpb
 from service._proto.weightsmith.v1 import checkpoint_service_pb2_grpc as cpb_grpc
+from service._proto.weightsmith.v1 import evolve_service_pb2 as epb
+from service._proto.weightsmith.v1 import evolve_service_pb2_grpc as epb_grpc
 from service._proto.weightsmith.v1 import job_pb2
 from service._proto.weightsmith.v1 import job_service_pb2 as jpb
 from service._proto.weightsmith.v1 import job_service_pb2_grpc as jpb_grpc
@@ -133,6 +135,7 @@ class Client:
         self.lineage = lpb_grpc.LineageServiceStub(self.channel)
         self.metanets = npb_grpc.MetanetServiceStub(self.channel)
         self.soups = spb_grpc.SoupServiceStub(self.channel)
+        self.evolve = epb_grpc.EvolveServiceStub(self.channel)
 
     # -- plumbing ---------------------------------------------------------------------------------
     def close(self) -> None:
@@ -359,6 +362,7 @@ class Client:
             "zoo": npb.ZooResult,
             "train": npb.TrainResult,
             "soup": spb.SoupResult,
+            "evolve": epb.EvolveResult,
         }[job.kind]
         out = cls()
         job.result.Unpack(out)
@@ -478,6 +482,20 @@ class Client:
     def get_zoo(self, zoo: str) -> dict[str, Any]:
         resp = self._call(self.metanets.GetZoo, npb.GetZooRequest(zoo=zoo))
         return json_format.MessageToDict(resp.summary)
+
+    # -- recipe search (EvolveService) ----------------------------------------------------------------
+    def create_evolve_job(self, config: dict[str, Any] | str | Path, output_path: str = "", **fields: Any) -> jpb.Job:
+        """Queue a recipe search (``config``: a search config as a dict, YAML/JSON text, or a local YAML
+        file's path; ``output_path``: the search folder under a root, empty: kept as job://<id>; fields of
+        CreateEvolveJobRequest: trials, save_model, request_id)."""
+        if isinstance(config, Path) or (
+            isinstance(config, str) and "\n" not in config and config.endswith((".yml", ".yaml", ".json"))
+        ):
+            config = Path(config).read_text()  # a local file, sent as its text (never read by the server)
+        req = epb.CreateEvolveJobRequest(output_path=output_path, **fields)
+        # as JSON text (YAML's subset): a Struct would turn every integer into a double
+        req.config_yaml = config if isinstance(config, str) else json.dumps(config)
+        return self._call(self.evolve.CreateEvolveJob, req).job
 
     # -- soups (SoupService) ------------------------------------------------------------------------
     @staticmethod

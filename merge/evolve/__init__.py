@@ -7,7 +7,8 @@ See ``docs/evolve.md``.
 
 from merge.evolve.config import SearchConfig, SearchSpace, load_search_config, parse_space
 from merge.evolve.objectives import ObjectiveContext, all_objectives, register_objective
-from merge.evolve.study import EvolveProgress, SearchResult, TrialRecord, run_search
+from merge.evolve.report import SearchResult, TrialRecord
+from merge.evolve.study import EvolveProgress, run_search
 
 __all__ = [
     "EvolveProgress",

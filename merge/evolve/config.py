@@ -105,6 +105,7 @@ class SearchSpace:
     genes: list[Gene]
     layer_prefix: str | None = None
     n_layers: int = 0
+    rest: bool = True  # tensors outside the layer stack exist (they get their own value per gene)
 
     @property
     def groups(self) -> list[tuple[int, int]]:
@@ -124,7 +125,8 @@ class SearchSpace:
             for i, (s, e) in enumerate(groups):
                 label = f"layer {s}" if e - s == 1 else f"layers {s}-{e - 1}"
                 out.append(_replace(g, name=f"{g.name}@{label}", group=i))
-            out.append(_replace(g, name=f"{g.name}@rest", group=None))
+            if self.rest:
+                out.append(_replace(g, name=f"{g.name}@rest", group=None))
         return out
 
     def recipe(self, values: dict[str, Any]) -> dict[str, Any]:
@@ -170,6 +172,7 @@ class SearchSpace:
         self.layer_prefix, self.n_layers = layer_stack(tensor_names)
         if not self.n_layers:
             raise RecipeError("layer_groups: the models have no layer stack (no '<prefix>.<N>.' tensor names)")
+        self.rest = any(not n.startswith(f"{self.layer_prefix}.") for n in tensor_names)
 
     def fingerprint(self) -> str:
         """What a resumed search must share with the study it continues (not its budget)."""

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,42 @@ from merge.plan import MergeOptions
 from merge.recipe import load_recipe
 
 
-def trial_records(study: Any, space: SearchSpace) -> list[Any]:
-    from merge.evolve.study import TrialRecord
+@dataclass
+class TrialRecord:
+    number: int
+    state: str
+    method: str
+    params: dict[str, Any]
+    values: list[float] | None
+    seconds: float | None
+    error: str | None = None
 
+
+@dataclass
+class SearchResult:
+    out_dir: str
+    objectives: list[str]
+    directions: list[str]
+    trials: int  # finished trials in the study
+    complete: int
+    best: list[TrialRecord]  # the best trial, or the Pareto front
+    best_recipe: str
+    stopped: str  # "trials" | "time" | "cancelled"
+    seconds: float
+    files: list[str]
+    executor: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def n_done(study: Any) -> int:
+    """Finished trials, not counting those a killed run left (their parameters were asked again)."""
+    trials = study.get_trials(deepcopy=False)
+    return sum(t.state.is_finished() for t in trials) - sum("requeued_from" in t.user_attrs for t in trials)
+
+
+def trial_records(study: Any, space: SearchSpace) -> list[TrialRecord]:
     out = []
     for t in study.trials:
         params = {k: v for k, v in t.params.items() if k != "method"}
@@ -38,10 +72,8 @@ def trial_recipe(space: SearchSpace, params: dict[str, Any], values: list[float]
 
 
 def write_report(study: Any, space: SearchSpace, objectives: list[str], out: Path, *, save_model: bool,
-                 model_options: MergeOptions, resolver: Callable[[str], ResolvedModel] | None) -> Any:
+                 model_options: MergeOptions, resolver: Callable[[str], ResolvedModel] | None) -> SearchResult:
     import optuna
-
-    from merge.evolve.study import SearchResult, _n_done
 
     records = trial_records(study, space)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -79,7 +111,7 @@ def write_report(study: Any, space: SearchSpace, objectives: list[str], out: Pat
     files += plot(records, objectives, [d.name.lower() for d in study.directions], study, out / "plots")
     return SearchResult(
         out_dir=str(out), objectives=objectives, directions=[d.name.lower() for d in study.directions],
-        trials=_n_done(study), complete=len(complete), best=best,
+        trials=n_done(study), complete=len(complete), best=best,
         best_recipe=best_recipe, stopped="", seconds=0.0, files=files, executor="",
     )
 

@@ -32,7 +32,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from merge.checkpoint import ResolvedModel
 from merge.errors import InvalidArgumentError, MergeCancelled, OutputExistsError, RecipeError, WeightsmithError
 from merge.evolve.config import SearchConfig, SearchSpace, load_search_config, parse_space
 from merge.evolve.objectives import ObjectiveContext, Score, parse_objectives
+from merge.evolve.report import SearchResult, TrialRecord, n_done, write_report
 from merge.plan import MergeOptions, plan_merge
 
 STUDY = "study.db"
@@ -56,35 +57,6 @@ class EvolveProgress:
     seconds: float
     eta_seconds: float | None
     last: dict[str, Any] | None = None  # the last finished trial (TrialRecord as JSON)
-
-
-@dataclass
-class TrialRecord:
-    number: int
-    state: str
-    method: str
-    params: dict[str, Any]
-    values: list[float] | None
-    seconds: float | None
-    error: str | None = None
-
-
-@dataclass
-class SearchResult:
-    out_dir: str
-    objectives: list[str]
-    directions: list[str]
-    trials: int  # finished trials in the study
-    complete: int
-    best: list[TrialRecord]  # the best trial, or the Pareto front
-    best_recipe: str
-    stopped: str  # "trials" | "time" | "cancelled"
-    seconds: float
-    files: list[str]
-    executor: str
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,21 +223,24 @@ def _check_space(space: SearchSpace, options: MergeOptions,
                  resolver: Callable[[str], ResolvedModel] | None) -> tuple[Any, dict[str, str]]:
     """Plan (headers only) the recipe of every method at the middle of its ranges: bad references, shapes
     and values fail here, before any trial. Returns the first plan and the references' local paths."""
-    plan = None
-    for method in space.methods:
-        mid = {"method": method}
+    def middle(method: str) -> dict[str, Any]:
+        mid: dict[str, Any] = {"method": method}
         for g in space.expanded():
             if g.choices is not None:
                 mid[g.name] = g.choices[0]
             else:
                 m = (g.low * g.high) ** 0.5 if g.log else (g.low + g.high) / 2
                 mid[g.name] = round(m) if g.integer else m
-        p = plan_merge(space.recipe(mid), options, resolver=resolver)
+        return mid
+
+    plan = None
+    for method in space.methods:
+        p = plan_merge(space.recipe(middle(method)), options, resolver=resolver)
         if plan is None:
             plan = p
             space.bind_layers([t.name for t in p.tasks])
-            if space.config.layer_groups:
-                p = plan_merge(space.recipe(mid), options, resolver=resolver)  # with the groups' filters
+            if space.config.layer_groups:  # again, with the groups' filters
+                p = plan_merge(space.recipe(middle(method)), options, resolver=resolver)
         if p.warnings:
             raise RecipeError(f"method '{method}': {p.warnings[0]}")
     paths = {m.ref: str(Path(m.path).resolve()) for m in plan.models if not m.adapters}
@@ -323,11 +298,12 @@ def run_search(
         cfg = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"trials": trials})})
     space = parse_space(cfg)
     out = Path(out_dir)
-    db = out / STUDY
-    if db.exists() and not resume:
+    fingerprint = space.fingerprint()
+    holds = search_folder(out, fingerprint)
+    if holds and not resume:
         raise OutputExistsError(f"{out} holds a search already: --resume to continue or extend it, "
                                 "or choose another folder")
-    if resume and not db.exists():
+    if resume and not holds:
         raise RecipeError(f"--resume: {out} holds no search to resume (no {STUDY})")
     options = MergeOptions(device=device, workers=1, path_resolver=path_resolver)
     plan, paths = _check_space(space, options, resolver)
@@ -341,23 +317,14 @@ def run_search(
     in_memory = cfg.in_memory if cfg.in_memory != "auto" else plan.bytes_out * 3 * max(1, workers) < _available_memory()
     parallel = scheduler is not None or workers > 1
 
-    fingerprint = space.fingerprint()
     out.mkdir(parents=True, exist_ok=True)
     meta = out / "search.json"
-    if resume:
-        try:
-            old = json.loads(meta.read_text())["fingerprint"]
-        except (OSError, ValueError, KeyError):
-            old = None
-        if old != fingerprint:
-            raise RecipeError(f"--resume: the config differs from the one {out} was searched with "
-                              "(only the budget may change)")
     _write_text(meta, json.dumps({"fingerprint": fingerprint, "config": cfg.model_dump(mode="json")}, indent=2))
     scratch = out / "scratch"
     shutil.rmtree(scratch, ignore_errors=True)  # a killed run's scratch merges
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}")
+    storage = optuna.storages.RDBStorage(f"sqlite:///{(out / STUDY).resolve()}")
     study = optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=directions,
                                 load_if_exists=True)
     _requeue_interrupted(study)
@@ -369,8 +336,8 @@ def run_search(
     ran = 0
     try:
         while True:
-            n_done = _n_done(study)
-            if cfg.budget.trials is not None and n_done >= cfg.budget.trials:
+            done = n_done(study)
+            if cfg.budget.trials is not None and done >= cfg.budget.trials:
                 stopped = "trials"
                 break
             if cfg.budget.seconds is not None and time.perf_counter() - t0 >= cfg.budget.seconds:
@@ -378,7 +345,7 @@ def run_search(
                 break
             if cancel is not None and cancel.is_set():
                 raise MergeCancelled("search cancelled; the study keeps its finished trials")
-            k = cfg.batch if cfg.budget.trials is None else min(cfg.batch, cfg.budget.trials - n_done)
+            k = cfg.batch if cfg.budget.trials is None else min(cfg.batch, cfg.budget.trials - done)
             # the sampler is seeded by the study's size: the same history proposes the same trials,
             # in one run or resumed, on one process or on a cluster
             study.sampler = _sampler(cfg, len(objectives), cfg.seed + len(study.trials))
@@ -403,8 +370,6 @@ def run_search(
     finally:
         executor.close()
         shutil.rmtree(scratch, ignore_errors=True)
-    from merge.evolve.report import write_report
-
     result = write_report(study, space, [o.name for o in objectives], out, save_model=save_model,
                           model_options=MergeOptions(device=device, overwrite=True, path_resolver=path_resolver),
                           resolver=resolver)
@@ -414,10 +379,27 @@ def run_search(
     return result
 
 
-def _n_done(study: Any) -> int:
-    """Finished trials, not counting those a killed run left (their parameters were asked again)."""
-    trials = study.get_trials(deepcopy=False)
-    return sum(t.state.is_finished() for t in trials) - sum("requeued_from" in t.user_attrs for t in trials)
+def search_folder(out: Path, fingerprint: str) -> bool:
+    """Whether ``out`` holds a search of the config with this fingerprint (True: it can be resumed or
+    extended) or nothing yet (False); :class:`OutputExistsError` when it holds anything else: a file, other
+    files, or a search of another config. Nothing of a user's is ever written over."""
+    if not (out.exists() or out.is_symlink()):
+        return False
+    if not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a search folder")
+    meta, db = out / "search.json", out / STUDY
+    if meta.exists() or db.exists():
+        try:
+            old = json.loads(meta.read_text())["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            old = None
+        if old != fingerprint:
+            raise OutputExistsError(f"{out} holds a search of another config (the config differs; only the "
+                                    "budget may change): use a new folder")
+        return db.exists()
+    if any(out.iterdir()):
+        raise OutputExistsError(f"{out} exists and is not a search folder")
+    return False
 
 
 def _requeue_interrupted(study: Any) -> None:
@@ -433,7 +415,7 @@ def _requeue_interrupted(study: Any) -> None:
 def _progress(study: Any, cfg: SearchConfig, t0: float, ran: int) -> EvolveProgress:
     import optuna
 
-    done = _n_done(study)
+    done = n_done(study)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     best = None
     if complete:

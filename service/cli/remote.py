@@ -1,5 +1,6 @@
-"""``weightsmith remote align | lineage | predict | embed | zoo | train | metanets | job ...``: the
-library's other services over gRPC (AlignmentService, LineageService, MetanetService, JobService).
+"""``weightsmith remote align | lineage | predict | embed | zoo | train | metanets | evolve | soup | job ...``:
+the library's other services over gRPC (AlignmentService, LineageService, MetanetService, EvolveService,
+SoupService, JobService).
 
 Same conventions as ``remote merge`` (``service/cli/service.py``): connection options on every command,
 errors print ``error: CODE: message`` and exit 2, a job that does not succeed exits 2, ``--detach``
@@ -257,6 +258,37 @@ def remote_metanets(as_json: bool, **kw: Any) -> None:
     for m in resp.metanets:
         metrics = " ".join(f"{k}={v:.3g}" for k, v in sorted(m.metrics.items()) if not k.endswith("_records"))
         click.echo(f"{m.name}  {m.model:<8} {m.target:<10} {m.display_name}  {metrics}")
+
+
+# -- recipe search ----------------------------------------------------------------------------------
+@remote.command("evolve")
+@click.argument("config", type=click.Path(dir_okay=False, exists=True))
+@click.option("-o", "--output", "output_path", default="",
+              help="Search folder under a root (default: job://). A search of the same config there is resumed.")
+@click.option("--trials", default=0, type=click.IntRange(min=0),
+              help="Stop at this many finished trials in the study (overrides budget.trials; 0: the config's).")
+@click.option("--save-model", is_flag=True, help="Also write the best merge to OUTPUT/model.")
+@click.option("--detach", is_flag=True, help="Print the job name and return.")
+@click.option("--json", "as_json", is_flag=True)
+@connection_options
+@_remote_errors
+def remote_evolve(config: str, output_path: str, trials: int, save_model: bool, detach: bool, as_json: bool,
+                  **kw: Any) -> None:  # fmt: skip
+    """Search the ranges of the recipe in CONFIG (YAML/JSON, local file) on the server (evolutionary model
+    merging; a job of kind "evolve"). Models, data and metanets it names are paths on the server. The
+    server never runs code: the 'code' objective is refused."""
+    with open(config) as fh:
+        text = fh.read()
+    with _conn(kw) as client:
+        job = client.create_evolve_job(text, output_path, trials=trials, save_model=save_model)
+        _follow(client, job, detach, as_json)
+        if not detach and not as_json:
+            res = client.job_result(client.get_job(job.name))
+            if res is not None and res.best:
+                b = res.best[0]
+                vals = ", ".join(f"{n} {v:.6g}" for n, v in zip(res.objectives, b.values, strict=False))
+                click.echo(f"best of {res.complete} trial(s): #{b.number} {b.method}: {vals}")
+                click.echo(f"recipe: {res.best_recipe}")
 
 
 # -- soups ------------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ class JobKind:
 
 
 _KINDS: dict[str, JobKind] = {}
-_BUILTIN = tuple(f"service.jobs.kinds.{k}" for k in ("merge", "align", "metanet", "soup"))
+_BUILTIN = tuple(f"service.jobs.kinds.{k}" for k in ("merge", "align", "metanet", "soup", "evolve"))
 
 
 def register(kind: JobKind) -> JobKind:

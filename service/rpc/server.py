@@ -1,7 +1,7 @@
 """The weightsmith gRPC server (``grpc.aio``): the app that serves every service of ``weightsmith.v1``.
 
 Each service lives in its own module of :mod:`service.rpc` (jobs, merge, checkpoint, align, lineage,
-metanet, soup; contract in ``proto/weightsmith/v1``) and registers itself through ``add_servicers``;
+metanet, soup, evolve; contract in ``proto/weightsmith/v1``) and registers itself through ``add_servicers``;
 this module adds the standard ``grpc.health.v1.Health`` service and server reflection.
 Bearer-token auth runs in an interceptor (health exempt), TLS and mTLS are optional. On SIGTERM
 (or SIGINT) the server shuts down gracefully: health goes NOT_SERVING at once, new jobs are
@@ -132,10 +132,10 @@ class Server:
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 << 20)],
         )
-        from service.rpc import align, checkpoint, jobs, lineage, merge, metanet, soup
+        from service.rpc import align, checkpoint, evolve, jobs, lineage, merge, metanet, soup
 
         services = checkpoint.add_servicers(self.manager, self.server, max_upload_bytes=cfg.max_upload_bytes)
-        for mod in (jobs, merge, align, lineage, metanet, soup):  # one module per service
+        for mod in (jobs, merge, align, lineage, metanet, soup, evolve):  # one module per service
             services += mod.add_servicers(self.manager, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

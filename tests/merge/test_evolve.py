@@ -156,6 +156,8 @@ def test_a_density_range_defaults_to_the_registry_bounds_and_layer_groups_write_
     dens = next(g for g in space.genes if g.param == "density")
     assert (dens.low, dens.high) == (0.0, 1.0) and set(dens.methods) == {"ties", "task_arithmetic"}
     space.bind_layers([f"layers.{i}.weight" for i in range(3)])
+    assert not any(g.name.endswith("@rest") for g in space.expanded())  # every tensor is in the stack
+    space.bind_layers([f"layers.{i}.weight" for i in range(3)] + ["embed.weight"])
     names = [g.name for g in space.expanded()]
     assert "models[0].weight@layers 0-1" in names and "models[0].weight@layer 2" in names
     assert "models[0].weight@rest" in names and "lambda@rest" in names
@@ -226,7 +228,7 @@ def test_search_finds_a_planted_optimum_and_writes_a_runnable_mergekit_recipe(tm
         run_search(cfg, tmp_path / "s", allow_code=True)
     r2 = run_search(cfg, tmp_path / "s", allow_code=True, resume=True, trials=52)
     assert r2.trials == 52
-    with pytest.raises(RecipeError, match="config differs"):
+    with pytest.raises(OutputExistsError, match="config differs"):
         run_search(_config(m, scorer, seed=1), tmp_path / "s", allow_code=True, resume=True, trials=60)
 
 
@@ -261,13 +263,15 @@ def test_resume_after_sigkill_continues_the_same_study(tmp_path):
     out = tmp_path / "s"
     cmd = [sys.executable, "-m", "service.cli.main", "evolve", str(cfg_path), "-o", str(out), "--allow-code"]
     env = {**os.environ, "EVOLVE_TEST_SLEEP": "0.15", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     import optuna
 
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180
     n_before = 0
     while time.monotonic() < deadline:
         time.sleep(0.3)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()
         if (out / "study.db").exists():
             try:
                 st = optuna.load_study(study_name="weightsmith-evolve", storage=f"sqlite:///{out / 'study.db'}")
