@@ -198,7 +198,9 @@ def methods(as_json: bool) -> None:
         for p in s.params.values():
             default = "required" if p.required else f"default {p.default!r}"
             scope = "per model" if p.per_model else "global"
-            click.echo(f"    - {p.name}: {p.type_name()}, {scope}, {default}")
+            lo, hi = ("-inf" if p.bounds[0] is None else p.bounds[0]), ("inf" if p.bounds[1] is None else p.bounds[1])
+            within = "" if p.bounds == (None, None) else f" in [{lo}, {hi}]"
+            click.echo(f"    - {p.name}: {p.type_name()}{within}, {scope}, {default}")
 
 
 # The service's commands (gRPC is imported only when one of them runs).
