@@ -131,6 +131,21 @@ class MergePlan:
         staging = min((WRITE_BLOCKS_MAX + 2 * self.options.workers) * BLOCK_SIZE, -(-self.bytes_out // ALIGN) * ALIGN)
         return self.options.workers * per_chunk * (2 * n_in + 4) + staging
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The merged tensors grouped by their resolved parameters (recipe names, per-model ones as lists, in
+        the recipe's model order), in plan order: what ``--dry-run`` shows, so a gradient, a filter or a layer
+        group can be checked before any tensor is read. Copied tensors are one group with ``copied: true``."""
+        public = {p.arg: p.name for p in self.method.params.values()}
+        groups: dict[str, dict[str, Any]] = {}
+        for t in self.tasks:
+            if t.copy:
+                params: dict[str, Any] = {"copied": True}
+            else:
+                params = {public.get(k, k): v for k, v in t.params.items() if not (public.get(k, k) == "seed")}
+            key = repr(sorted(params.items()))
+            groups.setdefault(key, {"params": params, "tensors": []})["tensors"].append(t.name)
+        return list(groups.values())
+
     def summary(self) -> dict[str, Any]:
         return {
             "method": self.method.name,

@@ -90,12 +90,19 @@ def merge(recipe: str, out_pos: str | None, out_dir: str | None, out_format: str
         sys.exit(2)
     if dry_run:
         summary = plan.summary()
+        groups = plan.param_groups()
         if as_json:
-            click.echo(json.dumps({"dry_run": True, **summary}, indent=2))
+            click.echo(json.dumps({"dry_run": True, **summary, "param_groups": groups}, indent=2, default=str))
         else:
             click.echo(f"plan: {summary['method']} of {len(summary['models'])} model(s): "
                        f"{summary['n_merged']} tensors merged, {summary['n_copied']} copied, "
                        f"{_human(summary['bytes_out'])} out; nothing written (dry run)")
+            for g in groups:
+                names = g["tensors"]
+                shown = ", ".join(names[:3]) + (f" ... ({len(names)} tensors)" if len(names) > 3 else "")
+                what = "copied" if g["params"].get("copied") else " ".join(
+                    f"{k}={_short_value(v)}" for k, v in g["params"].items())
+                click.echo(f"  {what}: {shown}")
         return
     if out_format == "gguf":
         result = _merge_to_gguf(plan, Path(out_dir), out_type, options)
@@ -112,6 +119,14 @@ def merge(recipe: str, out_pos: str | None, out_dir: str | None, out_format: str
         click.echo(f"merged {result.n_tensors} tensors ({_human(result.bytes_written)}) with {result.method} "
                    f"into {out_dir} in {result.seconds:.1f} s"
                    + (f"; pushed to {push_repo}" if push_repo else ""))
+
+
+def _short_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_short_value(x) for x in v) + "]"
+    return str(v)
 
 
 def _merge_to_gguf(plan: Any, out: Path, out_type: str, options: Any) -> Any:

@@ -88,3 +88,27 @@ def test_job_rows_have_a_header_times_and_no_stale_progress() -> None:
                       progress=job_pb2.JobProgress(phase="training", steps_done=4, steps_total=40, unit="epoch"))
     running.create_time.FromSeconds(1_700_000_000)
     assert "training 4/40 epoch" in _job_line(running)
+
+
+def test_dry_run_shows_the_resolved_parameters_per_tensor_group(tmp_path: Path) -> None:
+    models = make_models(tmp_path / "m", 2)
+    names = list(open_checkpoint(models[0]))
+    first = names[0]
+    recipe = {"merge_method": "linear", "models": [
+        {"model": str(models[0]), "parameters": {"weight": [{"filter": first, "value": 0.9}, {"value": 0.25}]}},
+        {"model": str(models[1]), "parameters": {"weight": 0.5}},
+    ]}
+    rfile = tmp_path / "r.yaml"
+    rfile.write_text(yaml.safe_dump(recipe))
+    r = CliRunner().invoke(main, ["merge", str(rfile), "-o", str(tmp_path / "dry"), "--dry-run", "--json"])
+    assert r.exit_code == 0
+    import json
+
+    groups = json.loads(r.stdout)["param_groups"]
+    by_weight = {tuple(g["params"]["weight"]): g["tensors"] for g in groups if not g["params"].get("copied")}
+    assert by_weight[(0.9, 0.5)] == [first]
+    assert set(by_weight[(0.25, 0.5)]) | {first} >= {n for n in names if n != first} and first not in by_weight[
+        (0.25, 0.5)]
+    r = CliRunner().invoke(main, ["merge", str(rfile), "-o", str(tmp_path / "dry"), "--dry-run"])
+    assert r.exit_code == 0 and f"weight=[0.9, 0.5] normalize=True: {first}" in r.stdout
+    assert not (tmp_path / "dry").exists()
