@@ -96,31 +96,9 @@ class MoEConfig(pydantic.BaseModel):
 
 def load_moe_config(src: str | Path | dict[str, Any] | MoEConfig) -> MoEConfig:
     """A MoE config from a YAML file, YAML text or a dict; RecipeError naming the bad key."""
-    if isinstance(src, MoEConfig):
-        return src
-    where = "moe config"
-    data: Any = src
-    if not isinstance(src, dict):
-        text = str(src)
-        if isinstance(src, Path) or ("\n" not in text and text.endswith((".yml", ".yaml"))):
-            where = str(src)
-            try:
-                text = Path(src).read_text()
-            except OSError as e:
-                raise RecipeError(f"{src}: cannot read MoE config: {e.strerror}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{where}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: a MoE config must be a YAML mapping")
-    try:
-        return MoEConfig.model_validate(data)
-    except pydantic.ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        raise RecipeError(f"{where}: {loc}: {msg}") from None
+    from merge.recipe import load_config
+
+    return src if isinstance(src, MoEConfig) else load_config(src, MoEConfig, "MoE config")
 
 
 # --------------------------------------------------------------------------------------------------

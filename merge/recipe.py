@@ -16,7 +16,7 @@ resolves them with mergekit's semantics (t = layer / (num_layers - 1) within an 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import pydantic
 import yaml
@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from merge.errors import RecipeError
 
+M = TypeVar("M", bound=BaseModel)
 Scalar = Union[float, int, bool, str]  # noqa: UP007 - pydantic smart-union order matters
 
 
@@ -177,41 +178,42 @@ def _check_ref(v: str) -> str:
     return v
 
 
-def load_recipe(src: str | Path | dict[str, Any] | Recipe) -> Recipe:
-    """Load a recipe from a YAML file path, YAML text, a dict, or pass a Recipe through."""
-    if isinstance(src, Recipe):
-        return src
-    where = "recipe"
+def load_config(src: str | Path | dict[str, Any], model: type[M], what: str) -> M:
+    """A YAML config (a file path, YAML text or a dict) validated by the pydantic ``model``; one
+    :class:`RecipeError` line per problem, naming the file (or ``what``) and the bad key. Recipes, MoE
+    configs and search configs are read by this one function."""
+    where = what
     if isinstance(src, dict):
         data: Any = src
     else:
-        text = None
-        if isinstance(src, Path) or ("\n" not in str(src) and str(src).endswith((".yml", ".yaml"))):
+        text = str(src)
+        if isinstance(src, Path) or ("\n" not in text and text.endswith((".yml", ".yaml"))):
             path = Path(src)
             where = str(path)
             try:
                 text = path.read_text()
             except FileNotFoundError:
-                raise RecipeError(f"{path}: recipe file not found") from None
+                raise RecipeError(f"{path}: {what} file not found") from None
             except OSError as e:
-                raise RecipeError(f"{path}: cannot read recipe: {e.strerror}") from None
-        else:
-            text = str(src)
+                raise RecipeError(f"{path}: cannot read {what}: {e.strerror}") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise RecipeError(f"{where}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{where}: a recipe must be a YAML mapping")
+        raise RecipeError(f"{where}: a {what} must be a YAML mapping")
     try:
-        return Recipe.model_validate(data)
+        return model.model_validate(data)
     except pydantic.ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         raise RecipeError(f"{where}: {loc}: {msg}" if loc else f"{where}: {msg}") from None
+
+
+def load_recipe(src: str | Path | dict[str, Any] | Recipe) -> Recipe:
+    """Load a recipe from a YAML file path, YAML text, a dict, or pass a Recipe through."""
+    return src if isinstance(src, Recipe) else load_config(src, Recipe, "recipe")
 
 
 def filters(recipe: Recipe) -> list[tuple[str, str]]:

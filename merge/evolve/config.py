@@ -37,13 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import pydantic
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from merge.errors import RecipeError
 from merge.methods import get_method
 from merge.methods.registry import MethodSpec
+from merge.recipe import load_config
 
 SAMPLERS = ("cmaes", "tpe", "nsga2", "random")
 
@@ -195,32 +194,7 @@ def _scope(recipe: dict[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
 
 def load_search_config(src: str | Path | dict[str, Any] | SearchConfig) -> SearchConfig:
     """A search config from a YAML file, YAML text or a dict; one clear line per problem."""
-    if isinstance(src, SearchConfig):
-        return src
-    where = "search config"
-    if isinstance(src, dict):
-        data: Any = src
-    else:
-        text = str(src)
-        if isinstance(src, Path) or ("\n" not in text and text.endswith((".yml", ".yaml"))):
-            where = str(src)
-            try:
-                text = Path(src).read_text()
-            except OSError as e:
-                raise RecipeError(f"{src}: cannot read the search config: {e.strerror or e}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{where}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: a search config must be a YAML mapping")
-    try:
-        return SearchConfig.model_validate(data)
-    except pydantic.ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        raise RecipeError(f"{where}: {loc}: {msg}") from None
+    return src if isinstance(src, SearchConfig) else load_config(src, SearchConfig, "search config")
 
 
 def _is_range(v: Any) -> bool:

@@ -46,9 +46,8 @@ class SearchResult:
 
 
 def n_done(study: Any) -> int:
-    """Finished trials, not counting those a killed run left (their parameters were asked again)."""
-    trials = study.get_trials(deepcopy=False)
-    return sum(t.state.is_finished() for t in trials) - sum("requeued_from" in t.user_attrs for t in trials)
+    """Trials evaluated (complete, or failed with an error): not those a killed run left unfinished."""
+    return sum(t.state.is_finished() and "seconds" in t.user_attrs for t in study.get_trials(deepcopy=False))
 
 
 def trial_records(study: Any, space: SearchSpace) -> list[TrialRecord]:

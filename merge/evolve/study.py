@@ -351,6 +351,8 @@ def run_search(
             study.sampler = _sampler(cfg, len(objectives), cfg.seed + len(study.trials))
             asked = [study.ask() for _ in range(k)]
             chosen = [_suggest(t, space) for t in asked]
+            for t in asked:  # its parameters are complete: a killed run asks them again (_requeue_interrupted)
+                t.set_user_attr("evaluating", True)
             jobs = [TrialJob(t.number, _with_paths(space.recipe(v), paths), cfg.objectives, context,
                              in_memory, str(scratch), threads, device) for t, v in zip(asked, chosen, strict=True)]
             results = executor.map(jobs)
@@ -403,13 +405,15 @@ def search_folder(out: Path, fingerprint: str) -> bool:
 
 
 def _requeue_interrupted(study: Any) -> None:
-    """Trials a killed run left RUNNING: marked failed (interrupted) and their parameters asked again first,
-    so nothing finished is repeated and nothing started is lost."""
+    """Trials a killed run left RUNNING: marked failed (interrupted); those it was evaluating have their
+    parameters asked again first, so nothing finished is repeated and nothing started is lost (a trial killed
+    while its parameters were being proposed has none worth keeping)."""
     import optuna
 
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number})
+        if t.user_attrs.get("evaluating"):
+            study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number})
 
 
 def _progress(study: Any, cfg: SearchConfig, t0: float, ran: int) -> EvolveProgress:
