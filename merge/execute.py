@@ -30,7 +30,6 @@ from merge.errors import (
     RecipeError,
     WeightsmithError,
 )
-from merge.methods.registry import broadcast_per_model
 from merge.methods.runner import merge_chunks
 from merge.plan import (
     MergeOptions,
@@ -342,9 +341,23 @@ def tune_allocator() -> None:
 
 
 def _whole_model_params(plan: MergePlan) -> dict[str, Any]:
+    """A whole-model method's parameters: global ones from the recipe's ``parameters``; per-model ones, one
+    value per non-base model in recipe order, from the model's own ``parameters`` (else the global value)."""
     planner_params: dict[str, Any] = {}
     glob = plan.recipe.parameters or {}
+    scopes = [m.parameters for m in (plan.recipe.models or []) if m.model != plan.recipe.base_model]
     for p in plan.method.params.values():
+        if p.per_model:
+            vals = []
+            for sc in scopes or [None]:
+                v = evaluate_setting((sc or {}).get(p.name), "", 0.0)
+                if v is None:
+                    v = evaluate_setting(glob.get(p.name), "", 0.0)
+                if v is None and p.required:
+                    raise RecipeError(f"method '{plan.method.name}' needs parameter '{p.name}' for every model")
+                vals.append(p.default if v is None else plan.method.validate_value(p.name, v))
+            planner_params[p.arg] = vals
+            continue
         v = evaluate_setting(glob.get(p.name), "", 0.0)
         if v is None and p.name == "seed":
             v = plan.recipe.seed
@@ -356,7 +369,7 @@ def _whole_model_params(plan: MergePlan) -> dict[str, Any]:
             v = plan.method.validate_value(p.name, v)
             if p.path and isinstance(v, str) and v:
                 v = confine_path(plan.options, p.name, v)
-        planner_params[p.arg] = v if not p.per_model else broadcast_per_model(v, 1)
+        planner_params[p.arg] = v
     return planner_params
 
 

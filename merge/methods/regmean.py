@@ -1,0 +1,949 @@
+"""RegMean (and the machinery it shares with Fisher merging): data-driven merges from per-model statistics.
+
+**RegMean** (Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023,
+arXiv:2212.09849). For a linear layer h = W x that each task model i applies to its own inputs
+X_i (rows = examples), the merged W is the one that best reproduces every model's outputs on its
+own inputs, min_W Σ_i ‖X_i Wᵀ − X_i W_iᵀ‖², whose closed form (§3.2) is, with the Gram
+G_i = X_iᵀ X_i of the layer's inputs on task i's data,
+
+    Wᵀ = (Σ_i G_i)⁻¹ Σ_i G_i W_iᵀ          (torch's layout: W is [out, in], G_i is [in, in]).
+
+The non-diagonal entries of every G_i are scaled by α (§3.3, "reducing non-diagonal items"):
+G̃_i = α G_i + (1 − α) diag(G_i); α = 1 is the exact regression solution, α = 0 the per-input-column
+weighted average W[:, j] = Σ_i G_i[j, j] W_i[:, j] / Σ_i G_i[j, j]. Tensors that are not the weight of
+an ``nn.Linear`` (biases, norms, embeddings) are averaged, as in the paper, or merged by task
+arithmetic (``others``).
+
+Here the Gram of each ``nn.Linear`` of the user's architecture is collected by a forward hook while
+task model i's weights run (``torch.func.functional_call``, the module is never modified) on task
+i's inputs from the same :class:`~merge.methods._fusion.FusionProblem` AdaMerging uses (named by an
+``entry_point`` behind ``--allow-code``). Each G_i is the *mean* over the rows seen (X_iᵀX_i / n_i),
+so ``num_examples`` is a budget, not a task weight. Input columns that no task ever activates (a
+zero diagonal in every G_i, e.g. always-zero pixels or dead ReLUs) carry no data: those columns are
+averaged. ``ridge`` (0 by default) adds ε·m·I to each G̃_i (m the mean diagonal entry), which pulls
+the solution toward the average in the directions no data reaches; α = 1 on rank-deficient Grams
+needs it.
+
+The statistics are the plan: :class:`RegMeanPlan` keeps the Grams (T, in, in) of every merged layer
+and applies the closed form tensor by tensor in the engine's streaming pass, so a saved plan
+(``fusion_plan/`` in the merge's output, safetensors + JSON) merges again with no code and no data.
+
+The shared parts (the module binding, the one-pass data iterator, the plan files) are used by
+:mod:`merge.methods.fisher` too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+from torch.func import functional_call
+
+from merge.checkpoint import dtype_of, shape_of
+from merge.errors import (
+    CheckpointError,
+    MissingTensorError,
+    NonFiniteError,
+    RecipeError,
+    ShapeMismatchError,
+)
+from merge.methods._fusion import (
+    FusionProblem,
+    _inputs,
+    _to,
+    check_problem,
+    load_entry_point,
+    resolve_device,
+)
+from merge.methods._fusion_plan import CARD_FILE, OUTPUT_DIR, TENSORS_FILE, PlanMismatchError
+from merge.methods.registry import Code, FilePath, Fraction, merge_method
+from merge.methods.runner import derive_seed
+
+__all__ = [
+    "RegMeanPlan",
+    "compute_grams",
+    "learn_regmean",
+    "regmean",
+    "regmean_weight",
+]
+
+StateDict = Mapping[str, torch.Tensor]
+LineFn = Callable[[str], None]
+OTHERS = ("average", "task_arithmetic")
+#: relative tolerance of the check that a plan is applied to the models it was computed on
+FINGERPRINT_RTOL = 1e-3
+
+_JIN = "Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023"
+_JIN_URL = "https://arxiv.org/abs/2212.09849"
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _choice(value: str, options: tuple[str, ...], param: str, method: str) -> str:
+    if value not in options:
+        raise RecipeError(f"{method}: parameter '{param}' must be one of {', '.join(options)}; got {value!r}")
+    return value
+
+
+def _finite(value: float, param: str, method: str, *, low: float | None = None, strict: bool = False) -> None:
+    ok = isinstance(value, int | float) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if strict else value >= low
+    if not ok:
+        bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+        raise RecipeError(f"{method}: parameter '{param}' must be a finite number{bound}, got {value!r}")
+
+
+def _check_pass(method: str, num_examples: int, batch_size: int) -> None:
+    if num_examples < 0:
+        raise RecipeError(f"{method}: parameter 'num_examples' must be >= 0 (0: all), got {num_examples}")
+    if batch_size < 1:
+        raise RecipeError(f"{method}: parameter 'batch_size' must be >= 1, got {batch_size}")
+
+
+def _pattern(keys: str, method: str) -> re.Pattern[str] | None:
+    try:
+        return re.compile(keys) if keys else None
+    except re.error as e:
+        raise RecipeError(f"{method}: parameter 'keys' is not a valid regular expression: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# the module with one task model's weights
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelBinding:
+    """Which checkpoint tensors the problem's module uses, checked in every model; one model as the module.
+
+    ``used`` maps checkpoint names to module names (``FusionProblem.prefix`` + name) for every tensor
+    the module has (parameter or buffer); ``params`` are the floating ones that are parameters. Names
+    and shapes are checked against the module and every task model (headers only).
+    """
+
+    def __init__(
+        self, problem: FusionProblem, models: Sequence[StateDict], method: str, device: torch.device
+    ) -> None:
+        self.method = method
+        self.device = device
+        self.problem = problem
+        self.module = problem.model
+        if len(models) < 1:
+            raise RecipeError(f"{method}: needs at least one task model")
+        check_problem(problem, len(models), method)
+        prefix = problem.prefix
+        mod_params = dict(self.module.named_parameters())
+        self.mod_all = {**dict(self.module.named_buffers()), **mod_params}
+        names = list(models[0].keys())
+        self.used: dict[str, str] = {k: prefix + k for k in names if prefix + k in self.mod_all}
+        if not self.used:
+            raise RecipeError(
+                f"{method}: no checkpoint tensor is a tensor of the module (checkpoint names: "
+                f"{', '.join(names[:3])}...; module names: {', '.join(list(self.mod_all)[:3])}...; "
+                f"prefix={prefix!r})"
+            )
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for k, mk in self.used.items():
+            want = tuple(self.mod_all[mk].shape)
+            for i, m in enumerate(models):
+                if k not in m:
+                    raise MissingTensorError(f"{method}: task model {i + 1} has no tensor '{k}' (task model 1 has it)")
+                got = shape_of(m, k)
+                if got != want:
+                    raise ShapeMismatchError(
+                        f"{method}: tensor '{k}' has shape {list(got)} in task model {i + 1}, but the module's "
+                        f"'{mk}' has shape {list(want)}"
+                    )
+            self.shapes[k] = want
+        self.params = [
+            k for k, mk in self.used.items() if mk in mod_params and dtype_of(models[0], k).is_floating_point
+        ]
+        self.head_params = [_head_params(t.head, device) for t in problem.tasks]
+
+    def full(self, model: StateDict) -> dict[str, torch.Tensor]:
+        """Every module tensor: the model's where it has one (floating ones as float32), else the module's."""
+        out: dict[str, torch.Tensor] = {}
+        for k, mk in self.used.items():
+            v = model[k]
+            out[mk] = v.to(self.device, torch.float32) if v.is_floating_point() else v.to(self.device)
+        for mk, v in self.mod_all.items():
+            if mk not in out:
+                out[mk] = v.detach().to(self.device)
+        return out
+
+    def linear_weights(self, pattern: re.Pattern[str] | None) -> dict[str, nn.Linear]:
+        """Checkpoint names of the ``nn.Linear`` weights of the module (matching ``pattern``), and their modules."""
+        prefix = self.problem.prefix
+        out: dict[str, nn.Linear] = {}
+        for mn, mod in self.module.named_modules():
+            if not isinstance(mod, nn.Linear):
+                continue
+            wname = f"{mn}.weight" if mn else "weight"
+            if not wname.startswith(prefix):
+                continue
+            k = wname[len(prefix) :]
+            if k in self.used and k in self.params and (pattern is None or pattern.search(k)):
+                out[k] = mod
+        return out
+
+    def logits(self, t: int, full: Mapping[str, torch.Tensor], batch: Any) -> Any:
+        """Task ``t``'s output on ``batch`` with the module's tensors ``full`` (its custom forward or head)."""
+        task = self.problem.tasks[t]
+
+        def backbone(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(self.module, dict(full), args, kwargs)
+
+        if task.forward is not None:
+            return task.forward(backbone, batch)
+        args, kwargs = _inputs(batch)
+        out = backbone(*args, **kwargs)
+        if task.head is None:
+            return out
+        hp = self.head_params[t]
+        return functional_call(task.head, hp, (out,)) if hp is not None else task.head(out)
+
+    def backbone_only(self, t: int, full: Mapping[str, torch.Tensor], batch: Any) -> Any:
+        """The module's forward on ``batch`` (the task's custom forward when it has one: it calls the module)."""
+        task = self.problem.tasks[t]
+        if task.forward is not None:
+            return self.logits(t, full, batch)
+        args, kwargs = _inputs(batch)
+        return functional_call(self.module, dict(full), args, kwargs)
+
+
+def _head_params(head: Any, device: torch.device) -> dict[str, torch.Tensor] | None:
+    if isinstance(head, nn.Module):
+        return {
+            k: v.detach().to(device)
+            for k, v in {**dict(head.named_buffers()), **dict(head.named_parameters())}.items()
+        }
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# one pass over a task's data
+# ---------------------------------------------------------------------------------------------
+
+
+def batch_rows(batch: Any) -> int:
+    """The number of examples in a batch (a tensor, a tuple/list of tensors, or a dict of them)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    if isinstance(batch, Mapping):
+        for v in batch.values():
+            if isinstance(v, torch.Tensor) and v.dim():
+                return int(v.shape[0])
+    if isinstance(batch, tuple | list):
+        for v in batch:
+            if isinstance(v, torch.Tensor) and v.dim():
+                return int(v.shape[0])
+    raise RecipeError(f"cannot tell the number of examples of a batch of type {type(batch).__name__}")
+
+
+def batch_slice(batch: Any, r0: int, r1: int) -> Any:
+    """Rows ``r0:r1`` of every tensor of a batch (other values unchanged)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[r0:r1]
+    if isinstance(batch, Mapping):
+        return {k: batch_slice(v, r0, r1) for k, v in batch.items()}
+    if isinstance(batch, tuple | list):
+        return type(batch)(batch_slice(v, r0, r1) for v in batch)
+    return batch
+
+
+def one_pass(
+    data: Any, num_examples: int, batch_size: int, seed: int, device: torch.device, where: str
+) -> tuple[Iterator[Any], int | None]:
+    """At most ``num_examples`` examples (0: all) of a task's data, once, in batches; and the batch count.
+
+    Tensor data (a tensor, or a tuple of tensors such as ``(inputs, labels)``): a seeded random subset
+    of ``num_examples`` rows, each once. Any other iterable of batches: its batches in order, the last
+    one cut, until ``num_examples`` examples (the whole iterable when 0); the count is then unknown.
+    """
+    tensors: tuple[torch.Tensor, ...] | None = None
+    single = False
+    if isinstance(data, torch.Tensor):
+        tensors, single = (data,), True
+    elif isinstance(data, tuple | list) and data and all(isinstance(t, torch.Tensor) for t in data):
+        tensors = tuple(data)
+    if tensors is not None:
+        lengths = {len(t) for t in tensors}
+        if len(lengths) != 1 or 0 in lengths:
+            raise RecipeError(
+                f"{where}: data tensors must be non-empty and share their first dimension, "
+                f"got lengths {[len(t) for t in tensors]}"
+            )
+        n = lengths.pop()
+        m = n if num_examples == 0 else min(n, num_examples)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m]
+
+        def gen_tensors() -> Iterator[Any]:
+            for i in range(0, m, batch_size):
+                idx = order[i : i + batch_size]
+                out = tuple(t[idx].to(device) for t in tensors)
+                yield out[0] if single else out
+
+        return gen_tensors(), -(-m // batch_size)
+    if not hasattr(data, "__iter__"):
+        raise RecipeError(
+            f"{where}: data must be a tensor, a tuple of tensors or an iterable of batches, got {type(data).__name__}"
+        )
+
+    def gen_iter() -> Iterator[Any]:
+        seen = 0
+        any_batch = False
+        for b in data:
+            any_batch = True
+            b = _to(b, device)
+            r = batch_rows(b)
+            if num_examples and seen + r > num_examples:
+                b = batch_slice(b, 0, num_examples - seen)
+                r = num_examples - seen
+            if r > 0:
+                yield b
+            seen += r
+            if num_examples and seen >= num_examples:
+                return
+        if not any_batch:
+            raise RecipeError(f"{where}: the data source yields no batches")
+
+    return gen_iter(), None
+
+
+def reporter(progress: LineFn | None, method: str, what: str, task: str) -> LineFn:
+    """``progress`` lines ``"<method> <what> task '<task>' <line>"`` (the engine's cancel point)."""
+
+    def report(line: str) -> None:
+        if progress is not None:
+            progress(f"{method} {what} task '{task}' {line}")
+
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan files (shared with Fisher merging)
+# ---------------------------------------------------------------------------------------------
+
+
+def fingerprint_of(tensors: Sequence[torch.Tensor]) -> list[float]:
+    """‖θ_i[k]‖ of each task model's tensor (float64): a plan refuses models it was not computed on."""
+    return [float(t.double().norm()) for t in tensors]
+
+
+def check_fingerprint(
+    plan: Any, name: str, i: int, tensors: Sequence[torch.Tensor]
+) -> None:
+    if not plan.verify or plan.fingerprint is None:
+        return
+    want = plan.fingerprint[i].tolist()
+    got = fingerprint_of(tensors)
+    for j, (g, w) in enumerate(zip(got, want, strict=True)):
+        if not math.isclose(g, w, rel_tol=FINGERPRINT_RTOL, abs_tol=1e-6):
+            raise PlanMismatchError(
+                f"plan{plan.where()}: tensor '{name}': ‖θ_{j + 1}‖ (task model {j + 1}) is {g:.6g}, the plan was "
+                f"computed where it was {w:.6g}: these are not the models it was computed on (or not in the "
+                "same order); set verify: false to apply it anyway"
+            )
+
+
+def check_plan_models(
+    plan: Any, base: StateDict | None, models: Sequence[StateDict], *, needs_base: bool
+) -> None:
+    """Model count, names and shapes of the plan's tensors (headers only); raises :class:`PlanMismatchError`."""
+    if len(models) != plan.n_tasks:
+        raise PlanMismatchError(
+            f"plan{plan.where()} was computed for {plan.n_tasks} task model(s) "
+            f"({', '.join(plan.task_names)}), the recipe gives {len(models)}"
+        )
+    if needs_base and base is None:
+        raise RecipeError(
+            f"{plan.method}: the plan merges the other tensors by task arithmetic (others: task_arithmetic), "
+            "which needs a base_model"
+        )
+    for i, m in enumerate(models):
+        for k in plan.keys:
+            if k not in m:
+                raise PlanMismatchError(
+                    f"plan{plan.where()}: tensor '{k}' is not in task model {i + 1}; the plan was computed "
+                    "for another model"
+                )
+            shape = shape_of(m, k)
+            if shape != tuple(plan.shapes[k]):
+                raise PlanMismatchError(
+                    f"plan{plan.where()}: tensor '{k}' has shape {list(shape)} in task model {i + 1}, the plan "
+                    f"was computed for shape {list(plan.shapes[k])}"
+                )
+
+
+def merge_others(
+    method: str,
+    others: str,
+    lambda_: float,
+    name: str,
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """A tensor the statistics do not cover: the (weighted) average, or task arithmetic from the base."""
+    if base is not None and not base.is_floating_point():
+        return base
+    if not tensors[0].is_floating_point():
+        return tensors[0]
+    if others == "task_arithmetic":
+        if base is None:
+            raise RecipeError(f"{method}: tensor '{name}' is merged by task arithmetic and needs the base model's")
+        b = base.float()
+        acc = torch.zeros_like(b)
+        for t in tensors:
+            acc.add_(t.float() - b)
+        return acc.mul_(lambda_).add_(b)
+    if weights is None:
+        acc = torch.zeros_like(tensors[0], dtype=torch.float32)
+        for t in tensors:
+            acc.add_(t.float())
+        return acc.div_(len(tensors))
+    total = float(sum(weights))
+    acc = torch.zeros_like(tensors[0], dtype=torch.float32)
+    for t, w in zip(tensors, weights, strict=True):
+        acc.add_(t.float(), alpha=w / total)
+    return acc
+
+
+def plan_artifacts(fmt: str, card: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, bytes]:
+    """``fusion_plan/plan.safetensors`` and ``fusion_plan/plan.json`` (with the tensors' SHA-256)."""
+    data = st_save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": fmt, "version": "1"})
+    card = {**card, "tensors_file": TENSORS_FILE, "tensors_sha256": hashlib.sha256(data).hexdigest()}
+    return {
+        f"{OUTPUT_DIR}/{TENSORS_FILE}": data,
+        f"{OUTPUT_DIR}/{CARD_FILE}": (json.dumps(card, indent=2) + "\n").encode(),
+    }
+
+
+def save_plan(artifacts: dict[str, bytes], folder: str | Path, overwrite: bool, what: str) -> Path:
+    from merge.atomic import atomic_output
+
+    folder = Path(folder)
+    with atomic_output(folder, overwrite=overwrite, what=what) as tmp:
+        for rel, data in artifacts.items():
+            (tmp / Path(rel).name).write_bytes(data)
+    return folder
+
+
+def read_plan(path: str | Path, fmt: str, method: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    """The card and tensors of a plan folder (or its ``plan.json``); every inconsistency is a clear error."""
+    p = Path(path).expanduser()
+    folder = p.parent if p.is_file() else p
+    card_path = folder / CARD_FILE
+    where = str(folder)
+    if not card_path.is_file():
+        raise CheckpointError(f"{where}: not a {method} plan (no {CARD_FILE})")
+    try:
+        card = json.loads(card_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{card_path}: not valid JSON: {e}") from None
+    if not isinstance(card, dict):
+        raise CheckpointError(f"{card_path}: not a {method} plan")
+    if card.get("format") != fmt:
+        other = card.get("method")
+        if other and other != method:
+            raise RecipeError(f"{where}: this plan was computed by '{other}'; apply it with merge_method: {other}")
+        raise CheckpointError(f"{card_path}: not a weightsmith {method} plan (format {card.get('format')!r})")
+    if int(card.get("version", 0)) > 1:
+        raise CheckpointError(
+            f"{card_path}: plan version {card.get('version')} is newer than this weightsmith reads (1)"
+        )
+    tpath = folder / str(card.get("tensors_file", TENSORS_FILE))
+    if not tpath.is_file():
+        raise CheckpointError(f"{where}: {tpath.name} is missing")
+    raw = tpath.read_bytes()
+    want = card.get("tensors_sha256")
+    if want and hashlib.sha256(raw).hexdigest() != want:
+        raise CheckpointError(f"{tpath}: SHA-256 differs from the one in {CARD_FILE} (changed or corrupt)")
+    from merge.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(tpath)  # header pre-checks (size, duplicates, spans)
+    try:
+        tensors = {k: ckpt[k].clone() for k in ckpt.keys()}
+    finally:
+        ckpt.close()
+    return card, tensors, where
+
+
+def _card_keys(card: dict[str, Any], card_path: str) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+    try:
+        keys = list(card["keys"])
+        shapes = {k: tuple(int(s) for s in v) for k, v in card["keys"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{card_path}: malformed plan card: {e}") from None
+    return keys, shapes
+
+
+def run_recipe(
+    method: str,
+    models: list[StateDict],
+    base: StateDict | None,
+    *,
+    entry_point: str,
+    plan: str,
+    verify: bool,
+    device: str,
+    progress: LineFn | None,
+    learn: Callable[..., Any],
+    load: Callable[..., Any],
+    **kwargs: Any,
+) -> Any:
+    """A recipe's whole-model first pass: compute the statistics from the entry point, or load a saved plan."""
+    if bool(entry_point) == bool(plan):
+        raise RecipeError(
+            f"method '{method}': give exactly one of the parameters 'entry_point' (package.module:function "
+            "returning the architecture, heads and data; computes the statistics) or 'plan' (a saved plan "
+            "folder; applies it)"
+        )
+    if plan:
+        p = load(plan, verify=verify)
+        p.check_models(base, models)
+        return p
+    resolve_device(device)
+    problem = load_entry_point(entry_point, device=device)
+    p = learn(base, models, problem, device=device, progress=progress, **kwargs)
+    p.verify = verify
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# RegMean: the closed form
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_gram_shapes(weights: Sequence[torch.Tensor], grams: torch.Tensor, name: str) -> None:
+    if grams.dim() != 3 or grams.shape[1] != grams.shape[2]:
+        raise ShapeMismatchError(
+            f"regmean: the Grams of '{name}' must be [n_models, in, in], got {list(grams.shape)}"
+        )
+    if len(weights) != grams.shape[0]:
+        raise ShapeMismatchError(
+            f"regmean: {len(weights)} weights of '{name}' for {grams.shape[0]} Gram matrices (one per model)"
+        )
+    d = grams.shape[1]
+    for i, w in enumerate(weights):
+        if w.dim() != 2 or w.shape[1] != d or w.shape != weights[0].shape:
+            raise ShapeMismatchError(
+                f"regmean: weight '{name}' of model {i + 1} has shape {list(w.shape)}, expected "
+                f"[{weights[0].shape[0] if weights[0].dim() == 2 else 'out'}, {d}] (a Linear weight whose "
+                f"input dimension is the Gram's {d})"
+            )
+
+
+def regmean_weight(
+    weights: Sequence[torch.Tensor],
+    grams: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    ridge: float = 0.0,
+    name: str = "weight",
+) -> torch.Tensor:
+    """RegMean's merged Linear weight (Jin et al., ICLR 2023, §3.2 with §3.3's α): float32, [out, in].
+
+    ``weights`` are the models' W_i ([out, in], torch's layout: h = W x) and ``grams`` their input
+    Grams G_i = X_iᵀ X_i ([in, in]). Computes, in float64,
+
+        G̃_i = α G_i + (1 − α) diag(G_i) (+ ridge · m · I),   Wᵀ = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_iᵀ
+
+    where m is the mean diagonal entry of the G̃_i. Input columns whose diagonal is zero in every
+    G_i (no data reaches them) are averaged. The system is solved by Cholesky; a singular Σ G̃_i
+    (α = 1 on rank-deficient Grams) is an error that suggests α < 1 or ridge > 0.
+    """
+    _finite(alpha, "alpha", "regmean", low=0.0)
+    if alpha > 1:
+        raise RecipeError(f"regmean: parameter 'alpha' must be in [0, 1], got {alpha}")
+    _finite(ridge, "ridge", "regmean", low=0.0)
+    g = torch.stack(list(grams)) if not isinstance(grams, torch.Tensor) else grams
+    _check_gram_shapes(weights, g, name)
+    g = g.to(torch.float64)
+    if not bool(torch.isfinite(g).all()):
+        raise NonFiniteError(f"regmean: the Gram matrices of '{name}' contain NaN or Inf values")
+    for i, w in enumerate(weights):
+        if not bool(torch.isfinite(w).all()):
+            raise NonFiniteError(f"regmean: weight '{name}' of model {i + 1} contains NaN or Inf values")
+    w = torch.stack([x.to(g.device, torch.float64) for x in weights])  # (T, out, in)
+    diag = g.diagonal(dim1=1, dim2=2)  # (T, in)
+    if bool((diag < 0).any()):
+        raise RecipeError(f"regmean: the Gram matrices of '{name}' have negative diagonal entries (not X^T X)")
+    if alpha != 1.0:
+        g = alpha * g + (1.0 - alpha) * torch.diag_embed(diag)
+    dead = diag.sum(0) == 0
+    if bool(dead.any()):
+        g = g.clone()
+        g.diagonal(dim1=1, dim2=2)[:, dead] = 1.0  # equal weights: those columns are averaged
+    if ridge > 0:
+        m = float(g.diagonal(dim1=1, dim2=2).mean())
+        g = g + ridge * (m if m > 0 else 1.0) * torch.eye(g.shape[1], dtype=g.dtype, device=g.device)
+    a = g.sum(0)
+    b = torch.einsum("tij,toj->io", g, w)  # Σ_i G̃_i W_iᵀ, (in, out)
+    chol, info = torch.linalg.cholesky_ex(a)
+    # a pivot that is (relative to its diagonal entry) at rounding level: linearly dependent columns
+    if int(info) != 0 or float((chol.diagonal().square() / a.diagonal()).min()) < 1e-12:
+        raise RecipeError(
+            f"regmean: the summed Gram of '{name}' is singular (alpha = 1 on inputs that do not span every "
+            "direction); use alpha < 1 or ridge > 0"
+        )
+    return torch.cholesky_solve(b, chol).T.contiguous().to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# RegMean: the statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def compute_grams(
+    models: Sequence[StateDict],
+    problem: FusionProblem,
+    *,
+    keys: str = "",
+    num_examples: int = 256,
+    batch_size: int = 32,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: LineFn | None = None,
+    method: str = "regmean",
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, ModelBinding]:
+    """The input Gram G_i = X_iᵀX_i / n_i of every ``nn.Linear`` of the module, task model i on task i's data.
+
+    Returns ``grams`` (checkpoint weight name → (T, in, in) float64, the mean over the n_i rows each
+    layer saw), ``counts`` (T, K) int64 (n_i per layer; rows are all leading dimensions, so tokens for
+    sequence models) and the binding. Forward hooks on the Linear modules read their inputs while
+    ``torch.func.functional_call`` runs the module with task model i's weights; nothing is modified.
+    """
+    _check_pass(method, num_examples, batch_size)
+    dev = resolve_device(device)
+    binding = ModelBinding(problem, models, method, dev)
+    linear = binding.linear_weights(_pattern(keys, method))
+    if not linear:
+        raise RecipeError(
+            f"{method}: no nn.Linear of the module has its weight in the checkpoints"
+            + (f" and matching keys={keys!r}" if keys else "")
+        )
+    names = list(linear)
+    n_tasks = len(models)
+    grams = {k: torch.zeros((n_tasks, linear[k].in_features, linear[k].in_features), dtype=torch.float64,
+                            device=dev) for k in names}
+    counts = torch.zeros((n_tasks, len(names)), dtype=torch.int64)
+    for t, model in enumerate(models):
+        task = problem.tasks[t]
+        full = binding.full(model)
+        acc: dict[str, torch.Tensor] = {k: grams[k][t] for k in names}
+        n_rows = [0] * len(names)
+
+        def make_hook(j: int, k: str, acc: dict[str, torch.Tensor], n_rows: list[int]) -> Callable[..., None]:
+            d = linear[k].in_features
+
+            def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], _out: Any) -> None:
+                x = args[0] if args else kwargs.get("input")
+                if not isinstance(x, torch.Tensor) or x.shape[-1] != d:
+                    raise ShapeMismatchError(
+                        f"{method}: the input of Linear '{k}' has shape "
+                        f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}, expected [..., {d}]"
+                    )
+                x2 = x.detach().reshape(-1, d).float()
+                acc[k].add_((x2.T @ x2).double())
+                n_rows[j] += x2.shape[0]
+
+            return hook
+
+        handles = [linear[k].register_forward_hook(make_hook(j, k, acc, n_rows), with_kwargs=True)
+                   for j, k in enumerate(names)]
+        batches, n_batches = one_pass(
+            task.data, num_examples, batch_size, derive_seed(seed, f"{method}:rows:{task.name}"), dev,
+            f"task '{task.name}'",
+        )
+        report = reporter(progress, method, "grams", task.name)
+        try:
+            with torch.no_grad():
+                for b, batch in enumerate(batches):
+                    binding.backbone_only(t, full, batch)
+                    report(f"batch {b + 1}/{n_batches if n_batches is not None else '?'}")
+        finally:
+            for h in handles:
+                h.remove()
+        for j, k in enumerate(names):
+            counts[t, j] = n_rows[j]
+            if n_rows[j]:
+                acc[k].div_(n_rows[j])
+        del full
+    return grams, counts, binding
+
+
+@dataclass
+class RegMeanPlan:
+    """The Grams (T, in, in) of the RegMean-merged Linear weights in ``keys``, and how to merge the rest.
+
+    :meth:`apply` is the engine's per-tensor hook: a tensor in ``keys`` gets :func:`regmean_weight`
+    with this plan's ``alpha`` and ``ridge``; any other floating tensor is averaged (``others:
+    average``) or merged by task arithmetic with ``lambda_`` (``others: task_arithmetic``, needs a
+    base). ``dataclasses.replace(plan, alpha=...)`` re-merges with another α and no data.
+    """
+
+    keys: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    grams: dict[str, torch.Tensor]  # (T, in, in) float32
+    alpha: float = 0.9
+    ridge: float = 0.0
+    others: str = "average"
+    lambda_: float = 0.3
+    counts: torch.Tensor | None = None  # (T, K) int64: rows each layer saw per task
+    fingerprint: torch.Tensor | None = None  # (K, T) float64: ‖W_i‖
+    task_names: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    verify: bool = True
+    source: str = ""
+    method: str = "regmean"
+    FORMAT = "weightsmith-regmean-plan"
+
+    def __post_init__(self) -> None:
+        _finite(self.alpha, "alpha", self.method, low=0.0)
+        if self.alpha > 1:
+            raise RecipeError(f"{self.method}: parameter 'alpha' must be in [0, 1], got {self.alpha}")
+        _finite(self.ridge, "ridge", self.method, low=0.0)
+        _choice(self.others, OTHERS, "others", self.method)
+        _finite(self.lambda_, "lambda", self.method)
+        self.grams = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.grams.items()}
+        self._index = {k: i for i, k in enumerate(self.keys)}
+        n = None
+        for k in self.keys:
+            if k not in self.grams:
+                raise RecipeError(f"plan{self.where()}: no Gram matrices for '{k}'")
+            g = self.grams[k]
+            shape = tuple(self.shapes[k])
+            if g.dim() != 3 or len(shape) != 2 or tuple(g.shape[1:]) != (shape[1], shape[1]):
+                raise ShapeMismatchError(
+                    f"plan{self.where()}: the Grams of '{k}' have shape {list(g.shape)}, expected "
+                    f"[n_models, {shape[1] if len(shape) == 2 else 'in'}, same] for a weight of shape {list(shape)}"
+                )
+            if n is not None and g.shape[0] != n:
+                raise RecipeError(f"plan{self.where()}: '{k}' has Grams for {g.shape[0]} models, others for {n}")
+            n = int(g.shape[0])
+            if not bool(torch.isfinite(g).all()):
+                raise NonFiniteError(f"plan{self.where()}: the Gram matrices of '{k}' contain NaN or Inf values")
+        self._n = n if n is not None else len(self.task_names)
+        if self.fingerprint is not None and tuple(self.fingerprint.shape) != (len(self.keys), self._n):
+            raise RecipeError(
+                f"plan{self.where()}: fingerprint has shape {list(self.fingerprint.shape)}, "
+                f"expected {[len(self.keys), self._n]}"
+            )
+
+    def where(self) -> str:
+        return f" {self.source}" if self.source else ""
+
+    @property
+    def n_tasks(self) -> int:
+        return self._n
+
+    def check_models(self, base: StateDict | None, models: Sequence[StateDict]) -> None:
+        """Count, names and shapes (headers only); raises :class:`PlanMismatchError`."""
+        check_plan_models(self, base, models, needs_base=self.others == "task_arithmetic")
+
+    def apply(self, name: str, tensors: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+        """One output tensor from its T task-model tensors (and the base's; engine contract)."""
+        if len(tensors) != self.n_tasks:
+            raise PlanMismatchError(
+                f"plan{self.where()}: {len(tensors)} task tensors for '{name}', the plan has {self.n_tasks} tasks"
+            )
+        i = self._index.get(name)
+        if i is None:
+            return merge_others(self.method, self.others, self.lambda_, name, tensors, base)
+        check_fingerprint(self, name, i, tensors)
+        return regmean_weight(tensors, self.grams[name], alpha=self.alpha, ridge=self.ridge, name=name)
+
+    def merge(self, base: StateDict | None, models: Sequence[StateDict]) -> dict[str, torch.Tensor]:
+        """The merged state dict (in memory; float32 where floating): the same bytes as the engine."""
+        self.check_models(base, models)
+        out = {}
+        for k in models[0].keys():
+            for j, m in enumerate(models):
+                if k not in m:
+                    raise MissingTensorError(f"{self.method}: task model {j + 1} has no tensor '{k}'")
+            ts = [m[k].float() if m[k].is_floating_point() else m[k] for m in models]
+            b = None
+            if base is not None and k in base:
+                b = base[k].float() if base[k].is_floating_point() else base[k]
+            out[k] = self.apply(k, ts, b).clone()
+        return out
+
+    # -- files --------------------------------------------------------------------------------------
+    def card(self) -> dict[str, Any]:
+        return {
+            "format": self.FORMAT,
+            "version": 1,
+            "method": self.method,
+            "n_tasks": self.n_tasks,
+            "task_names": self.task_names,
+            "keys": {k: list(self.shapes[k]) for k in self.keys},
+            "alpha": self.alpha,
+            "ridge": self.ridge,
+            "others": self.others,
+            "lambda": self.lambda_,
+            "info": self.info,
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"gram.{k}": self.grams[k] for k in self.keys}
+        if self.counts is not None:
+            out["counts"] = self.counts.to(torch.int64)
+        if self.fingerprint is not None:
+            out["fingerprint"] = self.fingerprint.to(torch.float64)
+        return out
+
+    def artifacts(self) -> dict[str, bytes]:
+        """The plan's files, keyed by their path inside a merge's output folder (engine hook)."""
+        return plan_artifacts(self.FORMAT, self.card(), self.tensors())
+
+    def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the plan folder atomically (a temp folder, fsync, one rename)."""
+        return save_plan(self.artifacts(), folder, overwrite, "regmean plan")
+
+    @classmethod
+    def load(cls, path: str | Path, *, verify: bool = True) -> RegMeanPlan:
+        """Read a plan folder (or its ``plan.json``); every inconsistency is a clear error."""
+        card, tensors, where = read_plan(path, cls.FORMAT, "regmean")
+        keys, shapes = _card_keys(card, where)
+        grams = {}
+        for k in keys:
+            if f"gram.{k}" not in tensors:
+                raise CheckpointError(f"{where}: no Gram matrices for '{k}' in {TENSORS_FILE}")
+            grams[k] = tensors[f"gram.{k}"]
+        try:
+            return cls(
+                keys=keys,
+                shapes=shapes,
+                grams=grams,
+                alpha=float(card["alpha"]),
+                ridge=float(card.get("ridge", 0.0)),
+                others=str(card.get("others", "average")),
+                lambda_=float(card.get("lambda", 0.3)),
+                counts=tensors.get("counts"),
+                fingerprint=tensors.get("fingerprint"),
+                task_names=list(card.get("task_names", [])),
+                info=dict(card.get("info", {})),
+                verify=verify,
+                source=where,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}/{CARD_FILE}: malformed plan card: {e}") from None
+
+
+def learn_regmean(
+    base: StateDict | None,
+    models: Sequence[StateDict],
+    problem: FusionProblem,
+    *,
+    alpha: float = 0.9,
+    ridge: float = 0.0,
+    others: str = "average",
+    lambda_: float = 0.3,
+    num_examples: int = 256,
+    batch_size: int = 32,
+    keys: str = "",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: LineFn | None = None,
+) -> RegMeanPlan:
+    """RegMean (Jin et al., ICLR 2023): the Grams of every ``nn.Linear`` on each task's data, as a plan.
+
+    Up to ``num_examples`` examples of task i's data (0: all), in batches of ``batch_size``, run
+    through the module with task model i's weights; ``keys`` (a regular expression) restricts which
+    Linear weights RegMean merges. ``plan.merge(base, models)`` gives the merged weights: Linear
+    weights by :func:`regmean_weight` (``alpha``, ``ridge``), the rest averaged or, with ``others:
+    task_arithmetic``, θ_0 + λ Σ_i (θ_i − θ_0) (needs ``base``).
+    """
+    method = "regmean"
+    _choice(others, OTHERS, "others", method)
+    if others == "task_arithmetic" and base is None:
+        raise RecipeError(f"{method}: others: task_arithmetic needs a base_model")
+    _finite(alpha, "alpha", method, low=0.0)
+    if alpha > 1:
+        raise RecipeError(f"{method}: parameter 'alpha' must be in [0, 1], got {alpha}")
+    _finite(ridge, "ridge", method, low=0.0)
+    _finite(lambda_, "lambda", method)
+    t0 = time.perf_counter()
+    grams, counts, binding = compute_grams(
+        models, problem, keys=keys, num_examples=num_examples, batch_size=batch_size, seed=seed,
+        device=device, progress=progress, method=method,
+    )
+    names = list(grams)
+    fp = torch.tensor([fingerprint_of([m[k].float() for m in models]) for k in names], dtype=torch.float64)
+    info = {
+        "hyperparameters": {"alpha": alpha, "ridge": ridge, "others": others, "lambda": lambda_,
+                            "num_examples": num_examples, "batch_size": batch_size, "keys": keys, "seed": seed},
+        "seconds": round(time.perf_counter() - t0, 3),
+        "device": str(binding.device),
+        "rows_per_task": {t.name: int(counts[i].max()) if counts.numel() else 0
+                          for i, t in enumerate(problem.tasks)},
+        "linear_weights": len(names),
+        "unreached_layers": [k for j, k in enumerate(names) if int(counts[:, j].min()) == 0],
+    }
+    return RegMeanPlan(
+        keys=names,
+        shapes={k: binding.shapes[k] for k in names},
+        grams=grams,
+        alpha=alpha,
+        ridge=ridge,
+        others=others,
+        lambda_=lambda_,
+        counts=counts,
+        fingerprint=fp,
+        task_names=[t.name for t in problem.tasks],
+        info=info,
+    )
+
+
+@merge_method("regmean", paper=_JIN, url=_JIN_URL, kind="whole_model", base="optional", min_models=1)
+def regmean(
+    models: list[StateDict],
+    base: StateDict | None,
+    *,
+    entry_point: Code = "",
+    plan: FilePath = "",
+    verify: bool = True,
+    alpha: Fraction = 0.9,
+    ridge: float = 0.0,
+    others: str = "average",
+    lambda_: float = 0.3,
+    num_examples: int = 256,
+    batch_size: int = 32,
+    keys: str = "",
+    seed: int = 0,
+    device: str = "cpu",
+    progress: LineFn | None = None,
+) -> RegMeanPlan:
+    """RegMean: each Linear weight as the least-squares fit of every model's outputs on its own inputs.
+
+    Wᵀ = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_iᵀ with G_i = X_iᵀX_i the Gram of the layer's inputs on task i's data
+    and G̃_i its non-diagonal entries scaled by ``alpha`` (Jin et al., ICLR 2023, §3.2–3.3);
+    ``ridge`` adds a multiple of I (0: none). Other tensors: ``others`` ``average`` (the paper) or
+    ``task_arithmetic`` with ``lambda`` (needs a base). The Grams use up to ``num_examples`` examples
+    per task (0: all), in batches of ``batch_size``; ``keys`` (a regular expression) restricts the
+    Linear weights merged by RegMean.
+
+    Computes the Grams from the FusionProblem the ``entry_point`` function returns (``package.module:
+    function`` or ``file.py:function``; needs ``--allow-code``), or applies a saved ``plan`` folder (no
+    code, no data; ``verify`` checks the models are the ones it was computed on). The output has the
+    plan in ``fusion_plan/``.
+    """
+    return run_recipe(
+        "regmean", models, base, entry_point=entry_point, plan=plan, verify=verify, device=device,
+        progress=progress, learn=learn_regmean, load=RegMeanPlan.load, alpha=alpha, ridge=ridge,
+        others=others, lambda_=lambda_, num_examples=num_examples, batch_size=batch_size, keys=keys, seed=seed,
+    )
