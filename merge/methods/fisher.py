@@ -52,8 +52,7 @@ from merge.errors import (
 )
 from merge.methods._fusion import FusionProblem, resolve_device
 from merge.methods._fusion_plan import CARD_FILE, TENSORS_FILE, PlanMismatchError
-from merge.methods.registry import Code, FilePath, PerModel, merge_method
-from merge.methods.regmean import (
+from merge.methods._statistics import (
     OTHERS,
     LineFn,
     ModelBinding,
@@ -75,6 +74,7 @@ from merge.methods.regmean import (
     run_recipe,
     save_plan,
 )
+from merge.methods.registry import Code, FilePath, PerModel, merge_method
 from merge.methods.runner import derive_seed
 
 __all__ = ["FisherPlan", "compute_fisher", "fisher", "fisher_average", "learn_fisher"]
