@@ -76,10 +76,16 @@ class Config:
     ties_lambdas: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
     dare_lambdas: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
     adamerging_steps: int = 200
+    #: the data-free search: a metanet trained on this many random merges of the same genome (their
+    #: validation accuracy as the target), then a search with the ``metanet`` objective alone
+    metanet: str = "statnn"
+    merge_zoo: int = 200
+    metanet_epochs: int = 60
 
 
 QUICK = Config(seeds=(0,), trials=32, finetune_epochs=12, densities=(0.2, 0.5, 1.0), ties_lambdas=(0.75, 1.0, 1.5),
-               dare_lambdas=(0.3, 0.5, 1.0), ta_lambdas=(0.2, 0.3, 0.5, 0.8), adamerging_steps=60)
+               dare_lambdas=(0.3, 0.5, 1.0), ta_lambdas=(0.2, 0.3, 0.5, 0.8), adamerging_steps=60, merge_zoo=60,
+               metanet_epochs=20)
 
 
 def mean(xs: Any) -> float:
@@ -179,10 +185,57 @@ def run_seed(cfg: Config, data: dict[str, Any], seed: int, out_dir: Path = OUT) 
         for d in cfg.densities for lam in cfg.dare_lambdas
     ], evaluate)
     out["adamerging"] = _adamerging(cfg, base_sd, fts, heads, data, evaluate)
+    searched_val = [100.0 * t.values[0] for t in _trials(folder / "search")]
+    out["metanet"] = _data_free(cfg, search, folder, evaluate, searched_val)
     out["sources"] = {t: {"val": evaluate(sd, "val"), "test": evaluate(sd, "test")}
                       for t, sd in zip(cfg.tasks, fts, strict=True)}
     out["base"] = {"val": evaluate(base_sd, "val"), "test": evaluate(base_sd, "test")}
     return out
+
+
+def _data_free(cfg: Config, search: dict[str, Any], folder: Path, evaluate: Any,
+               searched_val: list[float]) -> dict[str, Any]:
+    """The same search with no data: the ``metanet`` objective, a metanet trained on random merges of this
+    genome (their validation accuracy as its target: ``metanets.zoo_import``). Reported: the metanet's held-out
+    fit, and where its chosen recipe's real validation accuracy ranks among the data-driven search's trials."""
+    from merge.evolve import load_search_config, parse_space
+    from metanets.train import TrainConfig, train_metanet
+    from metanets.zoo_import import import_zoo
+
+    space = parse_space(load_search_config(search))
+    space.bind_layers(["layers.0.weight", "layers.1.weight"])
+    rng = np.random.default_rng(1234)
+    genes = space.expanded()
+
+    def entries() -> Any:
+        for i in range(cfg.merge_zoo):
+            values: dict[str, Any] = {"method": str(rng.choice(space.methods))}
+            for g in genes:
+                lo, hi = (np.log(g.low), np.log(g.high)) if g.log else (g.low, g.high)
+                v = float(rng.uniform(lo, hi))
+                values[g.name] = float(np.exp(v)) if g.log else v
+            sd = merge_in_memory(space.recipe(values), MergeOptions(workers=1))
+            yield sd, {"test_acc": evaluate(sd, "val") / 100.0, "run": i, "task": "digits-4 merges"}
+
+    t0 = time.perf_counter()
+    zoo = import_zoo(folder / "merge_zoo", entries(), name="evolve_digits merges", overwrite=True)
+    res = train_metanet(zoo, TrainConfig(model=cfg.metanet, epochs=cfg.metanet_epochs, patience=cfg.metanet_epochs,
+                                         seed=0), folder / "metanet", progress=False, overwrite=True)
+    zoo_s = time.perf_counter() - t0
+    data_free = {**search, "objectives": [{"metanet": {"metanet": str(folder / "metanet")}}]}
+    t0 = time.perf_counter()
+    r = run_search(data_free, folder / "search_metanet", plugins=("metanets.objective",))
+    sd = merge_in_memory(folder / "search_metanet" / "best_recipe.yml", MergeOptions(workers=1))
+    val, test = evaluate(sd, "val"), evaluate(sd, "test")
+    zoo_vals = [100.0 * a for a in zoo.field("test_acc")]
+    return {
+        "metanet": cfg.metanet, "merges": cfg.merge_zoo,
+        "fit": {k: res.metrics[k] for k in ("kendall_tau", "r2", "prediction_spread", "test_records")},
+        "predicted": 100.0 * r.best[0].values[0], "val": val, "test": test,
+        "val_rank_among_search_trials": 1 + sum(v > val for v in searched_val), "search_trials": len(searched_val),
+        "val_percentile_among_random_merges": 100.0 * sum(v <= val for v in zoo_vals) / len(zoo_vals),
+        "seconds": {"zoo_and_training": round(zoo_s, 1), "search": round(time.perf_counter() - t0, 1)},
+    }
 
 
 def _trials(folder: Path) -> list[Any]:
@@ -218,6 +271,7 @@ def summarise(cfg: Config, runs: list[dict[str, Any]]) -> dict[str, Any]:
     s: dict[str, Any] = {"evolved": ms([r["evolved"]["test"] for r in runs])}
     for k in HAND_SET:
         s[k] = ms([r[k]["test"] for r in runs])
+    s["metanet"] = ms([r["metanet"]["test"] for r in runs])
     s["best_source"] = ms([max(v["test"] for v in r["sources"].values()) for r in runs])
     s["base"] = ms([r["base"]["test"] for r in runs])
     beats = {k: sum(r["evolved"]["test"] > r[k]["test"] for r in runs) for k in HAND_SET}
@@ -230,21 +284,26 @@ def summarise(cfg: Config, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "seeds where evolved beats each hand-set recipe": beats,
         "mean margin over the best hand-set recipe (test, points)": float(np.mean(
             [r["evolved"]["test"] - b for r, b in zip(runs, best_hand, strict=True)])),
+        "data-free (metanet) choice: rank of its real val accuracy among the data-driven search's trials":
+            [f"{r['metanet']['val_rank_among_search_trials']}/{r['metanet']['search_trials']}" for r in runs],
+        "data-free (metanet) choice beats the best source model (test, every seed)": all(
+            r["metanet"]["test"] > max(v["test"] for v in r["sources"].values()) for r in runs),
     }
     return s
 
 
 def table(cfg: Config, runs: list[dict[str, Any]], s: dict[str, Any]) -> str:
     lines = [f"mean test accuracy over {len(cfg.tasks)} tasks (%), {len(runs)} seed(s); chosen on validation",
-             f"{'recipe':34s} {'test mean ± std':>16s}   per seed"]
+             f"{'recipe':44s} {'test mean ± std':>16s}   per seed"]
 
     def row(name: str, key: str, per: list[float]) -> None:
-        lines.append(f"{name:34s} {s[key]['mean']:7.2f} ± {s[key]['std']:5.2f}   "
+        lines.append(f"{name:44s} {s[key]['mean']:7.2f} ± {s[key]['std']:5.2f}   "
                      + " ".join(f"{v:6.2f}" for v in per))
 
     row(f"evolved ({cfg.sampler}, {cfg.trials} trials)", "evolved", [r["evolved"]["test"] for r in runs])
     for k in HAND_SET:
         row(f"{k} (grid on val)" if k != "adamerging" else "adamerging (layer-wise)", k, [r[k]["test"] for r in runs])
+    row(f"evolved, {cfg.metanet} metanet objective (no data)", "metanet", [r["metanet"]["test"] for r in runs])
     row("best single source model", "best_source", [max(v["test"] for v in r["sources"].values()) for r in runs])
     row("base (pre-trained)", "base", [r["base"]["test"] for r in runs])
     lines.append("")
@@ -253,6 +312,14 @@ def table(cfg: Config, runs: list[dict[str, Any]], s: dict[str, Any]) -> str:
         lines.append(f"seed {r['seed']}: evolved {e['method']}, val {e['val']:.2f} (search {e['search_val']:.2f}), "
                      f"best at trial {e['trial_of_best']}, {e['trials']} trials in {e['seconds']} s; "
                      f"TIES chose {r['ties']['chosen']}, DARE {r['dare_ties']['chosen']}")
+    for r in runs:
+        m = r["metanet"]
+        lines.append(f"seed {r['seed']}: metanet ({m['merges']} random merges) held-out fit "
+                     f"(test split of {m['fit']['test_records']}): Kendall τ {m['fit']['kendall_tau']:.2f}, "
+                     f"R² {m['fit']['r2']:.2f}; its choice: predicted {m['predicted']:.2f}, real val {m['val']:.2f} "
+                     f"(rank {m['val_rank_among_search_trials']}/{m['search_trials']} among the data search's "
+                     f"trials, above {m['val_percentile_among_random_merges']:.0f} % of the random merges), "
+                     f"test {m['test']:.2f}")
     lines.append("")
     for k, v in s["claims"].items():
         lines.append(f"{k}: {v}")
@@ -265,23 +332,24 @@ def plot(cfg: Config, runs: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     ax = axes[0]
-    for r in runs:
-        ax.plot(range(1, len(r["evolved"]["history"]) + 1), r["evolved"]["history"], label=f"seed {r['seed']}")
-        ax.axhline(max(r[k]["val"] for k in HAND_SET), ls="--", lw=0.8, color="grey")
+    for i, r in enumerate(runs):
+        ax.plot(range(1, len(r["evolved"]["history"]) + 1), r["evolved"]["history"], label=f"seed {r['seed']}",
+                color=f"C{i}")
+        ax.axhline(max(r[k]["val"] for k in HAND_SET), ls="--", lw=0.8, color=f"C{i}")
     ax.set_xlabel("trial")
     ax.set_ylabel("best validation accuracy so far (%)")
-    ax.set_title("search history (dashed: best hand-set recipe on val)")
+    ax.set_title("search history (dashed: the seed's best hand-set recipe, val)")
     ax.legend(fontsize=8)
     ax = axes[1]
-    names = ["evolved", *HAND_SET, "best source"]
-    vals = [[r["evolved"]["test"] for r in runs], *[[r[k]["test"] for r in runs] for k in HAND_SET],
+    names = ["evolved", "metanet\n(no data)", "TA", "TIES", "DARE\nTIES", "Ada-\nMerging", "best\nsource"]
+    vals = [[r["evolved"]["test"] for r in runs], [r["metanet"]["test"] for r in runs],
+            *[[r[k]["test"] for r in runs] for k in HAND_SET],
             [max(v["test"] for v in r["sources"].values()) for r in runs]]
-    ax.bar(names, [np.mean(v) for v in vals], yerr=[np.std(v) for v in vals], color=["C3"] + ["C0"] * 5)
+    ax.bar(names, [np.mean(v) for v in vals], yerr=[np.std(v) for v in vals], color=["C3", "C1"] + ["C0"] * 5)
     ax.set_ylim(min(np.mean(v) for v in vals) - 10, 100)
     ax.set_ylabel("mean test accuracy (%)")
-    ax.tick_params(axis="x", rotation=25)
     ax.set_title("held-out test accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
