@@ -199,23 +199,10 @@ def inspect(path: str, revision: str | None, allow_pickle: bool, as_json: bool, 
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with parameter schemas).")
 def methods(as_json: bool) -> None:
     """List the merge methods, their parameters and papers."""
-    from merge.methods import all_methods
+    from merge.catalogue import read_catalogue, render
 
-    specs = all_methods()
-    if as_json:
-        click.echo(json.dumps([{**s.describe(), "schema": s.json_schema()} for s in specs], indent=2))
-        return
-    for s in specs:
-        base = {"required": "base required", "optional": "base optional", "ignored": "no base"}[s.base]
-        click.echo(f"{s.name}  ({s.kind.replace('_', '-')}, {base})")
-        click.echo(f"    {s.summary}")
-        click.echo(f"    paper: {s.paper}  {s.url}")
-        for p in s.params.values():
-            default = "required" if p.required else f"default {p.default!r}"
-            scope = "per model" if p.per_model else "global"
-            lo, hi = ("-inf" if p.bounds[0] is None else p.bounds[0]), ("inf" if p.bounds[1] is None else p.bounds[1])
-            within = "" if p.bounds == (None, None) else f" in [{lo}, {hi}]"
-            click.echo(f"    - {p.name}: {p.type_name()}{within}, {scope}, {default}")
+    entries = read_catalogue()  # committed JSON: no torch import (merge/catalogue.py)
+    click.echo(json.dumps(entries, indent=2) if as_json else render(entries))
 
 
 # The service's commands (gRPC is imported only when one of them runs).
