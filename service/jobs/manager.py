@@ -647,9 +647,8 @@ class JobManager:
                     ),
                 )
             elif rec.cancel_requested or kind == "cancelled":
-                self._finish(
-                    job_id, CANCELLED, error=("CANCELLED", "the job was cancelled; no output was written")
-                )
+                kept = "what it did is kept" if get_kind(rec.kind).resumable else "no output was written"
+                self._finish(job_id, CANCELLED, error=("CANCELLED", f"the job was cancelled; {kept}"))
             else:
                 how = (
                     f"signal {-exitcode}"
@@ -661,7 +660,7 @@ class JobManager:
                     FAILED,
                     error=(
                         "ABORTED",
-                        f"the {rec.kind} worker died ({how}; out of memory?); no output was written",
+                        f"the {rec.kind} worker died ({how}; out of memory?); {_left_behind(rec)}",
                     ),
                 )
         run.done.set()

@@ -162,7 +162,7 @@ def test_cancelled_search_stops_and_keeps_its_study(env: dict) -> None:
     wait_for(lambda: c.get_job(job.name).progress.steps_done >= 2, 120, what="first batch")
     c.cancel_job(job.name)
     end = c.wait(job.name, timeout=60)
-    assert state_name(end.state) == "CANCELLED"
+    assert state_name(end.state) == "CANCELLED" and "what it did is kept" in end.error.message
     trials = _study_trials(root / "cancelled")
     assert 2 <= len(trials) < 100 and not (root / "cancelled" / "scratch").exists()
 
