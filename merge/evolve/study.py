@@ -75,6 +75,7 @@ class TrialJob:
 
 
 _SCORERS: dict[str, list[Score]] = {}  # per process: objectives built once (data loaded once)
+_TUNED: list[bool] = []  # the allocator tuned in this process
 
 
 def _scorers(job: TrialJob) -> list[Score]:
@@ -96,8 +97,11 @@ def evaluate_trial(job: TrialJob, scorers: list[Score] | None = None,
                    cancel: threading.Event | None = None) -> dict[str, Any]:
     """Merge one trial's recipe and score it: ``{"values", "seconds"}`` or ``{"error"}``. Never raises
     for the trial's own failure (a bad combination is a failed trial, not a failed search)."""
-    from merge.execute import merge_in_memory, run_merge
+    from merge.execute import merge_in_memory, run_merge, tune_allocator
 
+    if not _TUNED:  # once per process: Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which
+        tune_allocator()  # made every chunk a fresh mmap (4-5x slower trials: bench/evolve.py)
+        _TUNED.append(True)
     t0 = time.perf_counter()
     prev = torch.get_num_threads()
     torch.set_num_threads(max(1, job.threads))
