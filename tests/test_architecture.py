@@ -57,7 +57,8 @@ def _imports(f: Path, *, runtime_only: bool) -> list[tuple[str, int]]:
 
 
 def _sources(*folders: str) -> list[Path]:
-    return sorted(p for d in folders for p in (REPO / d).rglob("*.py") if "_proto" not in p.parts)
+    return sorted(p for d in folders for p in (REPO / d).rglob("*.py")
+                  if "_proto" not in p.parts and not any(part.startswith(".venv") for part in p.parts))
 
 
 def test_layers_point_one_way() -> None:
