@@ -22,6 +22,15 @@ rounded addition exactly. Both follow the same sequence of float64 operations as
 members from scratch (``init``), so removing a member gives exactly the bits of a soup built
 without it, and add-then-remove restores the previous soup bit for bit.
 
+OPCM soups (``method="opcm"``, :mod:`merge.soups.opcm`): Tang et al., "Merging Models on the Fly
+Without Retraining" (arXiv:2501.09522). Members are task models fine-tuned from the soup's ``base``
+and arrive in order; ``add`` is one OPCM step, S ← S + P(τ) with the new task vector projected away
+from the merged update's top singular directions; the state folder holds S (float64) and the
+manifest the task-vector norms, λ and every step's figures; ``build`` writes θ_0 + S/λ. OPCM is
+order-dependent and its projection discards what overlaps earlier members, so a member cannot be
+subtracted: ``remove`` replays OPCM over the remaining members in their order (reading each again),
+which gives exactly the soup that never had the member.
+
 Integrity and atomicity. Every member file's sha256 is recorded when it joins, and checked
 before the file is read again (a changed file is an :class:`~merge.errors.IntegrityError`
 naming it); the state's files are hashed too. An operation writes a new ``state-<gen>/`` and
@@ -39,22 +48,24 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from merge.atomic import atomic_output, check_output, fsync_dir, replace_file
-from merge.checkpoint import Checkpoint, CheckpointWriter, OutputTensor, open_checkpoint
+from merge.checkpoint import Checkpoint, CheckpointWriter, OutputTensor, open_checkpoint, require_finite
 from merge.errors import (
     IntegrityError,
+    InvalidArgumentError,
     ModelNotFoundError,
     NonFiniteError,
     OutputExistsError,
     SoupError,
 )
 from merge.methods.runner import CHUNK_ELEMS, chunk_grid
+from merge.soups import opcm as _opcm
 from merge.soups.members import (
     Component,
     Member,
@@ -78,6 +89,10 @@ MANIFEST = "soup.json"
 LOCK = ".lock"
 FORMAT = "weightsmith-soup"
 VERSION = 1
+#: the manifest version of an OPCM soup (a weightsmith that reads only version 1 refuses it, rather than
+#: building its projected sum as if it were a running sum of members)
+OPCM_VERSION = 2
+METHODS = ("average", "opcm")
 BUILD_INFO = "weightsmith_soup.json"
 OUT_DTYPES = {
     "float32": torch.float32,
@@ -111,10 +126,12 @@ class Soup:
         data = read_json(f)
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise SoupError(f"{f}: not a weightsmith soup manifest")
-        if data.get("version") != VERSION:
+        if data.get("version") not in (VERSION, OPCM_VERSION):
             raise SoupError(
-                f"{f}: soup format version {data.get('version')}, this weightsmith reads {VERSION}"
+                f"{f}: soup format version {data.get('version')}, this weightsmith reads {VERSION} and {OPCM_VERSION}"
             )
+        if data.get("method", "average") not in METHODS:
+            raise SoupError(f"{f}: unknown soup method {data.get('method')!r} (known: {', '.join(METHODS)})")
         return data
 
     @property
@@ -122,8 +139,17 @@ class Soup:
         return [Member.from_json(m) for m in self.manifest["members"]]
 
     @property
+    def method(self) -> str:
+        """``average`` (Diffusion Soup: the weighted mean) or ``opcm`` (continual merging by projection)."""
+        return self.manifest.get("method", "average")
+
+    @property
+    def alpha(self) -> float | None:
+        return self.manifest["opcm"]["alpha"] if self.method == "opcm" else None
+
+    @property
     def soup_id(self) -> str:
-        return _soup_id(self.members)
+        return _soup_id(self.members, self.alpha)
 
     @property
     def total_weight(self) -> float:
@@ -151,12 +177,28 @@ class Soup:
         base: str | Path | None = None,
         dtype: str | None = None,
         name: str | None = None,
+        method: str = "average",
+        alpha: float | None = None,
         progress: Progress | None = None,
     ) -> Soup:
-        """Create a soup folder at ``path`` (which must not exist) with the given members, atomically."""
+        """Create a soup folder at ``path`` (which must not exist) with the given members, atomically.
+
+        ``method="opcm"`` (needs ``base``; ``alpha`` default 0.5) makes a continual OPCM soup: the members
+        are merged in the given order, one OPCM step each (Tang et al., arXiv:2501.09522)."""
         path = Path(path)
         if path.exists():
             raise OutputExistsError(f"{path}: already exists (a soup is created in a new folder)")
+        if method not in METHODS:
+            raise SoupError(f"soup method {method!r}: expected one of {', '.join(METHODS)}")
+        if method == "opcm":
+            alpha = _opcm.check_alpha(_opcm.ALPHA if alpha is None else alpha)
+            if base is None:
+                raise SoupError(
+                    "an OPCM soup needs a base (--base): the pretrained model its members' task vectors "
+                    "are taken from"
+                )
+        elif alpha is not None:
+            raise InvalidArgumentError("alpha is a parameter of OPCM soups (method 'opcm'), not of averaging soups")
         check_output(path, overwrite=False, inputs=[*(members or []), *([base] if base is not None else [])])
         if dtype is not None and dtype not in OUT_DTYPES:
             raise SoupError(f"dtype {dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
@@ -165,6 +207,9 @@ class Soup:
         weights = list(weights) if weights is not None else [1.0] * len(members)
         if len(ids) != len(members) or len(weights) != len(members):
             raise SoupError(f"{len(members)} members but {len(ids)} ids and {len(weights)} weights")
+        if method == "opcm":
+            for mid, w in zip(ids, weights, strict=True):
+                _check_opcm_weight(w, mid)
         base_rec = None
         ref: tuple[str, Any, str] | None = None  # kind, signature, what it is
         if base is not None:
@@ -184,9 +229,10 @@ class Soup:
             (tmp / LOCK).touch()
             manifest = {
                 "format": FORMAT,
-                "version": VERSION,
+                "version": OPCM_VERSION if method == "opcm" else VERSION,
                 "name": name or path.name,
                 "created": now_utc(),
+                "method": method,
                 "kind": ref[0] if ref else None,
                 "signature": ref[1] if ref else None,
                 "signature_from": ref[2] if ref else None,
@@ -200,9 +246,16 @@ class Soup:
             ver = Verifier()
             for r in recs:
                 ver.trust(r)
-            manifest["state"] = _write_state(tmp, 1, recs, None, None, ver, progress)
+            if method == "opcm":
+                assert base_rec is not None and alpha is not None
+                ver.trust(_base_member(base_rec))
+                manifest["state"], manifest["opcm"] = _write_opcm_state(
+                    tmp, 1, recs, None, None, ver, progress, _base_member(base_rec), {"alpha": alpha}
+                )
+            else:
+                manifest["state"] = _write_state(tmp, 1, recs, None, None, ver, progress)
             manifest["members"] = [r.to_json() for r in recs]
-            manifest["history"].append(_event("init", None, recs))
+            manifest["history"].append(_event("init", None, recs, alpha))
             _write_manifest(tmp, manifest)
         return cls(path)
 
@@ -215,13 +268,16 @@ class Soup:
         weight: float = 1.0,
         progress: Progress | None = None,
     ) -> Soup:
-        """Add a member (continual learning: S ← S + w·θ). Atomic: on any error the soup is unchanged."""
+        """Add a member (continual learning: S ← S + w·θ; in an OPCM soup, one OPCM step). Atomic: on any
+        error the soup is unchanged."""
         member = Path(member)
         with self._locked(exclusive=True):
             self._cleanup()
             members = self.members
             mid = id or _default_id(member)
             _check_id(mid, members)
+            if self.method == "opcm":
+                _check_opcm_weight(weight, mid)
             rec, layout = new_member(member, mid, _check_weight(weight, mid), progress)
             ver = Verifier()
             ver.trust(rec)  # hashed a moment ago
@@ -242,7 +298,8 @@ class Soup:
 
     def remove(self, member_id: str, *, progress: Progress | None = None) -> Soup:
         """Remove a member (unlearning): the sums are recomputed from the remaining members, so the
-        result is exactly the soup of the others. Atomic: on any error the soup is unchanged."""
+        result is exactly the soup of the others. In an OPCM soup, OPCM is replayed over the remaining
+        members in their order (the projection cannot be undone). Atomic: on any error the soup is unchanged."""
         with self._locked(exclusive=True):
             self._cleanup()
             members = self.members
@@ -264,7 +321,14 @@ class Soup:
     ) -> None:
         old_state = self.manifest.get("state")
         gen = int(self.manifest.get("generation", 1)) + 1
-        state = _write_state(self.path, gen, members, incremental, old_state, ver, progress)
+        opcm = None
+        if self.method == "opcm":
+            state, opcm = _write_opcm_state(
+                self.path, gen, members, incremental, old_state, ver, progress,
+                _base_member(self.manifest["base"]), self.manifest["opcm"],
+            )  # fmt: skip
+        else:
+            state = _write_state(self.path, gen, members, incremental, old_state, ver, progress)
         try:
             if progress:
                 progress("commit", 0, 1)
@@ -272,7 +336,9 @@ class Soup:
             manifest["generation"] = gen
             manifest["members"] = [m.to_json() for m in members]
             manifest["state"] = state
-            manifest["history"] = [*manifest["history"], _event(op, mid, members)]
+            if opcm is not None:
+                manifest["opcm"] = opcm
+            manifest["history"] = [*manifest["history"], _event(op, mid, members, self.alpha)]
             _write_manifest(self.path, manifest)
         except BaseException:
             if state is not None:
@@ -322,7 +388,7 @@ class Soup:
             state = self.manifest.get("state")
             base = self.manifest.get("base")
             if verify and base:
-                bm = Member("base", base["path"], 1.0, base["files"], base["components"])
+                bm = _base_member(base)
                 try:
                     v = Verifier()
                     v.check(bm, v.layout(bm), sorted(bm.files))
@@ -333,12 +399,14 @@ class Soup:
                 "path": str(self.path),
                 "name": self.manifest.get("name"),
                 "kind": self.manifest.get("kind"),
+                "method": self.method,
+                "opcm": self.manifest.get("opcm"),
                 "dtype": self.manifest.get("dtype"),
-                "soup_id": _soup_id(members),
+                "soup_id": _soup_id(members, self.alpha),
                 "members": rows,
                 "total_weight": _total_weight(members),
                 "summed": state["summed"] if state else [],
-                "copied": _copied(members),
+                "copied": [] if self.method == "opcm" else _copied(members),
                 "base": base,
                 "history": self.manifest["history"],
                 "leftovers": [f.name for f in self._leftovers()],
@@ -352,11 +420,14 @@ class Soup:
         shard_size: int = 5 * 10**9,
         progress: Progress | None = None,
     ) -> dict[str, Any]:
-        """Write the soup Σ w_i θ_i / Σ w_i as a checkpoint (or diffusers) folder at ``out``, atomically."""
+        """Write the soup Σ w_i θ_i / Σ w_i (an OPCM soup: θ_0 + S/λ) as a checkpoint (or diffusers)
+        folder at ``out``, atomically."""
         with self._locked(exclusive=False):
             members = self.members
             if not members:
                 raise SoupError(f"{self.path}: the soup has no members; nothing to build")
+            if self.method == "opcm":
+                return self._build_opcm(out, overwrite, shard_size, progress)
             out = check_output(out, overwrite=overwrite, inputs=[self.path, *(m.path for m in members)])
             state = self.manifest.get("state")
             ver = Verifier()
@@ -377,7 +448,11 @@ class Soup:
                     for comp in summed:
                         c = rlayout.components[comp]
                         skip |= weight_files_of(rlayout, c)
-                        _build_component(tree, rlayout, c, sums, total, dtype, shard_size, progress)
+                        ck = rlayout.open(comp)
+                        try:
+                            _build_component(tree, c, ck, _mean_of(sums, comp, total), dtype, shard_size, progress)
+                        finally:
+                            ck.close()
                     copied = [rel for rel in rlayout.files() if rel not in skip and rel != BUILD_INFO]
                     for i, rel in enumerate(copied):
                         dst = tree / (rlayout.components[""].weights_name if rlayout.root.is_file() else rel)
@@ -400,6 +475,58 @@ class Soup:
             finally:
                 if sums is not None:
                     sums.close()
+        return {"out": str(out), **info}
+
+    def _build_opcm(
+        self, out: str | Path, overwrite: bool, shard_size: int, progress: Progress | None
+    ) -> dict[str, Any]:
+        """θ_0 + S/λ from the base and the state alone (the members are not read: OPCM's point is that
+        merged models need not be kept); the base's other files (config...) are copied, verified."""
+        members = self.members
+        base = _base_member(self.manifest["base"])
+        out = check_output(out, overwrite=overwrite, inputs=[self.path, base.path, *(m.path for m in members)])
+        state = self.manifest["state"]
+        opcm = self.manifest["opcm"]
+        lam = float(opcm["lambda"])
+        ver = Verifier()
+        blayout = ver.layout(base)
+        for comp in state["summed"]:
+            ver.weights(base, comp, stamped=True)
+        sums = _open_state(self.path, state)
+        dtype = OUT_DTYPES.get(self.manifest.get("dtype") or "")
+        try:
+            with atomic_output(out, overwrite=overwrite, what="soup build") as tree:
+                skip: set[str] = set()
+                for comp in state["summed"]:
+                    c = blayout.components[comp]
+                    skip |= weight_files_of(blayout, c)
+                    ck = blayout.open(comp)
+                    try:
+                        _build_component(tree, c, ck, _opcm_of(sums, ck, comp, lam), dtype, shard_size, progress)
+                    finally:
+                        ck.close()
+                copied = [rel for rel in blayout.files() if rel not in skip and rel != BUILD_INFO]
+                for i, rel in enumerate(copied):
+                    copy_verified(base, blayout, rel, tree / rel)
+                    if progress:
+                        progress("write", i + 1, len(copied))
+                info = {
+                    "soup": str(self.path.resolve()),
+                    "soup_id": _soup_id(members, self.alpha),
+                    "kind": self.manifest["kind"],
+                    "method": "opcm",
+                    "alpha": opcm["alpha"],
+                    "lambda": lam,
+                    "task_norms": [s["task_norm"] for s in opcm["steps"]],
+                    "summed": state["summed"],
+                    "copied": [],
+                    "base": {"path": base.path, "hash": base.hash},
+                    "members": [{"id": m.id, "path": m.path, "hash": m.hash} for m in members],
+                    "paper": _opcm.PAPER,
+                }
+                (tree / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        finally:
+            sums.close()
         return {"out": str(out), **info}
 
 
@@ -426,6 +553,20 @@ def _check_weight(w: float, mid: str) -> float:
     return w
 
 
+def _check_opcm_weight(w: float, mid: str) -> None:
+    if float(w) != 1.0:
+        raise SoupError(
+            f"member '{mid}': OPCM soups have no member weights (got {w}); OPCM scales the merged update "
+            "by λ_t from the task-vector norms"
+        )
+
+
+def _base_member(base: dict[str, Any]) -> Member:
+    """The soup's recorded base as a :class:`Member`, for the Verifier. Its id, ``(base)``, cannot be a
+    member's (ids start with a letter or digit), so the Verifier's and the readers' caches keep them apart."""
+    return Member("(base)", base["path"], 1.0, base["files"], base["components"], stamps=base.get("stamps", {}))
+
+
 def _total_weight(members: list[Member]) -> float:
     total = 0.0
     for m in members:
@@ -433,17 +574,21 @@ def _total_weight(members: list[Member]) -> float:
     return total
 
 
-def _soup_id(members: list[Member]) -> str:
-    h = hashlib.sha256(json.dumps([[m.id, m.hash, m.weight] for m in members]).encode())
+def _soup_id(members: list[Member], opcm_alpha: float | None = None) -> str:
+    """A digest of what the soup is made of (and, for OPCM, of alpha; the member order is in the list)."""
+    rows: list[Any] = [[m.id, m.hash, m.weight] for m in members]
+    if opcm_alpha is not None:
+        rows = ["opcm", opcm_alpha, *rows]
+    h = hashlib.sha256(json.dumps(rows).encode())
     return h.hexdigest()[:16]
 
 
-def _event(op: str, mid: str | None, members: list[Member]) -> dict[str, Any]:
+def _event(op: str, mid: str | None, members: list[Member], opcm_alpha: float | None = None) -> dict[str, Any]:
     e: dict[str, Any] = {"op": op, "time": now_utc()}
     if mid is not None:
         e["member"] = mid
     e["members"] = [m.id for m in members]
-    e["soup_id"] = _soup_id(members)
+    e["soup_id"] = _soup_id(members, opcm_alpha)
     return e
 
 
@@ -556,6 +701,89 @@ def _write_state(
     return {"dir": dirname, "summed": summed, "files": files}
 
 
+def _write_opcm_state(
+    folder: Path,
+    gen: int,
+    members: list[Member],
+    incremental: tuple[list[Member], Member] | None,
+    old_state: dict[str, Any] | None,
+    ver: Verifier,
+    progress: Progress | None,
+    base: Member,
+    old: dict[str, Any],
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Write ``state-<gen>/`` with OPCM's S_T (float64, every floating tensor of every component) and
+    return it with the manifest's ``opcm`` record (alpha, λ_T, ‖S_T‖, one entry per step).
+
+    With ``incremental = (previous members, new member)`` and a previous state, one step from the
+    stored S; otherwise OPCM is replayed over ``members`` in order from the base. The replay goes
+    tensor by tensor (each tensor's S depends only on its own history; λ only on the per-step
+    norms, summed over tensors in the same sorted order as :class:`merge.soups.opcm.ContinualOPCM`),
+    so it holds one tensor per member at a time and gives the same bits as the steps one by one."""
+    alpha = float(old["alpha"])
+    if not members:
+        return None, {"alpha": alpha, "lambda": 1.0, "sum_norm": 0.0, "steps": []}
+    blayout = ver.layout(base)
+    comps = sorted(blayout.components)
+    plans: list[tuple[str, str, tuple[int, ...]]] = []
+    for comp in comps:
+        ck = blayout.open(comp)
+        try:
+            plans += [(comp, t, ck.shape(t)) for t in ck if ck.dtype(t).is_floating_point]
+        finally:
+            ck.close()
+    plans.sort(key=lambda p: _state_name(p[0], p[1]))
+    step_from = incremental is not None and old_state is not None
+    contributors = [incremental[1]] if step_from and incremental else members
+    sums = _open_state(folder, old_state) if step_from and old_state else None
+    prev_steps = list(old.get("steps", [])) if step_from else []
+    n = len(contributors)
+    tau_sq, kept_sq, sum_sq = [0.0] * n, [0.0] * n, [0.0] * n
+    opened: dict[tuple[str, str], Checkpoint] = {}
+
+    def ckpt(m: Member, comp: str) -> Checkpoint:
+        key = (m.id, comp)
+        if key not in opened:
+            opened[key] = ver.weights(m, comp).open(comp)
+        return opened[key]
+
+    outputs = [OutputTensor(_state_name(c, t), s, torch.float64) for c, t, s in plans]
+    dirname = f"state-{gen:06d}"
+    try:
+        with CheckpointWriter(
+            folder / dirname, outputs, metadata={"weightsmith": "OPCM soup state (sum of projected task vectors)"},
+            what=None,
+        ) as w:
+            for done, (comp, t, _shape) in enumerate(plans, 1):
+                b = require_finite(ckpt(base, comp)[t], f"{ckpt(base, comp).path} (the soup's base)", t)
+                prev = sums[_state_name(comp, t)] if sums is not None else None
+                for j, m in enumerate(contributors):
+                    c = ckpt(m, comp)
+                    x = require_finite(c[t], f"{c.path} (soup member '{m.id}')", t)
+                    prev, t2, p2, s2 = _opcm.step_tensor(prev, b, x, alpha)
+                    tau_sq[j] += t2
+                    kept_sq[j] += p2
+                    sum_sq[j] += s2
+                assert prev is not None
+                w.write(_state_name(comp, t), prev)
+                if progress:
+                    progress("sum", done, len(plans))
+    finally:
+        for c in opened.values():
+            c.close()
+        if sums is not None:
+            sums.close()
+    norms = [float(s["task_norm"]) for s in prev_steps]
+    steps = list(prev_steps)
+    for j, m in enumerate(contributors):
+        steps.append(_opcm.step_stats(norms, tau_sq[j], kept_sq[j], sum_sq[j], m.id).to_json())
+    d = folder / dirname
+    files = {f.name: sha256_file(f) for f in sorted(d.iterdir()) if f.is_file()}
+    state = {"dir": dirname, "summed": comps, "files": files}
+    last = steps[-1]
+    return state, {"alpha": alpha, "lambda": last["lambda"], "sum_norm": last["sum_norm"], "steps": steps}
+
+
 def _accumulate(acc: torch.Tensor | None, x: torch.Tensor, weight: float) -> torch.Tensor:
     """acc + w·x in float64, as two separately rounded operations (never a fused multiply-add), so
     that an incremental sum and a from-scratch sum perform the same operations bit for bit."""
@@ -563,50 +791,66 @@ def _accumulate(acc: torch.Tensor | None, x: torch.Tensor, weight: float) -> tor
     return t if acc is None else acc.add_(t)
 
 
+#: the value of rows r0:r1 of a floating tensor of the built soup, in the given dtype
+RowsFn = Callable[[str, int, int, torch.dtype], torch.Tensor]
+
+
+def _mean_of(sums: Checkpoint | None, comp: str, total: float) -> RowsFn:
+    assert sums is not None
+
+    def rows(t: str, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        return sums.rows(_state_name(comp, t), r0, r1).div(total).to(dtype)
+
+    return rows
+
+
+def _opcm_of(sums: Checkpoint, base: Checkpoint, comp: str, lam: float) -> RowsFn:
+    def rows(t: str, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        return _opcm.merged_tensor(base.rows(t, r0, r1), sums.rows(_state_name(comp, t), r0, r1), lam, dtype)
+
+    return rows
+
+
 def _build_component(
     tree: Path,
-    rlayout: SoupLayout,
     comp: Component,
-    sums: Checkpoint | None,
-    total: float,
+    ref: Checkpoint,
+    value: RowsFn,
     dtype: torch.dtype | None,
     shard_size: int,
     progress: Progress | None,
 ) -> None:
-    assert sums is not None
-    ref = rlayout.open(comp.name)
-    try:
-        names = list(ref.keys())
-        outputs = [
-            OutputTensor(
-                t,
-                ref.shape(t),
-                dtype if dtype is not None and ref.dtype(t).is_floating_point else ref.dtype(t),
-            )
-            for t in names
-        ]
-        target = tree / comp.folder if comp.folder else tree
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with CheckpointWriter(
-            target,
-            outputs,
-            shard_size=shard_size,
-            metadata={"weightsmith": "soup"},
-            weights_name=comp.weights_name,
-            overwrite=True,  # the root component fills the build's own (empty) temporary folder
-            what=None,
-        ) as w:
-            for i, o in enumerate(outputs):
-                for r0, r1 in chunk_grid(o.shape, CHUNK_ELEMS):
-                    if ref.dtype(o.name).is_floating_point:
-                        x = sums.rows(_state_name(comp.name, o.name), r0, r1).div(total).to(o.dtype)
-                    else:
-                        x = ref.rows(o.name, r0, r1)
-                    w.write_rows(o.name, r0, r1, x)
-                if progress:
-                    progress("write", i + 1, len(outputs))
-    finally:
-        ref.close()
+    """Write one component: floating tensors from ``value``, the others copied from ``ref`` (which also
+    gives the names, shapes and default dtypes)."""
+    names = list(ref.keys())
+    outputs = [
+        OutputTensor(
+            t,
+            ref.shape(t),
+            dtype if dtype is not None and ref.dtype(t).is_floating_point else ref.dtype(t),
+        )
+        for t in names
+    ]
+    target = tree / comp.folder if comp.folder else tree
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with CheckpointWriter(
+        target,
+        outputs,
+        shard_size=shard_size,
+        metadata={"weightsmith": "soup"},
+        weights_name=comp.weights_name,
+        overwrite=True,  # the root component fills the build's own (empty) temporary folder
+        what=None,
+    ) as w:
+        for i, o in enumerate(outputs):
+            for r0, r1 in chunk_grid(o.shape, CHUNK_ELEMS):
+                if ref.dtype(o.name).is_floating_point:
+                    x = value(o.name, r0, r1, o.dtype)
+                else:
+                    x = ref.rows(o.name, r0, r1)
+                w.write_rows(o.name, r0, r1, x)
+            if progress:
+                progress("write", i + 1, len(outputs))
 
 
 def _fsync_tree(folder: Path) -> None:

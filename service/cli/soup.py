@@ -1,7 +1,8 @@
-"""``weightsmith soup ...``: living soup folders (Diffusion Soup) and greedy soups, from the shell.
+"""``weightsmith soup ...``: living soup folders (Diffusion Soup, continual OPCM) and greedy soups, from the shell.
 
 ``init | add | remove | build | show`` work on a soup folder (``merge.soups.folder``); each is atomic: a
-failed or interrupted ``add`` or ``remove`` leaves the soup exactly as it was. ``greedy`` runs
+failed or interrupted ``add`` or ``remove`` leaves the soup exactly as it was. ``init --method opcm``
+makes a continual-merging soup (Tang et al., OPCM, arXiv:2501.09522): each ``add`` is one OPCM step. ``greedy`` runs
 the greedy soup search (``merge.methods.soups.greedy_soup``) with a scorer the user names as
 ``module:function`` (or ``path/to/file.py:function``) and writes the soup through the merge
 engine. Errors print one line ``error: ...`` on stderr and exit with code 2.
@@ -64,14 +65,18 @@ def _short(h: str) -> str:
 
 
 def _print_show(info: dict[str, Any]) -> None:
+    opcm = info.get("opcm") if info.get("method") == "opcm" else None
+    method = f"OPCM (alpha {opcm['alpha']:g}), " if opcm else ""
     click.echo(
-        f"soup {info['name']} at {info['path']}: {len(info['members'])} member(s), {info['kind'] or 'empty'}, "
-        f"soup id {info['soup_id']}"
+        f"soup {info['name']} at {info['path']}: {len(info['members'])} member(s), {method}"
+        f"{info['kind'] or 'empty'}, soup id {info['soup_id']}"
     )
     if info["base"]:
         status = f"  [{info['base']['status']}]" if "status" in info["base"] else ""
         click.echo(f"  base: {info['base']['path']} (sha256 {_short(info['base']['hash'])}){status}")
-    if info["members"]:
+    if opcm:
+        _print_opcm_steps(info, opcm)
+    elif info["members"]:
         width = max(len(m["id"]) for m in info["members"])
         for m in info["members"]:
             status = f"  [{m['status']}]" if "status" in m else ""
@@ -95,9 +100,26 @@ def _print_show(info: dict[str, Any]) -> None:
         )
 
 
+def _print_opcm_steps(info: dict[str, Any], opcm: dict[str, Any]) -> None:
+    """One line per OPCM step, in arrival order: ‖τ_t‖, the share of it the projection kept, ‖S_t‖, λ_t."""
+    steps = opcm.get("steps") or []
+    paths = {m["id"]: m for m in info["members"]}
+    if not steps:
+        return
+    width = max(4, *(len(s["name"]) for s in steps))
+    click.echo(f"  {'step':>4}  {'member':<{width}}  {'|tau|':>10}  {'kept':>6}  {'|sum|':>10}  {'lambda':>7}")
+    for s in steps:
+        m = paths.get(s["name"], {})
+        status = f"  [{m['status']}]" if "status" in m else ""
+        click.echo(
+            f"  {s['step']:>4}  {s['name']:<{width}}  {s['task_norm']:>10.4g}  {100 * s['kept']:>5.1f}%  "
+            f"{s['sum_norm']:>10.4g}  {s['lambda']:>7.4f}  {_short(m.get('hash', ''))}  {m.get('path', '')}{status}"
+        )
+
+
 @click.group()
 def soup() -> None:
-    """Living model soups (Diffusion Soup): add and remove members, build the average; greedy soups."""
+    """Living model soups (Diffusion Soup, continual OPCM): add and remove members, build; greedy soups."""
 
 
 @soup.command("init")
@@ -110,7 +132,24 @@ def soup() -> None:
     "--weight", "weights", multiple=True, type=float, help="Member weight, one per MEMBER (default 1)."
 )
 @click.option(
-    "--base", default=None, help="The common pretrained checkpoint (recorded, and members must match it)."
+    "--base",
+    default=None,
+    help="The common pretrained checkpoint (recorded, and members must match it; required by --method opcm).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["average", "opcm"]),
+    default="average",
+    show_default=True,
+    help="average: Diffusion Soup's weighted mean; opcm: continual merging, one OPCM step per member in order "
+    "(Tang et al. 2025).",
+)
+@click.option(
+    "--alpha",
+    type=float,
+    default=None,
+    help="OPCM: the fraction in [0, 1] of the merged update's singular-value sum whose directions a new task "
+    "vector is projected away from (default 0.5).",
 )
 @click.option(
     "--dtype",
@@ -126,10 +165,12 @@ def init_cmd(
     ids: tuple[str, ...],
     weights: tuple[float, ...],
     base: str | None,
+    method: str,
+    alpha: float | None,
     dtype: str | None,
     as_json: bool,
 ) -> None:
-    """Create the soup folder SOUP_DIR with MEMBERS (checkpoints or diffusers folders)."""
+    """Create the soup folder SOUP_DIR with MEMBERS (checkpoints or diffusers folders; for OPCM, in arrival order)."""
     from merge.soups.folder import Soup
 
     if ids and len(ids) != len(members):
@@ -145,6 +186,8 @@ def init_cmd(
             weights=list(weights) or None,
             base=_resolve(base) if base else None,
             dtype=dtype,
+            method=method,
+            alpha=alpha,
             progress=bar,
         )
     finally:
@@ -161,7 +204,7 @@ def init_cmd(
 @click.option("--json", "as_json", is_flag=True, help="Print the soup as JSON.")
 @_fail_cleanly
 def add_cmd(soup_dir: str, member: str, mid: str | None, weight: float, as_json: bool) -> None:
-    """Add MEMBER to the soup (atomic; the member's files are hashed and recorded)."""
+    """Add MEMBER to the soup (atomic; the member's files are hashed and recorded; OPCM: one step)."""
     from merge.soups.folder import Soup
 
     bar = _Bar()
@@ -172,6 +215,12 @@ def add_cmd(soup_dir: str, member: str, mid: str | None, weight: float, as_json:
     info = s.show()
     if as_json:
         click.echo(json.dumps(info, indent=2))
+    elif info.get("method") == "opcm":
+        last = info["opcm"]["steps"][-1]
+        click.echo(
+            f"added '{info['history'][-1]['member']}' (OPCM step {last['step']}: kept {100 * last['kept']:.1f}% "
+            f"of its task vector, lambda {last['lambda']:.4f}), soup id {info['soup_id']}"
+        )
     else:
         click.echo(
             f"added '{info['history'][-1]['member']}': {len(info['members'])} member(s), "
@@ -185,7 +234,8 @@ def add_cmd(soup_dir: str, member: str, mid: str | None, weight: float, as_json:
 @click.option("--json", "as_json", is_flag=True, help="Print the soup as JSON.")
 @_fail_cleanly
 def remove_cmd(soup_dir: str, member_id: str, as_json: bool) -> None:
-    """Remove MEMBER_ID (unlearning): the rest is re-summed from the remaining members, exactly."""
+    """Remove MEMBER_ID (unlearning): the rest is re-summed from the remaining members, exactly (OPCM: replayed
+    over the remaining members in order, reading each of them again)."""
     from merge.soups.folder import Soup
 
     bar = _Bar()
@@ -212,7 +262,7 @@ def remove_cmd(soup_dir: str, member_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @_fail_cleanly
 def build_cmd(soup_dir: str, out_dir: str, overwrite: bool, shard_size: int, as_json: bool) -> None:
-    """Write the soup (the weighted average of its members) to OUT, in the members' layout."""
+    """Write the soup (the weighted average of its members; OPCM: base + S/lambda) to OUT, in the members' layout."""
     from merge.soups.folder import Soup
 
     bar = _Bar()
@@ -222,6 +272,11 @@ def build_cmd(soup_dir: str, out_dir: str, overwrite: bool, shard_size: int, as_
         bar.close()
     if as_json:
         click.echo(json.dumps(info, indent=2))
+    elif info.get("method") == "opcm":
+        click.echo(
+            f"built OPCM soup {info['soup_id']} of {len(info['members'])} member(s) into {out_dir} "
+            f"(alpha {info['alpha']:g}, lambda {info['lambda']:.4f})"
+        )
     else:
         click.echo(
             f"built soup {info['soup_id']} of {len(info['members'])} member(s) into {out_dir}"
