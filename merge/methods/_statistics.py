@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import save as st_save
@@ -489,3 +489,52 @@ def run_recipe(
     p = learn(base, models, problem, device=device, progress=progress, **kwargs)
     p.verify = verify
     return p
+
+
+class StatisticsPlan:
+    """The files of a plan made of per-model statistics (:class:`merge.methods.regmean.RegMeanPlan`,
+    :class:`merge.methods.fisher.FisherPlan`): a card (the method's parameters) and one tensor of statistics
+    per merged tensor (``<STATS>.<name>``), saved as a merge's ``fusion_plan/`` or a folder of their own."""
+
+    FORMAT: ClassVar[str]
+    STATS: ClassVar[str]  # the tensors-file prefix of the statistics: "gram", "fisher"
+    WHAT: ClassVar[str]  # what they are called in messages: "Gram matrices", "Fisher"
+    keys: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    task_names: list[str]
+    info: dict[str, Any]
+    method: str
+    n_tasks: int
+
+    def card_params(self) -> dict[str, Any]:
+        """The method's own parameters in the card."""
+        raise NotImplementedError
+
+    def card(self) -> dict[str, Any]:
+        return {"format": self.FORMAT, "version": 1, "method": self.method, "n_tasks": self.n_tasks,
+                "task_names": self.task_names, "keys": {k: list(self.shapes[k]) for k in self.keys},
+                **self.card_params(), "info": self.info}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def artifacts(self) -> dict[str, bytes]:
+        """The plan's files, keyed by their path inside a merge's output folder (engine hook)."""
+        return plan_artifacts(self.FORMAT, self.card(), self.tensors())
+
+    def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the plan folder atomically (a temp folder, fsync, one rename)."""
+        return save_plan(self.artifacts(), folder, overwrite, f"{self.method} plan")
+
+    @classmethod
+    def read(cls, path: str | Path, method: str
+             ) -> tuple[dict[str, Any], dict[str, torch.Tensor], str, list[str], dict[str, Any], dict[str, Any]]:
+        """``(card, tensors, where, keys, shapes, statistics)`` of a plan folder (or its ``plan.json``)."""
+        card, tensors, where = read_plan(path, cls.FORMAT, method)
+        keys, shapes = _card_keys(card, where)
+        stats = {}
+        for k in keys:
+            if f"{cls.STATS}.{k}" not in tensors:
+                raise CheckpointError(f"{where}: no {cls.WHAT} for '{k}' in {TENSORS_FILE}")
+            stats[k] = tensors[f"{cls.STATS}.{k}"]
+        return card, tensors, where, keys, shapes, stats

@@ -51,12 +51,12 @@ from merge.errors import (
     WeightsmithError,
 )
 from merge.methods._fusion import FusionProblem, resolve_device
-from merge.methods._fusion_plan import CARD_FILE, TENSORS_FILE, PlanMismatchError
+from merge.methods._fusion_plan import CARD_FILE, PlanMismatchError
 from merge.methods._statistics import (
     OTHERS,
     LineFn,
     ModelBinding,
-    _card_keys,
+    StatisticsPlan,
     _check_pass,
     _choice,
     _finite,
@@ -68,11 +68,8 @@ from merge.methods._statistics import (
     fingerprint_of,
     merge_others,
     one_pass,
-    plan_artifacts,
-    read_plan,
     reporter,
     run_recipe,
-    save_plan,
 )
 from merge.methods.registry import Code, FilePath, PerModel, merge_method
 from merge.methods.runner import derive_seed
@@ -340,7 +337,7 @@ def compute_fisher(
 
 
 @dataclass
-class FisherPlan:
+class FisherPlan(StatisticsPlan):
     """Each task model's diagonal Fisher (T, *shape) of the tensors in ``keys``, and how to merge the rest.
 
     :meth:`apply` is the engine's per-tensor hook: a tensor in ``keys`` gets :func:`fisher_average`
@@ -365,6 +362,8 @@ class FisherPlan:
     source: str = ""
     method: str = "fisher"
     FORMAT = "weightsmith-fisher-plan"
+    STATS = "fisher"
+    WHAT = "Fisher"
 
     def __post_init__(self) -> None:
         m = self.method
@@ -444,21 +443,9 @@ class FisherPlan:
         return out
 
     # -- files --------------------------------------------------------------------------------------
-    def card(self) -> dict[str, Any]:
-        return {
-            "format": self.FORMAT,
-            "version": 1,
-            "method": self.method,
-            "n_tasks": self.n_tasks,
-            "task_names": self.task_names,
-            "keys": {k: list(self.shapes[k]) for k in self.keys},
-            "weights": self.weights,
-            "epsilon": self.epsilon,
-            "normalize": self.normalize,
-            "others": self.others,
-            "lambda": self.lambda_,
-            "info": self.info,
-        }
+    def card_params(self) -> dict[str, Any]:
+        return {"weights": self.weights, "epsilon": self.epsilon, "normalize": self.normalize,
+                "others": self.others, "lambda": self.lambda_}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"fisher.{k}": self.fishers[k] for k in self.keys}
@@ -466,24 +453,10 @@ class FisherPlan:
             out["fingerprint"] = self.fingerprint.to(torch.float64)
         return out
 
-    def artifacts(self) -> dict[str, bytes]:
-        """The plan's files, keyed by their path inside a merge's output folder (engine hook)."""
-        return plan_artifacts(self.FORMAT, self.card(), self.tensors())
-
-    def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
-        """Write the plan folder atomically (a temp folder, fsync, one rename)."""
-        return save_plan(self.artifacts(), folder, overwrite, "fisher plan")
-
     @classmethod
     def load(cls, path: str | Path, *, verify: bool = True) -> FisherPlan:
         """Read a plan folder (or its ``plan.json``); every inconsistency is a clear error."""
-        card, tensors, where = read_plan(path, cls.FORMAT, "fisher")
-        keys, shapes = _card_keys(card, where)
-        fishers = {}
-        for k in keys:
-            if f"fisher.{k}" not in tensors:
-                raise CheckpointError(f"{where}: no Fisher for '{k}' in {TENSORS_FILE}")
-            fishers[k] = tensors[f"fisher.{k}"]
+        card, tensors, where, keys, shapes, fishers = cls.read(path, "fisher")
         try:
             return cls(
                 keys=keys,

@@ -54,13 +54,13 @@ from merge.methods._fusion import (
     FusionProblem,
     resolve_device,
 )
-from merge.methods._fusion_plan import CARD_FILE, TENSORS_FILE, PlanMismatchError
+from merge.methods._fusion_plan import CARD_FILE, PlanMismatchError
 from merge.methods._statistics import (
     OTHERS,
     LineFn,
     ModelBinding,
     StateDict,
-    _card_keys,
+    StatisticsPlan,
     _check_pass,
     _choice,
     _finite,
@@ -70,11 +70,8 @@ from merge.methods._statistics import (
     fingerprint_of,
     merge_others,
     one_pass,
-    plan_artifacts,
-    read_plan,
     reporter,
     run_recipe,
-    save_plan,
 )
 from merge.methods.registry import Code, FilePath, Fraction, merge_method
 from merge.methods.runner import derive_seed
@@ -256,7 +253,7 @@ def compute_grams(
 
 
 @dataclass
-class RegMeanPlan:
+class RegMeanPlan(StatisticsPlan):
     """The Grams (T, in, in) of the RegMean-merged Linear weights in ``keys``, and how to merge the rest.
 
     :meth:`apply` is the engine's per-tensor hook: a tensor in ``keys`` gets :func:`regmean_weight`
@@ -280,6 +277,8 @@ class RegMeanPlan:
     source: str = ""
     method: str = "regmean"
     FORMAT = "weightsmith-regmean-plan"
+    STATS = "gram"
+    WHAT = "Gram matrices"
 
     def __post_init__(self) -> None:
         _finite(self.alpha, "alpha", self.method, low=0.0)
@@ -352,20 +351,8 @@ class RegMeanPlan:
         return out
 
     # -- files --------------------------------------------------------------------------------------
-    def card(self) -> dict[str, Any]:
-        return {
-            "format": self.FORMAT,
-            "version": 1,
-            "method": self.method,
-            "n_tasks": self.n_tasks,
-            "task_names": self.task_names,
-            "keys": {k: list(self.shapes[k]) for k in self.keys},
-            "alpha": self.alpha,
-            "ridge": self.ridge,
-            "others": self.others,
-            "lambda": self.lambda_,
-            "info": self.info,
-        }
+    def card_params(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "ridge": self.ridge, "others": self.others, "lambda": self.lambda_}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"gram.{k}": self.grams[k] for k in self.keys}
@@ -375,24 +362,10 @@ class RegMeanPlan:
             out["fingerprint"] = self.fingerprint.to(torch.float64)
         return out
 
-    def artifacts(self) -> dict[str, bytes]:
-        """The plan's files, keyed by their path inside a merge's output folder (engine hook)."""
-        return plan_artifacts(self.FORMAT, self.card(), self.tensors())
-
-    def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
-        """Write the plan folder atomically (a temp folder, fsync, one rename)."""
-        return save_plan(self.artifacts(), folder, overwrite, "regmean plan")
-
     @classmethod
     def load(cls, path: str | Path, *, verify: bool = True) -> RegMeanPlan:
         """Read a plan folder (or its ``plan.json``); every inconsistency is a clear error."""
-        card, tensors, where = read_plan(path, cls.FORMAT, "regmean")
-        keys, shapes = _card_keys(card, where)
-        grams = {}
-        for k in keys:
-            if f"gram.{k}" not in tensors:
-                raise CheckpointError(f"{where}: no Gram matrices for '{k}' in {TENSORS_FILE}")
-            grams[k] = tensors[f"gram.{k}"]
+        card, tensors, where, keys, shapes, grams = cls.read(path, "regmean")
         try:
             return cls(
                 keys=keys,
