@@ -21,7 +21,8 @@ def test_evolve_digits_quick(tmp_path: Path) -> None:
     (run,) = result["runs"]
     e = run["evolved"]
     assert e["trials"] == QUICK.trials
-    assert e["val"] == pytest.approx(e["search_val"], abs=1e-6)  # the objective = the example's evaluation
+    # the objective = the example's evaluation (whose per-task accuracy is a float32 mean: 1e-4 of a point)
+    assert e["val"] == pytest.approx(e["search_val"], abs=1e-4)
     assert e["test"] > run["base"]["test"]
     assert e["test"] > max(v["test"] for v in run["sources"].values())
     assert (tmp_path / "evolve" / "seed0" / "search" / "best_recipe.yml").exists()
