@@ -118,8 +118,9 @@ class _Execution:
     def report(self, phase: str, current: str = "") -> None:
         if self.progress is not None:
             p = self.plan
-            self.progress(Progress(phase, self.state["tensors"], p.n_tensors, self.state["bytes"], p.bytes_out,
-                                   current))
+            with self.lock:  # a snapshot and its report in one step: the reports' counts never go back
+                self.progress(Progress(phase, self.state["tensors"], p.n_tensors, self.state["bytes"], p.bytes_out,
+                                       current))
 
     def check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
