@@ -322,67 +322,85 @@ def run_search(
     parallel = scheduler is not None or workers > 1
 
     out.mkdir(parents=True, exist_ok=True)
-    meta = out / "search.json"
-    _write_text(meta, json.dumps({"fingerprint": fingerprint, "config": cfg.model_dump(mode="json")}, indent=2))
-    scratch = out / "scratch"
-    shutil.rmtree(scratch, ignore_errors=True)  # a killed run's scratch merges
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{(out / STUDY).resolve()}")
-    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=directions,
-                                load_if_exists=True)
-    _requeue_interrupted(study)
-    threads = max(1, (os.cpu_count() or 1) // max(1, workers)) if parallel else torch.get_num_threads()
-    context = {"allow_code": allow_code, "device": device, "base_path": str(base_path), "plugins": list(plugins)}
-    executor: Any = _Dask(scheduler, workers) if parallel else _Local(scorers, cancel)
-    stopped = "trials"
-    first_batch = not study.trials
-    ran = 0
+    lock = _lock(out)  # one search per folder at a time (held until this process ends the search)
     try:
-        while True:
-            done = n_done(study)
-            if cfg.budget.trials is not None and done >= cfg.budget.trials:
-                stopped = "trials"
-                break
-            if cfg.budget.seconds is not None and time.perf_counter() - t0 >= cfg.budget.seconds:
-                stopped = "time"
-                break
-            if cancel is not None and cancel.is_set():
-                raise MergeCancelled("search cancelled; the study keeps its finished trials")
-            k = cfg.batch if cfg.budget.trials is None else min(cfg.batch, cfg.budget.trials - done)
-            # the sampler is seeded by the study's size: the same history proposes the same trials,
-            # in one run or resumed, on one process or on a cluster
-            study.sampler = _sampler(cfg, len(objectives), cfg.seed + len(study.trials))
-            asked = [study.ask() for _ in range(k)]
-            chosen = [_suggest(t, space) for t in asked]
-            for t in asked:  # its parameters are complete: a killed run asks them again (_requeue_interrupted)
-                t.set_user_attr("evaluating", True)
-            jobs = [TrialJob(t.number, _with_paths(space.recipe(v), paths), cfg.objectives, context,
-                             in_memory, str(scratch), threads, device) for t, v in zip(asked, chosen, strict=True)]
-            results = executor.map(jobs)
-            for t, r in zip(asked, results, strict=True):
-                t.set_user_attr("seconds", r["seconds"])
-                if "error" in r:
-                    t.set_user_attr("error", r["error"])
-                    study.tell(t, state=optuna.trial.TrialState.FAIL)
-                else:
-                    study.tell(t, r["values"])
-            if first_batch and all("error" in r for r in results):
-                raise RecipeError(f"every trial of the first batch failed; the first: {results[0]['error']}")
-            first_batch = False
-            ran += len(results)
-            if progress is not None:
-                progress(_progress(study, cfg, t0, ran))
+        meta = out / "search.json"
+        _write_text(meta, json.dumps({"fingerprint": fingerprint, "config": cfg.model_dump(mode="json")}, indent=2))
+        scratch = out / "scratch"
+        shutil.rmtree(scratch, ignore_errors=True)  # a killed run's scratch merges
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{(out / STUDY).resolve()}")
+        study = optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=directions,
+                                    load_if_exists=True)
+        _requeue_interrupted(study)
+        threads = max(1, (os.cpu_count() or 1) // max(1, workers)) if parallel else torch.get_num_threads()
+        context = {"allow_code": allow_code, "device": device, "base_path": str(base_path), "plugins": list(plugins)}
+        executor: Any = _Dask(scheduler, workers) if parallel else _Local(scorers, cancel)
+        stopped = "trials"
+        first_batch = not study.trials
+        ran = 0
+        try:
+            while True:
+                done = n_done(study)
+                if cfg.budget.trials is not None and done >= cfg.budget.trials:
+                    stopped = "trials"
+                    break
+                if cfg.budget.seconds is not None and time.perf_counter() - t0 >= cfg.budget.seconds:
+                    stopped = "time"
+                    break
+                if cancel is not None and cancel.is_set():
+                    raise MergeCancelled("search cancelled; the study keeps its finished trials")
+                k = cfg.batch if cfg.budget.trials is None else min(cfg.batch, cfg.budget.trials - done)
+                # the sampler is seeded by the study's size: the same history proposes the same trials,
+                # in one run or resumed, on one process or on a cluster
+                study.sampler = _sampler(cfg, len(objectives), cfg.seed + len(study.trials))
+                asked = [study.ask() for _ in range(k)]
+                chosen = [_suggest(t, space) for t in asked]
+                for t in asked:  # its parameters are complete: a killed run asks them again (_requeue_interrupted)
+                    t.set_user_attr("evaluating", True)
+                jobs = [TrialJob(t.number, _with_paths(space.recipe(v), paths), cfg.objectives, context,
+                                 in_memory, str(scratch), threads, device) for t, v in zip(asked, chosen, strict=True)]
+                results = executor.map(jobs)
+                for t, r in zip(asked, results, strict=True):
+                    t.set_user_attr("seconds", r["seconds"])
+                    if "error" in r:
+                        t.set_user_attr("error", r["error"])
+                        study.tell(t, state=optuna.trial.TrialState.FAIL)
+                    else:
+                        study.tell(t, r["values"])
+                if first_batch and all("error" in r for r in results):
+                    raise RecipeError(f"every trial of the first batch failed; the first: {results[0]['error']}")
+                first_batch = False
+                ran += len(results)
+                if progress is not None:
+                    progress(_progress(study, cfg, t0, ran))
+        finally:
+            executor.close()
+            shutil.rmtree(scratch, ignore_errors=True)
+        result = write_report(study, space, [o.name for o in objectives], out, save_model=save_model,
+                              model_options=MergeOptions(device=device, overwrite=True, path_resolver=path_resolver),
+                              resolver=resolver)
+        result.stopped = stopped
+        result.executor = executor.name
+        result.seconds = round(time.perf_counter() - t0, 3)
+        return result
     finally:
-        executor.close()
-        shutil.rmtree(scratch, ignore_errors=True)
-    result = write_report(study, space, [o.name for o in objectives], out, save_model=save_model,
-                          model_options=MergeOptions(device=device, overwrite=True, path_resolver=path_resolver),
-                          resolver=resolver)
-    result.stopped = stopped
-    result.executor = executor.name
-    result.seconds = round(time.perf_counter() - t0, 3)
-    return result
+        lock.close()
+
+
+def _lock(out: Path) -> Any:
+    """An exclusive ``flock`` on ``OUT/.lock``: a second search (or resume) of the same folder while one runs
+    is refused, instead of two drivers writing one study."""
+    import fcntl
+
+    f = (out / ".lock").open("a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise OutputExistsError(f"{out}: another search is running in this folder") from None
+    return f
 
 
 def search_folder(out: Path, fingerprint: str) -> bool:
@@ -403,7 +421,7 @@ def search_folder(out: Path, fingerprint: str) -> bool:
             raise OutputExistsError(f"{out} holds a search of another config (the config differs; only the "
                                     "budget may change): use a new folder")
         return db.exists()
-    if any(out.iterdir()):
+    if any(p.name != ".lock" for p in out.iterdir()):
         raise OutputExistsError(f"{out} exists and is not a search folder")
     return False
 

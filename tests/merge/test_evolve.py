@@ -265,6 +265,8 @@ def test_resume_after_sigkill_continues_the_same_study(tmp_path):
     env = {**os.environ, "EVOLVE_TEST_SLEEP": "0.15", "PYTHONPATH": str(ROOT)}
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    import sqlite3
+
     import optuna
 
     deadline = time.monotonic() + 180
@@ -273,10 +275,10 @@ def test_resume_after_sigkill_continues_the_same_study(tmp_path):
         time.sleep(0.3)
         assert proc.poll() is None, (tmp_path / "first.log").read_text()
         if (out / "study.db").exists():
-            try:
-                st = optuna.load_study(study_name="weightsmith-evolve", storage=f"sqlite:///{out / 'study.db'}")
-                n_before = sum(t.state == optuna.trial.TrialState.COMPLETE for t in st.trials)
-            except Exception:  # noqa: BLE001 - the study is being created
+            try:  # read-only: opening it with optuna would create its tables beside the search doing so
+                with sqlite3.connect(f"file:{out / 'study.db'}?mode=ro", uri=True) as db:
+                    n_before = db.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+            except sqlite3.OperationalError:  # the study is being created
                 continue
             if n_before >= 6:
                 break
@@ -388,3 +390,18 @@ def test_accuracy_objective_with_a_transformers_classifier(tmp_path):
         pred = net(input_ids=torch.from_numpy(batch["input_ids"]),
                    attention_mask=torch.from_numpy(batch["attention_mask"])).logits.argmax(-1).numpy()
     assert obj.build(ctx)(state) == pytest.approx(float((pred == y).mean()))
+
+
+def test_a_second_search_of_a_folder_in_use_is_refused(tmp_path):
+    from merge.evolve.study import _lock
+
+    m, scorer = _planted(tmp_path / "m")
+    out = tmp_path / "s"
+    out.mkdir()
+    held = _lock(out)  # as a running search holds it
+    try:
+        with pytest.raises(OutputExistsError, match="another search is running"):
+            run_search(_config(m, scorer, budget={"trials": 4}), out, allow_code=True)
+    finally:
+        held.close()
+    assert run_search(_config(m, scorer, budget={"trials": 4}), out, allow_code=True).complete == 4
