@@ -47,6 +47,79 @@ class PlanMismatchError(ShapeMismatchError):
     """A plan is applied to models it was not learned for."""
 
 
+# ---------------------------------------------------------------------------------------------
+# plan folders: one safetensors file of tensors and a JSON card, written atomically, read with checks
+# (the fusion plans below, RegMean's and Fisher's statistics, EMR's masks)
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_artifacts(fmt: str, card: dict[str, Any], tensors: dict[str, torch.Tensor],
+                   out_dir: str = OUTPUT_DIR) -> dict[str, bytes]:
+    """``<out_dir>/plan.safetensors`` and ``<out_dir>/plan.json`` (with the tensors' SHA-256), keyed by their
+    path inside a merge's output folder."""
+    data = st_save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": fmt, "version": "1"})
+    card = {**card, "tensors_file": TENSORS_FILE, "tensors_sha256": hashlib.sha256(data).hexdigest()}
+    return {
+        f"{out_dir}/{TENSORS_FILE}": data,
+        f"{out_dir}/{CARD_FILE}": (json.dumps(card, indent=2) + "\n").encode(),
+    }
+
+
+def save_plan(artifacts: dict[str, bytes], folder: str | Path, overwrite: bool, what: str) -> Path:
+    from merge.atomic import atomic_output
+
+    folder = Path(folder)
+    with atomic_output(folder, overwrite=overwrite, what=what) as tmp:
+        for rel, data in artifacts.items():
+            (tmp / Path(rel).name).write_bytes(data)
+    return folder
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
+def read_plan(path: str | Path, fmt: str, method: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    """The card and tensors of a plan folder (or its ``plan.json``); every inconsistency is a clear error."""
+    p = Path(path).expanduser()
+    folder = p.parent if p.is_file() else p
+    card_path = folder / CARD_FILE
+    where = str(folder)
+    if not card_path.is_file():
+        raise CheckpointError(f"{where}: not {_a(method)} plan (no {CARD_FILE})")
+    try:
+        card = json.loads(card_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{card_path}: not valid JSON: {e}") from None
+    if not isinstance(card, dict):
+        raise CheckpointError(f"{card_path}: not {_a(method)} plan")
+    if card.get("format") != fmt:
+        other = card.get("method")
+        if other and other != method:
+            raise RecipeError(f"{where}: this plan was computed by '{other}'; apply it with merge_method: {other}")
+        raise CheckpointError(f"{card_path}: not a weightsmith {method} plan (format {card.get('format')!r})")
+    if int(card.get("version", 0)) > 1:
+        raise CheckpointError(
+            f"{card_path}: plan version {card.get('version')} is newer than this weightsmith reads (1)"
+        )
+    tpath = folder / str(card.get("tensors_file", TENSORS_FILE))
+    if not tpath.is_file():
+        raise CheckpointError(f"{where}: {tpath.name} is missing")
+    raw = tpath.read_bytes()
+    want = card.get("tensors_sha256")
+    if want and hashlib.sha256(raw).hexdigest() != want:
+        raise CheckpointError(f"{tpath}: SHA-256 differs from the one in {CARD_FILE} (changed or corrupt)")
+    from merge.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(tpath)  # header pre-checks (size, duplicates, spans)
+    try:
+        tensors = {k: ckpt[k].clone() for k in ckpt.keys()}
+    finally:
+        ckpt.close()
+    return card, tensors, where
+
+
+
 @dataclass
 class FusionPlan:
     """Coefficients ``lambdas`` (T, K) and an optional ``mask`` for the K tensors in ``keys``."""

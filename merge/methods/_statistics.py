@@ -9,8 +9,6 @@ code and no data (:func:`plan_artifacts`, :func:`save_plan`, :func:`read_plan`, 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -18,7 +16,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import save as st_save
 from torch import nn
 from torch.func import functional_call
 
@@ -37,7 +34,13 @@ from merge.methods._fusion import (
     load_entry_point,
     resolve_device,
 )
-from merge.methods._fusion_plan import CARD_FILE, OUTPUT_DIR, TENSORS_FILE, PlanMismatchError
+from merge.methods._fusion_plan import (
+    TENSORS_FILE,
+    PlanMismatchError,
+    plan_artifacts,
+    read_plan,
+    save_plan,
+)
 
 StateDict = Mapping[str, torch.Tensor]
 LineFn = Callable[[str], None]
@@ -388,66 +391,6 @@ def merge_others(
     for t, w in zip(tensors, weights, strict=True):
         acc.add_(t.float(), alpha=w / total)
     return acc
-
-
-def plan_artifacts(fmt: str, card: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, bytes]:
-    """``fusion_plan/plan.safetensors`` and ``fusion_plan/plan.json`` (with the tensors' SHA-256)."""
-    data = st_save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": fmt, "version": "1"})
-    card = {**card, "tensors_file": TENSORS_FILE, "tensors_sha256": hashlib.sha256(data).hexdigest()}
-    return {
-        f"{OUTPUT_DIR}/{TENSORS_FILE}": data,
-        f"{OUTPUT_DIR}/{CARD_FILE}": (json.dumps(card, indent=2) + "\n").encode(),
-    }
-
-
-def save_plan(artifacts: dict[str, bytes], folder: str | Path, overwrite: bool, what: str) -> Path:
-    from merge.atomic import atomic_output
-
-    folder = Path(folder)
-    with atomic_output(folder, overwrite=overwrite, what=what) as tmp:
-        for rel, data in artifacts.items():
-            (tmp / Path(rel).name).write_bytes(data)
-    return folder
-
-
-def read_plan(path: str | Path, fmt: str, method: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
-    """The card and tensors of a plan folder (or its ``plan.json``); every inconsistency is a clear error."""
-    p = Path(path).expanduser()
-    folder = p.parent if p.is_file() else p
-    card_path = folder / CARD_FILE
-    where = str(folder)
-    if not card_path.is_file():
-        raise CheckpointError(f"{where}: not a {method} plan (no {CARD_FILE})")
-    try:
-        card = json.loads(card_path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{card_path}: not valid JSON: {e}") from None
-    if not isinstance(card, dict):
-        raise CheckpointError(f"{card_path}: not a {method} plan")
-    if card.get("format") != fmt:
-        other = card.get("method")
-        if other and other != method:
-            raise RecipeError(f"{where}: this plan was computed by '{other}'; apply it with merge_method: {other}")
-        raise CheckpointError(f"{card_path}: not a weightsmith {method} plan (format {card.get('format')!r})")
-    if int(card.get("version", 0)) > 1:
-        raise CheckpointError(
-            f"{card_path}: plan version {card.get('version')} is newer than this weightsmith reads (1)"
-        )
-    tpath = folder / str(card.get("tensors_file", TENSORS_FILE))
-    if not tpath.is_file():
-        raise CheckpointError(f"{where}: {tpath.name} is missing")
-    raw = tpath.read_bytes()
-    want = card.get("tensors_sha256")
-    if want and hashlib.sha256(raw).hexdigest() != want:
-        raise CheckpointError(f"{tpath}: SHA-256 differs from the one in {CARD_FILE} (changed or corrupt)")
-    from merge.checkpoint import Checkpoint
-
-    ckpt = Checkpoint(tpath)  # header pre-checks (size, duplicates, spans)
-    try:
-        tensors = {k: ckpt[k].clone() for k in ckpt.keys()}
-    finally:
-        ckpt.close()
-    return card, tensors, where
 
 
 def _card_keys(card: dict[str, Any], card_path: str) -> tuple[list[str], dict[str, tuple[int, ...]]]:

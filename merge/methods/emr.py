@@ -52,8 +52,6 @@ tensors are elected again from the inputs as they are streamed (the same bytes).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import re
@@ -65,11 +63,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save as st_save
 
 from merge.checkpoint import dtype_of, shape_of
 from merge.errors import CheckpointError, MissingTensorError, RecipeError, ShapeMismatchError
-from merge.methods._fusion_plan import PlanMismatchError
+from merge.methods._fusion_plan import CARD_FILE, TENSORS_FILE, PlanMismatchError, plan_artifacts, read_plan, save_plan
 from merge.methods.registry import merge_method
 
 __all__ = [
@@ -88,8 +85,6 @@ PAPER = "Huang et al., EMR-Merging: Tuning-Free High-Performance Model Merging, 
 URL = "https://arxiv.org/abs/2405.17461"
 FORMAT = "weightsmith-emr-plan"
 VERSION = 1
-TENSORS_FILE = "plan.safetensors"
-CARD_FILE = "plan.json"
 #: where the engine puts the plan inside a merge's output folder
 OUTPUT_DIR = "emr_plan"
 RESCALES = ("model", "reference", "tensor", "none")
@@ -396,7 +391,7 @@ class EMRPlan:
         return replace(self, task=task)
 
     # -- files --------------------------------------------------------------------------------------
-    def card(self, tensors_sha256: str = "") -> dict[str, Any]:
+    def card(self) -> dict[str, Any]:
         lam = self.lambdas
         return {
             "format": FORMAT,
@@ -414,8 +409,6 @@ class EMRPlan:
             "mask_encoding": "numpy.packbits, bitorder little, row i = task i, flat C order",
             "storage": self.storage(),
             "info": self.info,
-            "tensors_file": TENSORS_FILE,
-            "tensors_sha256": tensors_sha256,
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -435,69 +428,36 @@ class EMRPlan:
         """
         if not self.has_vectors:
             return {}
-        data = st_save(self.tensors(), metadata={"format": FORMAT, "version": str(VERSION)})
-        card = json.dumps(self.card(hashlib.sha256(data).hexdigest()), indent=2) + "\n"
-        return {f"{OUTPUT_DIR}/{TENSORS_FILE}": data, f"{OUTPUT_DIR}/{CARD_FILE}": card.encode()}
+        return plan_artifacts(FORMAT, self.card(), self.tensors(), OUTPUT_DIR)
 
     def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
         """Write the plan folder atomically (a temp folder, fsync, one rename)."""
-        from merge.atomic import atomic_output
-
         self._need_vectors()
-        folder = Path(folder)
-        with atomic_output(folder, overwrite=overwrite, what="emr plan") as tmp:
-            for rel, data in self.artifacts().items():
-                (tmp / Path(rel).name).write_bytes(data)
-        return folder
+        return save_plan(self.artifacts(), folder, overwrite, "emr plan")
 
     @classmethod
     def load(cls, path: str | Path, *, verify: bool = True) -> EMRPlan:
         """Read a plan folder (or its ``plan.json``); every inconsistency is a clear error."""
-        p = Path(path).expanduser()
-        folder = p.parent if p.is_file() else p
-        card_path = folder / CARD_FILE
-        where = str(folder)
-        if not card_path.is_file():
-            raise CheckpointError(f"{where}: not an emr plan (no {CARD_FILE})")
-        try:
-            card = json.loads(card_path.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{card_path}: not valid JSON: {e}") from None
-        if not isinstance(card, dict) or card.get("format") != FORMAT:
-            raise CheckpointError(f"{card_path}: not a weightsmith emr plan")
-        if int(card.get("version", 0)) > VERSION:
-            raise CheckpointError(f"{card_path}: plan version {card.get('version')} is newer than this "
-                                  f"weightsmith reads ({VERSION})")
-        tpath = folder / str(card.get("tensors_file", TENSORS_FILE))
-        if not tpath.is_file():
-            raise CheckpointError(f"{where}: {tpath.name} is missing")
-        want = card.get("tensors_sha256")
-        if want and hashlib.sha256(tpath.read_bytes()).hexdigest() != want:
-            raise CheckpointError(f"{tpath}: SHA-256 differs from the one in {CARD_FILE} (changed or corrupt)")
-        from merge.checkpoint import Checkpoint
-
-        ckpt = Checkpoint(tpath)  # header pre-checks (size, duplicates, spans)
+        card, tensors, where = read_plan(path, FORMAT, "emr")
         try:
             keys = list(card["keys"])
             shapes = {k: tuple(int(s) for s in v) for k, v in card["keys"].items()}
-            if "lambda" not in ckpt:
-                raise CheckpointError(f"{tpath}: no 'lambda' tensor")
-            lambdas = ckpt["lambda"].clone()
-            base_norms = ckpt["base_norms"].clone() if "base_norms" in ckpt else None
+            if "lambda" not in tensors:
+                raise CheckpointError(f"{where}: no 'lambda' tensor in {TENSORS_FILE}")
+            lambdas = tensors["lambda"]
+            base_norms = tensors.get("base_norms")
             tau: dict[str, torch.Tensor] | None = None
             masks: dict[str, torch.Tensor] | None = None
             if card.get("has_vectors", True):
                 tau, masks = {}, {}
                 for k in keys:
                     for kind, dst in (("tau", tau), ("mask", masks)):
-                        if f"{kind}.{k}" not in ckpt:
-                            raise CheckpointError(f"{tpath}: no {kind} tensor for '{k}'")
-                        dst[k] = ckpt[f"{kind}.{k}"].clone()
+                        if f"{kind}.{k}" not in tensors:
+                            raise CheckpointError(f"{where}: no {kind} tensor for '{k}' in {TENSORS_FILE}")
+                        dst[k] = tensors[f"{kind}.{k}"]
             task = card.get("task", "mean")
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{card_path}: malformed plan card: {e}") from None
-        finally:
-            ckpt.close()
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{where}/{CARD_FILE}: malformed plan card: {e}") from None
         return cls(keys=keys, shapes=shapes, lambdas=lambdas, rescale=str(card.get("rescale", "model")),
                    tau=tau, masks=masks, base_norms=base_norms, task_names=list(card.get("task_names", [])),
                    task=task, info=dict(card.get("info", {})), verify=verify, source=where)
