@@ -8,22 +8,17 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 
 from service._proto.weightsmith.v1 import alignment_service_pb2 as apb
 from service._proto.weightsmith.v1 import alignment_service_pb2_grpc as apb_grpc
 from service.jobs.manager import JobManager
 from service.jobs.store import JobRecord
-from service.rpc.convert import handle_errors
+from service.rpc.convert import handle_errors, struct_of
 from service.rpc.jobs import CONVERT, job_pb
 
 ALIGNMENT_SERVICE = apb.DESCRIPTOR.services_by_name["AlignmentService"].full_name
 
-
-def _struct(d: dict[str, Any]) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.update(d)
-    return s
 
 
 def _align_spec(rec: JobRecord) -> Any:
@@ -49,7 +44,7 @@ def align_result_pb(rec: JobRecord) -> apb.AlignResult:
         restarts=[float(x) for x in r.get("restarts", [])],
         permutations=[apb.Permutation(id=k, indices=v) for k, v in (perms or {}).items()],
         permutations_inline=perms is not None,
-        spec=_struct(r.get("spec") or {}),
+        spec=struct_of(r.get("spec") or {}),
         tensors_total=int(r.get("n_tensors", 0)),
         bytes_written=int(r.get("bytes_written", 0)),
         units_fixed=int(r.get("units_fixed", 0)),

@@ -186,5 +186,25 @@ def json_safe(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
+def struct_of(d: dict[str, Any]) -> Any:
+    """A ``google.protobuf.Struct`` of a JSON-like dict (anything else as its string)."""
+    from google.protobuf import struct_pb2
+
+    s = struct_pb2.Struct()
+    s.update(json_safe(d))
+    return s
+
+
+def integral(v: Any) -> Any:
+    """A Struct carries every number as a double: whole ones back to ints (a config means integers there)."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, dict):
+        return {k: integral(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [integral(x) for x in v]
+    return v
+
+
 def natural_key(name: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]

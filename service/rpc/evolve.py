@@ -6,38 +6,22 @@ A thin protobuf <-> library translation; the job is watched, cancelled and retri
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 
 from service._proto.weightsmith.v1 import evolve_service_pb2 as epb
 from service._proto.weightsmith.v1 import evolve_service_pb2_grpc as epb_grpc
 from service.jobs.manager import JobManager
 from service.jobs.recipe_text import parse_recipe_text
 from service.jobs.store import JobRecord, ServiceError
-from service.rpc.convert import handle_errors
+from service.rpc.convert import handle_errors, integral, struct_of
 from service.rpc.jobs import CONVERT, job_pb
 
 EVOLVE_SERVICE = epb.DESCRIPTOR.services_by_name["EvolveService"].full_name
 
 
-def _struct(d: dict[str, Any]) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.update(json.loads(json.dumps(d, default=str)))
-    return s
-
-
-def _integral(v: Any) -> Any:
-    """A Struct carries every number as a double; a config means integers where they are whole."""
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    if isinstance(v, dict):
-        return {k: _integral(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_integral(x) for x in v]
-    return v
 
 
 def _trial_pb(t: dict[str, Any]) -> epb.EvolveTrial:
@@ -45,7 +29,7 @@ def _trial_pb(t: dict[str, Any]) -> epb.EvolveTrial:
         number=int(t.get("number", 0)),
         state=str(t.get("state", "")),
         method=str(t.get("method", "")),
-        params=_struct(t.get("params") or {}),
+        params=struct_of(t.get("params") or {}),
         values=[float(v) for v in t.get("values") or []],
         seconds=float(t.get("seconds") or 0.0),
         error=str(t.get("error") or ""),
@@ -74,7 +58,7 @@ def evolve_result_pb(rec: JobRecord) -> epb.EvolveResult:
 def _evolve_spec(rec: JobRecord) -> epb.CreateEvolveJobRequest:
     return epb.CreateEvolveJobRequest(
         request_id=rec.request_id,
-        config_struct=_struct(rec.spec.get("config", {})),
+        config_struct=struct_of(rec.spec.get("config", {})),
         output_path=rec.output_path,
         trials=int(rec.spec.get("trials") or 0),
         save_model=bool(rec.spec.get("save_model")),
@@ -104,7 +88,7 @@ class EvolveServicer(epb_grpc.EvolveServiceServicer):
                 msg = str(e).removeprefix("recipe: ").replace("a recipe must", "a search config must")
                 raise ServiceError(e.grpc_code, f"config_yaml: {msg}", "config_yaml") from None
         else:
-            config = _integral(json_format.MessageToDict(request.config_struct))
+            config = integral(json_format.MessageToDict(request.config_struct))
         req = {
             "config": config,
             "output_path": request.output_path,

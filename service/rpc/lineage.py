@@ -16,25 +16,18 @@ import asyncio
 import threading
 from typing import Any
 
-from google.protobuf import struct_pb2
-
 from merge.errors import ModelNotFoundError, WeightsmithError
 from service._proto.weightsmith.v1 import lineage_service_pb2 as lpb
 from service._proto.weightsmith.v1 import lineage_service_pb2_grpc as lpb_grpc
 from service.jobs.manager import JobManager
 from service.jobs.store import ServiceError
-from service.rpc.convert import handle_errors, handle_stream_errors
+from service.rpc.convert import handle_errors, handle_stream_errors, struct_of
 
 LINEAGE_SERVICE = lpb.DESCRIPTOR.services_by_name["LineageService"].full_name
 
 class _Stopped(Exception):
     """Raised from the library's progress callback when the client went away."""
 
-
-def _struct(d: dict[str, Any]) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.update(d)
-    return s
 
 
 def _candidate_pb(c: Any, layers: bool) -> lpb.CandidateScore:
@@ -49,7 +42,7 @@ def _candidate_pb(c: Any, layers: bool) -> lpb.CandidateScore:
         n_tensors=int(c.n_tensors),
         permuted=bool(c.permuted),
         metrics={k: float(v) for k, v in c.metrics.items()},
-        details=_struct(c.to_json(layers=layers)),
+        details=struct_of(c.to_json(layers=layers)),
     )
     if c.fixed_fraction is not None:
         msg.fixed_fraction = float(c.fixed_fraction)
@@ -69,7 +62,7 @@ def _answer_pb(r: Any) -> lpb.LineageAnswer:
         skipped=[lpb.LineageSkipped(name=s.name, ref=s.ref, reason=s.reason) for s in r.skipped],
         seconds=float(r.seconds),
         bytes_read=int(r.bytes_read),
-        result=_struct({k: v for k, v in r.to_json(layers=False).items() if k != "candidates"}),
+        result=struct_of({k: v for k, v in r.to_json(layers=False).items() if k != "candidates"}),
     )
     if r.margin is not None:
         msg.margin = float(r.margin)
@@ -95,7 +88,7 @@ def _graph_pb(g: Any) -> lpb.ModelGraph:
         skipped=[lpb.LineageSkipped(name=k, ref=g.refs.get(k, k), reason=v) for k, v in g.skipped.items()],
         seconds=g.seconds,
         bytes_read=g.bytes_read,
-        graph=_struct(g.to_json()),
+        graph=struct_of(g.to_json()),
     )
 
 

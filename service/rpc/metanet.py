@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 
 from merge.errors import ModelNotFoundError
 from service._proto.weightsmith.v1 import metanet_service_pb2 as npb
@@ -24,7 +24,7 @@ from service._proto.weightsmith.v1 import metanet_service_pb2_grpc as npb_grpc
 from service.jobs.manager import SUCCEEDED, JobManager
 from service.jobs.recipe_text import parse_recipe_text
 from service.jobs.store import JobRecord, ServiceError
-from service.rpc.convert import handle_errors, ts
+from service.rpc.convert import handle_errors, integral, struct_of, ts
 from service.rpc.jobs import CONVERT, job_pb
 
 METANET_SERVICE = npb.DESCRIPTOR.services_by_name["MetanetService"].full_name
@@ -32,24 +32,10 @@ MAX_CHECKPOINTS = 1024
 _ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-def _struct(d: dict[str, Any]) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.update(json.loads(json.dumps(d, default=str)))
-    return s
-
 
 def _dict(msg: Any) -> dict[str, Any]:
     return json_format.MessageToDict(msg, preserving_proto_field_name=True)
 
-
-def _integral(v: Any) -> Any:
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    if isinstance(v, dict):
-        return {k: _integral(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_integral(x) for x in v]
-    return v
 
 
 def metanet_pb(rec: JobRecord) -> npb.Metanet:
@@ -81,7 +67,7 @@ def card_pb(name: str, card: dict[str, Any], path: str) -> npb.Metanet:
             for h in card.get("history", [])
         ],
         path=path,
-        card=_struct({k: v for k, v in card.items() if k != "test_predictions"}),
+        card=struct_of({k: v for k, v in card.items() if k != "test_predictions"}),
     )
 
 
@@ -95,14 +81,14 @@ def _zoo_result(rec: JobRecord) -> npb.ZooResult:
         built_runs=int(r.get("built_runs", 0)),
         seconds=float(r.get("seconds", 0.0)),
         complete=bool(r.get("complete")),
-        summary=_struct(r.get("summary") or {}),
+        summary=struct_of(r.get("summary") or {}),
     )
 
 
 def _zoo_spec(rec: JobRecord) -> npb.CreateZooJobRequest:
     return npb.CreateZooJobRequest(
         request_id=rec.request_id,
-        config_struct=_struct(rec.spec.get("config", {})),
+        config_struct=struct_of(rec.spec.get("config", {})),
         output_path=rec.output_path,
         workers=int(rec.spec.get("workers", 0)),
     )
@@ -164,7 +150,7 @@ class MetanetServicer(npb_grpc.MetanetServiceServicer):
         if which == "config_yaml":
             config = parse_recipe_text(request.config_yaml)
         else:  # a Struct carries every number as a double; zoo configs mean integers where they are whole
-            config = _integral(_dict(request.config_struct))
+            config = integral(_dict(request.config_struct))
         req = {"config": config, "output_path": request.output_path, "workers": request.workers}
         prev, req_hash = self.m.previous_request(request.request_id, {"kind": "zoo", **req})
         if prev is not None:
@@ -317,7 +303,7 @@ class MetanetServicer(npb_grpc.MetanetServiceServicer):
         from service.jobs.kinds.metanet import resolve_zoo
 
         path = await asyncio.to_thread(resolve_zoo, self.m, request.zoo)
-        return npb.GetZooResponse(summary=_struct(Zoo(path, verify=False).summary()))
+        return npb.GetZooResponse(summary=struct_of(Zoo(path, verify=False).summary()))
 
 
 def add_servicers(manager: JobManager, server: Any) -> list[str]:
