@@ -233,6 +233,58 @@ def _inputs(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 
 
+def run_recipe(
+    method: str,
+    models: Sequence[Any],
+    base: Any,
+    *,
+    entry_point: str,
+    plan: str,
+    verify: bool,
+    device: str,
+    learn: Callable[..., Any],
+    load: Callable[..., Any],
+    progress: Any = None,
+    needs_base: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """A data-driven method's whole-model first pass from a recipe: learn its plan from the ``entry_point``
+    (a :class:`FusionProblem`) or apply a saved ``plan`` folder (no code, no data; checked against the models).
+    One mechanism for AdaMerging, the Concrete methods, RegMean, Fisher and FW-Merging."""
+    if needs_base and base is None:
+        raise RecipeError(f"method '{method}' requires a base_model (task vectors are θ_t − θ_0)")
+    if bool(entry_point) == bool(plan):
+        raise RecipeError(
+            f"method '{method}': give exactly one of the parameters 'entry_point' (package.module:function "
+            "returning the architecture, heads and data; learns the plan) or 'plan' (a saved plan folder; "
+            "applies it)"
+        )
+    if plan:
+        p = load(plan, verify=verify)
+        learned_by = getattr(p, "method", method)
+        if learned_by != method:
+            raise RecipeError(f"{plan}: this plan was learned by '{learned_by}'; apply it with merge_method: "
+                              f"{learned_by}")
+        p.check_models(base, models)
+        return p
+    resolve_device(device)
+    problem = load_entry_point(entry_point, device=device)
+    p = learn(base, models, problem, device=device, progress=progress, **kwargs)
+    p.verify = verify
+    return p
+
+
+def step_lines(method: str, progress: Callable[[str], None] | None) -> Callable[[str, int, int, float], None] | None:
+    """An optimisation's ``(phase, step, steps, loss)`` reports as the engine's progress lines."""
+    if progress is None:
+        return None
+
+    def report(phase: str, step: int, steps: int, loss: float) -> None:
+        progress(f"{method} {phase} step {step}/{steps} loss {loss:.5g}")
+
+    return report
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():

@@ -4,7 +4,7 @@ A task model's weights bound to the user's architecture (:class:`ModelBinding`, 
 the module is never modified), one pass over a task's data from the
 :class:`~merge.methods._fusion.FusionProblem` AdaMerging uses (:func:`one_pass`), the checks of their
 parameters, and the plan files (safetensors + JSON under ``fusion_plan/``) that make a merge re-run with no
-code and no data (:func:`plan_artifacts`, :func:`save_plan`, :func:`read_plan`, :func:`run_recipe`).
+code and no data (:func:`plan_artifacts`, :func:`save_plan`, :func:`read_plan`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from merge.methods._fusion import (
     _inputs,
     _to,
     check_problem,
-    load_entry_point,
-    resolve_device,
 )
 from merge.methods._fusion_plan import (
     TENSORS_FILE,
@@ -400,38 +398,6 @@ def _card_keys(card: dict[str, Any], card_path: str) -> tuple[list[str], dict[st
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{card_path}: malformed plan card: {e}") from None
     return keys, shapes
-
-
-def run_recipe(
-    method: str,
-    models: list[StateDict],
-    base: StateDict | None,
-    *,
-    entry_point: str,
-    plan: str,
-    verify: bool,
-    device: str,
-    progress: LineFn | None,
-    learn: Callable[..., Any],
-    load: Callable[..., Any],
-    **kwargs: Any,
-) -> Any:
-    """A recipe's whole-model first pass: compute the statistics from the entry point, or load a saved plan."""
-    if bool(entry_point) == bool(plan):
-        raise RecipeError(
-            f"method '{method}': give exactly one of the parameters 'entry_point' (package.module:function "
-            "returning the architecture, heads and data; computes the statistics) or 'plan' (a saved plan "
-            "folder; applies it)"
-        )
-    if plan:
-        p = load(plan, verify=verify)
-        p.check_models(base, models)
-        return p
-    resolve_device(device)
-    problem = load_entry_point(entry_point, device=device)
-    p = learn(base, models, problem, device=device, progress=progress, **kwargs)
-    p.verify = verify
-    return p
 
 
 class StatisticsPlan:

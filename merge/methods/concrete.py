@@ -54,8 +54,8 @@ from merge.methods._fusion import (
     effective,
     entropy_loss,
     fit_coefficients,
-    load_entry_point,
-    resolve_device,
+    run_recipe,
+    step_lines,
     task_batches,
 )
 from merge.methods._fusion_plan import FusionPlan, PlanMismatchError
@@ -548,45 +548,12 @@ def learn_concrete_adamerging(
 # ---------------------------------------------------------------------------------------------
 
 
-def _recipe_run(
-    method: str,
-    models: list[StateDict],
-    base: StateDict | None,
-    *,
-    entry_point: str,
-    plan: str,
-    verify: bool,
-    device: str,
-    progress: Callable[[str], None] | None,
-    learn: Callable[..., FusionPlan],
-    **kwargs: Any,
-) -> FusionPlan:
-    if base is None:
-        raise RecipeError(f"method '{method}' requires a base_model (task vectors are θ_t − θ_0)")
-    if bool(entry_point) == bool(plan):
-        raise RecipeError(
-            f"method '{method}': give exactly one of the parameters 'entry_point' (package.module:function "
-            "returning the architecture, heads and unlabelled data; learns the plan) or 'plan' (a saved plan "
-            "folder; applies it)"
-        )
-    if plan:
-        fp = FusionPlan.load(plan, verify=verify)
-        if fp.method != method:
-            raise RecipeError(
-                f"{plan}: this plan was learned by '{fp.method}'; apply it with merge_method: {fp.method}"
-            )
-        fp.check_models(base, models)
-        return fp
-    resolve_device(device)
-    problem = load_entry_point(entry_point, device=device)
-
-    def report(phase: str, step: int, steps: int, loss: float) -> None:
-        if progress is not None:
-            progress(f"{method} {phase} step {step}/{steps} loss {loss:.5g}")
-
-    fp = learn(base, models, problem, device=device, progress=report, **kwargs)
-    fp.verify = verify
-    return fp
+def _recipe_run(method: str, models: list[StateDict], base: StateDict | None, *,
+                progress: Callable[[str], None] | None, **kwargs: Any) -> FusionPlan:
+    """The first pass of a method whose plan is a :class:`FusionPlan` of learned coefficients (task vectors:
+    a base is needed; progress lines carry the optimisation step and loss)."""
+    return run_recipe(method, models, base, progress=step_lines(method, progress), needs_base=True,
+                      load=FusionPlan.load, **kwargs)
 
 
 @merge_method("adamerging", paper=_YANG, url=_YANG_URL, kind="whole_model", base="required", min_models=1)

@@ -50,7 +50,7 @@ from merge.errors import (
     ShapeMismatchError,
     WeightsmithError,
 )
-from merge.methods._fusion import FusionProblem, resolve_device
+from merge.methods._fusion import FusionProblem, resolve_device, run_recipe
 from merge.methods._fusion_plan import CARD_FILE, PlanMismatchError
 from merge.methods._statistics import (
     OTHERS,
@@ -69,7 +69,6 @@ from merge.methods._statistics import (
     merge_others,
     one_pass,
     reporter,
-    run_recipe,
 )
 from merge.methods.registry import Code, FilePath, PerModel, merge_method
 from merge.methods.runner import derive_seed

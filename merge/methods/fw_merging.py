@@ -85,10 +85,11 @@ from merge.methods._fusion import (
     ProgressFn,
     _inputs,
     resolve_device,
+    run_recipe,
+    step_lines,
     task_batches,
 )
 from merge.methods._fusion_plan import FusionPlan
-from merge.methods.concrete import _recipe_run
 from merge.methods.registry import Code, FilePath, merge_method
 
 __all__ = ["fw_merge", "fw_merging", "learn_fw_merging"]
@@ -671,7 +672,7 @@ def fw_merging(
     (coefficient per member and tensor) in ``fusion_plan/``.
     """
     _check_params(steps, step_rule, lmo, oracle, scale, batch_size)
-    return _recipe_run(
+    return run_recipe(
         METHOD,
         models,
         base,
@@ -679,7 +680,9 @@ def fw_merging(
         plan=plan,
         verify=verify,
         device=device,
-        progress=progress,
+        progress=step_lines(METHOD, progress),
+        needs_base=True,
+        load=FusionPlan.load,
         learn=learn_fw_merging,
         steps=steps,
         step_rule=step_rule,

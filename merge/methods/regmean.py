@@ -53,6 +53,7 @@ from merge.errors import (
 from merge.methods._fusion import (
     FusionProblem,
     resolve_device,
+    run_recipe,
 )
 from merge.methods._fusion_plan import CARD_FILE, PlanMismatchError
 from merge.methods._statistics import (
@@ -71,7 +72,6 @@ from merge.methods._statistics import (
     merge_others,
     one_pass,
     reporter,
-    run_recipe,
 )
 from merge.methods.registry import Code, FilePath, Fraction, merge_method
 from merge.methods.runner import derive_seed
